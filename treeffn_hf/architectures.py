@@ -1,0 +1,92 @@
+"""One small declaration per supported architecture, and the map from `model_type` to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+from .modeling.configuration_treeffn import (
+    TreeFFNLlamaConfig,
+    TreeFFNMistralConfig,
+    TreeFFNQwen2Config,
+    TreeFFNQwen3Config,
+)
+from .modeling.modeling_treeffn import (
+    TreeFFNLlamaForCausalLM,
+    TreeFFNMistralForCausalLM,
+    TreeFFNQwen2ForCausalLM,
+    TreeFFNQwen3ForCausalLM,
+)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model is not one of the dense gated-MLP architectures treeffn_hf can convert."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the MLP lives in a dense model of this type, and which sparse classes replace it."""
+
+    model_type: str
+    sparse_config_class: type
+    sparse_causal_lm_class: type
+    layers_path: str = "model.layers"
+    mlp_attr: str = "mlp"
+    gate_proj: str = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+
+    @property
+    def sparse_model_type(self) -> str:
+        return self.sparse_config_class.model_type
+
+    def decoder_layers(self, model: Any) -> list:
+        layers = model
+        for attr in self.layers_path.split("."):
+            layers = getattr(layers, attr)
+        return list(layers)
+
+    def mlp_key_prefix(self, layer_index: int) -> str:
+        return f"{self.layers_path}.{layer_index}.{self.mlp_attr}."
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.model_type: arch
+    for arch in (
+        Architecture("llama", TreeFFNLlamaConfig, TreeFFNLlamaForCausalLM),
+        Architecture("mistral", TreeFFNMistralConfig, TreeFFNMistralForCausalLM),
+        Architecture("qwen2", TreeFFNQwen2Config, TreeFFNQwen2ForCausalLM),
+        Architecture("qwen3", TreeFFNQwen3Config, TreeFFNQwen3ForCausalLM),
+    )
+}
+SPARSE_ARCHITECTURES: dict[str, Architecture] = {arch.sparse_model_type: arch for arch in ARCHITECTURES.values()}
+
+_WHY_NOT = {
+    "moe": "mixture-of-experts models already route their MLPs; convert a dense model instead",
+    "gpt2": "GPT-2 uses an ungated GELU MLP (c_fc/c_proj), not gate/up/down projections",
+}
+
+
+def supported_model_types() -> str:
+    return ", ".join(sorted(ARCHITECTURES)) + " (SmolLM2 is a llama)"
+
+
+def architecture_for(config: PreTrainedConfig) -> Architecture:
+    """The declaration for a dense config; a clear error naming what is supported otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if model_type in SPARSE_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"this model is already sparse ({model_type}); convert its dense base model instead"
+        )
+    reason = ""
+    if model_type and ("moe" in model_type or model_type in ("mixtral", "dbrx", "deepseek_v3")):
+        reason = f" ({_WHY_NOT['moe']})"
+    elif model_type in _WHY_NOT:
+        reason = f" ({_WHY_NOT[model_type]})"
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {model_type!r}{reason}; supported: {supported_model_types()}"
+    )

@@ -1,0 +1,163 @@
+"""Loading dense checkpoints and writing sparse ones, safely.
+
+Every failure a user can cause (missing path, not a model, corrupt weights, unsupported
+architecture, existing output) raises `CheckpointError` or a subclass with a one-line message.
+Outputs are written to a temporary directory beside the destination and renamed into place only
+when complete, so an interrupted save leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .architectures import architecture_for
+from .model_card import write_model_card
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or written; the message says why."""
+
+
+class OutputExistsError(CheckpointError):
+    """The output directory exists and overwriting was not requested."""
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _check_source(src: str, gguf_file: Optional[str]) -> bool:
+    """Fail fast on a bad local source; return whether `src` is a local directory."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise CheckpointError(f"{src}: no GGUF file {gguf_file!r} in this directory")
+        elif not (path / "config.json").is_file():
+            raise CheckpointError(f"{src}: not a model directory (no config.json)")
+        return True
+    if path.exists():
+        raise CheckpointError(f"{src}: not a directory")
+    if not _HUB_ID.match(src):
+        raise CheckpointError(f"{src}: no such directory")
+    return False
+
+
+def load_dense(
+    src: str,
+    *,
+    gguf_file: Optional[str] = None,
+    dtype: Union[str, torch.dtype, None] = torch.float32,
+    revision: Optional[str] = None,
+    load_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a dense causal LM (local directory, Hub id, or GGUF file in a directory) and its tokenizer.
+
+    The architecture is checked from the config before any weight is read.
+    """
+    src = str(src)
+    local = _check_source(src, gguf_file)
+    kwargs: dict[str, Any] = {"revision": revision}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(src, **kwargs)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ...
+        where = "" if local else "no such directory, and not loadable as a Hub id: "
+        raise CheckpointError(f"{src}: {where}cannot read the model config ({_first_line(error)})") from error
+    architecture_for(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(dtype), **kwargs)
+    except Exception as error:
+        raise CheckpointError(f"{src}: cannot load the weights ({_first_line(error)})") from error
+    if gguf_file is not None:
+        _drop_gguf_quantizer(model)
+    tokenizer = None
+    if load_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        except Exception:
+            tokenizer = None  # a model without a tokenizer still converts
+    return model, tokenizer
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    # GGUF weights arrive dequantized, but the bookkeeping makes save_pretrained refuse.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def prepare_output(out: Union[str, Path], overwrite: bool) -> Path:
+    """Check `out` can be written (before any long work); return it as a Path."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"{out}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{out}: parent directory {parent} is not writable")
+    return out
+
+
+def save(
+    model: PreTrainedModel,
+    out: Union[str, Path],
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    base_model: Optional[str] = None,
+) -> Path:
+    """Write a sparse model as a self-contained checkpoint (weights, config, code, tokenizer, card)."""
+    out = prepare_output(out, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_model_card(staging, model, base_model=base_model)
+        _replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_directory(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, retired / out.name)
+    os.rename(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def load(path: Union[str, Path], **kwargs: Any) -> PreTrainedModel:
+    """Load a saved sparse checkpoint (local or Hub) the way any user would: with remote code."""
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, **kwargs)

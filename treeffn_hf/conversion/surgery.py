@@ -1,0 +1,151 @@
+"""Dense -> sparse model surgery.
+
+`convert` validates the spec against the model before touching any weight, builds the sparse
+model on the meta device, and fills it with the dense weights: unchanged for everything but the
+MLPs, which are re-laid out for the chosen sparse layer. The input model is never modified and
+shares no storage with the result, so it can serve as the distillation teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ..architectures import Architecture, architecture_for
+from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
+from .partition import partition_neurons
+
+
+def convert(
+    model: PreTrainedModel, spec: Union[LayerSpec, dict], *, progress: bool = True
+) -> PreTrainedModel:
+    """Return a sparse copy of `model` with every MLP replaced by the layer `spec` describes.
+
+    `spec` is a `TreeSpec`, an `MGSSpec`, or their `to_dict()` form. Raises
+    `UnsupportedArchitectureError` or `InvalidSpecError` before any work if the model or spec
+    cannot be converted.
+    """
+    if isinstance(spec, dict):
+        spec = spec_from_dict(spec)
+    arch = architecture_for(model.config)
+    dense_config = model.config
+    resolved = spec.resolve(dense_config.hidden_size, dense_config.intermediate_size)
+    if isinstance(resolved, TreeSpec) and getattr(dense_config, "mlp_bias", False):
+        raise InvalidSpecError("tree conversion of MLPs with biases (mlp_bias=True) is not supported")
+
+    config = sparse_config_for(arch, dense_config, resolved)
+    with torch.device("meta"):
+        sparse = arch.sparse_causal_lm_class(config)
+
+    state = _copy_state(model)
+    dense_layers = arch.decoder_layers(model)
+    for index, layer in enumerate(tqdm(dense_layers, desc=f"converting MLPs to {resolved.method}", disable=not progress)):
+        prefix = arch.mlp_key_prefix(index)
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        mlp = getattr(layer, arch.mlp_attr)
+        dense = (getattr(mlp, arch.gate_proj), getattr(mlp, arch.up_proj), getattr(mlp, arch.down_proj))
+        state.update({prefix + k: v for k, v in sparse_mlp_state(resolved, *dense).items()})
+
+    sparse.load_state_dict(state, strict=True, assign=True)
+    _copy_non_persistent_buffers(model, sparse)
+    sparse.tie_weights()
+    sparse.generation_config = copy.deepcopy(model.generation_config)
+    sparse.train(model.training)
+    return sparse
+
+
+def sparse_config_for(arch: Architecture, dense_config, spec: LayerSpec):
+    values = dense_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version"):
+        values.pop(key, None)
+    values["sparse_mlp"] = spec.to_dict()
+    values["base_model_type"] = arch.model_type
+    config = arch.sparse_config_class(**values)
+    config.architectures = [arch.sparse_causal_lm_class.__name__]
+    return config
+
+
+def sparse_mlp_state(spec: LayerSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> dict[str, torch.Tensor]:
+    """State dict of one sparse MLP (keys relative to the MLP), built from its dense projections."""
+    if isinstance(spec, MGSSpec):
+        return _mgs_state(spec, gate, up, down)
+    return _tree_state(spec, gate, up, down)
+
+
+def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, linear in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+        state[f"{name}.weight"] = linear.weight.detach().clone()
+        if linear.bias is not None:
+            state[f"{name}.bias"] = linear.bias.detach().clone()
+    # Start the micro gate as the best rank-r approximation of gate_proj: its top-k then picks
+    # the neurons with the largest gate pre-activation, a far better start than random.
+    weight = gate.weight.detach().float()
+    dtype = gate.weight.dtype
+    if spec.rank is None:
+        state["micro_gate.scorer.weight"] = weight.to(dtype).clone()
+    else:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = s[: spec.rank].sqrt()
+        state["micro_gate.encoder.weight"] = (root[:, None] * vh[: spec.rank]).to(dtype)
+        state["micro_gate.scorer.weight"] = (u[:, : spec.rank] * root[None, :]).to(dtype)
+    state["micro_gate.scorer.bias"] = torch.zeros(weight.shape[0], dtype=dtype)
+    state["gate_threshold"] = torch.zeros((), dtype=dtype)
+    return state
+
+
+def _tree_state(spec: TreeSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> dict[str, torch.Tensor]:
+    g, u, d = gate.weight.detach(), up.weight.detach(), down.weight.detach()
+    layout = partition_neurons(g, u, d, spec)
+    down_rows = d.T  # one row per neuron, so each block is contiguous
+
+    def rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return weight[index.reshape(-1)].reshape(*index.shape, weight.shape[1]).contiguous()
+
+    state = {
+        "leaf_gate": rows(g, layout.leaf_index),
+        "leaf_up": rows(u, layout.leaf_index),
+        "leaf_down": rows(down_rows, layout.leaf_index),
+    }
+    if layout.node_index is not None:
+        state.update(
+            node_gate=rows(g, layout.node_index),
+            node_up=rows(u, layout.node_index),
+            node_down=rows(down_rows, layout.node_index),
+        )
+    if spec.routing == "hyperplane":
+        state["router_weight"] = layout.router.to(g.dtype)
+        state["router_bias"] = torch.zeros(layout.router.shape[:2], dtype=g.dtype)
+    if spec.shared_width:
+        shared = layout.shared_index
+        state["shared.gate_proj.weight"] = g[shared].clone()
+        state["shared.up_proj.weight"] = u[shared].clone()
+        state["shared.down_proj.weight"] = d[:, shared].clone()
+    return state
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Clone the state dict, keeping tensors that share storage (tied weights) shared."""
+    clones: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if identity not in clones:
+            clones[identity] = tensor.detach().clone()
+        state[key] = clones[identity]
+    return state
+
+
+def _copy_non_persistent_buffers(source: nn.Module, target: nn.Module) -> None:
+    # load_state_dict skips non-persistent buffers (rotary inv_freq), which are still on meta.
+    for name, buffer in target.named_buffers():
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            value = source.get_buffer(name).detach().clone()
+            target.get_submodule(module_name)._buffers[buffer_name] = value

@@ -1,0 +1,72 @@
+"""Configs of the sparse models: the base architecture's config plus the sparse MLP spec.
+
+Each architecture gets its own `model_type` (`treeffn_llama`, ...). Keeping the base type would let
+transformers load a checkpoint as a dense model with randomly initialised MLPs whenever remote code
+is not trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from .layer_spec import LayerSpec, spec_from_dict
+
+_ATTENTION_ONLY = "mlp."  # tensor-parallel plans of the base configs name the dense MLP projections
+
+
+def _without_mlp(plan: dict[str, str] | None) -> dict[str, str] | None:
+    if plan is None:
+        return None
+    return {key: value for key, value in plan.items() if _ATTENTION_ONLY not in key}
+
+
+class SparseConfigMixin:
+    """Accessors shared by every sparse config. The fields themselves are declared per class,
+    because transformers configs are dataclasses and fields must be annotated on the class."""
+
+    sparse_mlp: dict[str, Any] | None
+    base_model_type: str | None
+
+    @property
+    def sparse_spec(self) -> LayerSpec:
+        if not self.sparse_mlp:
+            raise ValueError(
+                f"{type(self).__name__} has no `sparse_mlp` spec; build sparse models with "
+                "treeffn_hf.convert(...) or from a saved treeffn checkpoint"
+            )
+        return spec_from_dict(self.sparse_mlp)
+
+
+@strict
+class TreeFFNLlamaConfig(SparseConfigMixin, LlamaConfig):
+    model_type = "treeffn_llama"
+    base_model_tp_plan = _without_mlp(LlamaConfig.base_model_tp_plan)
+    sparse_mlp: dict | None = None
+    base_model_type: str | None = "llama"
+
+
+@strict
+class TreeFFNMistralConfig(SparseConfigMixin, MistralConfig):
+    model_type = "treeffn_mistral"
+    base_model_tp_plan = _without_mlp(MistralConfig.base_model_tp_plan)
+    sparse_mlp: dict | None = None
+    base_model_type: str | None = "mistral"
+
+
+@strict
+class TreeFFNQwen2Config(SparseConfigMixin, Qwen2Config):
+    model_type = "treeffn_qwen2"
+    base_model_tp_plan = _without_mlp(Qwen2Config.base_model_tp_plan)
+    sparse_mlp: dict | None = None
+    base_model_type: str | None = "qwen2"
+
+
+@strict
+class TreeFFNQwen3Config(SparseConfigMixin, Qwen3Config):
+    model_type = "treeffn_qwen3"
+    base_model_tp_plan = _without_mlp(Qwen3Config.base_model_tp_plan)
+    sparse_mlp: dict | None = None
+    base_model_type: str | None = "qwen3"

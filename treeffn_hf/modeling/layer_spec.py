@@ -1,0 +1,194 @@
+"""Layer specifications for the two sparse MLP replacements.
+
+A spec is what a user asks for (`TreeSpec`, `MGSSpec`); `resolve(hidden, intermediate)` checks it
+against the dense MLP it replaces and fills in derived widths, so the config stores a spec that
+rebuilds exactly the same layer. This file is part of the remote-code bundle: standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+ROUTING_MODES = ("self", "hyperplane")
+ACTIVATION_PLACEMENTS = ("per_node", "after_sum")
+MGS_SELECTIONS = ("top_k", "threshold")
+MAX_DEPTH = 20
+
+
+class InvalidSpecError(ValueError):
+    """A sparse-layer spec that cannot be built for the given MLP shape."""
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """A forest of `num_trees` binary trees of `depth` levels of internal nodes.
+
+    Every token takes one root-to-leaf path per tree and computes only the neurons on it:
+    `depth` node blocks of `node_width` neurons and one leaf block of `leaf_width` neurons,
+    plus `shared_width` always-on neurons. Node `j` of a tree is stored in heap order
+    (children `2j+1`, `2j+2`); leaves are numbered by their path bits.
+
+    `leaf_width=None` takes the widest leaf that fits the dense MLP and gives the remaining
+    neurons to the shared block, so that every dense neuron lands in exactly one block.
+    """
+
+    num_trees: int = 1
+    depth: int = 4
+    node_width: int = 1
+    leaf_width: Optional[int] = None
+    routing: Literal["self", "hyperplane"] = "self"
+    activation: Literal["per_node", "after_sum"] = "per_node"
+    shared_width: Optional[int] = None
+
+    method = "tree"
+
+    @property
+    def num_nodes(self) -> int:
+        return (1 << self.depth) - 1
+
+    @property
+    def num_leaves(self) -> int:
+        return 1 << self.depth
+
+    def units_per_tree(self, leaf_width: int) -> int:
+        return self.num_nodes * self.node_width + self.num_leaves * leaf_width
+
+    def _check_settings(self) -> None:
+        if self.routing not in ROUTING_MODES:
+            raise InvalidSpecError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.activation not in ACTIVATION_PLACEMENTS:
+            raise InvalidSpecError(
+                f"activation must be one of {ACTIVATION_PLACEMENTS}, got {self.activation!r}"
+            )
+        if self.num_trees < 1:
+            raise InvalidSpecError(f"num_trees must be >= 1, got {self.num_trees}")
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise InvalidSpecError(f"depth must be in [1, {MAX_DEPTH}], got {self.depth}")
+        if self.node_width < 0:
+            raise InvalidSpecError(f"node_width must be >= 0, got {self.node_width}")
+        if self.leaf_width is not None and self.leaf_width < 1:
+            raise InvalidSpecError(f"leaf_width must be >= 1, got {self.leaf_width}")
+        if self.shared_width is not None and self.shared_width < 0:
+            raise InvalidSpecError(f"shared_width must be >= 0, got {self.shared_width}")
+        if self.routing == "self" and self.node_width == 0:
+            raise InvalidSpecError(
+                "routing='self' branches on the sign of a node neuron's gate pre-activation, so it "
+                "needs node_width >= 1; use routing='hyperplane' for node_width=0 (FFF-style routers)"
+            )
+        if self.activation == "after_sum" and self.node_width > 0:
+            if self.leaf_width is not None and self.leaf_width != self.node_width:
+                raise InvalidSpecError(
+                    "activation='after_sum' sums the path's pre-activations neuron by neuron, so it "
+                    f"needs leaf_width == node_width (got leaf_width={self.leaf_width}, "
+                    f"node_width={self.node_width})"
+                )
+
+    def resolve(self, hidden_size: int, intermediate_size: int) -> "TreeSpec":
+        """Check the spec against a dense MLP of this shape; fill in leaf and shared widths."""
+        self._check_settings()
+        trees = self.num_trees
+        node_units = trees * self.num_nodes * self.node_width
+        leaf_slots = trees * self.num_leaves
+        fixed_leaf = self.leaf_width
+        if fixed_leaf is None and self.activation == "after_sum" and self.node_width > 0:
+            fixed_leaf = self.node_width
+        shared = self.shared_width
+        if fixed_leaf is None:
+            available = intermediate_size - (shared or 0) - node_units
+            leaf = available // leaf_slots
+            if leaf < 1:
+                raise InvalidSpecError(
+                    f"depth {self.depth} with {trees} tree(s) and node_width {self.node_width} needs "
+                    f"{node_units + leaf_slots + (shared or 0)} neurons at least, but the MLP has "
+                    f"{intermediate_size}; lower depth, num_trees or node_width"
+                )
+            if shared is None:
+                shared = available - leaf * leaf_slots
+            elif available != leaf * leaf_slots:
+                raise InvalidSpecError(
+                    f"widths do not divide: {intermediate_size} - shared {shared} - node units "
+                    f"{node_units} = {available} is not a multiple of {leaf_slots} leaves; "
+                    f"leave shared_width unset to absorb the remainder"
+                )
+        else:
+            leaf = fixed_leaf
+            used = node_units + leaf_slots * leaf
+            if shared is None:
+                shared = intermediate_size - used
+            if shared < 0 or used + shared != intermediate_size:
+                raise InvalidSpecError(
+                    f"widths do not divide: {trees} tree(s) x ({self.num_nodes} nodes x "
+                    f"{self.node_width} + {self.num_leaves} leaves x {leaf}) + shared {shared} = "
+                    f"{used + shared}, but the MLP has {intermediate_size} neurons; leave "
+                    f"leaf_width unset to fit it automatically"
+                )
+        resolved = dataclasses.replace(self, leaf_width=leaf, shared_width=shared)
+        resolved._check_settings()
+        return resolved
+
+    @property
+    def active_units(self) -> int:
+        """Neurons computed per token (needs a resolved spec)."""
+        return self.num_trees * (self.depth * self.node_width + self.leaf_width) + self.shared_width
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class MGSSpec:
+    """Micro-gated MLP: the dense SwiGLU weights plus a small gate that picks neurons per token.
+
+    `rank=None` uses a full `Linear(hidden, intermediate)` gate, as in the MGS paper; an integer
+    uses `Linear(hidden, rank) -> Linear(rank, intermediate)`. `selection='top_k'` computes
+    `ceil(density * intermediate)` neurons per token; `selection='threshold'` computes the
+    neurons whose gate logit exceeds a per-layer threshold calibrated to `density`.
+    """
+
+    density: float = 0.25
+    rank: Optional[int] = 64
+    selection: Literal["top_k", "threshold"] = "top_k"
+
+    method = "mgs"
+
+    def resolve(self, hidden_size: int, intermediate_size: int) -> "MGSSpec":
+        if not 0.0 < self.density <= 1.0:
+            raise InvalidSpecError(f"density must be in (0, 1], got {self.density}")
+        if self.selection not in MGS_SELECTIONS:
+            raise InvalidSpecError(
+                f"selection must be one of {MGS_SELECTIONS}, got {self.selection!r}"
+            )
+        if self.rank is not None and not 1 <= self.rank <= min(hidden_size, intermediate_size):
+            raise InvalidSpecError(
+                f"rank must be in [1, {min(hidden_size, intermediate_size)}] or None (full gate), "
+                f"got {self.rank}"
+            )
+        return self
+
+    def top_k(self, intermediate_size: int) -> int:
+        # The epsilon keeps 0.1 * 1000 from rounding up to 101 through float error.
+        return max(1, min(intermediate_size, math.ceil(self.density * intermediate_size - 1e-9)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+LayerSpec = Union[TreeSpec, MGSSpec]
+_SPEC_TYPES = {"tree": TreeSpec, "mgs": MGSSpec}
+
+
+def spec_from_dict(data: dict[str, Any]) -> LayerSpec:
+    """Rebuild a spec from its `to_dict()` form (as stored in the model config)."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in _SPEC_TYPES:
+        raise InvalidSpecError(f"unknown sparse method {method!r}; expected one of {sorted(_SPEC_TYPES)}")
+    cls = _SPEC_TYPES[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise InvalidSpecError(f"unknown {method} option(s): {sorted(unknown)}")
+    return cls(**data)

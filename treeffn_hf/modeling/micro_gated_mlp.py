@@ -1,0 +1,112 @@
+"""Micro-gated MLP (MGS): the dense SwiGLU weights plus a small gate that picks neurons per token.
+
+`gate_proj` / `up_proj` / `down_proj` keep the Hugging Face names and shapes, so dense weights load
+unchanged. The micro gate scores every intermediate neuron; only the selected ones are computed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .layer_spec import MGSSpec
+from .sparse_cost import SparseCost
+
+
+class MicroGate(nn.Module):
+    """`scorer(encoder(x))` with a low-rank bottleneck, or `scorer(x)` when `rank is None`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, rank: Optional[int]) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(hidden_size, rank, bias=False) if rank is not None else None
+        self.scorer = nn.Linear(rank if rank is not None else hidden_size, intermediate_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            x = self.encoder(x)
+        return self.scorer(x)
+
+    def num_weight_elems(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def select_neurons(scores: torch.Tensor, spec: MGSSpec, threshold: torch.Tensor) -> torch.Tensor:
+    """0/1 mask (same dtype as `scores`) of the neurons to compute, one row per token."""
+    if spec.selection == "threshold":
+        return (scores > threshold).to(scores.dtype)
+    k = spec.top_k(scores.shape[-1])
+    index = scores.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(scores).scatter_(-1, index, 1.0)
+
+
+class MicroGatedMLP(nn.Module):
+    """Drop-in replacement for a gated MLP block that computes only the gate-selected neurons."""
+
+    sparse_method = "mgs"
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, spec: MGSSpec, act_fn: nn.Module, bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.spec = spec.resolve(hidden_size, intermediate_size)
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = act_fn
+        self.micro_gate = MicroGate(hidden_size, intermediate_size, self.spec.rank)
+        # Calibrated per layer for selection='threshold'; saved with the checkpoint.
+        self.register_buffer("gate_threshold", torch.zeros(()))
+        self._tokens_seen = 0
+        self._units_selected = 0.0
+
+    @property
+    def computes_everything(self) -> bool:
+        return self.spec.selection == "top_k" and self.spec.top_k(self.intermediate_size) == self.intermediate_size
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.computes_everything:
+            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        mask = select_neurons(self.micro_gate(hidden_states), self.spec, self.gate_threshold)
+        self._record_density(mask)
+        return mgs_masked_dense(self, hidden_states, mask)
+
+    @torch.no_grad()
+    def _record_density(self, mask: torch.Tensor) -> None:
+        self._tokens_seen += mask.numel() // self.intermediate_size
+        # Kept as a tensor: no host sync per layer on a GPU.
+        self._units_selected = self._units_selected + mask.sum(dtype=torch.float32)
+
+    def reset_density(self) -> None:
+        self._tokens_seen, self._units_selected = 0, 0.0
+
+    def measured_units(self) -> Optional[float]:
+        """Mean neurons selected per token since the last reset, or None before any token."""
+        return float(self._units_selected) / self._tokens_seen if self._tokens_seen else None
+
+    def cost(self) -> SparseCost:
+        if self.spec.selection == "top_k":
+            units = float(self.spec.top_k(self.intermediate_size))
+        else:
+            measured = self.measured_units()
+            units = measured if measured is not None else self.spec.density * self.intermediate_size
+        gate_elems = 0 if self.computes_everything else self.micro_gate.num_weight_elems()
+        return SparseCost(
+            active_units=units,
+            total_units=self.intermediate_size,
+            active_weight_elems=3 * units * self.hidden_size + gate_elems,
+            dense_weight_elems=3 * self.intermediate_size * self.hidden_size,
+        )
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"density={s.density}, rank={s.rank}, selection={s.selection}"
+
+
+def mgs_masked_dense(layer: MicroGatedMLP, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reference computation: all neurons computed, unselected ones zeroed (zero gradient too)."""
+    hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * mask
+    return layer.down_proj(hidden)

@@ -1,0 +1,183 @@
+"""Sparse-MLP variants of the Llama-family causal LMs.
+
+Each architecture gets three classes: a `*PreTrainedModel` base that knows how to initialise the
+sparse layers, the inner `*Model` whose decoder layers carry a sparse MLP, and the `*ForCausalLM`.
+transformers 5 runs `_init_weights` of the nearest nested `PreTrainedModel`, so the inner model
+must inherit the sparse-aware base too, or raw parameters come back uninitialised.
+
+This file is copied into every saved checkpoint: relative imports are `from .x import y` only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers.models.mistral.modeling_mistral import (
+    MistralForCausalLM,
+    MistralModel,
+    MistralPreTrainedModel,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM, Qwen2Model, Qwen2PreTrainedModel
+from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM, Qwen3Model, Qwen3PreTrainedModel
+
+from .configuration_treeffn import (
+    TreeFFNLlamaConfig,
+    TreeFFNMistralConfig,
+    TreeFFNQwen2Config,
+    TreeFFNQwen3Config,
+)
+from .layer_spec import InvalidSpecError
+from .micro_gated_mlp import MicroGatedMLP
+from .sparse_cost import SparseCost
+from .tree_ffn import TreeFFN
+
+# Dispatch on the `method` / `sparse_method` strings, never on isinstance: with remote code,
+# transformers may execute a bundle file more than once, so the same class can exist twice.
+
+
+def build_sparse_mlp(config) -> nn.Module:
+    """The sparse MLP that `config.sparse_mlp` describes, with uninitialised weights."""
+    spec = config.sparse_spec
+    act_fn = ACT2FN[config.hidden_act]
+    bias = bool(getattr(config, "mlp_bias", False))
+    if spec.method == "tree":
+        if bias:
+            raise InvalidSpecError("tree conversion of MLPs with biases (mlp_bias=True) is not supported")
+        return TreeFFN(config.hidden_size, config.intermediate_size, spec, act_fn)
+    if spec.method == "mgs":
+        return MicroGatedMLP(config.hidden_size, config.intermediate_size, spec, act_fn, bias=bias)
+    raise InvalidSpecError(f"unsupported sparse spec {spec!r}")
+
+
+def is_sparse_mlp(module: nn.Module) -> bool:
+    return getattr(module, "sparse_method", None) in ("tree", "mgs")
+
+
+class SparseMLPPreTrainedMixin:
+    """Weight init for the sparse layers and accounting helpers shared by all architectures."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config, "initializer_range", 0.02)
+        method = getattr(module, "sparse_method", None)
+        if method == "tree":
+            for name in ("node_gate", "node_up", "node_down", "leaf_gate", "leaf_up", "leaf_down", "router_weight"):
+                param = getattr(module, name)
+                if param is not None:
+                    init.normal_(param, mean=0.0, std=std)
+            if module.router_bias is not None:
+                init.zeros_(module.router_bias)
+        elif method == "mgs":
+            init.zeros_(module.gate_threshold)
+
+    def sparse_mlps(self) -> Iterator[tuple[int, nn.Module]]:
+        """(layer index, sparse MLP) for every decoder layer."""
+        base = self.model if hasattr(self, "model") and isinstance(self.model, PreTrainedModel) else self
+        for index, layer in enumerate(base.layers):
+            if is_sparse_mlp(layer.mlp):
+                yield index, layer.mlp
+
+    def sparse_cost(self) -> SparseCost:
+        """Per-token active fraction of MLP units and weights, summed over all layers."""
+        return SparseCost.total(mlp.cost() for _, mlp in self.sparse_mlps())
+
+
+def _install_sparse_mlps(model: nn.Module, config) -> None:
+    for layer in model.layers:
+        layer.mlp = build_sparse_mlp(config)
+
+
+def _init_causal_lm(self: PreTrainedModel, config, inner_model_cls: type) -> None:
+    # Mirrors the stock `*ForCausalLM.__init__` (model, vocab_size, lm_head) without first
+    # building a dense body that would be thrown away; tests compare the module trees.
+    PreTrainedModel.__init__(self, config)
+    self.model = inner_model_cls(config)
+    self.vocab_size = config.vocab_size
+    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    self.post_init()
+
+
+# -- Llama (also SmolLM2) -------------------------------------------------------------------------
+class TreeFFNLlamaPreTrainedModel(SparseMLPPreTrainedMixin, LlamaPreTrainedModel):
+    config_class = TreeFFNLlamaConfig
+
+
+class TreeFFNLlamaModel(TreeFFNLlamaPreTrainedModel, LlamaModel):
+    def __init__(self, config: TreeFFNLlamaConfig) -> None:
+        super().__init__(config)
+        _install_sparse_mlps(self, config)
+        self.post_init()
+
+
+class TreeFFNLlamaForCausalLM(TreeFFNLlamaPreTrainedModel, LlamaForCausalLM):
+    def __init__(self, config: TreeFFNLlamaConfig) -> None:
+        _init_causal_lm(self, config, TreeFFNLlamaModel)
+
+
+# -- Mistral -------------------------------------------------------------------------------------
+class TreeFFNMistralPreTrainedModel(SparseMLPPreTrainedMixin, MistralPreTrainedModel):
+    config_class = TreeFFNMistralConfig
+
+
+class TreeFFNMistralModel(TreeFFNMistralPreTrainedModel, MistralModel):
+    def __init__(self, config: TreeFFNMistralConfig) -> None:
+        super().__init__(config)
+        _install_sparse_mlps(self, config)
+        self.post_init()
+
+
+class TreeFFNMistralForCausalLM(TreeFFNMistralPreTrainedModel, MistralForCausalLM):
+    def __init__(self, config: TreeFFNMistralConfig) -> None:
+        _init_causal_lm(self, config, TreeFFNMistralModel)
+
+
+# -- Qwen2 ---------------------------------------------------------------------------------------
+class TreeFFNQwen2PreTrainedModel(SparseMLPPreTrainedMixin, Qwen2PreTrainedModel):
+    config_class = TreeFFNQwen2Config
+
+
+class TreeFFNQwen2Model(TreeFFNQwen2PreTrainedModel, Qwen2Model):
+    def __init__(self, config: TreeFFNQwen2Config) -> None:
+        super().__init__(config)
+        _install_sparse_mlps(self, config)
+        self.post_init()
+
+
+class TreeFFNQwen2ForCausalLM(TreeFFNQwen2PreTrainedModel, Qwen2ForCausalLM):
+    def __init__(self, config: TreeFFNQwen2Config) -> None:
+        _init_causal_lm(self, config, TreeFFNQwen2Model)
+
+
+# -- Qwen3 ---------------------------------------------------------------------------------------
+class TreeFFNQwen3PreTrainedModel(SparseMLPPreTrainedMixin, Qwen3PreTrainedModel):
+    config_class = TreeFFNQwen3Config
+
+
+class TreeFFNQwen3Model(TreeFFNQwen3PreTrainedModel, Qwen3Model):
+    def __init__(self, config: TreeFFNQwen3Config) -> None:
+        super().__init__(config)
+        _install_sparse_mlps(self, config)
+        self.post_init()
+
+
+class TreeFFNQwen3ForCausalLM(TreeFFNQwen3PreTrainedModel, Qwen3ForCausalLM):
+    def __init__(self, config: TreeFFNQwen3Config) -> None:
+        _init_causal_lm(self, config, TreeFFNQwen3Model)
+
+
+__all__ = [
+    "TreeFFNLlamaForCausalLM",
+    "TreeFFNLlamaModel",
+    "TreeFFNMistralForCausalLM",
+    "TreeFFNMistralModel",
+    "TreeFFNQwen2ForCausalLM",
+    "TreeFFNQwen2Model",
+    "TreeFFNQwen3ForCausalLM",
+    "TreeFFNQwen3Model",
+    "build_sparse_mlp",
+]
