@@ -36,7 +36,7 @@ class TreeSpec:
     """
 
     num_trees: int = 1
-    depth: int = 4
+    depth: int = 5
     node_width: int = 1
     leaf_width: Optional[int] = None
     routing: Literal["self", "hyperplane"] = "self"
@@ -53,10 +53,8 @@ class TreeSpec:
     def num_leaves(self) -> int:
         return 1 << self.depth
 
-    def units_per_tree(self, leaf_width: int) -> int:
-        return self.num_nodes * self.node_width + self.num_leaves * leaf_width
-
-    def _check_settings(self) -> None:
+    def validate(self) -> None:
+        """Checks that need no model shape."""
         if self.routing not in ROUTING_MODES:
             raise InvalidSpecError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.activation not in ACTIVATION_PLACEMENTS:
@@ -88,7 +86,7 @@ class TreeSpec:
 
     def resolve(self, hidden_size: int, intermediate_size: int) -> "TreeSpec":
         """Check the spec against a dense MLP of this shape; fill in leaf and shared widths."""
-        self._check_settings()
+        self.validate()
         trees = self.num_trees
         node_units = trees * self.num_nodes * self.node_width
         leaf_slots = trees * self.num_leaves
@@ -126,7 +124,7 @@ class TreeSpec:
                     f"leaf_width unset to fit it automatically"
                 )
         resolved = dataclasses.replace(self, leaf_width=leaf, shared_width=shared)
-        resolved._check_settings()
+        resolved.validate()
         return resolved
 
     @property
@@ -155,18 +153,24 @@ class MGSSpec:
     method = "mgs"
 
     def resolve(self, hidden_size: int, intermediate_size: int) -> "MGSSpec":
-        if not 0.0 < self.density <= 1.0:
-            raise InvalidSpecError(f"density must be in (0, 1], got {self.density}")
-        if self.selection not in MGS_SELECTIONS:
-            raise InvalidSpecError(
-                f"selection must be one of {MGS_SELECTIONS}, got {self.selection!r}"
-            )
+        self.validate()
         if self.rank is not None and not 1 <= self.rank <= min(hidden_size, intermediate_size):
             raise InvalidSpecError(
                 f"rank must be in [1, {min(hidden_size, intermediate_size)}] or None (full gate), "
                 f"got {self.rank}"
             )
         return self
+
+    def validate(self) -> None:
+        """Checks that need no model shape."""
+        if not 0.0 < self.density <= 1.0:
+            raise InvalidSpecError(f"density must be in (0, 1], got {self.density}")
+        if self.selection not in MGS_SELECTIONS:
+            raise InvalidSpecError(
+                f"selection must be one of {MGS_SELECTIONS}, got {self.selection!r}"
+            )
+        if self.rank is not None and self.rank < 1:
+            raise InvalidSpecError(f"rank must be >= 1 or None (full gate), got {self.rank}")
 
     def top_k(self, intermediate_size: int) -> int:
         # The epsilon keeps 0.1 * 1000 from rounding up to 101 through float error.

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-weight models of every supported architecture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+_COMMON = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=166,  # odd on purpose: tree widths must be fitted, not assumed
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+TINY_MODELS = {
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True)),
+    "mistral": (MistralForCausalLM, lambda: MistralConfig(**_COMMON, sliding_window=None)),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**_COMMON)),
+    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**_COMMON, head_dim=16)),
+}
+
+
+def tiny_dense_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    model_cls, make_config = TINY_MODELS[model_type]
+    torch.manual_seed(seed)
+    model = model_cls(make_config()).eval()
+    # Stock init (std 0.02) makes every MLP output tiny; scale up so sparsity visibly matters.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "mlp" in name:
+                param.mul_(10.0)
+    return model
+
+
+def run_python(code: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (the way a user without our process state would)."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+        stdin=subprocess.DEVNULL,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(1234)

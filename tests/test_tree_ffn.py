@@ -1,0 +1,134 @@
+"""TreeFFN against a plain per-token reference written here: walk each tree, sum the path's blocks."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from treeffn_hf import TreeFFN, TreeSpec
+from treeffn_hf.modeling.tree_ffn import TreeUsage
+
+
+def naive_tree_ffn(layer: TreeFFN, x: torch.Tensor) -> torch.Tensor:
+    spec = layer.spec
+    outputs = []
+    for token in x:
+        y = torch.zeros_like(token)
+        for t in range(spec.num_trees):
+            blocks, position = [], 0
+            for level in range(spec.depth):
+                heap = 2**level - 1 + position
+                if spec.routing == "self":
+                    score = token @ layer.node_gate[t, heap, 0]
+                else:
+                    score = token @ layer.router_weight[t, heap] + layer.router_bias[t, heap]
+                if spec.node_width:
+                    blocks.append((layer.node_gate[t, heap], layer.node_up[t, heap], layer.node_down[t, heap]))
+                position = 2 * position + int(score.item() > 0)
+            blocks.append((layer.leaf_gate[t, position], layer.leaf_up[t, position], layer.leaf_down[t, position]))
+            if spec.activation == "per_node":
+                for gate, up, down in blocks:
+                    y = y + (F.silu(gate @ token) * (up @ token)) @ down
+            else:
+                g = sum(gate @ token for gate, _, _ in blocks)
+                u = sum(up @ token for _, up, _ in blocks)
+                a = F.silu(g) * u
+                for _, _, down in blocks:
+                    y = y + a @ down
+        if layer.shared is not None:
+            s = layer.shared
+            y = y + s.down_proj.weight @ (F.silu(s.gate_proj.weight @ token) * (s.up_proj.weight @ token))
+        outputs.append(y)
+    return torch.stack(outputs)
+
+
+def make_layer(spec: TreeSpec, hidden=24, intermediate=130, dtype=torch.float64) -> TreeFFN:
+    layer = TreeFFN(hidden, intermediate, spec, torch.nn.SiLU()).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+SETTINGS = [
+    TreeSpec(num_trees=trees, depth=depth, node_width=node_width, routing=routing, activation=activation)
+    for trees, depth, node_width, routing, activation in itertools.product(
+        (1, 3), (1, 3), (0, 2), ("self", "hyperplane"), ("per_node", "after_sum")
+    )
+    if not (routing == "self" and node_width == 0)
+]
+
+
+@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}")
+def test_forward_and_backward_match_naive_walk(spec):
+    layer = make_layer(spec)
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 7, 24, dtype=torch.float64)
+
+    out = layer(x)
+    grads = torch.autograd.grad((out * upstream).sum(), [x, *layer.parameters()], allow_unused=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = naive_tree_ffn(layer, x_ref.reshape(-1, 24)).reshape(2, 7, 24)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [x_ref, *layer.parameters()], allow_unused=True)
+
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    for got, want in zip(grads, ref_grads):
+        if want is None:
+            assert got is None or torch.count_nonzero(got) == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_only_path_neurons_get_gradient():
+    spec = TreeSpec(depth=3, node_width=2)
+    layer = make_layer(spec)
+    x = torch.randn(1, 24, dtype=torch.float64)
+    layer(x).sum().backward()
+    leaf, path = layer.route(x)
+    touched_leaves = torch.nonzero(layer.leaf_gate.grad.abs().sum((-1, -2))[0]).flatten()
+    touched_nodes = torch.nonzero(layer.node_gate.grad.abs().sum((-1, -2))[0]).flatten()
+    assert touched_leaves.tolist() == [leaf.item()]
+    assert touched_nodes.tolist() == sorted(path[0, 0].tolist())
+
+
+def test_float32_and_bfloat16_track_float64():
+    spec = TreeSpec(num_trees=2, depth=2, node_width=3)
+    layer = make_layer(spec)
+    x = torch.randn(33, 24, dtype=torch.float64)
+    want = layer(x)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        low = make_layer(spec, dtype=dtype)
+        low.load_state_dict(layer.state_dict())
+        got = low(x.to(dtype))
+        # Routing may flip for scores within rounding of zero; compare tokens routed the same way.
+        same = (low.route(x.to(dtype))[0] == layer.route(x)[0]).all(dim=1)
+        assert same.float().mean() > 0.8
+        scale = want[same].abs().max()
+        assert ((got[same].double() - want[same]).abs().max() / scale) < tol
+
+
+def test_cost_counts_exact_rows():
+    spec = TreeSpec(num_trees=2, depth=3, node_width=2, routing="hyperplane")
+    layer = make_layer(spec, hidden=24, intermediate=130)
+    s = layer.spec
+    rows = 2 * (3 * 2 + s.leaf_width) + s.shared_width
+    cost = layer.cost()
+    assert cost.active_units == rows
+    assert cost.unit_fraction == rows / 130
+    assert cost.active_weight_elems == 3 * rows * 24 + 2 * 3 * 25
+
+
+def test_usage_counts_match_routing():
+    spec = TreeSpec(num_trees=2, depth=3, node_width=1)
+    layer = make_layer(spec)
+    layer.usage = TreeUsage(layer.spec)
+    x = torch.randn(50, 24, dtype=torch.float64)
+    layer(x)
+    leaf, path = layer.route(x)
+    assert layer.usage.leaf_counts.sum() == 100
+    for t in range(2):
+        assert layer.usage.leaf_counts[t].tolist() == torch.bincount(leaf[:, t], minlength=8).tolist()
+        assert layer.usage.node_visits[t, 0] == 50
+        went_right_at_root = (path[:, t, 1] == 2).sum()
+        assert layer.usage.node_right[t, 0] == went_right_at_root

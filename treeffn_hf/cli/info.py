@@ -1,0 +1,39 @@
+"""Describe a sparse checkpoint: method, layer spec, active fractions and parameter counts.
+
+Reads only config.json and the safetensors headers; no weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "info"
+HELP = "show the sparse spec, active fraction and parameter counts of a converted checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="converted checkpoint directory")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..workflows import describe_checkpoint
+
+    description = describe_checkpoint(args.directory)
+    print(json.dumps(description, indent=2) if args.json else description_text(description))
+    return 0
+
+
+def description_text(d: dict) -> str:
+    lines = [
+        f"checkpoint      {d['directory']}",
+        f"model type      {d['model_type']} (base: {d['base_model_type']})",
+        f"method          {d['method']}",
+        f"layers          {d['num_layers']} decoder layers, all with the spec below",
+        f"layer spec      {json.dumps(d['layer_spec'])}",
+        f"active units    {d['active_unit_fraction']:.2%} of the MLP neurons per token",
+        f"weight bytes    {d['active_weight_fraction']:.2%} of the dense MLP weights read per token",
+        f"parameters      {d['parameters']['total']:,} total, {d['parameters']['mlp']:,} in sparse MLPs",
+    ]
+    return "\n".join(lines)

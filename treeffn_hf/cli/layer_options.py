@@ -1,0 +1,46 @@
+"""Command-line options that describe a sparse layer, shared by every subcommand that builds one."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..modeling.layer_spec import ACTIVATION_PLACEMENTS, MGS_SELECTIONS, ROUTING_MODES, LayerSpec, MGSSpec, TreeSpec
+
+_TREE_DEFAULTS = TreeSpec()
+_MGS_DEFAULTS = MGSSpec()
+
+
+def _rank(value: str):
+    return None if value == "full" else int(value)
+
+
+def add_layer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=("tree", "mgs"), required=True, help="which sparse layer replaces each MLP")
+    tree = parser.add_argument_group("tree options (--method tree)")
+    tree.add_argument("--num-trees", type=int, default=_TREE_DEFAULTS.num_trees)
+    tree.add_argument("--depth", type=int, default=_TREE_DEFAULTS.depth, help="levels of internal nodes per tree")
+    tree.add_argument("--node-width", type=int, default=_TREE_DEFAULTS.node_width,
+                      help="neurons per internal node (0: pure routing hyperplanes)")
+    tree.add_argument("--leaf-width", type=int, default=None, help="neurons per leaf (default: widest that fits)")
+    tree.add_argument("--shared-width", type=int, default=None,
+                      help="always-on neurons (default: the neurons left over after the trees)")
+    tree.add_argument("--routing", choices=ROUTING_MODES, default=_TREE_DEFAULTS.routing)
+    tree.add_argument("--activation", choices=ACTIVATION_PLACEMENTS, default=_TREE_DEFAULTS.activation,
+                      help="nonlinearity per node, or after summing the path (the balancing tweak)")
+    mgs = parser.add_argument_group("micro-gated options (--method mgs)")
+    mgs.add_argument("--density", type=float, default=_MGS_DEFAULTS.density, help="fraction of neurons computed")
+    mgs.add_argument("--rank", type=_rank, default=_MGS_DEFAULTS.rank, help="gate rank, or 'full' for Linear(d, H)")
+    mgs.add_argument("--selection", choices=MGS_SELECTIONS, default=_MGS_DEFAULTS.selection)
+
+
+def spec_from_args(args: argparse.Namespace) -> LayerSpec:
+    """The spec the options describe, validated as far as it can be without the model."""
+    if args.method == "tree":
+        spec: LayerSpec = TreeSpec(
+            num_trees=args.num_trees, depth=args.depth, node_width=args.node_width, leaf_width=args.leaf_width,
+            routing=args.routing, activation=args.activation, shared_width=args.shared_width,
+        )
+    else:
+        spec = MGSSpec(density=args.density, rank=args.rank, selection=args.selection)
+    spec.validate()
+    return spec

@@ -1,0 +1,120 @@
+"""End-to-end workflows behind the CLI (and usable from Python): convert a checkpoint, describe one."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .checkpoint import CheckpointError, load_dense, prepare_output, save
+from .conversion.surgery import convert
+from .modeling.layer_spec import LayerSpec
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    output: Path
+    layer_spec: dict
+    active_unit_fraction: float
+    active_weight_fraction: float
+    seconds: float
+    pushed_to: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [
+            f"converted {self.source} -> {self.output} in {self.seconds:.1f}s",
+            f"  layer spec: {json.dumps(self.layer_spec)}",
+            f"  active MLP units per token: {self.active_unit_fraction:.2%}; "
+            f"MLP weight bytes read: {self.active_weight_fraction:.2%} of dense",
+        ]
+        if self.pushed_to:
+            lines.append(f"  pushed to {self.pushed_to}")
+        return "\n".join(lines)
+
+
+def convert_checkpoint(
+    src: Union[str, Path],
+    out: Union[str, Path],
+    spec: LayerSpec,
+    *,
+    gguf_file: Optional[str] = None,
+    dtype: Union[str, torch.dtype] = "float32",
+    revision: Optional[str] = None,
+    overwrite: bool = False,
+    push_to_hub: Optional[str] = None,
+    private: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
+    """load -> convert -> save (-> push). Every check that needs no weights runs first."""
+    start = time.perf_counter()
+    spec.validate()
+    out = prepare_output(out, overwrite)
+    dense, tokenizer = load_dense(str(src), gguf_file=gguf_file, dtype=dtype, revision=revision)
+    sparse = convert(dense, spec, progress=progress)
+    del dense
+    save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(src))
+    cost = sparse.sparse_cost()
+    report = ConversionReport(
+        source=str(src) + (f"/{gguf_file}" if gguf_file else ""),
+        output=out,
+        layer_spec=dict(sparse.config.sparse_mlp),
+        active_unit_fraction=cost.unit_fraction,
+        active_weight_fraction=cost.weight_fraction,
+        seconds=time.perf_counter() - start,
+    )
+    if push_to_hub:
+        from .hub import push
+
+        report.pushed_to = push(out, push_to_hub, private=private)
+    return report
+
+
+def describe_checkpoint(directory: Union[str, Path]) -> dict:
+    """Spec, active fractions and parameter counts of a converted checkpoint, without loading weights."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from .modeling.modeling_treeffn import build_sparse_mlp
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: not a model directory (no config.json)")
+    config_data = json.loads((directory / "config.json").read_text())
+    if "sparse_mlp" not in config_data:
+        raise CheckpointError(f"{directory}: not a treeffn checkpoint (config has no sparse_mlp)")
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        layer = build_sparse_mlp(config)
+    cost = layer.cost()
+    total = mlp = 0
+    weight_files = sorted(directory.glob("*.safetensors"))
+    if not weight_files:
+        raise CheckpointError(f"{directory}: no safetensors weights")
+    for path in weight_files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    count = 1
+                    for size in handle.get_slice(key).get_shape():
+                        count *= size
+                    total += count
+                    mlp += count if ".mlp." in key else 0
+        except Exception as error:
+            raise CheckpointError(f"{path}: unreadable safetensors ({type(error).__name__}: {error})") from error
+    return {
+        "directory": str(directory),
+        "model_type": config.model_type,
+        "base_model_type": config.base_model_type,
+        "method": config.sparse_mlp["method"],
+        "num_layers": config.num_hidden_layers,
+        "layer_spec": dict(config.sparse_mlp),
+        "active_unit_fraction": cost.unit_fraction,
+        "active_weight_fraction": cost.weight_fraction,
+        "parameters": {"total": total, "mlp": mlp},
+    }
