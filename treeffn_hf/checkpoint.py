@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 
 from .architectures import architecture_for
 from .model_card import write_model_card
@@ -59,6 +59,21 @@ def _check_source(src: str, gguf_file: Optional[str]) -> bool:
     return False
 
 
+def read_dense_config(
+    src: str, *, gguf_file: Optional[str] = None, revision: Optional[str] = None
+) -> PreTrainedConfig:
+    """The config of a dense checkpoint, checked to be a supported architecture. Reads no weights."""
+    src = str(src)
+    local = _check_source(src, gguf_file)
+    try:
+        config = AutoConfig.from_pretrained(src, gguf_file=gguf_file, revision=revision)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ...
+        where = "" if local else "no such directory, and not loadable as a Hub id: "
+        raise CheckpointError(f"{src}: {where}cannot read the model config ({_first_line(error)})") from error
+    architecture_for(config)
+    return config
+
+
 def load_dense(
     src: str,
     *,
@@ -66,22 +81,21 @@ def load_dense(
     dtype: Union[str, torch.dtype, None] = torch.float32,
     revision: Optional[str] = None,
     load_tokenizer: bool = True,
+    config: Optional[PreTrainedConfig] = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load a dense causal LM (local directory, Hub id, or GGUF file in a directory) and its tokenizer.
 
-    The architecture is checked from the config before any weight is read.
+    The architecture is checked from the config before any weight is read; pass `config` from
+    `read_dense_config` to skip reading it again.
     """
     src = str(src)
-    local = _check_source(src, gguf_file)
+    if config is None:
+        config = read_dense_config(src, gguf_file=gguf_file, revision=revision)
     kwargs: dict[str, Any] = {"revision": revision}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    try:
-        config = AutoConfig.from_pretrained(src, **kwargs)
-    except Exception as error:  # transformers raises OSError, ValueError, KeyError, ...
-        where = "" if local else "no such directory, and not loadable as a Hub id: "
-        raise CheckpointError(f"{src}: {where}cannot read the model config ({_first_line(error)})") from error
-    architecture_for(config)
+    else:
+        kwargs["config"] = config  # GGUF loading derives its config from the file itself
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=resolve_dtype(dtype), **kwargs)
     except Exception as error:
@@ -90,6 +104,7 @@ def load_dense(
         _drop_gguf_quantizer(model)
     tokenizer = None
     if load_tokenizer:
+        kwargs.pop("config", None)
         try:
             tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         except Exception:
@@ -120,9 +135,33 @@ def prepare_output(out: Union[str, Path], overwrite: bool) -> Path:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise CheckpointError(f"{out}: parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"{out}: parent directory {parent} is not writable")
+    _probe_writable(parent, out)
+    _remove_stale_staging(out)
     return out
+
+
+def _probe_writable(parent: Path, out: Path) -> None:
+    # A real attempt: permission bits say nothing for root or read-only mounts.
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
+    except OSError as error:
+        raise CheckpointError(f"{out}: cannot write in {parent} ({error.strerror or error})") from error
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.partial-{os.getpid()}-"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete staging directories left by runs that were killed (their process is gone)."""
+    for candidate in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(candidate.name[len(f".{out.name}.partial-"):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def save(
@@ -135,7 +174,7 @@ def save(
 ) -> Path:
     """Write a sparse model as a self-contained checkpoint (weights, config, code, tokenizer, card)."""
     out = prepare_output(out, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out), dir=out.parent))
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:

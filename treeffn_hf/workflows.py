@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, load_dense, prepare_output, save
+from .checkpoint import CheckpointError, load_dense, prepare_output, read_dense_config, save
 from .conversion.surgery import convert
 from .modeling.layer_spec import LayerSpec
 
@@ -55,7 +55,9 @@ def convert_checkpoint(
     start = time.perf_counter()
     spec.validate()
     out = prepare_output(out, overwrite)
-    dense, tokenizer = load_dense(str(src), gguf_file=gguf_file, dtype=dtype, revision=revision)
+    config = read_dense_config(str(src), gguf_file=gguf_file, revision=revision)
+    spec.resolve(config.hidden_size, config.intermediate_size)
+    dense, tokenizer = load_dense(str(src), gguf_file=gguf_file, dtype=dtype, revision=revision, config=config)
     sparse = convert(dense, spec, progress=progress)
     del dense
     save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(src))

@@ -1,0 +1,234 @@
+"""The `treeffn` CLI and the optimum-cli plugin: happy paths and every kind of bad input.
+
+Each bad input must give a one-line error, a non-zero exit, and leave nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from treeffn_hf.cli.main import main
+
+from .conftest import tiny_dense_model
+
+BIN = Path(sys.executable).parent
+TREE_ARGS = ["--method", "tree", "--depth", "3", "--node-width", "2", "--no-progress"]
+
+
+def tree_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".probe-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dense") / "tiny-llama"
+    tiny_dense_model("llama").save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the test's own set-up printed
+    code = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("treeffn: error: ")]
+    assert len(errors) == 1, err
+    assert pattern in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("argv", [[], ["convert"], ["info"], ["push"], ["demo"]])
+def test_help_on_every_subcommand(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: treeffn" in capsys.readouterr().out
+
+
+def test_convert_then_info(dense_dir, tmp_path, capsys):
+    before = tree_hash(dense_dir)
+    out = tmp_path / "tree"
+    code, stdout, _ = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS)
+    assert code == 0 and "active MLP units per token" in stdout
+    assert (out / "model.safetensors").is_file() and (out / "modeling_treeffn.py").is_file()
+    assert tree_hash(dense_dir) == before, "the source checkpoint must never be modified"
+    assert leftovers(tmp_path) == []
+
+    code, stdout, _ = run_cli(capsys, "info", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["method"] == "tree" and info["layer_spec"]["depth"] == 3
+    spec = info["layer_spec"]
+    rows = spec["depth"] * spec["node_width"] + spec["leaf_width"] + spec["shared_width"]
+    assert info["active_unit_fraction"] == pytest.approx(rows / 166)
+    assert info["parameters"]["total"] == sum(
+        p.numel() for p in tiny_dense_model("llama").parameters()
+    )  # a tree re-lays out the dense neurons: same parameter count (tied lm_head counted once)
+    code, stdout, _ = run_cli(capsys, "info", out)
+    assert "active units" in stdout and "tree" in stdout
+
+
+def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "convert", dense_dir, tmp_path / "mgs", "--method", "mgs", "--density", "0.1",
+                              "--rank", "full", "--no-progress")
+    assert code == 0
+    config = json.loads((tmp_path / "mgs" / "config.json").read_text())
+    assert config["sparse_mlp"] == {"method": "mgs", "density": 0.1, "rank": None, "selection": "top_k"}
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(src)
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out", *TREE_ARGS)
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
+    assert "supported: llama, mistral, qwen2, qwen3" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        (["--depth", "12"], "needs"),
+        (["--node-width", "0"], "routing='self'"),
+        (["--leaf-width", "7", "--shared-width", "0"], "do not divide"),
+    ],
+)
+def test_impossible_layer_options(dense_dir, tmp_path, capsys, options, pattern):
+    code, _, err = run_cli(capsys, "convert", dense_dir, tmp_path / "out", *TREE_ARGS, *options)
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_impossible_mgs_density(dense_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "convert", dense_dir, tmp_path / "out", "--method", "mgs", "--density", "1.5")
+    assert_one_line_error(code, err, "density must be in (0, 1]")
+
+
+def test_missing_source(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "convert", tmp_path / "does-not-exist", tmp_path / "out", *TREE_ARGS)
+    assert_one_line_error(code, err, "no such directory")
+
+
+def test_source_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "convert", tmp_path / "empty", tmp_path / "out", *TREE_ARGS)
+    assert_one_line_error(code, err, "not a model directory")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(dense_dir, tmp_path, capsys, damage):
+    src = tmp_path / "corrupt"
+    shutil.copytree(dense_dir, src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64 + data[64:])
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out", *TREE_ARGS)
+    assert_one_line_error(code, err, "cannot load the weights")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(dense_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS)
+    assert_one_line_error(code, err, "already exists (pass overwrite=True / --overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+
+    code, _, _ = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS, "--overwrite")
+    assert code == 0 and (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_output_not_writable(dense_dir, tmp_path, capsys):
+    if os.geteuid() == 0:
+        out = Path("/sys/treeffn-test-out")  # sysfs refuses new directories even to root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out"
+    code, _, err = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS)
+    assert_one_line_error(code, err, "cannot write in")
+    assert not out.exists()
+
+
+def _start_convert(src: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([str(BIN / "treeffn"), "convert", str(src), str(out), *TREE_ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def big_dense_dir(tmp_path_factory) -> Path:
+    # Large enough (~60 MB of weights) that writing takes a while, so a kill lands mid-write.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("big") / "llama"
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1500, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=4)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_conversion_leaves_no_output(big_dense_dir, tmp_path, sig):
+    before = tree_hash(big_dense_dir)
+    out = tmp_path / "out"
+    process = _start_convert(big_dense_dir, out)
+    deadline = time.monotonic() + 120
+    def writing() -> bool:
+        return any(".partial-" in p.name for p in tmp_path.iterdir())
+
+    while not writing() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert writing() and process.poll() is None, "the signal must land while the output is being written"
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=60)
+    assert not out.exists(), "an interrupted conversion must leave no OUT"
+    assert tree_hash(big_dense_dir) == before
+    if sig == signal.SIGINT:
+        assert process.returncode == 130 and "interrupted" in err
+        assert leftovers(tmp_path) == []
+    # A killed run's staging directory is swept by the next run into the same place.
+    code = subprocess.run([str(BIN / "treeffn"), "convert", str(big_dense_dir), str(out), *TREE_ARGS],
+                          capture_output=True, text=True).returncode
+    assert code == 0 and out.is_dir() and leftovers(tmp_path) == []
+
+
+def test_console_script_and_optimum_cli_plugin(dense_dir, tmp_path):
+    help_text = subprocess.run([str(BIN / "optimum-cli"), "treeffn", "--help"], capture_output=True, text=True,
+                               cwd=tmp_path).stdout
+    for name in ("convert", "info", "push", "demo"):
+        assert name in help_text
+    out = tmp_path / "via-optimum"
+    result = subprocess.run([str(BIN / "optimum-cli"), "treeffn", "convert", str(dense_dir), str(out), *TREE_ARGS],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["model_type"] == "treeffn_llama"
+    failed = subprocess.run([str(BIN / "optimum-cli"), "treeffn", "convert", str(dense_dir), str(out), *TREE_ARGS],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert failed.returncode == 1 and "already exists" in failed.stderr
