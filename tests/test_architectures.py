@@ -20,7 +20,7 @@ from .conftest import TINY_MODELS, run_python, tiny_dense_model
 
 METHODS = {
     "tree": TreeSpec(depth=3, node_width=2),
-    "tree_hyperplane_after_sum": TreeSpec(num_trees=2, depth=2, node_width=3, routing="hyperplane", activation="after_sum"),
+    "tree_hyperplane_after_sum": TreeSpec(num_trees=2, depth=2, node_width=11, routing="hyperplane", activation="after_sum"),
     "mgs": MGSSpec(density=0.25, rank=8),
 }
 PROMPT = torch.tensor([[5, 17, 33, 8, 60, 41, 12], [9, 9, 70, 3, 22, 88, 14]])
@@ -109,6 +109,18 @@ class SparseArchitectureTesterMixin:
         assert f"tiny-{self.model_type}" in card and "active MLP units per token" in card
         assert not [p for p in path.parent.iterdir() if ".partial-" in p.name]
 
+    @pytest.mark.parametrize("method", ["tree", "mgs"])
+    def test_left_padded_batch_matches_unpadded_sequences(self, converted, method):
+        _, sparse = converted[0][self.model_type, method]
+        short = PROMPT[1, 3:]
+        padded = torch.stack([PROMPT[0], torch.cat([torch.zeros(3, dtype=torch.long), short])])
+        mask = torch.ones_like(padded)
+        mask[1, :3] = 0
+        with torch.no_grad():
+            batch = sparse(padded, attention_mask=mask).logits
+            alone = sparse(short[None]).logits
+        torch.testing.assert_close(batch[1, 3:], alone[0], rtol=1e-5, atol=1e-5)
+
     def test_mgs_at_full_density_reproduces_dense_logits(self, converted):
         dense, _ = converted[0][self.model_type, "mgs"]
         full = treeffn_hf.convert(dense, MGSSpec(density=1.0, rank=4), progress=False).eval()
@@ -193,6 +205,11 @@ def test_converting_a_sparse_model_again_is_refused():
     sparse = treeffn_hf.convert(tiny_dense_model("llama"), METHODS["tree"], progress=False)
     with pytest.raises(UnsupportedArchitectureError, match="already sparse"):
         treeffn_hf.convert(sparse, METHODS["mgs"])
+
+
+def test_uncalibrated_threshold_selection_is_refused():
+    with pytest.raises(treeffn_hf.InvalidSpecError, match="calibrated"):
+        treeffn_hf.convert(tiny_dense_model("llama"), MGSSpec(rank=8, selection="threshold"))
 
 
 def test_impossible_spec_fails_before_any_work():

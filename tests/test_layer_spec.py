@@ -34,8 +34,13 @@ def test_self_routing_needs_node_neurons():
 def test_after_sum_needs_equal_block_widths():
     with pytest.raises(InvalidSpecError, match="leaf_width == node_width"):
         TreeSpec(depth=2, node_width=4, leaf_width=8, activation="after_sum").resolve(48, 166)
-    spec = TreeSpec(depth=2, node_width=4, activation="after_sum").resolve(48, 166)
-    assert spec.leaf_width == 4
+    spec = TreeSpec(depth=2, node_width=20, activation="after_sum").resolve(48, 166)
+    assert spec.leaf_width == 20 and spec.shared_width == 166 - 7 * 20
+
+
+def test_after_sum_refuses_to_leave_most_neurons_always_on():
+    with pytest.raises(InvalidSpecError, match="node_width=12 with activation='after_sum'"):
+        TreeSpec(depth=6, node_width=2, activation="after_sum").resolve(576, 1536)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from treeffn_hf.conversion.partition import partition_neurons
 @pytest.mark.parametrize(
     "spec",
     [TreeSpec(depth=3, node_width=2), TreeSpec(num_trees=3, depth=2, node_width=1, routing="hyperplane"),
-     TreeSpec(depth=4, node_width=0, routing="hyperplane"), TreeSpec(depth=2, node_width=5, activation="after_sum")],
+     TreeSpec(depth=4, node_width=0, routing="hyperplane"), TreeSpec(depth=2, node_width=20, activation="after_sum")],
 )
 def test_every_neuron_lands_in_exactly_one_block(spec):
     hidden, width = 32, 166
@@ -34,3 +34,30 @@ def test_self_routing_neuron_aligns_with_the_split():
     root = gate[layout.node_index[0, 0, 0]]
     right_leaf_sign = 1.0 if sides[1] == {True} else -1.0
     assert torch.sign(root[0]) == right_leaf_sign
+
+
+@pytest.mark.parametrize("spec", [TreeSpec(num_trees=2, depth=2, node_width=3), TreeSpec(depth=3, node_width=0, routing="hyperplane")])
+def test_tree_weights_hold_the_dense_mlp_exactly(spec):
+    """Summing every block of the converted layer (all paths at once) must give back the dense MLP:
+    this catches any mix-up of gate/up/down rows or of the transposed down projection."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from treeffn_hf import TreeFFN
+    from treeffn_hf.conversion.surgery import sparse_mlp_state
+
+    torch.manual_seed(0)
+    dense = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=166, num_attention_heads=4)).double()
+    layer = TreeFFN(32, 166, spec, torch.nn.SiLU()).double()
+    layer.load_state_dict(sparse_mlp_state(layer.spec, dense.gate_proj, dense.up_proj, dense.down_proj))
+    x = torch.randn(9, 32, dtype=torch.float64)
+
+    def all_blocks(gate, up, down):  # (..., width, d) slabs; down holds one row per neuron
+        g = torch.einsum("nd,...wd->n...w", x, gate)
+        u = torch.einsum("nd,...wd->n...w", x, up)
+        return torch.einsum("n...w,...wd->nd", torch.nn.functional.silu(g) * u, down)
+
+    total = all_blocks(layer.leaf_gate, layer.leaf_up, layer.leaf_down) + layer.shared(x)
+    if layer.node_gate is not None:
+        total = total + all_blocks(layer.node_gate, layer.node_up, layer.node_down)
+    torch.testing.assert_close(total, dense(x))

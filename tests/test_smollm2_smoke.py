@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec

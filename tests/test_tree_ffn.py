@@ -43,7 +43,10 @@ def naive_tree_ffn(layer: TreeFFN, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(outputs)
 
 
-def make_layer(spec: TreeSpec, hidden=24, intermediate=130, dtype=torch.float64) -> TreeFFN:
+def make_layer(spec: TreeSpec, hidden=24, intermediate=None, dtype=torch.float64) -> TreeFFN:
+    if intermediate is None:  # exactly the width an explicit spec describes
+        per_tree = spec.num_nodes * spec.node_width + spec.num_leaves * spec.leaf_width
+        intermediate = spec.num_trees * per_tree + spec.shared_width
     layer = TreeFFN(hidden, intermediate, spec, torch.nn.SiLU()).to(dtype)
     with torch.no_grad():
         for p in layer.parameters():
@@ -52,7 +55,8 @@ def make_layer(spec: TreeSpec, hidden=24, intermediate=130, dtype=torch.float64)
 
 
 SETTINGS = [
-    TreeSpec(num_trees=trees, depth=depth, node_width=node_width, routing=routing, activation=activation)
+    TreeSpec(num_trees=trees, depth=depth, node_width=node_width, routing=routing, activation=activation,
+             leaf_width=node_width if (activation == "after_sum" and node_width) else 5, shared_width=3)
     for trees, depth, node_width, routing, activation in itertools.product(
         (1, 3), (1, 3), (0, 2), ("self", "hyperplane"), ("per_node", "after_sum")
     )
@@ -82,7 +86,7 @@ def test_forward_and_backward_match_naive_walk(spec):
 
 def test_only_path_neurons_get_gradient():
     spec = TreeSpec(depth=3, node_width=2)
-    layer = make_layer(spec)
+    layer = make_layer(spec, intermediate=130)
     x = torch.randn(1, 24, dtype=torch.float64)
     layer(x).sum().backward()
     leaf, path = layer.route(x)
@@ -94,11 +98,11 @@ def test_only_path_neurons_get_gradient():
 
 def test_float32_and_bfloat16_track_float64():
     spec = TreeSpec(num_trees=2, depth=2, node_width=3)
-    layer = make_layer(spec)
+    layer = make_layer(spec, intermediate=130)
     x = torch.randn(33, 24, dtype=torch.float64)
     want = layer(x)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
-        low = make_layer(spec, dtype=dtype)
+        low = make_layer(spec, intermediate=130, dtype=dtype)
         low.load_state_dict(layer.state_dict())
         got = low(x.to(dtype))
         # Routing may flip for scores within rounding of zero; compare tokens routed the same way.
@@ -110,7 +114,7 @@ def test_float32_and_bfloat16_track_float64():
 
 def test_cost_counts_exact_rows():
     spec = TreeSpec(num_trees=2, depth=3, node_width=2, routing="hyperplane")
-    layer = make_layer(spec, hidden=24, intermediate=130)
+    layer = make_layer(spec, intermediate=130)
     s = layer.spec
     rows = 2 * (3 * 2 + s.leaf_width) + s.shared_width
     cost = layer.cost()
@@ -121,14 +125,24 @@ def test_cost_counts_exact_rows():
 
 def test_usage_counts_match_routing():
     spec = TreeSpec(num_trees=2, depth=3, node_width=1)
-    layer = make_layer(spec)
+    layer = make_layer(spec, intermediate=130)
     layer.usage = TreeUsage(layer.spec)
     x = torch.randn(50, 24, dtype=torch.float64)
     layer(x)
-    leaf, path = layer.route(x)
-    assert layer.usage.leaf_counts.sum() == 100
-    for t in range(2):
-        assert layer.usage.leaf_counts[t].tolist() == torch.bincount(leaf[:, t], minlength=8).tolist()
-        assert layer.usage.node_visits[t, 0] == 50
-        went_right_at_root = (path[:, t, 1] == 2).sum()
-        assert layer.usage.node_right[t, 0] == went_right_at_root
+    # Count the same quantities by walking every token by hand.
+    leaves = torch.zeros(2, 8, dtype=torch.long)
+    visits = torch.zeros(2, 7, dtype=torch.long)
+    rights = torch.zeros(2, 7, dtype=torch.long)
+    for token in x:
+        for t in range(2):
+            position = 0
+            for level in range(3):
+                heap = 2**level - 1 + position
+                right = bool(token @ layer.node_gate[t, heap, 0] > 0)
+                visits[t, heap] += 1
+                rights[t, heap] += right
+                position = 2 * position + right
+            leaves[t, position] += 1
+    assert torch.equal(layer.usage.leaf_counts, leaves)
+    assert torch.equal(layer.usage.node_visits, visits)
+    assert torch.equal(layer.usage.node_right, rights)

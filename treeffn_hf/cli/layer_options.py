@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..modeling.layer_spec import ACTIVATION_PLACEMENTS, MGS_SELECTIONS, ROUTING_MODES, LayerSpec, MGSSpec, TreeSpec
+from ..modeling.layer_spec import (
+    ACTIVATION_PLACEMENTS,
+    MGS_SELECTIONS,
+    ROUTING_MODES,
+    LayerSpec,
+    MGSSpec,
+    TreeSpec,
+)
 
 _TREE_DEFAULTS = TreeSpec()
 _MGS_DEFAULTS = MGSSpec()

@@ -30,13 +30,9 @@ def convert(
     `UnsupportedArchitectureError` or `InvalidSpecError` before any work if the model or spec
     cannot be converted.
     """
-    if isinstance(spec, dict):
-        spec = spec_from_dict(spec)
     arch = architecture_for(model.config)
     dense_config = model.config
-    resolved = spec.resolve(dense_config.hidden_size, dense_config.intermediate_size)
-    if isinstance(resolved, TreeSpec) and getattr(dense_config, "mlp_bias", False):
-        raise InvalidSpecError("tree conversion of MLPs with biases (mlp_bias=True) is not supported")
+    resolved = check_convertible(dense_config, spec)
 
     config = sparse_config_for(arch, dense_config, resolved)
     with torch.device("meta"):
@@ -58,6 +54,24 @@ def convert(
     sparse.generation_config = copy.deepcopy(model.generation_config)
     sparse.train(model.training)
     return sparse
+
+
+def check_convertible(dense_config, spec: Union[LayerSpec, dict]) -> LayerSpec:
+    """Every check that needs only the dense config; returns the spec resolved against it."""
+    if isinstance(spec, dict):
+        spec = spec_from_dict(spec)
+    architecture_for(dense_config)
+    resolved = spec.resolve(dense_config.hidden_size, dense_config.intermediate_size)
+    if isinstance(resolved, TreeSpec) and getattr(dense_config, "mlp_bias", False):
+        raise InvalidSpecError("tree conversion of MLPs with biases (mlp_bias=True) is not supported")
+    if isinstance(resolved, MGSSpec) and resolved.selection == "threshold":
+        # An uncalibrated threshold of 0 would select about half the neurons while the spec
+        # (and every reported fraction) claims `density`.
+        raise InvalidSpecError(
+            "selection='threshold' needs per-layer thresholds calibrated on data, which plain "
+            "conversion does not do; convert with selection='top_k'"
+        )
+    return resolved
 
 
 def sparse_config_for(arch: Architecture, dense_config, spec: LayerSpec):

@@ -116,6 +116,15 @@ class TreeSpec:
             used = node_units + leaf_slots * leaf
             if shared is None:
                 shared = intermediate_size - used
+                per_token = trees * (self.depth * self.node_width + leaf)
+                if shared > per_token:
+                    fitting = intermediate_size // (trees * (self.num_nodes + self.num_leaves))
+                    raise InvalidSpecError(
+                        f"the trees use only {used} of {intermediate_size} neurons, leaving {shared} "
+                        f"always-on shared neurons (more than a token's whole path); widen the blocks "
+                        f"(e.g. node_width={fitting} with activation='after_sum') or set shared_width "
+                        f"explicitly"
+                    )
             if shared < 0 or used + shared != intermediate_size:
                 raise InvalidSpecError(
                     f"widths do not divide: {trees} tree(s) x ({self.num_nodes} nodes x "
