@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/treeffn demo
+	$(BIN)/treeffn demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest

@@ -152,15 +152,66 @@ def test_corrupt_safetensors(dense_dir, tmp_path, capsys, damage):
 
 def test_existing_output_needs_overwrite(dense_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    code, _, err = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS)
+    code, _, _ = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS)
+    assert code == 0
+    first = tree_hash(out)
+    code, _, err = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS, "--depth", "2")
     assert_one_line_error(code, err, "already exists (pass overwrite=True / --overwrite")
-    assert (out / "keep.txt").read_text() == "precious"
+    assert tree_hash(out) == first
 
-    code, _, _ = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS, "--overwrite")
-    assert code == 0 and (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
-    assert leftovers(tmp_path) == []
+    code, _, _ = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS, "--depth", "2", "--overwrite")
+    assert code == 0 and json.loads((out / "config.json").read_text())["sparse_mlp"]["depth"] == 2
+    assert leftovers(tmp_path) == [] and not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+
+
+def test_overwrite_never_deletes_what_treeffn_did_not_write(dense_dir, tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(capsys, "convert", dense_dir, precious, *TREE_ARGS, "--overwrite")
+    assert_one_line_error(code, err, "not a treeffn checkpoint")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_may_not_overlap_the_source(dense_dir, tmp_path, capsys, where):
+    src = tmp_path / "src"
+    shutil.copytree(dense_dir, src)
+    before = tree_hash(src)
+    out = {"same": src, "inside": src / "sparse", "parent": tmp_path}[where]
+    code, _, err = run_cli(capsys, "convert", src, out, *TREE_ARGS, "--overwrite")
+    assert_one_line_error(code, err, "must not be, contain, or lie inside the source")
+    assert tree_hash(src) == before
+
+
+def test_saved_checkpoint_has_umask_permissions(dense_dir, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "convert", dense_dir, tmp_path / "out", *TREE_ARGS)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert code == 0 and (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_run_killed_between_renames_gets_its_old_output_back(dense_dir, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that certainly belongs to no running process
+    out = tmp_path / "out"
+    assert run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS)[0] == 0
+    original = tree_hash(out)
+    retired = tmp_path / f".out.old-{dead.pid}-abc"
+    retired.mkdir()
+    os.rename(out, retired / "out")  # what a kill between the two renames leaves behind
+    code, _, err = run_cli(capsys, "convert", dense_dir, out, *TREE_ARGS)
+    assert_one_line_error(code, err, "already exists")
+    assert tree_hash(out) == original and not retired.exists()
+
+
+def test_info_on_bad_directories(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "info", tmp_path / "bad")
+    assert_one_line_error(code, err, "not valid JSON")
+    code, _, err = run_cli(capsys, "info", tmp_path / "nothing-here")
+    assert_one_line_error(code, err, "not a model directory")
 
 
 def test_output_not_writable(dense_dir, tmp_path, capsys):

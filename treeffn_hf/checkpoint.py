@@ -8,6 +8,7 @@ when complete, so an interrupted save leaves no half-written output.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -125,19 +126,38 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def prepare_output(out: Union[str, Path], overwrite: bool) -> Path:
-    """Check `out` can be written (before any long work); return it as a Path."""
+def prepare_output(out: Union[str, Path], overwrite: bool, source: Optional[Union[str, Path]] = None) -> Path:
+    """Check `out` can be written (before any long work); return it as a Path.
+
+    Overwriting is limited to an empty directory or an earlier treeffn checkpoint, and `out` may
+    not be, contain, or lie inside the `source` checkpoint: nothing the user did not produce with
+    treeffn_hf is ever deleted.
+    """
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a directory")
+    if source is not None and Path(source).expanduser().exists():
+        src, dst = Path(source).expanduser().resolve(), out.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise CheckpointError(f"{out}: the output must not be, contain, or lie inside the source {source}")
+    _recover_interrupted_replace(out)
+    if out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+        if not out.is_dir():
+            raise CheckpointError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not is_treeffn_checkpoint(out):
+            raise CheckpointError(f"{out}: refusing to overwrite a directory that is not a treeffn checkpoint")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise CheckpointError(f"{out}: parent directory {parent} does not exist")
     _probe_writable(parent, out)
-    _remove_stale_staging(out)
     return out
+
+
+def is_treeffn_checkpoint(directory: Path) -> bool:
+    try:
+        return "sparse_mlp" in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _probe_writable(parent: Path, out: Path) -> None:
@@ -148,20 +168,32 @@ def _probe_writable(parent: Path, out: Path) -> None:
         raise CheckpointError(f"{out}: cannot write in {parent} ({error.strerror or error})") from error
 
 
-def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.partial-{os.getpid()}-"
+def _pid_prefix(out: Path, kind: str) -> str:
+    return f".{out.name}.{kind}-{os.getpid()}-"
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Delete staging directories left by runs that were killed (their process is gone)."""
-    for candidate in out.parent.glob(f".{out.name}.partial-*"):
+def _dead_runs(out: Path, kind: str) -> list[Path]:
+    """Leftovers of `kind` ('partial' or 'old') from runs whose process is gone."""
+    dead = []
+    for candidate in out.parent.glob(f".{out.name}.{kind}-*"):
         try:
-            pid = int(candidate.name[len(f".{out.name}.partial-"):].split("-")[0])
-            os.kill(pid, 0)
+            os.kill(int(candidate.name[len(f".{out.name}.{kind}-"):].split("-")[0]), 0)
         except ProcessLookupError:
-            shutil.rmtree(candidate, ignore_errors=True)
+            dead.append(candidate)
         except (ValueError, PermissionError):
             continue
+    return dead
+
+
+def _recover_interrupted_replace(out: Path) -> None:
+    """Clean up after killed runs: drop half-written outputs; if a run died between moving the old
+    OUT aside and moving the new one in, put the old OUT back."""
+    for staging in _dead_runs(out, "partial"):
+        shutil.rmtree(staging, ignore_errors=True)
+    for retired in _dead_runs(out, "old"):
+        if not out.exists() and (retired / out.name).is_dir():
+            os.rename(retired / out.name, out)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def save(
@@ -174,12 +206,13 @@ def save(
 ) -> Path:
     """Write a sparse model as a self-contained checkpoint (weights, config, code, tokenizer, card)."""
     out = prepare_output(out, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out), dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_pid_prefix(out, "partial"), dir=out.parent))
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_model_card(staging, model, base_model=base_model)
+        _apply_umask(staging)
         _replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -187,11 +220,18 @@ def save(
     return out
 
 
+def _apply_umask(directory: Path) -> None:
+    # mkdtemp creates 0700; the finished checkpoint gets the permissions a plain mkdir would.
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+
+
 def _replace_directory(staging: Path, out: Path) -> None:
     if not out.exists():
         os.rename(staging, out)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    retired = Path(tempfile.mkdtemp(prefix=_pid_prefix(out, "old"), dir=out.parent))
     os.rename(out, retired / out.name)
     os.rename(staging, out)
     shutil.rmtree(retired, ignore_errors=True)

@@ -37,14 +37,18 @@ def verify_loads(directory: Union[str, Path], timeout: float = 900) -> str:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: not a model directory (no config.json)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", _LOAD_CHECK, str(directory)],
-        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
-    )
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _LOAD_CHECK, str(directory)],
+            capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise CheckpointError(f"{directory}: loading it took longer than {timeout:.0f}s") from error
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise CheckpointError(f"{directory}: does not load with trust_remote_code ({last})")
-    return result.stdout.strip().splitlines()[-1]
+    return lines[-1]
 
 
 def push(

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 
 from .checkpoint import CheckpointError, load_dense, prepare_output, read_dense_config, save
-from .conversion.surgery import convert
+from .conversion.surgery import check_convertible, convert
 from .modeling.layer_spec import LayerSpec
 
 
@@ -54,9 +54,9 @@ def convert_checkpoint(
     """load -> convert -> save (-> push). Every check that needs no weights runs first."""
     start = time.perf_counter()
     spec.validate()
-    out = prepare_output(out, overwrite)
+    out = prepare_output(out, overwrite, source=src)
     config = read_dense_config(str(src), gguf_file=gguf_file, revision=revision)
-    spec.resolve(config.hidden_size, config.intermediate_size)
+    check_convertible(config, spec)
     dense, tokenizer = load_dense(str(src), gguf_file=gguf_file, dtype=dtype, revision=revision, config=config)
     sparse = convert(dense, spec, progress=progress)
     del dense
@@ -87,12 +87,18 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: not a model directory (no config.json)")
-    config_data = json.loads((directory / "config.json").read_text())
+    try:
+        config_data = json.loads((directory / "config.json").read_text())
+    except ValueError as error:
+        raise CheckpointError(f"{directory}: config.json is not valid JSON ({error})") from error
     if "sparse_mlp" not in config_data:
         raise CheckpointError(f"{directory}: not a treeffn checkpoint (config has no sparse_mlp)")
-    config = AutoConfig.from_pretrained(directory)
-    with torch.device("meta"):
-        layer = build_sparse_mlp(config)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            layer = build_sparse_mlp(config)
+    except Exception as error:
+        raise CheckpointError(f"{directory}: cannot read the sparse config ({type(error).__name__}: {error})") from error
     cost = layer.cost()
     total = mlp = 0
     weight_files = sorted(directory.glob("*.safetensors"))

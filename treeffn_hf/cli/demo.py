@@ -31,6 +31,7 @@ print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/smollm2-135m-tree", help="where to save the converted model")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier treeffn model")
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--node-width", type=int, default=2)
     parser.add_argument("--prompt", default="The capital of France is")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = convert_checkpoint(
         directory, args.out, TreeSpec(depth=args.depth, node_width=args.node_width),
-        gguf_file=gguf_file, overwrite=True,
+        gguf_file=gguf_file, overwrite=args.overwrite,
     )
     print(report.summary())
     print(f"reloading {args.out} with trust_remote_code=True in a fresh interpreter (treeffn_hf blocked)...")

@@ -40,7 +40,7 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return handler(args) or 0
     except KeyboardInterrupt:
-        print("treeffn: interrupted; no output was written", file=sys.stderr)
+        print("treeffn: interrupted (outputs are renamed into place only once complete)", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - the known failures below get one clear line
         if _is_user_error(error):
