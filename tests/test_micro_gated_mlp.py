@@ -80,3 +80,35 @@ def test_cost_includes_the_gate():
     gate_elems = 40 * 8 + 8 * 150 + 150
     assert cost.active_weight_elems == 3 * 15 * 40 + gate_elems
     assert cost.weight_fraction == pytest.approx((3 * 15 * 40 + gate_elems) / (3 * 150 * 40))
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 33], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.03])
+@pytest.mark.parametrize("selection", ["top_k", "threshold"])
+def test_fast_torch_path_equals_reference(tokens, density, selection):
+    _, layer = make_pair(MGSSpec(density=density, rank=8, selection=selection))
+    layer.gate_threshold.fill_(1.5)
+    with torch.no_grad():
+        layer.gate_proj.bias = None
+        x = torch.randn(tokens, 40, dtype=torch.float64)
+        layer.force_path = "reference"
+        want = layer(x)
+        layer.force_path = "torch"
+        got = layer(x)
+    assert layer.last_path == "torch"
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_path_with_biases_and_a_stale_down_cache():
+    spec = MGSSpec(density=0.2, rank=8)
+    layer = MicroGatedMLP(40, 150, spec, torch.nn.SiLU(), bias=True).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+        x = torch.randn(1, 40, dtype=torch.float64)
+        for _ in range(2):  # the second round runs after the weights changed under the cache
+            layer.force_path = "reference"
+            want = layer(x)
+            layer.force_path = "torch"
+            torch.testing.assert_close(layer(x), want)
+            layer.down_proj.weight.mul_(2.0)

@@ -57,7 +57,8 @@ def test_tree_weights_hold_the_dense_mlp_exactly(spec):
         u = torch.einsum("nd,...wd->n...w", x, up)
         return torch.einsum("n...w,...wd->nd", torch.nn.functional.silu(g) * u, down)
 
-    total = all_blocks(layer.leaf_gate, layer.leaf_up, layer.leaf_down) + layer.shared(x)
+    total = all_blocks(layer.leaf_gate, layer.leaf_up, layer.leaf_down)
+    total = total + all_blocks(layer.shared_gate, layer.shared_up, layer.shared_down)
     if layer.node_gate is not None:
         total = total + all_blocks(layer.node_gate, layer.node_up, layer.node_down)
     torch.testing.assert_close(total, dense(x))

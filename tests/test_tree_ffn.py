@@ -36,9 +36,8 @@ def naive_tree_ffn(layer: TreeFFN, x: torch.Tensor) -> torch.Tensor:
                 a = F.silu(g) * u
                 for _, _, down in blocks:
                     y = y + a @ down
-        if layer.shared is not None:
-            s = layer.shared
-            y = y + s.down_proj.weight @ (F.silu(s.gate_proj.weight @ token) * (s.up_proj.weight @ token))
+        if spec.shared_width:
+            y = y + (F.silu(layer.shared_gate @ token) * (layer.shared_up @ token)) @ layer.shared_down
         outputs.append(y)
     return torch.stack(outputs)
 
@@ -90,8 +89,9 @@ def test_only_path_neurons_get_gradient():
     x = torch.randn(1, 24, dtype=torch.float64)
     layer(x).sum().backward()
     leaf, path = layer.route(x)
-    touched_leaves = torch.nonzero(layer.leaf_gate.grad.abs().sum((-1, -2))[0]).flatten()
-    touched_nodes = torch.nonzero(layer.node_gate.grad.abs().sum((-1, -2))[0]).flatten()
+    grad = layer.gate_rows.grad
+    touched_leaves = torch.nonzero(layer._leaves(grad).abs().sum((-1, -2))[0]).flatten()
+    touched_nodes = torch.nonzero(layer._nodes(grad).abs().sum((-1, -2))[0]).flatten()
     assert touched_leaves.tolist() == [leaf.item()]
     assert touched_nodes.tolist() == sorted(path[0, 0].tolist())
 
@@ -146,3 +146,39 @@ def test_usage_counts_match_routing():
     assert torch.equal(layer.usage.leaf_counts, leaves)
     assert torch.equal(layer.usage.node_visits, visits)
     assert torch.equal(layer.usage.node_right, rights)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 33], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}")
+def test_fast_torch_path_equals_reference(spec, tokens):
+    layer = make_layer(spec)
+    x = torch.randn(tokens, 24, dtype=torch.float64)
+    with torch.no_grad():
+        layer.force_path = "reference"
+        want = layer(x)
+        layer.force_path = "torch"
+        got = layer(x)
+    assert layer.last_path == "torch"
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5, 6])
+def test_fast_routing_equals_level_by_level_walk(depth):
+    from treeffn_hf.modeling.tree_ffn import tree_route
+    from treeffn_hf.modeling.tree_ffn_torch import route_fast
+
+    vectors, bias = torch.randn(3, 2**depth - 1, 16), torch.randn(3, 2**depth - 1)
+    x = torch.randn(200, 16)
+    leaf, path = tree_route(x, vectors, bias, depth)
+    fast_leaf, fast_path = route_fast(x, vectors, bias, depth)
+    assert torch.equal(fast_leaf, leaf) and torch.equal(fast_path, path)
+
+
+def test_auto_dispatch_trains_on_the_reference_path_and_infers_on_the_fast_one():
+    layer = make_layer(TreeSpec(depth=2, node_width=1, leaf_width=5, shared_width=3))
+    x = torch.randn(4, 24, dtype=torch.float64)
+    layer(x)
+    assert layer.last_path == "reference"
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_path == "torch"

@@ -117,30 +117,19 @@ def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -
 def _tree_state(spec: TreeSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> dict[str, torch.Tensor]:
     g, u, d = gate.weight.detach(), up.weight.detach(), down.weight.detach()
     layout = partition_neurons(g, u, d, spec)
-    down_rows = d.T  # one row per neuron, so each block is contiguous
-
-    def rows(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return weight[index.reshape(-1)].reshape(*index.shape, weight.shape[1]).contiguous()
-
-    state = {
-        "leaf_gate": rows(g, layout.leaf_index),
-        "leaf_up": rows(u, layout.leaf_index),
-        "leaf_down": rows(down_rows, layout.leaf_index),
-    }
+    # Row order of the tree's tables: nodes (tree-major, heap order), leaves, shared.
+    parts = [layout.leaf_index.reshape(-1), layout.shared_index]
     if layout.node_index is not None:
-        state.update(
-            node_gate=rows(g, layout.node_index),
-            node_up=rows(u, layout.node_index),
-            node_down=rows(down_rows, layout.node_index),
-        )
+        parts.insert(0, layout.node_index.reshape(-1))
+    order = torch.cat(parts)
+    state = {
+        "gate_rows": g[order].contiguous(),
+        "up_rows": u[order].contiguous(),
+        "down_rows": d.T[order].contiguous(),  # one row per neuron, so each block is contiguous
+    }
     if spec.routing == "hyperplane":
         state["router_weight"] = layout.router.to(g.dtype)
         state["router_bias"] = torch.zeros(layout.router.shape[:2], dtype=g.dtype)
-    if spec.shared_width:
-        shared = layout.shared_index
-        state["shared.gate_proj.weight"] = g[shared].clone()
-        state["shared.up_proj.weight"] = u[shared].clone()
-        state["shared.down_proj.weight"] = d[:, shared].clone()
     return state
 
 

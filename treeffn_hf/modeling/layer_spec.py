@@ -205,3 +205,28 @@ def spec_from_dict(data: dict[str, Any]) -> LayerSpec:
     if unknown:
         raise InvalidSpecError(f"unknown {method} option(s): {sorted(unknown)}")
     return cls(**data)
+
+
+def tree_spec_for_fraction(
+    hidden_size: int,
+    intermediate_size: int,
+    fraction: float,
+    *,
+    node_widths: tuple[int, ...] = (1, 2, 4, 8),
+    **options: Any,
+) -> TreeSpec:
+    """The resolved single-width-choice tree whose active fraction of units is closest to `fraction`
+    (compared in log space), searching depth and node width; `options` fix other TreeSpec fields."""
+    best, best_gap = None, math.inf
+    for depth in range(1, MAX_DEPTH + 1):
+        for node_width in node_widths:
+            try:
+                spec = TreeSpec(depth=depth, node_width=node_width, **options).resolve(hidden_size, intermediate_size)
+            except InvalidSpecError:
+                continue
+            gap = abs(math.log(spec.active_units / intermediate_size) - math.log(fraction))
+            if gap < best_gap:
+                best, best_gap = spec, gap
+    if best is None:
+        raise InvalidSpecError(f"no tree fits an MLP of {intermediate_size} neurons with {options}")
+    return best

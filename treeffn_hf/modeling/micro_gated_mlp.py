@@ -11,7 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .dispatch import choose_path
 from .layer_spec import MGSSpec
+from .mgs_torch import mgs_fast
 from .sparse_cost import SparseCost
 
 
@@ -62,6 +64,8 @@ class MicroGatedMLP(nn.Module):
         self.register_buffer("gate_threshold", torch.zeros(()))
         self._tokens_seen = 0
         self._units_selected = 0.0
+        self.force_path: Optional[str] = None
+        self.last_path: Optional[str] = None
 
     @property
     def computes_everything(self) -> bool:
@@ -70,15 +74,24 @@ class MicroGatedMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.computes_everything:
             return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-        mask = select_neurons(self.micro_gate(hidden_states), self.spec, self.gate_threshold)
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        scores = self.micro_gate(x)
+        self.last_path = choose_path(self, x, self.gate_proj.weight)
+        if self.last_path == "torch":
+            return mgs_fast(self, x, scores).reshape(shape)
+        mask = select_neurons(scores, self.spec, self.gate_threshold)
         self._record_density(mask)
-        return mgs_masked_dense(self, hidden_states, mask)
+        return mgs_masked_dense(self, x, mask).reshape(shape)
 
     @torch.no_grad()
     def _record_density(self, mask: torch.Tensor) -> None:
-        self._tokens_seen += mask.numel() // self.intermediate_size
         # Kept as a tensor: no host sync per layer on a GPU.
-        self._units_selected = self._units_selected + mask.sum(dtype=torch.float32)
+        self._record_count(mask.sum(dtype=torch.float32), tokens=mask.numel() // self.intermediate_size)
+
+    def _record_count(self, units, tokens: int) -> None:
+        self._tokens_seen += tokens
+        self._units_selected = self._units_selected + units
 
     def reset_density(self) -> None:
         self._tokens_seen, self._units_selected = 0, 0.0

@@ -66,7 +66,7 @@ class SparseMLPPreTrainedMixin:
         std = getattr(self.config, "initializer_range", 0.02)
         method = getattr(module, "sparse_method", None)
         if method == "tree":
-            for name in ("node_gate", "node_up", "node_down", "leaf_gate", "leaf_up", "leaf_down", "router_weight"):
+            for name in ("gate_rows", "up_rows", "down_rows", "router_weight"):
                 param = getattr(module, name)
                 if param is not None:
                     init.normal_(param, mean=0.0, std=std)

@@ -1,15 +1,20 @@
 """Tree-structured FFN: hard hierarchical routing over blocks of SwiGLU neurons.
 
-Weights are stored block-contiguous: `leaf_gate[t, leaf]` is one `(leaf_width, hidden)` slab, so a
-token's leaf block is a single contiguous read. `*_down` tensors hold `down_proj` transposed (one
-row per neuron) for the same reason. The math, for one tree and the path's blocks `b`:
+All neurons live in three row tables of shape (intermediate, hidden): `gate_rows`, `up_rows` and
+`down_rows` (`down_proj` transposed, one row per neuron). Rows are ordered by block: every tree's
+internal nodes in heap order (children of `j` are `2j+1`, `2j+2`), then every tree's leaves, then
+the shared always-on neurons. So each block is a contiguous slab, and one token's path is one
+gather from one table. `node_gate`, `leaf_gate`, ... are views of those slabs.
+
+For one tree and the blocks `b` on a token's path:
 
     per_node:   y = sum_b  D_b^T (act(G_b x) * U_b x)
     after_sum:  y = sum_b  D_b^T (act(sum_b' G_b' x) * sum_b' U_b' x)     (all blocks equally wide)
 
-plus `shared` always-on neurons. A node branches right when its routing score is positive: the
-gate pre-activation of its first neuron (`routing='self'`) or a router hyperplane
-(`routing='hyperplane'`). The branch choice carries no gradient.
+plus the shared neurons, always computed per neuron. A node branches right when its routing score
+is positive: the gate pre-activation of its first neuron (`routing='self'`) or a router hyperplane
+(`routing='hyperplane'`). The branch choice carries no gradient, so hyperplane routers get none
+from this layer; they are fitted by the conversion tools.
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .dispatch import choose_path
 from .layer_spec import TreeSpec
 from .sparse_cost import SparseCost
+from .tree_ffn_torch import tree_ffn_fast
 
 
 def tree_route(
     x: torch.Tensor, routing_vectors: torch.Tensor, routing_bias: Optional[torch.Tensor], depth: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Walk every tree for every token.
+    """Walk every tree for every token, level by level (the plain reference).
 
     x: (N, d); routing_vectors: (T, nodes, d); routing_bias: (T, nodes) or None.
     Returns `leaf` (N, T), the leaf index per tree, and `path` (N, T, depth), the heap index of
@@ -47,20 +54,6 @@ def tree_route(
     return position, torch.stack(path, dim=-1)
 
 
-class SharedSwiGLU(nn.Module):
-    """Always-on neurons, laid out like the Hugging Face MLP so PEFT can target them."""
-
-    def __init__(self, hidden_size: int, width: int, act_fn: nn.Module) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden_size, bias=False)
-        self.act_fn = act_fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
 class TreeFFN(nn.Module):
     """Drop-in replacement for a gated MLP block (`LlamaMLP` and its twins)."""
 
@@ -73,27 +66,52 @@ class TreeFFN(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.act_fn = act_fn
-        trees, nodes, leaves = spec.num_trees, spec.num_nodes, spec.num_leaves
-        if spec.node_width > 0:
-            node_shape = (trees, nodes, spec.node_width, hidden_size)
-            self.node_gate = nn.Parameter(torch.empty(node_shape))
-            self.node_up = nn.Parameter(torch.empty(node_shape))
-            self.node_down = nn.Parameter(torch.empty(node_shape))
-        else:
-            self.node_gate = self.node_up = self.node_down = None
-        leaf_shape = (trees, leaves, spec.leaf_width, hidden_size)
-        self.leaf_gate = nn.Parameter(torch.empty(leaf_shape))
-        self.leaf_up = nn.Parameter(torch.empty(leaf_shape))
-        self.leaf_down = nn.Parameter(torch.empty(leaf_shape))
+        self.gate_rows = nn.Parameter(torch.empty(intermediate_size, hidden_size))
+        self.up_rows = nn.Parameter(torch.empty(intermediate_size, hidden_size))
+        self.down_rows = nn.Parameter(torch.empty(intermediate_size, hidden_size))
         if spec.routing == "hyperplane":
-            self.router_weight = nn.Parameter(torch.empty(trees, nodes, hidden_size))
-            self.router_bias = nn.Parameter(torch.empty(trees, nodes))
+            self.router_weight = nn.Parameter(torch.empty(spec.num_trees, spec.num_nodes, hidden_size))
+            self.router_bias = nn.Parameter(torch.empty(spec.num_trees, spec.num_nodes))
         else:
             self.router_weight = self.router_bias = None
-        self.shared = SharedSwiGLU(hidden_size, spec.shared_width, act_fn) if spec.shared_width else None
         self.usage: Optional["TreeUsage"] = None
+        self.force_path: Optional[str] = None
+        self.last_path: Optional[str] = None
 
-    # -- routing ---------------------------------------------------------------------------
+    # -- block views -------------------------------------------------------------------------
+    @property
+    def node_rows(self) -> int:
+        return self.spec.num_trees * self.spec.num_nodes * self.spec.node_width
+
+    @property
+    def leaf_rows(self) -> int:
+        return self.spec.num_trees * self.spec.num_leaves * self.spec.leaf_width
+
+    def _nodes(self, table: torch.Tensor) -> Optional[torch.Tensor]:
+        s = self.spec
+        if not s.node_width:
+            return None
+        return table[: self.node_rows].view(s.num_trees, s.num_nodes, s.node_width, self.hidden_size)
+
+    def _leaves(self, table: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        block = table[self.node_rows : self.node_rows + self.leaf_rows]
+        return block.view(s.num_trees, s.num_leaves, s.leaf_width, self.hidden_size)
+
+    def _shared(self, table: torch.Tensor) -> torch.Tensor:
+        return table[self.node_rows + self.leaf_rows :]
+
+    node_gate = property(lambda self: self._nodes(self.gate_rows))
+    node_up = property(lambda self: self._nodes(self.up_rows))
+    node_down = property(lambda self: self._nodes(self.down_rows))
+    leaf_gate = property(lambda self: self._leaves(self.gate_rows))
+    leaf_up = property(lambda self: self._leaves(self.up_rows))
+    leaf_down = property(lambda self: self._leaves(self.down_rows))
+    shared_gate = property(lambda self: self._shared(self.gate_rows))
+    shared_up = property(lambda self: self._shared(self.up_rows))
+    shared_down = property(lambda self: self._shared(self.down_rows))
+
+    # -- routing -----------------------------------------------------------------------------
     def routing_vectors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.spec.routing == "self":
             return self.node_gate[:, :, 0, :], None
@@ -107,12 +125,14 @@ class TreeFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        leaf, path = self.route(x)
-        if self.usage is not None:
-            self.usage.record(leaf, path)
-        out = tree_ffn_masked_dense(self, x, leaf, path)
-        if self.shared is not None:
-            out = out + self.shared(x)
+        self.last_path = choose_path(self, x, self.gate_rows)
+        if self.last_path == "torch":
+            out = tree_ffn_fast(self, x)
+        else:
+            leaf, path = self.route(x)
+            if self.usage is not None:
+                self.usage.record(leaf, path)
+            out = tree_ffn_masked_dense(self, x, leaf, path)
         return out.reshape(shape)
 
     # -- accounting --------------------------------------------------------------------------
@@ -135,10 +155,8 @@ class TreeFFN(nn.Module):
         )
 
 
-def tree_ffn_masked_dense(
-    layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor
-) -> torch.Tensor:
-    """Reference computation: every block's pre-activation is computed, then masked to the path.
+def tree_ffn_masked_dense(layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """Reference computation: every neuron's pre-activation is computed, then masked to the path.
 
     It costs as much as the dense MLP and is the oracle the fast paths are tested against. It is
     also the training path: off-path neurons get exactly zero gradient.
@@ -146,14 +164,20 @@ def tree_ffn_masked_dense(
     spec = layer.spec
     n_tok, trees = x.shape[0], spec.num_trees
     act = layer.act_fn
+    gate = x @ layer.gate_rows.T
+    up = x @ layer.up_rows.T
+    node_end, leaf_end = layer.node_rows, layer.node_rows + layer.leaf_rows
+
     leaf_index = leaf[:, :, None, None].expand(n_tok, trees, 1, spec.leaf_width)
-    leaf_g = torch.einsum("nd,tlwd->ntlw", x, layer.leaf_gate).gather(2, leaf_index).squeeze(2)
-    leaf_u = torch.einsum("nd,tlwd->ntlw", x, layer.leaf_up).gather(2, leaf_index).squeeze(2)
-    has_nodes = layer.node_gate is not None
+    leaf_shape = (n_tok, trees, spec.num_leaves, spec.leaf_width)
+    leaf_g = gate[:, node_end:leaf_end].reshape(leaf_shape).gather(2, leaf_index).squeeze(2)
+    leaf_u = up[:, node_end:leaf_end].reshape(leaf_shape).gather(2, leaf_index).squeeze(2)
+    has_nodes = spec.node_width > 0
     if has_nodes:
         node_index = path.unsqueeze(-1).expand(n_tok, trees, spec.depth, spec.node_width)
-        node_g = torch.einsum("nd,tjwd->ntjw", x, layer.node_gate).gather(2, node_index)
-        node_u = torch.einsum("nd,tjwd->ntjw", x, layer.node_up).gather(2, node_index)
+        node_shape = (n_tok, trees, spec.num_nodes, spec.node_width)
+        node_g = gate[:, :node_end].reshape(node_shape).gather(2, node_index)
+        node_u = up[:, :node_end].reshape(node_shape).gather(2, node_index)
 
     if spec.activation == "after_sum" and has_nodes:
         leaf_a = act(leaf_g + node_g.sum(2)) * (leaf_u + node_u.sum(2))
@@ -162,14 +186,12 @@ def tree_ffn_masked_dense(
         leaf_a = act(leaf_g) * leaf_u
         node_a = act(node_g) * node_u if has_nodes else None
 
-    leaf_full = x.new_zeros(n_tok, trees, spec.num_leaves, spec.leaf_width)
-    leaf_full = leaf_full.scatter(2, leaf_index, leaf_a.unsqueeze(2))
-    out = torch.einsum("ntlw,tlwd->nd", leaf_full, layer.leaf_down)
+    parts = []
     if has_nodes:
-        node_full = x.new_zeros(n_tok, trees, spec.num_nodes, spec.node_width)
-        node_full = node_full.scatter(2, node_index, node_a)
-        out = out + torch.einsum("ntjw,tjwd->nd", node_full, layer.node_down)
-    return out
+        parts.append(x.new_zeros(node_shape).scatter(2, node_index, node_a).reshape(n_tok, -1))
+    parts.append(x.new_zeros(leaf_shape).scatter(2, leaf_index, leaf_a.unsqueeze(2)).reshape(n_tok, -1))
+    parts.append(act(gate[:, leaf_end:]) * up[:, leaf_end:])
+    return torch.cat(parts, dim=1) @ layer.down_rows
 
 
 class TreeUsage:

@@ -1,0 +1,163 @@
+"""MLP block time: sparse layer vs the dense Hugging Face `LlamaMLP`, side by side in one process.
+
+For each shape, batch (1, 4, 16 tokens, and a prefill) and target density (50/25/10/5/3%), the
+tree FFN and the micro-gated MLP (gate cost included) are timed against the dense block,
+interleaved, median of several rounds, and the ratio dense/sparse is printed. The sparse layers
+run their fast PyTorch path; the script checks `last_path` so the reference path can never be
+reported as the fast one, and checks the fast output against the reference once per case.
+
+Weights are random: speed does not depend on training, but the tree's leaf balance does, which
+matters for batched (grouped-by-leaf) cases; the recorded leaf-usage entropy shows it.
+
+    python benchmarks/bench_mlp.py                     # CPU, fp32, 2 threads (as in the README)
+    python benchmarks/bench_mlp.py --quick             # a smaller run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, interleaved_median, machine, write_json  # noqa: E402
+
+from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
+from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
+from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.tree_ffn import TreeUsage  # noqa: E402
+
+SHAPES = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192)}
+DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.03)
+
+
+def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype) -> torch.nn.Module:
+    hidden, width = dense.gate_proj.in_features, dense.gate_proj.out_features
+    if kind == "tree":
+        spec = tree_spec_for_fraction(hidden, width, density)
+        layer = TreeFFN(hidden, width, spec, torch.nn.SiLU())
+    else:
+        spec = MGSSpec(density=density, rank=64)
+        layer = MicroGatedMLP(hidden, width, spec, torch.nn.SiLU())
+    state = sparse_mlp_state(layer.spec, dense.gate_proj, dense.up_proj, dense.down_proj)
+    layer.load_state_dict(state, strict=kind == "tree")
+    if kind == "mgs":  # a random gate: speed does not depend on what it selects
+        torch.nn.init.normal_(layer.micro_gate.scorer.weight, std=0.05)
+        torch.nn.init.normal_(layer.micro_gate.encoder.weight, std=0.05)
+    return layer.to(dtype).eval()
+
+
+def leaf_entropy(layer: TreeFFN, x: torch.Tensor) -> float:
+    layer.usage = TreeUsage(layer.spec)
+    with torch.no_grad():
+        layer(x)
+    counts = layer.usage.leaf_counts.double().flatten()
+    layer.usage = None
+    p = counts / counts.sum()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum() / math.log(counts.numel()))
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for shape_name in args.shapes:
+        hidden, width = SHAPES[shape_name]
+        dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=width, num_attention_heads=8))
+        torch.nn.init.normal_(dense.gate_proj.weight, std=hidden**-0.5)
+        torch.nn.init.normal_(dense.up_proj.weight, std=hidden**-0.5)
+        torch.nn.init.normal_(dense.down_proj.weight, std=width**-0.5)
+        dense = dense.to(dtype).eval()
+        for tokens in args.tokens:
+            x = torch.randn(tokens, hidden, dtype=dtype)
+            for kind in ("tree", "mgs"):
+                for density in args.densities:
+                    layer = build_layers(dense, kind, density, dtype)
+                    with torch.no_grad():
+                        layer.force_path = "reference"
+                        reference = layer(x)
+                        layer.force_path = None
+                        fast = layer(x)
+                    if layer.last_path != "torch":
+                        raise RuntimeError(f"{kind} ran the {layer.last_path} path, not the fast one")
+                    error = float((fast - reference).abs().max() / reference.abs().max())
+                    calls = max(1, int(args.budget / max(tokens, 1)))
+                    with torch.no_grad():
+                        times = interleaved_median(
+                            {"dense": partial(dense, x), "sparse": partial(layer, x)}, rounds=args.rounds, calls=calls
+                        )
+                    cost = layer.cost()
+                    row = {
+                        "shape": shape_name, "hidden": hidden, "intermediate": width, "tokens": tokens,
+                        "method": kind, "target_density": density, "spec": layer.spec.to_dict(),
+                        "active_unit_fraction": cost.unit_fraction, "active_weight_fraction": cost.weight_fraction,
+                        "dense_ms": times["dense"] * 1e3, "sparse_ms": times["sparse"] * 1e3,
+                        "speedup": times["dense"] / times["sparse"], "max_rel_error_vs_reference": error,
+                        "leaf_entropy": leaf_entropy(layer, x) if kind == "tree" and tokens > 1 else None,
+                    }
+                    rows.append(row)
+                    print(f"{shape_name:13s} N={tokens:<4d} {kind:4s} target {density:5.0%} "
+                          f"active {cost.unit_fraction:6.2%} (weights {cost.weight_fraction:6.2%})  "
+                          f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
+                          f"speed-up {row['speedup']:6.2f}x", flush=True)
+    return {"benchmark": "bench_mlp", "device": "cpu", "dtype": args.dtype, "machine": machine(),
+            "command": " ".join(["python", "benchmarks/bench_mlp.py", *sys.argv[1:]]), "results": rows}
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in payload["results"]})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for (method, tokens), marker in zip(
+            sorted({(r["method"], r["tokens"]) for r in payload["results"] if r["shape"] == shape}),
+            "osd^v<>ph*" * 3,
+        ):
+            pts = sorted((r["active_weight_fraction"], r["speedup"]) for r in payload["results"]
+                         if r["shape"] == shape and r["method"] == method and r["tokens"] == tokens)
+            ax.plot(*zip(*pts), marker=marker, linestyle="-" if method == "tree" else "--", label=f"{method} N={tokens}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("fraction of dense MLP weights read per token")
+        ax.set_ylabel("speed-up over dense LlamaMLP")
+        ax.set_title(f"{shape}, {payload['dtype']}, {payload['machine']['torch_threads']} threads (CPU)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 512], help="512 = prefill")
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=64, help="tokens per timed batch of calls")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 shape only, fewer rounds")
+    parser.add_argument("--out", default="bench_mlp_cpu")
+    args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.rounds = ["smollm2-135m"], 3
+    torch.set_num_threads(args.threads)
+    payload = run(args)
+    path = write_json(f"{args.out}.json", payload)
+    plot(payload, RESULTS / f"{args.out}.png")
+    print(f"wrote {path} and {RESULTS / (args.out + '.png')}")
+
+
+if __name__ == "__main__":
+    main()

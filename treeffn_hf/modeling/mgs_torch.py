@@ -1,0 +1,67 @@
+"""Fast PyTorch inference path of the micro-gated MLP (CPU, and the GPU fallback).
+
+- one token (decode): gather the selected rows of `gate_proj`/`up_proj` (rows are contiguous in
+  the stock layout) and sum the selected rows of the transposed `down_proj` with `embedding_bag`,
+  which reads them in place;
+- many tokens: compute the union of the selected neurons once and mask per token; once the union
+  covers most of the MLP, the dense matmuls are cheaper than gathering it.
+
+The result equals `mgs_masked_dense` (tests hold it to that).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Above this union fraction the gather costs more than it saves (benchmarks/bench_mlp.py, CPU).
+UNION_DENSE_FRACTION = 0.5
+
+
+def down_rows(layer) -> torch.Tensor:
+    """`down_proj.weight` transposed and contiguous (one row per neuron), cached until it changes."""
+    weight = layer.down_proj.weight
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    cached = getattr(layer, "_down_rows_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().t().contiguous())
+        layer._down_rows_cache = cached
+    return cached[1]
+
+
+def _select(layer, scores: torch.Tensor) -> torch.Tensor:
+    """Boolean (N, H) selection, matching `select_neurons`."""
+    if layer.spec.selection == "threshold":
+        return scores > layer.gate_threshold
+    index = scores.topk(layer.spec.top_k(scores.shape[-1]), dim=-1, sorted=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+
+
+def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up = layer.gate_proj, layer.up_proj
+    g = F.linear(x, gate.weight.index_select(0, rows), None if gate.bias is None else gate.bias[rows])
+    u = F.linear(x, up.weight.index_select(0, rows), None if up.bias is None else up.bias[rows])
+    return layer.act_fn(g), u
+
+
+def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Sparse forward of `layer` (a MicroGatedMLP) for x: (N, hidden) and its gate scores (N, H)."""
+    bias = layer.down_proj.bias
+    if x.shape[0] == 1:
+        if layer.spec.selection == "top_k":
+            rows = scores[0].topk(layer.spec.top_k(scores.shape[-1]), sorted=False).indices
+        else:
+            rows = (scores[0] > layer.gate_threshold).nonzero().squeeze(1)
+        layer._record_count(rows.numel(), tokens=1)
+        g, u = _gathered(layer, x, rows)
+        out = F.embedding_bag(rows[None], down_rows(layer), per_sample_weights=g * u, mode="sum")  # rows read in place
+        return out if bias is None else out + bias
+    selected = _select(layer, scores)
+    layer._record_density(selected)
+    union = selected.any(dim=0).nonzero().squeeze(1)
+    if union.numel() > UNION_DENSE_FRACTION * layer.intermediate_size:
+        hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
+        return layer.down_proj(hidden)
+    g, u = _gathered(layer, x, union)
+    out = (g * u * selected[:, union]) @ down_rows(layer).index_select(0, union)
+    return out if bias is None else out + bias

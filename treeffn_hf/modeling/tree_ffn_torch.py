@@ -1,0 +1,196 @@
+"""Fast PyTorch inference path of the tree FFN (CPU, and the GPU fallback).
+
+It computes only the neurons on each token's path, never the whole MLP, in as few tensor ops as
+possible (on a small CPU, per-op overhead rivals the arithmetic):
+- one token (decode): all node scores in one matmul, the tree walked over Python floats, then the
+  path's rows (nodes, leaf, shared) gathered from the row tables in one `index_select` each and
+  the down projection summed in place with `embedding_bag`;
+- many tokens: routing in a fixed number of ops (the leaf whose path agrees with every branch
+  sign), tokens grouped by leaf with one GEMM per visited leaf, and the few node neurons computed
+  for every token and masked to its path.
+
+The result equals `tree_ffn_masked_dense` (the tests hold it to that).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+@lru_cache(maxsize=None)
+def _routing_tables(depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`paths[leaf]`: heap index of each internal node on the way to `leaf`; `leaf_signs[leaf, node]`:
+    +1 where the path goes right at `node`, -1 where it goes left, 0 off the path."""
+    leaves, nodes = 1 << depth, (1 << depth) - 1
+    paths = torch.empty(leaves, depth, dtype=torch.long)
+    signs = torch.zeros(leaves, nodes)
+    for leaf in range(leaves):
+        position = 0
+        for level in range(depth):
+            heap = (1 << level) - 1 + position
+            right = (leaf >> (depth - 1 - level)) & 1
+            paths[leaf, level] = heap
+            signs[leaf, heap] = 1.0 if right else -1.0
+            position = 2 * position + right
+    return paths, signs
+
+
+@lru_cache(maxsize=None)
+def _path_rows(trees: int, depth: int, node_width: int, leaf_width: int, shared_width: int) -> list[list[torch.Tensor]]:
+    """`rows[t][leaf]`: row indices of tree t's path to `leaf` (nodes, then leaf); with one tree,
+    the shared rows are appended so a token's rows are a single ready-made tensor."""
+    paths, _ = _routing_tables(depth)
+    nodes, leaves = (1 << depth) - 1, 1 << depth
+    leaf_start = trees * nodes * node_width
+    shared = list(range(leaf_start + trees * leaves * leaf_width, leaf_start + trees * leaves * leaf_width + shared_width))
+    table = []
+    for t in range(trees):
+        per_leaf = []
+        for leaf in range(leaves):
+            rows = [(t * nodes + heap) * node_width + j for heap in paths[leaf].tolist() for j in range(node_width)]
+            first = leaf_start + (t * leaves + leaf) * leaf_width
+            rows += range(first, first + leaf_width)
+            per_leaf.append(torch.tensor(rows + (shared if trees == 1 else [])))
+        table.append(per_leaf)
+    return table
+
+
+def routing_matrix(layer) -> torch.Tensor:
+    """Contiguous (trees * nodes, hidden) routing vectors, cached until the weights change."""
+    source = layer.gate_rows if layer.spec.routing == "self" else layer.router_weight
+    key = (source.data_ptr(), source._version, source.dtype, source.device)
+    cached = getattr(layer, "_routing_cache", None)
+    if cached is None or cached[0] != key:
+        vectors, _ = layer.routing_vectors()
+        cached = (key, vectors.detach().reshape(-1, vectors.shape[-1]).contiguous())
+        layer._routing_cache = cached
+    return cached[1]
+
+
+def route_fast(x: torch.Tensor, vectors: torch.Tensor, bias, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as `tree_route`, without a loop over levels. x: (N, d); vectors: (T, nodes, d)."""
+    scores = torch.einsum("nd,tjd->ntj", x, vectors)
+    if bias is not None:
+        scores = scores + bias
+    return _route_scores(scores, depth)
+
+
+def _route_scores(scores: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    paths, leaf_signs = _routing_tables(depth)
+    signs = torch.where(scores > 0, 1.0, -1.0).to(torch.float32)
+    leaf = (signs @ leaf_signs.to(scores.device).T).argmax(dim=-1)
+    return leaf, paths.to(scores.device)[leaf]
+
+
+def _walk(scores: list[float], depth: int) -> int:
+    position = 0
+    for level in range(depth):
+        position = 2 * position + (scores[(1 << level) - 1 + position] > 0)
+    return position
+
+
+def tree_ffn_fast(layer, x: torch.Tensor) -> torch.Tensor:
+    """Sparse forward of `layer` (a TreeFFN) for x: (N, hidden)."""
+    spec = layer.spec
+    bias = None if layer.router_bias is None else layer.router_bias.reshape(-1)
+    if x.shape[0] == 1 and layer.usage is None:
+        scores = torch.mv(routing_matrix(layer), x[0])
+        scores = (scores if bias is None else scores + bias).tolist()
+        nodes = spec.num_nodes
+        leaves = [_walk(scores[t * nodes : (t + 1) * nodes], spec.depth) for t in range(spec.num_trees)]
+        return _one_token(layer, x, leaves)
+    scores = F.linear(x, routing_matrix(layer), bias)
+    leaf, path = _route_scores(scores.view(-1, spec.num_trees, spec.num_nodes), spec.depth)
+    if layer.usage is not None:
+        layer.usage.record(leaf, path)
+    return _grouped_by_leaf(layer, x, leaf, path)
+
+
+def _one_token(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
+    spec = layer.spec
+    table = _path_rows(spec.num_trees, spec.depth, spec.node_width, spec.leaf_width, spec.shared_width)
+    if spec.num_trees == 1:
+        rows = table[0][leaves[0]]
+    else:
+        shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size)
+        rows = torch.cat([table[t][leaf] for t, leaf in enumerate(leaves)] + [shared])
+    rows = rows.to(x.device)
+    token = x[0]
+    g = torch.mv(layer.gate_rows.index_select(0, rows), token)
+    u = torch.mv(layer.up_rows.index_select(0, rows), token)
+    if spec.activation == "after_sum" and spec.node_width:
+        blocks = spec.depth + 1
+        path_len = spec.num_trees * blocks * spec.node_width
+        g_path = g[:path_len].view(spec.num_trees, blocks, spec.node_width).sum(1, keepdim=True)
+        u_path = u[:path_len].view(spec.num_trees, blocks, spec.node_width).sum(1, keepdim=True)
+        a_path = (layer.act_fn(g_path) * u_path).expand(-1, blocks, -1).reshape(path_len)
+        a = torch.cat([a_path, layer.act_fn(g[path_len:]) * u[path_len:]])
+    else:
+        a = layer.act_fn(g) * u
+    # Sums the selected rows of down_rows, weighted by `a`, reading them in place.
+    return F.embedding_bag(rows, layer.down_rows, _zero_offset(x.device), per_sample_weights=a, mode="sum")
+
+
+@lru_cache(maxsize=None)
+def _zero_offset_cached(device: str) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.long, device=device)
+
+
+def _zero_offset(device: torch.device) -> torch.Tensor:
+    return _zero_offset_cached(str(device))
+
+
+def _grouped_by_leaf(layer, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    spec = layer.spec
+    act = layer.act_fn
+    n_tok, hidden = x.shape
+    shared = slice(layer.node_rows + layer.leaf_rows, layer.intermediate_size)
+    out = (act(x @ layer.gate_rows[shared].T) * (x @ layer.up_rows[shared].T)) @ layer.down_rows[shared]
+    node_gate, node_up, node_down = layer.node_gate, layer.node_up, layer.node_down
+    leaf_gate, leaf_up, leaf_down = layer.leaf_gate, layer.leaf_up, layer.leaf_down
+    for tree in range(spec.num_trees):
+        node_g_sum = node_u_sum = None
+        if spec.node_width:
+            # Node neurons are few: compute them for every token, keep each token's path.
+            node_rows = spec.num_nodes * spec.node_width
+            g = F.linear(x, node_gate[tree].reshape(node_rows, hidden)).view(n_tok, spec.num_nodes, -1)
+            u = F.linear(x, node_up[tree].reshape(node_rows, hidden)).view(n_tok, spec.num_nodes, -1)
+            index = path[:, tree, :, None].expand(n_tok, spec.depth, spec.node_width)
+            g, u = g.gather(1, index), u.gather(1, index)
+            if spec.activation == "after_sum":
+                node_g_sum, node_u_sum = g.sum(1), u.sum(1)
+            else:
+                full = x.new_zeros(n_tok, spec.num_nodes, spec.node_width).scatter_(1, index, act(g) * u)
+                out += full.view(n_tok, node_rows) @ node_down[tree].reshape(node_rows, hidden)
+        order = torch.argsort(leaf[:, tree])
+        counts = torch.bincount(leaf[:, tree], minlength=spec.num_leaves).tolist()
+        grouped = x.index_select(0, order)
+        outputs, path_acts = [], []
+        start = 0
+        for leaf_id, count in enumerate(counts):
+            if not count:
+                continue
+            rows = grouped[start : start + count]
+            g = F.linear(rows, leaf_gate[tree, leaf_id])
+            u = F.linear(rows, leaf_up[tree, leaf_id])
+            if node_g_sum is not None:
+                picked = order[start : start + count]
+                a = act(g + node_g_sum[picked]) * (u + node_u_sum[picked])
+                path_acts.append(a)
+            else:
+                a = act(g) * u
+            outputs.append(a @ leaf_down[tree, leaf_id])
+            start += count
+        out.index_add_(0, order, torch.cat(outputs))
+        if path_acts:
+            # after_sum: every node on the path reuses the path's activation.
+            a = torch.empty(n_tok, spec.node_width, dtype=x.dtype, device=x.device)
+            a.index_copy_(0, order, torch.cat(path_acts))
+            full = x.new_zeros(n_tok, spec.num_nodes, spec.node_width).scatter_(
+                1, index, a[:, None, :].expand(n_tok, spec.depth, spec.node_width)
+            )
+            out += full.view(n_tok, node_rows) @ node_down[tree].reshape(node_rows, hidden)
+    return out
