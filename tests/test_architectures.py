@@ -109,6 +109,19 @@ class SparseArchitectureTesterMixin:
         assert f"tiny-{self.model_type}" in card and "active MLP units per token" in card
         assert not [p for p in path.parent.iterdir() if ".partial-" in p.name]
 
+    @pytest.mark.parametrize("method", METHODS)
+    def test_fast_path_generates_the_same_tokens_as_the_reference(self, converted, method):
+        _, sparse = converted[0][self.model_type, method]
+        tokens = {}
+        for path in ("reference", "torch"):
+            for _, mlp in sparse.sparse_mlps():
+                mlp.force_path = path
+            tokens[path] = generate(sparse)
+            assert {mlp.last_path for _, mlp in sparse.sparse_mlps()} == {path}
+        for _, mlp in sparse.sparse_mlps():
+            mlp.force_path = None
+        assert torch.equal(tokens["torch"], tokens["reference"])
+
     @pytest.mark.parametrize("method", ["tree", "mgs"])
     def test_left_padded_batch_matches_unpadded_sequences(self, converted, method):
         _, sparse = converted[0][self.model_type, method]

@@ -182,3 +182,19 @@ def test_auto_dispatch_trains_on_the_reference_path_and_infers_on_the_fast_one()
     with torch.no_grad():
         layer(x)
     assert layer.last_path == "torch"
+
+
+@pytest.mark.parametrize("spec", [s for s in SETTINGS if s.activation == "per_node"],
+                         ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}")
+def test_one_token_with_leaves_read_in_place_equals_reference(spec, monkeypatch):
+    from treeffn_hf.modeling import tree_ffn_torch
+
+    monkeypatch.setattr(tree_ffn_torch, "IN_PLACE_LEAF_ELEMS", 0)  # the big-leaf branch, on small shapes
+    layer = make_layer(spec)
+    x = torch.randn(1, 24, dtype=torch.float64)
+    with torch.no_grad():
+        layer.force_path = "reference"
+        want = layer(x)
+        layer.force_path = "torch"
+        got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

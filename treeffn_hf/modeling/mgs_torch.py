@@ -3,8 +3,9 @@
 - one token (decode): gather the selected rows of `gate_proj`/`up_proj` (rows are contiguous in
   the stock layout) and sum the selected rows of the transposed `down_proj` with `embedding_bag`,
   which reads them in place;
-- many tokens: compute the union of the selected neurons once and mask per token; once the union
-  covers most of the MLP, the dense matmuls are cheaper than gathering it.
+- many tokens: compute the union of the selected neurons once and mask per token;
+- once the selection (or the union) covers more than `GATHER_MAX_FRACTION` of the neurons, the
+  gather copies cost more than they save, and the dense matmuls run with the mask instead.
 
 The result equals `mgs_masked_dense` (tests hold it to that).
 """
@@ -14,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Above this union fraction the gather costs more than it saves (benchmarks/bench_mlp.py, CPU).
-UNION_DENSE_FRACTION = 0.5
+# Above this fraction of neurons, gathering rows is slower than the dense matmuls
+# (benchmarks/results/bench_mlp_cpu.json: at batch 1 the gather wins at 10%, loses at 25%).
+GATHER_MAX_FRACTION = 0.15
 
 
 def down_rows(layer) -> torch.Tensor:
@@ -47,7 +49,9 @@ def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
 def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a MicroGatedMLP) for x: (N, hidden) and its gate scores (N, H)."""
     bias = layer.down_proj.bias
-    if x.shape[0] == 1:
+    width = scores.shape[-1]
+    too_dense = layer.spec.selection == "top_k" and layer.spec.top_k(width) > GATHER_MAX_FRACTION * width
+    if x.shape[0] == 1 and not too_dense:
         if layer.spec.selection == "top_k":
             rows = scores[0].topk(layer.spec.top_k(scores.shape[-1]), sorted=False).indices
         else:
@@ -59,7 +63,7 @@ def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     selected = _select(layer, scores)
     layer._record_density(selected)
     union = selected.any(dim=0).nonzero().squeeze(1)
-    if union.numel() > UNION_DENSE_FRACTION * layer.intermediate_size:
+    if union.numel() > GATHER_MAX_FRACTION * layer.intermediate_size:
         hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
         return layer.down_proj(hidden)
     g, u = _gathered(layer, x, union)

@@ -39,9 +39,12 @@ def _routing_tables(depth: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=None)
-def _path_rows(trees: int, depth: int, node_width: int, leaf_width: int, shared_width: int) -> list[list[torch.Tensor]]:
-    """`rows[t][leaf]`: row indices of tree t's path to `leaf` (nodes, then leaf); with one tree,
-    the shared rows are appended so a token's rows are a single ready-made tensor."""
+def _path_rows(
+    trees: int, depth: int, node_width: int, leaf_width: int, shared_width: int, include_leaf: bool = True
+) -> list[list[torch.Tensor]]:
+    """`rows[t][leaf]`: row indices of tree t's path to `leaf` (nodes, then the leaf unless
+    `include_leaf` is False); with one tree, the shared rows are appended so a token's rows are a
+    single ready-made tensor."""
     paths, _ = _routing_tables(depth)
     nodes, leaves = (1 << depth) - 1, 1 << depth
     leaf_start = trees * nodes * node_width
@@ -51,9 +54,10 @@ def _path_rows(trees: int, depth: int, node_width: int, leaf_width: int, shared_
         per_leaf = []
         for leaf in range(leaves):
             rows = [(t * nodes + heap) * node_width + j for heap in paths[leaf].tolist() for j in range(node_width)]
-            first = leaf_start + (t * leaves + leaf) * leaf_width
-            rows += range(first, first + leaf_width)
-            per_leaf.append(torch.tensor(rows + (shared if trees == 1 else [])))
+            if include_leaf:
+                first = leaf_start + (t * leaves + leaf) * leaf_width
+                rows += range(first, first + leaf_width)
+            per_leaf.append(torch.tensor(rows + (shared if trees == 1 else []), dtype=torch.long))
         table.append(per_leaf)
     return table
 
@@ -109,15 +113,26 @@ def tree_ffn_fast(layer, x: torch.Tensor) -> torch.Tensor:
     return _grouped_by_leaf(layer, x, leaf, path)
 
 
+# Below this many weights per leaf block, gathering the leaf with the nodes (one copy) beats the
+# extra ops of reading it in place; above it, the copy's memory traffic dominates.
+IN_PLACE_LEAF_ELEMS = 1 << 16
+
+
+def _token_rows(layer, leaves: list[int], include_leaf: bool) -> torch.Tensor:
+    """Row indices one token reads: each tree's path (nodes, optionally its leaf), then shared."""
+    spec = layer.spec
+    table = _path_rows(spec.num_trees, spec.depth, spec.node_width, spec.leaf_width, spec.shared_width, include_leaf)
+    if spec.num_trees == 1:
+        return table[0][leaves[0]]
+    shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size)
+    return torch.cat([table[t][leaf] for t, leaf in enumerate(leaves)] + [shared])
+
+
 def _one_token(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
     spec = layer.spec
-    table = _path_rows(spec.num_trees, spec.depth, spec.node_width, spec.leaf_width, spec.shared_width)
-    if spec.num_trees == 1:
-        rows = table[0][leaves[0]]
-    else:
-        shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size)
-        rows = torch.cat([table[t][leaf] for t, leaf in enumerate(leaves)] + [shared])
-    rows = rows.to(x.device)
+    if spec.activation == "per_node" and spec.leaf_width * layer.hidden_size >= IN_PLACE_LEAF_ELEMS:
+        return _one_token_leaf_in_place(layer, x, leaves)
+    rows = _token_rows(layer, leaves, include_leaf=True).to(x.device)
     token = x[0]
     g = torch.mv(layer.gate_rows.index_select(0, rows), token)
     u = torch.mv(layer.up_rows.index_select(0, rows), token)
@@ -132,6 +147,24 @@ def _one_token(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
         a = layer.act_fn(g) * u
     # Sums the selected rows of down_rows, weighted by `a`, reading them in place.
     return F.embedding_bag(rows, layer.down_rows, _zero_offset(x.device), per_sample_weights=a, mode="sum")
+
+
+def _one_token_leaf_in_place(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
+    """per_node with big leaves: leaf slabs read as views, only node and shared rows gathered."""
+    token = x[0]
+    act = layer.act_fn
+    out = None
+    for tree, leaf in enumerate(leaves):
+        a = act(torch.mv(layer.leaf_gate[tree, leaf], token)) * torch.mv(layer.leaf_up[tree, leaf], token)
+        y = torch.mv(layer.leaf_down[tree, leaf].T, a)
+        out = y if out is None else out + y
+    rows = _token_rows(layer, leaves, include_leaf=False).to(x.device)
+    if rows.numel():
+        a = act(torch.mv(layer.gate_rows.index_select(0, rows), token)) * torch.mv(
+            layer.up_rows.index_select(0, rows), token
+        )
+        out = out + F.embedding_bag(rows, layer.down_rows, _zero_offset(x.device), per_sample_weights=a, mode="sum")
+    return out[None]
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,133 @@
+"""End-to-end greedy decode speed: dense vs converted models, side by side in one process.
+
+Each round times `generate` (greedy, fixed number of new tokens) for every model in turn, so the
+ratio is measured under the same machine conditions; the median of the rounds is reported. The
+MLP share of dense decode time is measured in the same run, by timing the dense model with its
+MLPs replaced by a no-op: `1 / (1 - share)` is the Amdahl ceiling of any MLP speed-up.
+
+    python benchmarks/bench_decode.py                   # real SmolLM2-135M (pretrained, GGUF) on CPU
+    python benchmarks/bench_decode.py --model llama-1b  # ~1B random-weight Llama: speed needs no training
+
+The converted models are freshly converted (not distilled): their speed is what it will be after
+training, their text is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_json  # noqa: E402
+
+import treeffn_hf  # noqa: E402
+from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
+from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+class NoMLP(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def load_models(args: argparse.Namespace):
+    if args.model == "smollm2-135m":
+        directory, gguf_file = smollm2_gguf()
+        dense, tokenizer = treeffn_hf.load_dense(directory, gguf_file=gguf_file)
+        ids = tokenizer(DATA.read_text()[:20000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
+        weights = "pretrained (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32)"
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                             tie_word_embeddings=True)
+        torch.manual_seed(0)
+        dense = LlamaForCausalLM(config)
+        ids = torch.randint(3, 32000, (1, args.prompt_tokens))
+        weights = "random (speed does not depend on trained weights)"
+    dense = dense.eval()
+    models = {"dense": dense}
+    for name, spec in (("tree", TreeSpec(depth=args.tree_depth, node_width=args.tree_node_width)),
+                       ("mgs", MGSSpec(density=args.mgs_density, rank=64))):
+        if name in args.methods:
+            models[name] = treeffn_hf.convert(dense, spec, progress=False).eval()
+    no_mlp = treeffn_hf.convert(dense, MGSSpec(density=1.0, rank=1), progress=False).eval()
+    for layer in no_mlp.model.layers:
+        layer.mlp = NoMLP()
+    models["dense_without_mlp"] = no_mlp
+    return models, ids, weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("smollm2-135m", "llama-1b"), default="smollm2-135m")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["tree", "mgs"], choices=("tree", "mgs"))
+    parser.add_argument("--tree-depth", type=int, default=6)
+    parser.add_argument("--tree-node-width", type=int, default=2)
+    parser.add_argument("--mgs-density", type=float, default=0.1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    models, ids, weights = load_models(args)
+    mask = torch.ones_like(ids)
+
+    def generate(model):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False)
+
+    samples = {name: [] for name in models}
+    for name, model in models.items():  # warm-up, and a check that the fast path is the one timed
+        generate(model)
+        if name in args.methods:
+            paths = {mlp.last_path for _, mlp in model.sparse_mlps()}
+            if paths != {"torch"}:
+                raise RuntimeError(f"{name} decoded on the {paths} path(s), not only the fast one")
+    for round_index in range(args.rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            generate(model)
+            samples[name].append(args.new_tokens / (time.perf_counter() - start))
+        print(f"round {round_index + 1}: " + ", ".join(f"{n} {s[-1]:.2f} tok/s" for n, s in samples.items()), flush=True)
+
+    tok_s = {name: statistics.median(values) for name, values in samples.items()}
+    mlp_share = 1.0 - tok_s["dense"] / tok_s["dense_without_mlp"]
+    rows = []
+    for name in args.methods:
+        cost = models[name].sparse_cost()
+        rows.append({
+            "method": name, "spec": dict(models[name].config.sparse_mlp),
+            "active_unit_fraction": cost.unit_fraction, "active_weight_fraction": cost.weight_fraction,
+            "dense_tok_s": tok_s["dense"], "sparse_tok_s": tok_s[name], "speedup": tok_s[name] / tok_s["dense"],
+        })
+        print(f"{name}: {tok_s[name]:.2f} tok/s vs dense {tok_s['dense']:.2f} tok/s -> {rows[-1]['speedup']:.2f}x "
+              f"(active units {cost.unit_fraction:.2%})")
+    ceiling = 1.0 / (1.0 - mlp_share)
+    print(f"MLP share of dense decode time: {mlp_share:.1%} -> Amdahl ceiling {ceiling:.2f}x")
+    config = models["dense"].config
+    payload = {
+        "benchmark": "bench_decode", "device": "cpu", "dtype": "float32", "model": args.model, "weights": weights,
+        "shape": {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
+                  "layers": config.num_hidden_layers, "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens},
+        "rounds": args.rounds, "machine": machine(), "tokens_per_second": tok_s, "samples": samples,
+        "mlp_share_of_dense_decode": mlp_share, "amdahl_ceiling": ceiling, "results": rows,
+        "command": " ".join(["python", "benchmarks/bench_decode.py", *sys.argv[1:]]),
+    }
+    print(f"wrote {write_json(f'bench_decode_{args.model}.json', payload)}")
+
+
+if __name__ == "__main__":
+    main()
