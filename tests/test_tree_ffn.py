@@ -198,3 +198,20 @@ def test_one_token_with_leaves_read_in_place_equals_reference(spec, monkeypatch)
         layer.force_path = "torch"
         got = layer(x)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tokens", [2, 7])
+@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}")
+def test_every_batched_strategy_equals_reference(spec, tokens):
+    """Both batch strategies, whichever the dispatcher would pick for this shape."""
+    from treeffn_hf.modeling import tree_ffn_torch
+
+    layer = make_layer(spec)
+    x = torch.randn(tokens, 24, dtype=torch.float64)
+    with torch.no_grad():
+        layer.force_path = "reference"
+        want = layer(x)
+        leaf, path = layer.route(x)
+        for strategy in (tree_ffn_torch._per_token_gather(layer, x, leaf),
+                         tree_ffn_torch._grouped_by_leaf(layer, x, leaf, path)):
+            torch.testing.assert_close(strategy, want, rtol=1e-10, atol=1e-10)

@@ -110,6 +110,8 @@ def tree_ffn_fast(layer, x: torch.Tensor) -> torch.Tensor:
     leaf, path = _route_scores(scores.view(-1, spec.num_trees, spec.num_nodes), spec.depth)
     if layer.usage is not None:
         layer.usage.record(leaf, path)
+    if x.shape[0] * layer.cost().active_units <= layer.intermediate_size:
+        return _per_token_gather(layer, x, leaf)
     return _grouped_by_leaf(layer, x, leaf, path)
 
 
@@ -126,6 +128,42 @@ def _token_rows(layer, leaves: list[int], include_leaf: bool) -> torch.Tensor:
         return table[0][leaves[0]]
     shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size)
     return torch.cat([table[t][leaf] for t, leaf in enumerate(leaves)] + [shared])
+
+
+@lru_cache(maxsize=None)
+def _path_rows_stacked(trees: int, depth: int, node_width: int, leaf_width: int, shared_width: int) -> torch.Tensor:
+    """(trees, leaves, rows per path) index table; shared rows included only with one tree."""
+    table = _path_rows(trees, depth, node_width, leaf_width, shared_width)
+    return torch.stack([torch.stack(per_leaf) for per_leaf in table])
+
+
+def _per_token_gather(layer, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """A few tokens: gather every token's rows at once (no loop over tokens), while the rows
+    gathered for the whole batch stay fewer than the MLP has."""
+    spec = layer.spec
+    n_tok = x.shape[0]
+    table = _path_rows_stacked(spec.num_trees, spec.depth, spec.node_width, spec.leaf_width, spec.shared_width)
+    table = table.to(x.device)
+    rows = table[torch.arange(spec.num_trees, device=x.device), leaf].reshape(n_tok, -1)
+    if spec.num_trees > 1 and spec.shared_width:
+        shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size, device=x.device)
+        rows = torch.cat([rows, shared.expand(n_tok, -1)], dim=1)
+    flat = rows.reshape(-1)
+    width = rows.shape[1]
+    g = torch.bmm(layer.gate_rows.index_select(0, flat).view(n_tok, width, -1), x[:, :, None]).squeeze(-1)
+    u = torch.bmm(layer.up_rows.index_select(0, flat).view(n_tok, width, -1), x[:, :, None]).squeeze(-1)
+    if spec.activation == "after_sum" and spec.node_width:
+        blocks = spec.depth + 1
+        path_len = spec.num_trees * blocks * spec.node_width
+        shape = (n_tok, spec.num_trees, blocks, spec.node_width)
+        g_path = g[:, :path_len].reshape(shape).sum(2, keepdim=True)
+        u_path = u[:, :path_len].reshape(shape).sum(2, keepdim=True)
+        a_path = (layer.act_fn(g_path) * u_path).expand(shape).reshape(n_tok, path_len)
+        a = torch.cat([a_path, layer.act_fn(g[:, path_len:]) * u[:, path_len:]], dim=1)
+    else:
+        a = layer.act_fn(g) * u
+    offsets = torch.arange(0, n_tok * width, width, device=x.device)
+    return F.embedding_bag(flat, layer.down_rows, offsets, per_sample_weights=a.reshape(-1), mode="sum")
 
 
 def _one_token(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
