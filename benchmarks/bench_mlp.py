@@ -16,6 +16,7 @@ matters for batched (grouped-by-leaf) cases; the recorded leaf-usage entropy sho
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from functools import partial
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def plot(payload: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,6 +132,12 @@ def plot(payload: dict, path: Path) -> None:
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_xticks([0.03, 0.05, 0.1, 0.25, 0.5])
+        ax.set_yticks([0.5, 1, 2, 5, 10, 20])
         ax.set_xlabel("fraction of dense MLP weights read per token")
         ax.set_ylabel("speed-up over dense LlamaMLP")
         ax.set_title(f"{shape}, {payload['dtype']}, {payload['machine']['torch_threads']} threads (CPU)")
@@ -149,7 +157,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=64, help="tokens per timed batch of calls")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 shape only, fewer rounds")
     parser.add_argument("--out", default="bench_mlp_cpu")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the existing JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"{args.out}.json").read_text()), RESULTS / f"{args.out}.png")
+        return
     if args.quick:
         args.shapes, args.rounds = ["smollm2-135m"], 3
     torch.set_num_threads(args.threads)

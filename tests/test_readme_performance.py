@@ -1,0 +1,14 @@
+"""The README's performance section must be exactly what benchmarks/report.py makes of the result
+files: no figure in it is typed by hand."""
+
+import importlib.util
+
+from .conftest import REPO_ROOT
+
+
+def test_readme_performance_section_is_generated_from_results():
+    spec = importlib.util.spec_from_file_location("report", REPO_ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert report.render() in readme, "run `python benchmarks/report.py` after re-running a benchmark"
