@@ -71,3 +71,16 @@ def run_python(code: str, *args: str, timeout: int = 600, env: dict | None = Non
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(1234)
+
+
+def assert_fast_path_matches_reference(layer: torch.nn.Module, x: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
+    """Run `layer` on its reference and its sparse torch path; they must agree. Returns the output."""
+    with torch.no_grad():
+        layer.force_path = "reference"
+        want = layer(x)
+        layer.force_path = "torch"
+        got = layer(x)
+    assert layer.last_path == "torch"
+    layer.force_path = None
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    return want

@@ -8,6 +8,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from treeffn_hf import MGSSpec, MicroGatedMLP
 
+from .conftest import assert_fast_path_matches_reference
+
 
 def make_pair(spec: MGSSpec, hidden=40, intermediate=150, dtype=torch.float64):
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4)
@@ -88,15 +90,7 @@ def test_cost_includes_the_gate():
 def test_fast_torch_path_equals_reference(tokens, density, selection):
     _, layer = make_pair(MGSSpec(density=density, rank=8, selection=selection))
     layer.gate_threshold.fill_(1.5)
-    with torch.no_grad():
-        layer.gate_proj.bias = None
-        x = torch.randn(tokens, 40, dtype=torch.float64)
-        layer.force_path = "reference"
-        want = layer(x)
-        layer.force_path = "torch"
-        got = layer(x)
-    assert layer.last_path == "torch"
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_fast_path_matches_reference(layer, torch.randn(tokens, 40, dtype=torch.float64))
 
 
 def test_fast_path_with_biases_and_a_stale_down_cache():
@@ -107,8 +101,5 @@ def test_fast_path_with_biases_and_a_stale_down_cache():
             p.normal_(0, 0.5)
         x = torch.randn(1, 40, dtype=torch.float64)
         for _ in range(2):  # the second round runs after the weights changed under the cache
-            layer.force_path = "reference"
-            want = layer(x)
-            layer.force_path = "torch"
-            torch.testing.assert_close(layer(x), want)
+            assert_fast_path_matches_reference(layer, x)
             layer.down_proj.weight.mul_(2.0)

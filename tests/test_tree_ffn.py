@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from treeffn_hf import TreeFFN, TreeSpec
 from treeffn_hf.modeling.tree_ffn import TreeUsage
 
+from .conftest import assert_fast_path_matches_reference
+
 
 def naive_tree_ffn(layer: TreeFFN, x: torch.Tensor) -> torch.Tensor:
     spec = layer.spec
@@ -151,15 +153,7 @@ def test_usage_counts_match_routing():
 @pytest.mark.parametrize("tokens", [1, 7, 33], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}")
 def test_fast_torch_path_equals_reference(spec, tokens):
-    layer = make_layer(spec)
-    x = torch.randn(tokens, 24, dtype=torch.float64)
-    with torch.no_grad():
-        layer.force_path = "reference"
-        want = layer(x)
-        layer.force_path = "torch"
-        got = layer(x)
-    assert layer.last_path == "torch"
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_fast_path_matches_reference(make_layer(spec), torch.randn(tokens, 24, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("depth", [1, 2, 5, 6])
@@ -190,14 +184,7 @@ def test_one_token_with_leaves_read_in_place_equals_reference(spec, monkeypatch)
     from treeffn_hf.modeling import tree_ffn_torch
 
     monkeypatch.setattr(tree_ffn_torch, "IN_PLACE_LEAF_ELEMS", 0)  # the big-leaf branch, on small shapes
-    layer = make_layer(spec)
-    x = torch.randn(1, 24, dtype=torch.float64)
-    with torch.no_grad():
-        layer.force_path = "reference"
-        want = layer(x)
-        layer.force_path = "torch"
-        got = layer(x)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_fast_path_matches_reference(make_layer(spec), torch.randn(1, 24, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("tokens", [2, 7])
@@ -208,9 +195,8 @@ def test_every_batched_strategy_equals_reference(spec, tokens):
 
     layer = make_layer(spec)
     x = torch.randn(tokens, 24, dtype=torch.float64)
+    want = assert_fast_path_matches_reference(layer, x)
     with torch.no_grad():
-        layer.force_path = "reference"
-        want = layer(x)
         leaf, path = layer.route(x)
         for strategy in (tree_ffn_torch._per_token_gather(layer, x, leaf),
                          tree_ffn_torch._grouped_by_leaf(layer, x, leaf, path)):
