@@ -1,0 +1,106 @@
+"""Train each micro gate to predict which neurons its dense MLP actually uses.
+
+Labels come from the layer's own dense weights on calibration inputs (Deja Vu style): neuron i is
+active for a token when |silu(g_i) * u_i| is among the token's top-k, k set by the target
+density. SwiGLU has no exact zeros, so "active" is this magnitude criterion. The gate is fitted
+with a weighted BCE (positives are rare, so they are up-weighted by (1 - density) / density), and
+the state with the best held-out recall at the target density is kept: recall, not loss, is
+what decides how much of the dense output survives.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class GateReport:
+    layer: int
+    recall_before: float
+    recall_after: float
+    steps: int
+
+
+def activation_magnitude(layer, x: torch.Tensor) -> torch.Tensor:
+    """|act(gate_proj x) * up_proj x| per neuron: how much each neuron contributes, (N, H)."""
+    return (layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)).abs()
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    index = values.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(values, dtype=torch.bool).scatter_(-1, index, True)
+
+
+@torch.no_grad()
+def gate_recall(layer, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of the truly active neurons (labels) that the gate's top-k also picks."""
+    k = layer.spec.top_k(layer.intermediate_size)
+    picked = top_k_mask(layer.micro_gate(x), k)
+    return float((picked & labels).sum() / labels.sum())
+
+
+def train_gate(
+    layer,
+    inputs: torch.Tensor,
+    *,
+    steps: int = 300,
+    lr: float = 3e-3,
+    batch_size: int = 256,
+    holdout: float = 0.1,
+    eval_every: int = 25,
+    seed: int = 0,
+    layer_index: int = 0,
+) -> GateReport:
+    """Fit `layer.micro_gate` (a MicroGatedMLP's gate) on `inputs` (tokens, hidden); in place."""
+    generator = torch.Generator().manual_seed(seed)
+    param = next(layer.micro_gate.parameters())
+    x = inputs.to(device=param.device, dtype=param.dtype)
+    order = torch.randperm(x.shape[0], generator=generator)
+    n_eval = max(1, int(holdout * x.shape[0]))
+    x_eval, x_train = x[order[:n_eval]], x[order[n_eval:]]
+    k = layer.spec.top_k(layer.intermediate_size)
+    with torch.no_grad():
+        y_eval = top_k_mask(activation_magnitude(layer, x_eval), k)
+        y_train = top_k_mask(activation_magnitude(layer, x_train), k)
+    density = k / layer.intermediate_size
+    pos_weight = torch.tensor((1.0 - density) / density, device=x.device, dtype=x.dtype)
+
+    before = gate_recall(layer, x_eval, y_eval)
+    best, best_state = before, copy.deepcopy(layer.micro_gate.state_dict())
+    optimizer = torch.optim.Adam(layer.micro_gate.parameters(), lr=lr)
+    for step in range(1, steps + 1):
+        batch = torch.randint(0, x_train.shape[0], (min(batch_size, x_train.shape[0]),), generator=generator)
+        logits = layer.micro_gate(x_train[batch])
+        loss = F.binary_cross_entropy_with_logits(logits, y_train[batch].to(logits.dtype), pos_weight=pos_weight)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"layer {layer_index}: gate loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == steps:
+            recall = gate_recall(layer, x_eval, y_eval)
+            if recall > best:
+                best, best_state = recall, copy.deepcopy(layer.micro_gate.state_dict())
+    layer.micro_gate.load_state_dict(best_state)
+    return GateReport(layer=layer_index, recall_before=before, recall_after=best, steps=steps)
+
+
+def train_gates(model, calibration_inputs: list[torch.Tensor], *, progress: bool = True, **options) -> list[GateReport]:
+    """Train the gate of every MGS layer of `model` on that layer's captured inputs."""
+    reports = []
+    mlps = [(index, mlp) for index, mlp in model.sparse_mlps() if mlp.sparse_method == "mgs"]
+    for index, mlp in tqdm(mlps, desc="training gates", disable=not progress):
+        flags = {name: p.requires_grad for name, p in mlp.named_parameters()}
+        for name, p in mlp.named_parameters():
+            p.requires_grad_(name.startswith("micro_gate."))  # dense weights only make the labels
+        try:
+            reports.append(train_gate(mlp, calibration_inputs[index], layer_index=index, **options))
+        finally:
+            for name, p in mlp.named_parameters():
+                p.requires_grad_(flags[name])
+    return reports
