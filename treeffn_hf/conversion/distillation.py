@@ -1,0 +1,120 @@
+"""Layer-wise distillation: regress each sparse MLP's output on its dense MLP's output.
+
+Layers are independent given the captured dense inputs, so they are trained one at a time with
+bounded memory. With a `work_dir`, every finished layer is saved there (written to a temporary
+file, then renamed), and a run that was killed resumes from the last finished layer with the
+same result as an uninterrupted run: each layer's randomness depends only on `seed` and its index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..architectures import architecture_for
+
+
+@dataclass
+class LayerDistillReport:
+    layer: int
+    mse_before: float
+    mse_after: float
+    steps: int
+
+
+@torch.no_grad()
+def _batched(fn, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def _mse(sparse_mlp, x: torch.Tensor, target: torch.Tensor) -> float:
+    return float(F.mse_loss(_batched(sparse_mlp, x), target))
+
+
+def distill_layer(
+    sparse_mlp: torch.nn.Module,
+    dense_mlp: torch.nn.Module,
+    inputs: torch.Tensor,
+    *,
+    steps: int = 200,
+    lr: float = 1e-4,
+    batch_size: int = 256,
+    cosine_weight: float = 0.0,
+    holdout: float = 0.1,
+    eval_every: int = 25,
+    seed: int = 0,
+    layer_index: int = 0,
+) -> LayerDistillReport:
+    """Train `sparse_mlp`'s trainable parameters in place so its outputs match `dense_mlp`'s."""
+    generator = torch.Generator().manual_seed(seed)
+    param = next(sparse_mlp.parameters())
+    x = inputs.to(device=param.device, dtype=param.dtype)
+    target = _batched(dense_mlp, x)
+    order = torch.randperm(x.shape[0], generator=generator)
+    n_eval = max(1, int(holdout * x.shape[0]))
+    eval_index, train_index = order[:n_eval], order[n_eval:]
+    x_eval, y_eval = x[eval_index], target[eval_index]
+
+    before = _mse(sparse_mlp, x_eval, y_eval)
+    best, best_state = before, {k: v.clone() for k, v in sparse_mlp.state_dict().items()}
+    trainable = [p for p in sparse_mlp.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    for step in range(1, steps + 1):
+        pick = train_index[torch.randint(0, train_index.numel(), (min(batch_size, train_index.numel()),), generator=generator)]
+        out = sparse_mlp(x[pick])
+        loss = F.mse_loss(out, target[pick])
+        if cosine_weight:
+            loss = loss + cosine_weight * (1 - F.cosine_similarity(out, target[pick], dim=-1)).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"layer {layer_index}: distillation loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == steps:
+            mse = _mse(sparse_mlp, x_eval, y_eval)
+            if mse < best:
+                best, best_state = mse, {k: v.clone() for k, v in sparse_mlp.state_dict().items()}
+    sparse_mlp.load_state_dict(best_state)
+    return LayerDistillReport(layer=layer_index, mse_before=before, mse_after=best, steps=steps)
+
+
+def distill_layers(
+    sparse_model: torch.nn.Module,
+    dense_model: torch.nn.Module,
+    calibration_inputs: list[torch.Tensor],
+    *,
+    work_dir: Optional[Union[str, Path]] = None,
+    seed: int = 0,
+    progress: bool = True,
+    **options,
+) -> list[LayerDistillReport]:
+    """Distill every sparse MLP of `sparse_model` on the captured inputs of its dense twin."""
+    arch = architecture_for(dense_model.config)
+    dense_layers = arch.decoder_layers(dense_model)
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for index, mlp in tqdm(list(sparse_model.sparse_mlps()), desc="distilling layers", disable=not progress):
+        saved = work / f"layer_{index:04d}.pt" if work is not None else None
+        if saved is not None and saved.is_file():
+            record = torch.load(saved, weights_only=True)
+            mlp.load_state_dict(record["state"])
+            reports.append(LayerDistillReport(**json.loads(record["report"])))
+            continue
+        dense_mlp = getattr(dense_layers[index], arch.mlp_attr)
+        report = distill_layer(mlp, dense_mlp, calibration_inputs[index], seed=seed + index,
+                               layer_index=index, **options)
+        reports.append(report)
+        if saved is not None:
+            partial = saved.with_suffix(".partial")
+            torch.save({"state": mlp.state_dict(), "report": json.dumps(asdict(report))}, partial)
+            os.replace(partial, saved)
+    return reports
