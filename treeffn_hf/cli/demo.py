@@ -67,4 +67,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"active units:  {report.active_unit_fraction:.2%} of MLP neurons per token")
     print(f"prompt:        {args.prompt}")
     print(f"answer:        {loaded['answer']}")
+    print("(a freshly converted tree, not yet distilled: its text is degraded until it is trained)")
     return 0
