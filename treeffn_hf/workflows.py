@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -126,3 +126,72 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
         "active_weight_fraction": cost.weight_fraction,
         "parameters": {"total": total, "mlp": mlp},
     }
+
+
+def distill_checkpoint(
+    sparse_dir: Union[str, Path],
+    out: Union[str, Path],
+    *,
+    dense: str,
+    calibration: Union[str, Path],
+    gguf_file: Optional[str] = None,
+    windows: int = 32,
+    window: int = 512,
+    tokens_per_layer: int = 8192,
+    gate_steps: int = 300,
+    distill_steps: int = 200,
+    lr: float = 1e-4,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Recover quality layer by layer: capture the dense MLPs' inputs on calibration text, then
+    train MGS gates on dense-activation labels and regress tree MLPs on the dense outputs.
+
+    Per-layer results are kept in a work directory beside OUT, so a killed run resumes from the
+    last finished layer; it is removed once OUT is written.
+    """
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load
+    from .conversion.calibration import capture_mlp_inputs, read_texts, token_windows
+    from .conversion.distillation import distill_layers
+    from .conversion.gate_training import train_gates
+
+    start = time.perf_counter()
+    out = prepare_output(out, overwrite, source=sparse_dir)
+    sparse = load(sparse_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
+    dense_model, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
+    if dense_model.config.num_hidden_layers != sparse.config.num_hidden_layers or (
+        dense_model.config.hidden_size != sparse.config.hidden_size
+    ):
+        raise CheckpointError(f"{dense}: not the dense model {sparse_dir} was converted from (shapes differ)")
+    ids = token_windows(read_texts(calibration), tokenizer, window, windows)
+    captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
+    work = out.parent / f".{out.name}.distill-work"
+    method = sparse.config.sparse_mlp["method"]
+    if method == "mgs":
+        reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
+    else:
+        for param in sparse.parameters():
+            param.requires_grad_(False)
+        for _, mlp in sparse.sparse_mlps():
+            for param in mlp.parameters():
+                param.requires_grad_(True)
+        reports = distill_layers(sparse, dense_model, captured.inputs, steps=distill_steps, lr=lr, work_dir=work,
+                                 progress=progress)
+        for param in sparse.parameters():
+            param.requires_grad_(True)
+    summary = {
+        "method": method,
+        "calibration": {"source": str(calibration), "windows": int(ids.shape[0]), "window": window,
+                        "tokens": captured.tokens_seen, "tokens_per_layer": tokens_per_layer},
+        "layers": [asdict(r) for r in reports],
+        "seconds": time.perf_counter() - start,
+    }
+    save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense))
+    (out / "treeffn_distill.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return summary

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, demo, evaluate, info, push
+from . import convert, demo, distill, evaluate, info, push
 
-SUBCOMMANDS = (convert, info, evaluate, push, demo)
+SUBCOMMANDS = (convert, distill, info, evaluate, push, demo)
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,39 @@ def distill_layer(
     return LayerDistillReport(layer=layer_index, mse_before=before, mse_after=best, steps=steps)
 
 
+def for_each_sparse_layer(
+    model: torch.nn.Module,
+    run_one: Callable[[int, torch.nn.Module], Any],
+    report_type: type,
+    *,
+    work_dir: Optional[Union[str, Path]] = None,
+    only: Optional[str] = None,
+    desc: str = "layers",
+    progress: bool = True,
+) -> list:
+    """Run `run_one(index, mlp)` on every sparse MLP (of method `only`, if given). With `work_dir`,
+    each finished layer's state and report are saved atomically and reused by a later run."""
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    mlps = [(i, m) for i, m in model.sparse_mlps() if only is None or m.sparse_method == only]
+    reports = []
+    for index, mlp in tqdm(mlps, desc=desc, disable=not progress):
+        saved = work / f"layer_{index:04d}.pt" if work is not None else None
+        if saved is not None and saved.is_file():
+            record = torch.load(saved, weights_only=True)
+            mlp.load_state_dict(record["state"])
+            reports.append(report_type(**json.loads(record["report"])))
+            continue
+        report = run_one(index, mlp)
+        reports.append(report)
+        if saved is not None:
+            partial = saved.with_suffix(".partial")
+            torch.save({"state": mlp.state_dict(), "report": json.dumps(asdict(report))}, partial)
+            os.replace(partial, saved)
+    return reports
+
+
 def distill_layers(
     sparse_model: torch.nn.Module,
     dense_model: torch.nn.Module,
@@ -98,23 +131,10 @@ def distill_layers(
     """Distill every sparse MLP of `sparse_model` on the captured inputs of its dense twin."""
     arch = architecture_for(dense_model.config)
     dense_layers = arch.decoder_layers(dense_model)
-    work = Path(work_dir) if work_dir is not None else None
-    if work is not None:
-        work.mkdir(parents=True, exist_ok=True)
-    reports = []
-    for index, mlp in tqdm(list(sparse_model.sparse_mlps()), desc="distilling layers", disable=not progress):
-        saved = work / f"layer_{index:04d}.pt" if work is not None else None
-        if saved is not None and saved.is_file():
-            record = torch.load(saved, weights_only=True)
-            mlp.load_state_dict(record["state"])
-            reports.append(LayerDistillReport(**json.loads(record["report"])))
-            continue
-        dense_mlp = getattr(dense_layers[index], arch.mlp_attr)
-        report = distill_layer(mlp, dense_mlp, calibration_inputs[index], seed=seed + index,
-                               layer_index=index, **options)
-        reports.append(report)
-        if saved is not None:
-            partial = saved.with_suffix(".partial")
-            torch.save({"state": mlp.state_dict(), "report": json.dumps(asdict(report))}, partial)
-            os.replace(partial, saved)
-    return reports
+
+    def run_one(index: int, mlp: torch.nn.Module) -> LayerDistillReport:
+        return distill_layer(mlp, getattr(dense_layers[index], arch.mlp_attr), calibration_inputs[index],
+                             seed=seed + index, layer_index=index, **options)
+
+    return for_each_sparse_layer(sparse_model, run_one, LayerDistillReport, work_dir=work_dir,
+                                 desc="distilling layers", progress=progress)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 
 @dataclass
@@ -90,17 +89,22 @@ def train_gate(
     return GateReport(layer=layer_index, recall_before=before, recall_after=best, steps=steps)
 
 
-def train_gates(model, calibration_inputs: list[torch.Tensor], *, progress: bool = True, **options) -> list[GateReport]:
-    """Train the gate of every MGS layer of `model` on that layer's captured inputs."""
-    reports = []
-    mlps = [(index, mlp) for index, mlp in model.sparse_mlps() if mlp.sparse_method == "mgs"]
-    for index, mlp in tqdm(mlps, desc="training gates", disable=not progress):
+def train_gates(
+    model, calibration_inputs: list[torch.Tensor], *, work_dir=None, progress: bool = True, **options
+) -> list[GateReport]:
+    """Train the gate of every MGS layer of `model` on that layer's captured inputs (resumable
+    per layer with `work_dir`)."""
+    from .distillation import for_each_sparse_layer
+
+    def run_one(index: int, mlp) -> GateReport:
         flags = {name: p.requires_grad for name, p in mlp.named_parameters()}
         for name, p in mlp.named_parameters():
             p.requires_grad_(name.startswith("micro_gate."))  # dense weights only make the labels
         try:
-            reports.append(train_gate(mlp, calibration_inputs[index], layer_index=index, **options))
+            return train_gate(mlp, calibration_inputs[index], layer_index=index, **options)
         finally:
             for name, p in mlp.named_parameters():
                 p.requires_grad_(flags[name])
-    return reports
+
+    return for_each_sparse_layer(model, run_one, GateReport, work_dir=work_dir, only="mgs",
+                                 desc="training gates", progress=progress)

@@ -1,0 +1,63 @@
+"""`treeffn distill` end to end on tiny models with a real (character-level) tokenizer."""
+
+import json
+
+import pytest
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import treeffn_hf
+from treeffn_hf import MGSSpec, TreeSpec
+from treeffn_hf.cli.main import main
+
+from .conftest import DATA_DIR, tiny_dense_model
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {chr(32 + i): 3 + i for i in range(90)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense") / "llama"
+    tiny_dense_model("llama").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("spec", [TreeSpec(depth=3, node_width=2), MGSSpec(density=0.1, rank=8)], ids=["tree", "mgs"])
+def test_distill_cli(dense_dir, tmp_path, capsys, spec):
+    dense, tokenizer = treeffn_hf.load_dense(str(dense_dir))
+    treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), tmp_path / "sparse", tokenizer=tokenizer)
+    calibration = DATA_DIR / "wikitext-2" / "valid.txt"
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(calibration), "--windows", "8", "--window", "64", "--gate-steps", "40",
+                 "--distill-steps", "40", "--lr", "1e-3", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
+    assert summary["calibration"]["tokens"] == 8 * 64 and len(summary["layers"]) == 2
+    if spec.method == "tree":
+        assert all(r["mse_after"] < r["mse_before"] for r in summary["layers"])
+    else:
+        assert all(r["recall_after"] >= r["recall_before"] for r in summary["layers"])
+    assert treeffn_hf.load(tmp_path / "out").config.sparse_mlp["method"] == spec.method
+    assert not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+
+
+def test_distill_refuses_a_dense_model_of_another_shape(dense_dir, tmp_path, capsys):
+    dense, tokenizer = treeffn_hf.load_dense(str(dense_dir))
+    treeffn_hf.save(treeffn_hf.convert(dense, TreeSpec(depth=3, node_width=2), progress=False), tmp_path / "sparse",
+                    tokenizer=tokenizer)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    config = tiny_dense_model("llama").config.to_dict()
+    config.update(num_hidden_layers=3)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(other)
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(other),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--no-progress"])
+    assert code == 1 and "not the dense model" in capsys.readouterr().err

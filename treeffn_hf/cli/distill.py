@@ -1,0 +1,51 @@
+"""Layer-wise quality recovery of a converted checkpoint (no end-to-end training).
+
+The dense model runs once over the calibration text; each MLP's inputs are sampled (bounded
+memory). MGS gates are then trained to predict the dense model's top-k neurons (weighted BCE,
+best held-out recall kept); tree MLPs are regressed on the dense MLP outputs. Layers are done one
+at a time and saved as they finish: rerunning the same command after a kill resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "distill"
+HELP = "train gates / distill tree layers of a converted model against its dense original"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sparse", metavar="SPARSE_DIR", help="converted checkpoint")
+    parser.add_argument("out", metavar="OUT", help="output directory")
+    parser.add_argument("--dense", required=True, help="the dense model it was converted from (dir or Hub id)")
+    parser.add_argument("--gguf-file", default=None, help="DENSE/GGUF_FILE")
+    parser.add_argument("--calibration", required=True, help="text, .jsonl or .parquet file, or an HF dataset id")
+    parser.add_argument("--windows", type=int, default=32, help="calibration windows")
+    parser.add_argument("--window", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--tokens-per-layer", type=int, default=8192, help="MLP inputs kept per layer")
+    parser.add_argument("--gate-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of tree distillation")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..workflows import distill_checkpoint
+
+    summary = distill_checkpoint(
+        args.sparse, args.out, dense=args.dense, gguf_file=args.gguf_file, calibration=args.calibration,
+        windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
+        gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    layers = summary["layers"]
+    if summary["method"] == "mgs":
+        before = sum(r["recall_before"] for r in layers) / len(layers)
+        after = sum(r["recall_after"] for r in layers) / len(layers)
+        print(f"gate recall at the target density (mean over {len(layers)} layers): {before:.3f} -> {after:.3f}")
+    else:
+        improved = sum(r["mse_after"] < r["mse_before"] for r in layers)
+        print(f"layer MSE lowered in {improved} of {len(layers)} layers")
+    print(f"wrote {args.out} ({summary['calibration']['tokens']} calibration tokens, {summary['seconds']:.0f}s)")
+    return 0
