@@ -61,3 +61,17 @@ def test_distill_refuses_a_dense_model_of_another_shape(dense_dir, tmp_path, cap
     code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(other),
                  "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--no-progress"])
     assert code == 1 and "not the dense model" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+
+
+def test_a_work_dir_is_resumed_only_by_the_same_run(dense_dir, tmp_path, capsys):
+    dense, tokenizer = treeffn_hf.load_dense(str(dense_dir))
+    treeffn_hf.save(treeffn_hf.convert(dense, TreeSpec(depth=3, node_width=2), progress=False), tmp_path / "sparse",
+                    tokenizer=tokenizer)
+    work = tmp_path / ".out.distill-work"
+    work.mkdir()
+    (work / "run.json").write_text(json.dumps({"from": "another run"}))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--no-progress"])
+    assert code == 1 and "holds layers of a run with other inputs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

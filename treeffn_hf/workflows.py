@@ -128,6 +128,20 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
     }
 
 
+def _claim_work_dir(work: Path, run: dict) -> None:
+    """A work directory is resumed only by the run that made it: same inputs, same options."""
+    stamp = work / "run.json"
+    if stamp.is_file():
+        if json.loads(stamp.read_text()) != run:
+            raise CheckpointError(
+                f"{work}: holds layers of a run with other inputs or options; rerun that command to resume it, "
+                "or delete the directory to start over"
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(run))
+
+
 def distill_checkpoint(
     sparse_dir: Union[str, Path],
     out: Union[str, Path],
@@ -161,29 +175,39 @@ def distill_checkpoint(
 
     start = time.perf_counter()
     out = prepare_output(out, overwrite, source=sparse_dir)
-    sparse = load(sparse_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
-    dense_model, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
-    if dense_model.config.num_hidden_layers != sparse.config.num_hidden_layers or (
-        dense_model.config.hidden_size != sparse.config.hidden_size
-    ):
-        raise CheckpointError(f"{dense}: not the dense model {sparse_dir} was converted from (shapes differ)")
-    ids = token_windows(read_texts(calibration), tokenizer, window, windows)
-    captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
     work = out.parent / f".{out.name}.distill-work"
-    method = sparse.config.sparse_mlp["method"]
-    if method == "mgs":
-        reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
-    else:
-        for param in sparse.parameters():
-            param.requires_grad_(False)
-        for _, mlp in sparse.sparse_mlps():
-            for param in mlp.parameters():
+    _claim_work_dir(work, {
+        "sparse": str(Path(sparse_dir).resolve()), "dense": str(dense), "gguf_file": gguf_file,
+        "calibration": str(calibration), "windows": windows, "window": window,
+        "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,
+    })
+    try:
+        sparse = load(sparse_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
+        dense_model, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
+        if dense_model.config.num_hidden_layers != sparse.config.num_hidden_layers or (
+            dense_model.config.hidden_size != sparse.config.hidden_size
+        ):
+            raise CheckpointError(f"{dense}: not the dense model {sparse_dir} was converted from (shapes differ)")
+        ids = token_windows(read_texts(calibration), tokenizer, window, windows)
+        captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
+        method = sparse.config.sparse_mlp["method"]
+        if method == "mgs":
+            reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
+        else:
+            for param in sparse.parameters():
+                param.requires_grad_(False)
+            for _, mlp in sparse.sparse_mlps():
+                for param in mlp.parameters():
+                    param.requires_grad_(True)
+            reports = distill_layers(sparse, dense_model, captured.inputs, steps=distill_steps, lr=lr, work_dir=work,
+                                     progress=progress)
+            for param in sparse.parameters():
                 param.requires_grad_(True)
-        reports = distill_layers(sparse, dense_model, captured.inputs, steps=distill_steps, lr=lr, work_dir=work,
-                                 progress=progress)
-        for param in sparse.parameters():
-            param.requires_grad_(True)
+    except BaseException:
+        if not any(work.glob("layer_*.pt")):  # nothing worth resuming: leave no trace
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     summary = {
         "method": method,
         "calibration": {"source": str(calibration), "windows": int(ids.shape[0]), "window": window,
