@@ -29,10 +29,14 @@ def dense_dir(tmp_path_factory):
     return path
 
 
+def save_sparse(dense_dir, path, spec) -> None:
+    dense, tokenizer = treeffn_hf.load_dense(str(dense_dir))
+    treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), path, tokenizer=tokenizer)
+
+
 @pytest.mark.parametrize("spec", [TreeSpec(depth=3, node_width=2), MGSSpec(density=0.1, rank=8)], ids=["tree", "mgs"])
 def test_distill_cli(dense_dir, tmp_path, capsys, spec):
-    dense, tokenizer = treeffn_hf.load_dense(str(dense_dir))
-    treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), tmp_path / "sparse", tokenizer=tokenizer)
+    save_sparse(dense_dir, tmp_path / "sparse", spec)
     calibration = DATA_DIR / "wikitext-2" / "valid.txt"
     code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
                  "--calibration", str(calibration), "--windows", "8", "--window", "64", "--gate-steps", "40",
@@ -49,9 +53,7 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec):
 
 
 def test_distill_refuses_a_dense_model_of_another_shape(dense_dir, tmp_path, capsys):
-    dense, tokenizer = treeffn_hf.load_dense(str(dense_dir))
-    treeffn_hf.save(treeffn_hf.convert(dense, TreeSpec(depth=3, node_width=2), progress=False), tmp_path / "sparse",
-                    tokenizer=tokenizer)
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=3, node_width=2))
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = tmp_path / "other"
@@ -65,9 +67,7 @@ def test_distill_refuses_a_dense_model_of_another_shape(dense_dir, tmp_path, cap
 
 
 def test_a_work_dir_is_resumed_only_by_the_same_run(dense_dir, tmp_path, capsys):
-    dense, tokenizer = treeffn_hf.load_dense(str(dense_dir))
-    treeffn_hf.save(treeffn_hf.convert(dense, TreeSpec(depth=3, node_width=2), progress=False), tmp_path / "sparse",
-                    tokenizer=tokenizer)
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=3, node_width=2))
     work = tmp_path / ".out.distill-work"
     work.mkdir()
     (work / "run.json").write_text(json.dumps({"from": "another run"}))
