@@ -203,8 +203,10 @@ def save(
     tokenizer: Any = None,
     overwrite: bool = False,
     base_model: Optional[str] = None,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
-    """Write a sparse model as a self-contained checkpoint (weights, config, code, tokenizer, card)."""
+    """Write a sparse model as a self-contained checkpoint (weights, config, code, tokenizer, card,
+    and `extra_files`: name -> text, e.g. training provenance)."""
     out = prepare_output(out, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=_pid_prefix(out, "partial"), dir=out.parent))
     try:
@@ -212,6 +214,8 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_model_card(staging, model, base_model=base_model)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         _apply_umask(staging)
         _replace_directory(staging, out)
     except BaseException:

@@ -215,7 +215,7 @@ def distill_checkpoint(
         "layers": [asdict(r) for r in reports],
         "seconds": time.perf_counter() - start,
     }
-    save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense))
-    (out / "treeffn_distill.json").write_text(json.dumps(summary, indent=2))
+    save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense),
+         extra_files={"treeffn_distill.json": json.dumps(summary, indent=2)})
     shutil.rmtree(work, ignore_errors=True)
     return summary
