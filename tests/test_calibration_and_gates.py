@@ -96,3 +96,8 @@ def test_train_gates_on_captured_inputs_restores_trainability():
     assert [r.layer for r in reports] == [0, 1]
     assert all(r.recall_after >= r.recall_before for r in reports)
     assert {n: p.requires_grad for n, p in sparse.named_parameters()} == flags
+
+
+def test_missing_calibration_sources_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such calibration file"):
+        list(read_texts(tmp_path / "missing.txt"))

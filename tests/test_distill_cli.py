@@ -75,3 +75,11 @@ def test_a_work_dir_is_resumed_only_by_the_same_run(dense_dir, tmp_path, capsys)
                  "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--no-progress"])
     assert code == 1 and "holds layers of a run with other inputs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_calibration_file_is_a_one_line_error(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=3, node_width=2))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(tmp_path / "missing.txt"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no such calibration file" in err and "Traceback" not in err

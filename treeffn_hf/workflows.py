@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -175,6 +176,11 @@ def distill_checkpoint(
 
     start = time.perf_counter()
     out = prepare_output(out, overwrite, source=sparse_dir)
+    try:  # the calibration source is checked before any model is loaded
+        texts = read_texts(calibration)
+        texts = itertools.chain([next(texts)], texts)
+    except (FileNotFoundError, StopIteration) as error:
+        raise CheckpointError(f"{calibration}: unusable calibration source ({error or 'empty'})") from error
     work = out.parent / f".{out.name}.distill-work"
     _claim_work_dir(work, {
         "sparse": str(Path(sparse_dir).resolve()), "dense": str(dense), "gguf_file": gguf_file,
@@ -189,7 +195,7 @@ def distill_checkpoint(
             dense_model.config.hidden_size != sparse.config.hidden_size
         ):
             raise CheckpointError(f"{dense}: not the dense model {sparse_dir} was converted from (shapes differ)")
-        ids = token_windows(read_texts(calibration), tokenizer, window, windows)
+        ids = token_windows(texts, tokenizer, window, windows)
         captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
         method = sparse.config.sparse_mlp["method"]
         if method == "mgs":

@@ -38,7 +38,16 @@ def read_texts(source: Union[str, Path], text_field: str = "text") -> Iterator[s
         return
     if path.exists():
         raise FileNotFoundError(f"{source}: not a text, jsonl or parquet file")
-    from datasets import load_dataset  # optional dependency; a Hub id needs network
+    text = str(source)
+    looks_like_path = bool(path.suffix) or text.startswith((".", "/", "~")) or text.count("/") > 1
+    if looks_like_path:  # Hub dataset ids are `name` or `org/name`
+        raise FileNotFoundError(f"{source}: no such calibration file")
+    try:
+        from datasets import load_dataset  # optional dependency; a Hub id needs network
+    except ImportError as error:
+        raise FileNotFoundError(
+            f"{source}: not a local file, and reading Hugging Face datasets needs `pip install datasets`"
+        ) from error
 
     name, _, rest = str(source).partition(":")
     config, _, split = rest.partition(":")
