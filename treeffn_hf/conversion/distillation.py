@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
+from .fitting import fit_keeping_best, holdout_split
 
 
 @dataclass
@@ -57,31 +58,22 @@ def distill_layer(
     param = next(sparse_mlp.parameters())
     x = inputs.to(device=param.device, dtype=param.dtype)
     target = _batched(dense_mlp, x)
-    order = torch.randperm(x.shape[0], generator=generator)
-    n_eval = max(1, int(holdout * x.shape[0]))
-    eval_index, train_index = order[:n_eval], order[n_eval:]
+    eval_index, train_index = holdout_split(x.shape[0], holdout, generator)
     x_eval, y_eval = x[eval_index], target[eval_index]
 
-    before = _mse(sparse_mlp, x_eval, y_eval)
-    best, best_state = before, {k: v.clone() for k, v in sparse_mlp.state_dict().items()}
-    trainable = [p for p in sparse_mlp.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    for step in range(1, steps + 1):
-        pick = train_index[torch.randint(0, train_index.numel(), (min(batch_size, train_index.numel()),), generator=generator)]
+    def loss_on(positions: torch.Tensor) -> torch.Tensor:
+        pick = train_index[positions]
         out = sparse_mlp(x[pick])
         loss = F.mse_loss(out, target[pick])
         if cosine_weight:
             loss = loss + cosine_weight * (1 - F.cosine_similarity(out, target[pick], dim=-1)).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"layer {layer_index}: distillation loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % eval_every == 0 or step == steps:
-            mse = _mse(sparse_mlp, x_eval, y_eval)
-            if mse < best:
-                best, best_state = mse, {k: v.clone() for k, v in sparse_mlp.state_dict().items()}
-    sparse_mlp.load_state_dict(best_state)
+        return loss
+
+    before, best = fit_keeping_best(
+        sparse_mlp, loss_on, lambda: _mse(sparse_mlp, x_eval, y_eval), n_train=train_index.numel(), steps=steps,
+        lr=lr, batch_size=batch_size, eval_every=eval_every, generator=generator, higher_is_better=False,
+        what=f"layer {layer_index}: distillation",
+    )
     return LayerDistillReport(layer=layer_index, mse_before=before, mse_after=best, steps=steps)
 
 

@@ -10,11 +10,12 @@ what decides how much of the dense output survives.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .fitting import fit_keeping_best, holdout_split
 
 
 @dataclass
@@ -59,9 +60,8 @@ def train_gate(
     generator = torch.Generator().manual_seed(seed)
     param = next(layer.micro_gate.parameters())
     x = inputs.to(device=param.device, dtype=param.dtype)
-    order = torch.randperm(x.shape[0], generator=generator)
-    n_eval = max(1, int(holdout * x.shape[0]))
-    x_eval, x_train = x[order[:n_eval]], x[order[n_eval:]]
+    eval_index, train_index = holdout_split(x.shape[0], holdout, generator)
+    x_eval, x_train = x[eval_index], x[train_index]
     k = layer.spec.top_k(layer.intermediate_size)
     with torch.no_grad():
         y_eval = top_k_mask(activation_magnitude(layer, x_eval), k)
@@ -69,23 +69,15 @@ def train_gate(
     density = k / layer.intermediate_size
     pos_weight = torch.tensor((1.0 - density) / density, device=x.device, dtype=x.dtype)
 
-    before = gate_recall(layer, x_eval, y_eval)
-    best, best_state = before, copy.deepcopy(layer.micro_gate.state_dict())
-    optimizer = torch.optim.Adam(layer.micro_gate.parameters(), lr=lr)
-    for step in range(1, steps + 1):
-        batch = torch.randint(0, x_train.shape[0], (min(batch_size, x_train.shape[0]),), generator=generator)
-        logits = layer.micro_gate(x_train[batch])
-        loss = F.binary_cross_entropy_with_logits(logits, y_train[batch].to(logits.dtype), pos_weight=pos_weight)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"layer {layer_index}: gate loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % eval_every == 0 or step == steps:
-            recall = gate_recall(layer, x_eval, y_eval)
-            if recall > best:
-                best, best_state = recall, copy.deepcopy(layer.micro_gate.state_dict())
-    layer.micro_gate.load_state_dict(best_state)
+    def loss_on(positions: torch.Tensor) -> torch.Tensor:
+        logits = layer.micro_gate(x_train[positions])
+        return F.binary_cross_entropy_with_logits(logits, y_train[positions].to(logits.dtype), pos_weight=pos_weight)
+
+    before, best = fit_keeping_best(
+        layer.micro_gate, loss_on, lambda: gate_recall(layer, x_eval, y_eval), n_train=x_train.shape[0],
+        steps=steps, lr=lr, batch_size=batch_size, eval_every=eval_every, generator=generator,
+        higher_is_better=True, what=f"layer {layer_index}: gate",
+    )
     return GateReport(layer=layer_index, recall_before=before, recall_after=best, steps=steps)
 
 
