@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
 from .fitting import fit_keeping_best, holdout_split
+from .routing_fit import fit_routing
 
 
 @dataclass
@@ -28,6 +29,10 @@ class LayerDistillReport:
     mse_before: float
     mse_after: float
     steps: int
+    # Tree layers: fraction of dense activation mass on the tokens' paths, before and after the
+    # routing fit (held-out tokens); None when routing was not fitted.
+    captured_mass_before: Optional[float] = None
+    captured_mass_after: Optional[float] = None
 
 
 @torch.no_grad()
@@ -117,16 +122,25 @@ def distill_layers(
     *,
     work_dir: Optional[Union[str, Path]] = None,
     seed: int = 0,
+    fit_tree_routing: bool = True,
     progress: bool = True,
     **options,
 ) -> list[LayerDistillReport]:
-    """Distill every sparse MLP of `sparse_model` on the captured inputs of its dense twin."""
+    """Distill every sparse MLP of `sparse_model` on the captured inputs of its dense twin; tree
+    layers first get their partition and routing fitted to the same inputs (`fit_routing`)."""
     arch = architecture_for(dense_model.config)
     dense_layers = arch.decoder_layers(dense_model)
 
     def run_one(index: int, mlp: torch.nn.Module) -> LayerDistillReport:
-        return distill_layer(mlp, getattr(dense_layers[index], arch.mlp_attr), calibration_inputs[index],
-                             seed=seed + index, layer_index=index, **options)
+        routing = None
+        if fit_tree_routing and mlp.sparse_method == "tree":
+            routing = fit_routing(mlp, calibration_inputs[index], seed=seed + index, layer_index=index)
+        report = distill_layer(mlp, getattr(dense_layers[index], arch.mlp_attr), calibration_inputs[index],
+                               seed=seed + index, layer_index=index, **options)
+        if routing is not None:
+            report.captured_mass_before = routing.captured_mass_before
+            report.captured_mass_after = routing.captured_mass_after
+        return report
 
     return for_each_sparse_layer(sparse_model, run_one, LayerDistillReport, work_dir=work_dir,
                                  desc="distilling layers", progress=progress)

@@ -1,0 +1,218 @@
+"""Fit a tree layer's neuron partition and routing to calibration data.
+
+The data-free initial partition groups neurons by the geometry of their gate rows. With the
+layer's inputs at hand we can do better: every neuron's contribution to every token,
+`mass[t, i] = |act(g_i x_t) u_i x_t| * |d_i|`, says which neurons a token needs. The fit
+re-lays the layer top-down so that tokens reach the neurons that carry their dense activation
+mass:
+
+- shared (always-on) neurons: the largest mean mass;
+- each node: its block takes the neurons most used by the tokens reaching it, then the rest is
+  split in two equal halves together with a token split, chosen to maximise the mass the tokens
+  find on their side. With `routing='self'` the split is the sign of one of the node's own
+  neurons (the best of the most-used candidates; it goes first in the block). With
+  `routing='hyperplane'` it alternates between a logistic-regression router on x and the
+  neuron halves.
+
+Only rows are permuted (and routers set): the layer computes exactly the same neurons, and the
+captured-mass fraction (on held-out tokens) measures how much of the dense MLP the paths keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..modeling.tree_ffn import TreeFFN
+from .partition import principal_direction
+
+SELF_ROUTING_CANDIDATES = 24
+HYPERPLANE_ROUNDS = 3
+RIDGE = 1e-3
+
+
+@dataclass
+class RoutingFitReport:
+    layer: int
+    captured_mass_before: float
+    captured_mass_after: float
+
+
+@torch.no_grad()
+def neuron_mass(layer: TreeFFN, x: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mass, gate pre-activation), both (tokens, neurons) in the layer's current row order."""
+    gate_rows, up_rows = layer.gate_rows.float(), layer.up_rows.float()
+    down_norm = layer.down_rows.float().norm(dim=1)
+    masses, pre = [], []
+    for chunk in x.float().split(batch):
+        g = chunk @ gate_rows.T
+        masses.append((layer.act_fn(g) * (chunk @ up_rows.T)).abs() * down_norm)
+        pre.append(g)
+    return torch.cat(masses), torch.cat(pre)
+
+
+@torch.no_grad()
+def captured_mass(layer: TreeFFN, x: torch.Tensor) -> float:
+    """Fraction of the dense activation mass that lies on the tokens' paths (shared included)."""
+    mass, _ = neuron_mass(layer, x)
+    leaf, path = layer.route(x.to(layer.gate_rows.dtype))
+    spec = layer.spec
+    on_path = torch.zeros_like(mass, dtype=torch.bool)
+    rows = torch.arange(mass.shape[0])
+    for t in range(spec.num_trees):
+        for level in range(spec.depth if spec.node_width else 0):
+            start = (t * spec.num_nodes + path[:, t, level]) * spec.node_width
+            for j in range(spec.node_width):
+                on_path[rows, start + j] = True
+        start = layer.node_rows + (t * spec.num_leaves + leaf[:, t]) * spec.leaf_width
+        for j in range(spec.leaf_width):
+            on_path[rows, start + j] = True
+    on_path[:, layer.node_rows + layer.leaf_rows :] = True
+    return float(mass[on_path].sum() / mass.sum())
+
+
+def fit_routing(
+    layer: TreeFFN, inputs: torch.Tensor, *, holdout: float = 0.1, seed: int = 0, layer_index: int = 0
+) -> RoutingFitReport:
+    """Re-lay `layer` (in place) so its routing sends tokens to their high-mass neurons."""
+    generator = torch.Generator().manual_seed(seed)
+    x = inputs.float()
+    order = torch.randperm(x.shape[0], generator=generator)
+    n_eval = max(1, int(holdout * x.shape[0]))
+    x_eval, x_fit = x[order[:n_eval]], x[order[n_eval:]]
+    before = captured_mass(layer, x_eval)
+
+    mass, pre = neuron_mass(layer, x_fit)
+    layout = _fit_layout(layer, x_fit, mass, pre)
+    _apply_layout(layer, layout)
+    return RoutingFitReport(layer=layer_index, captured_mass_before=before,
+                            captured_mass_after=captured_mass(layer, x_eval))
+
+
+@dataclass
+class _Layout:
+    order: torch.Tensor  # new row -> current row
+    router_weight: Optional[torch.Tensor]
+    router_bias: Optional[torch.Tensor]
+
+
+def _fit_layout(layer: TreeFFN, x: torch.Tensor, mass: torch.Tensor, pre: torch.Tensor) -> _Layout:
+    spec = layer.spec
+    by_mass = torch.argsort(mass.mean(0), descending=True)
+    shared = by_mass[: spec.shared_width].sort().values
+    rest = by_mass[spec.shared_width :]
+    # Deal the rest round-robin by mass, so every tree gets an equal share of important neurons.
+    per_tree = [rest[t :: spec.num_trees] for t in range(spec.num_trees)]
+    nodes = torch.empty(spec.num_trees, spec.num_nodes, spec.node_width, dtype=torch.long)
+    leaves = torch.empty(spec.num_trees, spec.num_leaves, spec.leaf_width, dtype=torch.long)
+    hyperplane = spec.routing == "hyperplane"
+    router_w = torch.zeros(spec.num_trees, spec.num_nodes, x.shape[1]) if hyperplane else None
+    router_b = torch.zeros(spec.num_trees, spec.num_nodes) if hyperplane else None
+    all_tokens = torch.arange(x.shape[0])
+    for t, members in enumerate(per_tree):
+        stack = [(0, 0, all_tokens, members)]
+        while stack:
+            heap, level, tokens, neurons = stack.pop()
+            if level == spec.depth:
+                leaves[t, heap - spec.num_nodes] = neurons
+                continue
+            node_mass = mass[tokens][:, neurons]
+            if hyperplane:
+                own, left, right, go_right, (w, b) = _split_hyperplane(x[tokens], node_mass, neurons,
+                                                                       spec.node_width)
+                router_w[t, heap], router_b[t, heap] = w, b
+            else:
+                own, left, right, go_right = _split_self(pre[tokens][:, neurons], node_mass, neurons, spec.node_width)
+            if spec.node_width:
+                nodes[t, heap] = own
+            stack.append((2 * heap + 1, level + 1, tokens[~go_right], left))
+            stack.append((2 * heap + 2, level + 1, tokens[go_right], right))
+    parts = ([nodes.reshape(-1)] if spec.node_width else []) + [leaves.reshape(-1), shared]
+    return _Layout(order=torch.cat(parts), router_weight=router_w, router_bias=router_b)
+
+
+def _halves(side_mass: torch.Tensor, neurons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Equal halves of `neurons` given each one's (left mass, right mass); returns the captured mass."""
+    preference = side_mass[:, 0] - side_mass[:, 1]
+    ordered = torch.argsort(preference, descending=True)
+    half = len(ordered) // 2
+    left, right = ordered[:half], ordered[half:]
+    captured = float(side_mass[left, 0].sum() + side_mass[right, 1].sum())
+    return neurons[left], neurons[right], captured
+
+
+def _side_mass(node_mass: torch.Tensor, go_right: torch.Tensor) -> torch.Tensor:
+    return torch.stack([node_mass[~go_right].sum(0), node_mass[go_right].sum(0)], dim=1)
+
+
+def _split_self(pre: torch.Tensor, node_mass: torch.Tensor, neurons: torch.Tensor, width: int):
+    """The node neuron whose gate sign splits the tokens best routes; it goes first in the block."""
+    total = node_mass.sum(0)
+    candidates = torch.argsort(total, descending=True)[:SELF_ROUTING_CANDIDATES]
+    best = None
+    for c in candidates.tolist():
+        own = torch.cat([torch.tensor([c]), _top_excluding(total, width - 1, exclude=c)])
+        keep = torch.ones(len(neurons), dtype=torch.bool)
+        keep[own] = False
+        go_right = pre[:, c] > 0
+        left, right, captured = _halves(_side_mass(node_mass[:, keep], go_right), neurons[keep])
+        if best is None or captured > best[0]:
+            best = (captured, neurons[own], left, right, go_right)
+    return best[1:]
+
+
+def _top_excluding(values: torch.Tensor, k: int, exclude: int) -> torch.Tensor:
+    masked = values.clone()
+    masked[exclude] = -float("inf")
+    return torch.argsort(masked, descending=True)[:k]
+
+
+def _split_hyperplane(x: torch.Tensor, node_mass: torch.Tensor, neurons: torch.Tensor, width: int):
+    """Alternate: neuron halves given the token split, a router fitted to where each token's mass
+    is, the token split given the router."""
+    total = node_mass.sum(0)
+    own = torch.argsort(total, descending=True)[:width]
+    keep = torch.ones(len(neurons), dtype=torch.bool)
+    keep[own] = False
+    rest_mass, rest = node_mass[:, keep], neurons[keep]
+    w = torch.zeros(x.shape[1])
+    b = torch.zeros(())
+    if x.shape[0] < 2:
+        left, right, _ = _halves(torch.stack([total[keep], total[keep]], 1), rest)
+        return neurons[own], left, right, torch.zeros(x.shape[0], dtype=torch.bool), (w, b)
+    # Start from the principal direction of the tokens' normalised mass profiles.
+    profile = F.normalize(rest_mass, dim=1)
+    score = profile @ principal_direction(profile)
+    go_right = score > score.median()
+    for _ in range(HYPERPLANE_ROUNDS):
+        left_pos, right_pos, _ = _halves(_side_mass(rest_mass, go_right), torch.arange(len(rest)))
+        want_right = rest_mass[:, right_pos].sum(1) - rest_mass[:, left_pos].sum(1)
+        w, b = _fit_router(x, want_right > 0, want_right.abs())
+        go_right = (x @ w + b) > 0
+    left, right, _ = _halves(_side_mass(rest_mass, go_right), rest)
+    return neurons[own], left, right, go_right, (w, b)
+
+
+def _fit_router(x: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted ridge regression of +-1 labels on [x, 1] (weights: how much mass a token stands to
+    gain): a linear classifier in one solve, cheap enough for every node of a deep tree."""
+    scale = x.norm(dim=1).mean().clamp_min(1e-6)
+    design = torch.cat([x / scale, torch.ones(x.shape[0], 1)], dim=1)
+    weight = weight / weight.mean().clamp_min(1e-12)
+    target = label.float() * 2 - 1
+    gram = design.T @ (design * weight[:, None])
+    gram += RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0])
+    solution = torch.linalg.solve(gram, design.T @ (weight * target))
+    return solution[:-1] / scale, solution[-1]
+
+
+@torch.no_grad()
+def _apply_layout(layer: TreeFFN, layout: _Layout) -> None:
+    for table in (layer.gate_rows, layer.up_rows, layer.down_rows):
+        table.copy_(table[layout.order].clone())
+    if layout.router_weight is not None:
+        layer.router_weight.copy_(layout.router_weight.to(layer.router_weight.dtype))
+        layer.router_bias.copy_(layout.router_bias.to(layer.router_bias.dtype))
