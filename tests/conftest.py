@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
+
+# Without a GPU the Triton kernels run in the interpreter on CPU tensors. Triton reads this when a
+# kernel is defined, and ours are defined lazily, so setting it here (before any test) suffices.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,

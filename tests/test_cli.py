@@ -87,8 +87,10 @@ def test_convert_then_info(dense_dir, tmp_path, capsys):
     assert info["parameters"]["total"] == sum(
         p.numel() for p in tiny_dense_model("llama").parameters()
     )  # a tree re-lays out the dense neurons: same parameter count (tied lm_head counted once)
+    assert info["inference_paths"]["cpu"] == "PyTorch sparse path"
+    assert info["inference_paths"]["cuda"] == "triton kernels"  # triton is a dev dependency
     code, stdout, _ = run_cli(capsys, "info", out)
-    assert "active units" in stdout and "tree" in stdout
+    assert "active units" in stdout and "tree" in stdout and "runs on CUDA    triton kernels" in stdout
 
 
 def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):

@@ -83,6 +83,7 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
     from safetensors import safe_open
     from transformers import AutoConfig
 
+    from .modeling.dispatch import inference_paths
     from .modeling.modeling_treeffn import build_sparse_mlp
 
     directory = Path(directory)
@@ -126,6 +127,7 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
         "active_unit_fraction": cost.unit_fraction,
         "active_weight_fraction": cost.weight_fraction,
         "parameters": {"total": total, "mlp": mlp},
+        "inference_paths": inference_paths(layer),
     }
 
 

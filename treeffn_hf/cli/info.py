@@ -35,5 +35,7 @@ def description_text(d: dict) -> str:
         f"active units    {d['active_unit_fraction']:.2%} of the MLP neurons per token",
         f"weight bytes    {d['active_weight_fraction']:.2%} of the dense MLP weights read per token",
         f"parameters      {d['parameters']['total']:,} total, {d['parameters']['mlp']:,} in sparse MLPs",
+        f"runs on CUDA    {d['inference_paths']['cuda']}",
+        f"runs on CPU     {d['inference_paths']['cpu']}",
     ]
     return "\n".join(lines)

@@ -1,16 +1,45 @@
-"""Which implementation a sparse layer runs: `reference` (masked dense, differentiable, the
-oracle) or `torch` (the sparse PyTorch path). `TREEFFN_PATH=reference|torch|auto` forces one for
-the whole process; a layer's `force_path` attribute forces one for that layer. Each layer records
-the path it last ran in `last_path`, so benchmarks and `treeffn info` never mistake one for the other.
+"""Which implementation a sparse layer runs:
+
+- `reference`: masked dense, differentiable, the oracle (and the training path);
+- `torch`: the sparse PyTorch path (CPU, and any device without the kernels);
+- `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
+
+`auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
+support the layer, and `torch` otherwise. `TREEFFN_PATH=reference|torch|triton|auto` forces one
+for the whole process, a layer's `force_path` attribute for that layer; forcing `triton` where
+the kernels cannot run is an error, never a silent fallback. Each layer records what it last ran
+in `last_path` (`triton:<kernels>` when the kernels did), so benchmarks and `treeffn info` never
+mistake one path for another.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-PATHS = ("reference", "torch")
+PATHS = ("reference", "torch", "triton")
+
+
+def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> Optional[str]:
+    """Why the kernels cannot run `layer` on inputs on `device`, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "the `triton` package is not installed"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the input is on {device}; the kernels need CUDA (or TRITON_INTERPRET=1)"
+    supported = getattr(layer, "_kernel_support", None)
+    if supported is None:
+        probe = torch.linspace(-4, 4, 9)
+        supported = torch.allclose(layer.act_fn(probe), F.silu(probe))
+        layer._kernel_support = supported
+    if not supported:
+        return f"the kernels implement SiLU only, not {type(layer.act_fn).__name__}"
+    if any(getattr(getattr(layer, name, None), "bias", None) is not None for name in ("gate_proj", "up_proj", "down_proj")):
+        return "the kernels do not implement MLP biases"
+    return None
 
 
 def choose_path(layer: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> str:
@@ -18,8 +47,23 @@ def choose_path(layer: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -
     if forced != "auto":
         if forced not in PATHS:
             raise ValueError(f"TREEFFN_PATH / force_path must be one of {PATHS} or 'auto', got {forced!r}")
+        if forced == "triton":
+            reason = triton_unavailable_reason(layer, x.device)
+            if reason is not None:
+                raise RuntimeError(f"the triton path was forced, but {reason}")
         return forced
     # Training goes through the reference path, whose gradients the tests pin down.
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return "reference"
+    if x.is_cuda and triton_unavailable_reason(layer, x.device) is None:
+        return "triton"
     return "torch"
+
+
+def inference_paths(layer: torch.nn.Module) -> dict[str, str]:
+    """What inference (no gradients, no forcing) runs on each kind of device, and why."""
+    cuda = triton_unavailable_reason(layer, torch.device("cuda"))
+    return {
+        "cuda": "triton kernels" if cuda is None else f"PyTorch sparse path ({cuda})",
+        "cpu": "PyTorch sparse path",
+    }

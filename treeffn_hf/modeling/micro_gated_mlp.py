@@ -78,6 +78,11 @@ class MicroGatedMLP(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         scores = self.micro_gate(x)
         self.last_path = choose_path(self, x, self.gate_proj.weight)
+        if self.last_path == "triton":
+            from .kernels_mgs import mgs_triton  # imports triton only when the kernels run
+
+            out, self.last_path = mgs_triton(self, x, scores)
+            return out.reshape(shape)
         if self.last_path == "torch":
             return mgs_fast(self, x, scores).reshape(shape)
         mask = select_neurons(scores, self.spec, self.gate_threshold)

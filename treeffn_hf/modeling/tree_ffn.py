@@ -126,7 +126,11 @@ class TreeFFN(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         self.last_path = choose_path(self, x, self.gate_rows)
-        if self.last_path == "torch":
+        if self.last_path == "triton":
+            from .kernels_tree import tree_ffn_triton  # imports triton only when the kernels run
+
+            out, self.last_path = tree_ffn_triton(self, x)
+        elif self.last_path == "torch":
             out = tree_ffn_fast(self, x)
         else:
             leaf, path = self.route(x)

@@ -1,0 +1,224 @@
+"""Every Triton kernel against its PyTorch reference, and the layers' triton path against their
+reference path. Without a GPU they run under TRITON_INTERPRET=1 on CPU tensors (conftest sets it);
+with one, the same tests run on CUDA, in bf16 as well."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
+from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_tree  # noqa: E402
+from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
+from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# fp32 sums in a different order; half precision rounds the activations like the PyTorch path.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+HIDDEN, INTER = 45, 166  # odd on purpose: every block size is masked at its edge
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = want.float().abs().max().clamp_min(1.0)
+    err = (got.float() - want.float()).abs().max() / scale
+    assert err <= TOLERANCE[dtype], f"relative error {err:.2e}"
+
+
+def tables(dtype, seed=0, rows=INTER, hidden=HIDDEN):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, hidden, generator=g) * s).to(DEVICE, dtype) for s in (0.2, 0.2, 1.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,selected", [(1, 1), (1, 13), (7, 40), (33, 5)])
+def test_gathered_swiglu_matches_naive(dtype, tokens, selected):
+    gate, up, down = tables(dtype)
+    x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
+    rows = torch.stack([torch.randperm(INTER)[:selected] for _ in range(tokens)]).to(DEVICE)
+    rows[0, -1] = -1  # padding of threshold selection
+    want = kernels_gather.gathered_swiglu_naive(x, rows, gate, up, down)
+    close(kernels_gather.gathered_swiglu(x, rows, gate, up, down), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,trees,blocks,width", [(1, 1, 2, 3), (7, 2, 4, 5), (33, 3, 1, 17)])
+def test_gathered_swiglu_after_sum_matches_naive(dtype, tokens, trees, blocks, width):
+    gate, up, down = tables(dtype)
+    x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
+    rows = torch.randint(0, INTER, (tokens, trees, blocks, width), device=DEVICE)
+    want = kernels_gather.gathered_swiglu_after_sum_naive(x, rows, gate, up, down)
+    close(kernels_gather.gathered_swiglu_after_sum(x, rows, gate, up, down), want, dtype)
+
+
+@pytest.mark.parametrize("depth", range(1, 7))
+@pytest.mark.parametrize("trees,bias", [(1, False), (3, True)])
+def test_route_kernel_walks_the_same_path(depth, trees, bias):
+    nodes = (1 << depth) - 1
+    x = torch.randn(9, HIDDEN, device=DEVICE)
+    vectors = torch.randn(trees * nodes, HIDDEN, device=DEVICE)
+    bias_t = torch.randn(trees, nodes, device=DEVICE) if bias else None
+    leaf, path = kernels_tree.tree_route_triton(x, vectors, bias_t, trees, depth)
+    want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias_t, trees, depth)
+    assert torch.equal(leaf, want_leaf) and torch.equal(path, want_path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("items,blocks,width", [(1, 3, 5), (40, 7, 16), (97, 5, 70)])
+def test_grouped_block_gemm_matches_naive(dtype, items, blocks, width):
+    gate, up, down = tables(dtype, rows=3 + blocks * width)
+    x = torch.randn(23, HIDDEN).to(DEVICE, dtype)
+    item_tokens = torch.randint(0, 23, (items,), device=DEVICE)
+    item_blocks = torch.randint(0, blocks, (items,), device=DEVICE)
+    out = torch.zeros(23, HIDDEN, device=DEVICE)
+    kernels_tree.grouped_block_swiglu(x, item_tokens, item_blocks, blocks, 3, width, gate, up, down, out)
+    want = kernels_tree.grouped_block_swiglu_naive(x, item_tokens, item_blocks, 3, width, gate, up, down)
+    close(out, want, dtype)
+
+
+TREE_SPECS = {
+    "self-d3-w2": TreeSpec(depth=3, node_width=2),
+    "self-d6-w1": TreeSpec(depth=6, node_width=1),
+    "hyperplane-2trees": TreeSpec(num_trees=2, depth=2, node_width=1, routing="hyperplane"),
+    "fff-3trees": TreeSpec(num_trees=3, depth=1, node_width=0, routing="hyperplane"),
+    "after-sum": TreeSpec(depth=2, node_width=23, activation="after_sum"),
+    "after-sum-hyperplane-2trees": TreeSpec(num_trees=2, depth=1, node_width=27, activation="after_sum",
+                                            routing="hyperplane"),
+}
+
+
+def random_layer(layer: nn.Module, dtype) -> nn.Module:
+    torch.manual_seed(0)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.2)
+    return layer.to(DEVICE, dtype)
+
+
+def run_both(layer, x):
+    with torch.no_grad():
+        layer.force_path = "reference"
+        want = layer(x)
+        layer.force_path = "triton"
+        got = layer(x)
+    layer.force_path = None
+    return got, want
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+@pytest.mark.parametrize("name", TREE_SPECS)
+def test_tree_layer_triton_path_matches_reference(name, tokens, dtype):
+    layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
+    x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
+    got, _ = run_both(layer, x)
+    assert layer.last_path.startswith("triton:")
+    grouped = tokens > kernels_tree.GROUPED_MIN_TOKENS and layer.spec.activation == "per_node"
+    assert ("grouped_gemm" in layer.last_path) == grouped
+    # Oracle: the reference path in fp32 on the same (rounded) weights; the kernels also route
+    # and accumulate in fp32, so half precision cannot send a token down another path.
+    reference = copy.deepcopy(layer).float()
+    reference.force_path = "reference"
+    with torch.no_grad():
+        close(got, reference(x.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("spec", [MGSSpec(density=0.1, rank=16), MGSSpec(density=0.3, rank=None)], ids=["r64-10%", "full-30%"])
+def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype):
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, spec, nn.SiLU()), dtype)
+    x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
+    got, want = run_both(layer, x)
+    assert layer.last_path == "triton:gather"
+    close(got, want, dtype)
+    assert layer.measured_units() == spec.top_k(INTER)
+
+
+def test_mgs_threshold_selection_on_the_kernel():
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16, selection="threshold"), nn.SiLU()),
+                         torch.float32)
+    layer.gate_threshold.fill_(0.5)
+    x = torch.randn(5, HIDDEN, device=DEVICE)
+    got, want = run_both(layer, x)
+    close(got, want, torch.float32)
+    rows = kernels_mgs.selected_rows(layer, layer.micro_gate(x))
+    assert ((rows >= 0).sum(1) == (layer.micro_gate(x) > 0.5).sum(1)).all()
+
+
+def test_large_mgs_batches_hand_over_to_the_union_gemm_and_say_so():
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
+    x = torch.randn(kernels_mgs.GATHER_MAX_TOKENS + 1, HIDDEN, device=DEVICE)
+    got, want = run_both(layer, x)
+    assert layer.last_path == "torch"
+    close(got, want, torch.float32)
+
+
+def test_forcing_triton_where_it_cannot_run_is_an_error_not_a_fallback(monkeypatch):
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU(), bias=True), torch.float32)
+    layer.force_path = "triton"
+    with pytest.raises(RuntimeError, match="biases"):
+        layer(torch.randn(1, HIDDEN, device=DEVICE))
+    tree = random_layer(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.GELU()), torch.float32)
+    tree.force_path = "triton"
+    with pytest.raises(RuntimeError, match="SiLU"):
+        tree(torch.randn(1, HIDDEN, device=DEVICE))
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        plain = random_layer(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()), torch.float32)
+        plain.force_path = "triton"
+        with pytest.raises(RuntimeError, match="CUDA"):
+            plain(torch.randn(1, HIDDEN))
+
+
+def test_auto_dispatch_uses_the_kernels_only_on_cuda():
+    layer = random_layer(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()), torch.float32)
+    with torch.no_grad():
+        layer(torch.randn(1, HIDDEN, device=DEVICE))
+    assert layer.last_path == ("triton:route+gather" if DEVICE == "cuda" else "torch")
+
+
+def test_saved_checkpoints_carry_the_kernels(tmp_path):
+    """transformers copies the files a model file imports, also lazily imported ones: the kernels
+    travel with every checkpoint, so trust_remote_code users get them."""
+    import treeffn_hf
+
+    from .conftest import tiny_dense_model
+
+    for spec in (TreeSpec(depth=2, node_width=1), MGSSpec(density=0.1, rank=8)):
+        out = tmp_path / spec.method
+        treeffn_hf.save(treeffn_hf.convert(tiny_dense_model("llama"), spec, progress=False), out)
+        assert {"kernels_gather.py", "kernels_tree.py", "kernels_mgs.py"} <= {p.name for p in out.glob("*.py")}
+
+
+KERNELS_FROM_REMOTE_CODE = r"""
+import sys
+sys.modules["treeffn_hf"] = None  # only the checkpoint's own files
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).to(sys.argv[2])
+ids = torch.tensor([[5, 17, 33, 8, 60, 41, 12]], device=sys.argv[2])
+outputs = {}
+for path in ("reference", "triton"):
+    for layer in model.model.layers:
+        layer.mlp.force_path = path
+    with torch.no_grad():
+        outputs[path] = model(ids).logits
+    ran = {layer.mlp.last_path for layer in model.model.layers}
+assert all(p.startswith("triton:") for p in ran), ran
+err = (outputs["triton"] - outputs["reference"]).abs().max().item()
+assert err < 1e-3, err
+"""
+
+
+@pytest.mark.parametrize("spec", [TreeSpec(depth=2, node_width=3), MGSSpec(density=0.1, rank=8)],
+                         ids=["tree", "mgs"])
+def test_remote_code_checkpoint_runs_its_kernels(tmp_path, spec):
+    import treeffn_hf
+
+    from .conftest import run_python, tiny_dense_model
+
+    treeffn_hf.save(treeffn_hf.convert(tiny_dense_model("llama"), spec, progress=False), tmp_path / "model")
+    run_python(KERNELS_FROM_REMOTE_CODE, str(tmp_path / "model"), DEVICE)

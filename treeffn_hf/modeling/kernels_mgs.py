@@ -1,0 +1,43 @@
+"""Triton path of the micro-gated MLP.
+
+The gate (two small GEMMs) and its top-k run on the device; the selected neurons of each token
+then go through `kernels_gather.gathered_swiglu`: the selected rows of `gate_proj` and `up_proj`
+(contiguous in the stock layout) and of `down_proj` transposed (cached, one row per neuron) are
+read once, with fp32 accumulation and a split-K reduction over the selected rows.
+
+Batches above `GATHER_MAX_TOKENS` go to the PyTorch path's gathered GEMM over the union of
+the tokens' selections (or the masked dense GEMMs once that union is large), which is cuBLAS on
+a GPU; the caller is told so, and `last_path` records it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels_gather import gathered_swiglu
+from .mgs_torch import down_rows, mgs_fast
+
+# Per-token gathers read (tokens x selected) rows; past a few tokens the union GEMM reads fewer.
+# Provisional until benchmarks/bench_mlp.py measures the crossover on a GPU.
+GATHER_MAX_TOKENS = 8
+
+
+def selected_rows(layer, scores: torch.Tensor) -> torch.Tensor:
+    """(N, R) indices of each token's selected neurons; -1 pads rows of `threshold` selection."""
+    if layer.spec.selection == "top_k":
+        return scores.topk(layer.spec.top_k(scores.shape[-1]), dim=-1, sorted=False).indices
+    chosen = scores > layer.gate_threshold
+    width = max(1, int(chosen.sum(dim=1).max()))  # one host sync: the padded width
+    top = chosen.to(torch.int8).topk(width, dim=-1, sorted=False)
+    return torch.where(top.values.bool(), top.indices, -1)
+
+
+def mgs_triton(layer, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Forward of a `MicroGatedMLP` on the kernels; returns (output, which path ran)."""
+    if x.shape[0] > GATHER_MAX_TOKENS:
+        return mgs_fast(layer, x, scores), "torch"
+    rows = selected_rows(layer, scores)
+    layer._record_count((rows >= 0).sum(dtype=torch.float32), tokens=x.shape[0])
+    out = gathered_swiglu(x.contiguous(), rows.contiguous(), layer.gate_proj.weight.detach(),
+                          layer.up_proj.weight.detach(), down_rows(layer))
+    return out, "triton:gather"

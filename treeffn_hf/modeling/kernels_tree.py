@@ -1,0 +1,239 @@
+"""Triton kernels of the tree FFN: routing, and a grouped GEMM over path blocks for prefill.
+
+- `tree_route_triton`: one program per (token, tree) walks the depth, dotting x with the node's
+  routing vector, and writes the path (heap index per level) and the leaf. Equals `tree_route`.
+- `grouped_block_swiglu`: the MoE-style prefill kernel. Every (token, block-on-path) pair is an
+  item; items are sorted by block, each block's tokens are cut into tiles of BLOCK_M, and each
+  program computes one tile as two small GEMMs against that block's contiguous rows
+  (x_tile @ G_b^T, x_tile @ U_b^T -> SwiGLU -> @ D_b), adding into an fp32 output. Tiles are
+  laid out on the device without a host sync (an upper bound of programs; empty ones do nothing).
+- decode (few tokens): the path's rows go to `kernels_gather.gathered_swiglu` (per-neuron
+  activation) or `gathered_swiglu_after_sum`.
+
+`tree_ffn_triton` chains them for a `TreeFFN` and says which kernels ran. Forward only: training
+uses the differentiable reference path (see `dispatch.choose_path`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kernels_gather import gathered_swiglu, gathered_swiglu_after_sum, gathered_swiglu_naive
+from .tree_ffn import tree_route
+from .tree_ffn_torch import routing_matrix
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Up to this many tokens, per-token gathers beat the grouped GEMM (provisional: to be set from
+# benchmarks/bench_mlp.py on a GPU; the interpreter tests cover both sides of it).
+GROUPED_MIN_TOKENS = 16
+GROUPED_BLOCK_M = 32
+
+
+def tree_route_naive(x, vectors, bias, num_trees: int, depth: int):
+    """Reference of `tree_route_triton`: the layer's own walker on fp32 scores."""
+    nodes = vectors.shape[0] // num_trees
+    return tree_route(x.float(), vectors.float().view(num_trees, nodes, -1),
+                      None if bias is None else bias.float().view(num_trees, nodes), depth)
+
+
+def grouped_block_swiglu_naive(x, item_tokens, item_blocks, row_offset: int, width: int, gate, up, down):
+    """Reference of `grouped_block_swiglu`: item i adds block `item_blocks[i]`'s SwiGLU of
+    token `item_tokens[i]` to that token's output."""
+    rows = row_offset + item_blocks[:, None] * width + torch.arange(width, device=x.device)
+    per_item = gathered_swiglu_naive(x[item_tokens], rows, gate, up, down).float()
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, item_tokens, per_item)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tree_route_kernel(
+        x_ptr, vectors_ptr, bias_ptr, leaf_ptr, path_ptr,
+        hidden, num_trees, num_nodes,
+        DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        tree = tl.program_id(1)
+        x_base = token.to(tl.int64) * hidden
+        position = tl.zeros((), dtype=tl.int32)
+        for level in tl.static_range(DEPTH):
+            heap = position + ((1 << level) - 1)
+            v_base = (tree * num_nodes + heap).to(tl.int64) * hidden
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for d0 in range(0, hidden, BLOCK_D):
+                d_off = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d_off < hidden
+                xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
+                vv = tl.load(vectors_ptr + v_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
+                acc += xv * vv
+            score = tl.sum(acc, axis=0)
+            if HAS_BIAS:
+                score += tl.load(bias_ptr + tree * num_nodes + heap).to(tl.float32)
+            tl.store(path_ptr + (token * num_trees + tree) * DEPTH + level, heap)
+            position = 2 * position + (score > 0).to(tl.int32)
+        tl.store(leaf_ptr + token * num_trees + tree, position)
+
+    @triton.jit
+    def _grouped_block_swiglu_kernel(
+        x_ptr, tokens_ptr, tile_block_ptr, tile_start_ptr, tile_end_ptr,
+        gate_ptr, up_ptr, down_ptr, out_ptr,
+        hidden, row_offset,
+        WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        start = tl.load(tile_start_ptr + pid)
+        end = tl.load(tile_end_ptr + pid)
+        block = tl.load(tile_block_ptr + pid).to(tl.int64)
+        m_off = start + tl.arange(0, BLOCK_M)
+        m_mask = m_off < end
+        tokens = tl.load(tokens_ptr + m_off, mask=m_mask, other=0).to(tl.int64)
+        first_row = row_offset + block * WIDTH
+        for w0 in tl.static_range(0, WIDTH, BLOCK_W):
+            w_off = w0 + tl.arange(0, BLOCK_W)
+            w_mask = w_off < WIDTH
+            rows = first_row + w_off
+            g = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+            u = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+            for d0 in range(0, hidden, BLOCK_D):
+                d_off = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d_off < hidden
+                xt = tl.load(x_ptr + tokens[:, None] * hidden + d_off[None, :],
+                             mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+                wt_mask = d_mask[:, None] & w_mask[None, :]
+                wt_off = rows[None, :] * hidden + d_off[:, None]  # (BLOCK_D, BLOCK_W): rows transposed
+                gt = tl.load(gate_ptr + wt_off, mask=wt_mask, other=0.0)
+                ut = tl.load(up_ptr + wt_off, mask=wt_mask, other=0.0)
+                if IEEE:
+                    g = tl.dot(xt, gt, g, input_precision="ieee")
+                    u = tl.dot(xt, ut, u, input_precision="ieee")
+                else:
+                    g = tl.dot(xt, gt, g)
+                    u = tl.dot(xt, ut, u)
+            a = g * tl.sigmoid(g) * u
+            a = tl.where(m_mask[:, None] & w_mask[None, :], a, 0.0)
+            for d0 in range(0, hidden, BLOCK_D):
+                d_off = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d_off < hidden
+                dw = tl.load(down_ptr + rows[:, None] * hidden + d_off[None, :],
+                             mask=w_mask[:, None] & d_mask[None, :], other=0.0)
+                if IEEE:
+                    y = tl.dot(a.to(dw.dtype), dw, input_precision="ieee")
+                else:
+                    y = tl.dot(a.to(dw.dtype), dw)
+                tl.atomic_add(out_ptr + tokens[:, None] * hidden + d_off[None, :], y,
+                              mask=m_mask[:, None] & d_mask[None, :])
+
+
+def tree_route_triton(x: torch.Tensor, vectors: torch.Tensor, bias, num_trees: int, depth: int):
+    """x: (N, d); vectors: (trees * nodes, d) contiguous; bias: (trees, nodes) or None.
+    Returns (leaf (N, T), path (N, T, depth)) as int64, like `tree_route`."""
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the `triton` package")
+    n, hidden = x.shape
+    num_nodes = vectors.shape[0] // num_trees
+    leaf = torch.empty(n, num_trees, dtype=torch.int32, device=x.device)
+    path = torch.empty(n, num_trees, depth, dtype=torch.int32, device=x.device)
+    if n:
+        bias_arg = bias.contiguous() if bias is not None else vectors  # unused when HAS_BIAS is False
+        _tree_route_kernel[(n, num_trees)](x.contiguous(), vectors.contiguous(), bias_arg, leaf, path, hidden,
+                                            num_trees, num_nodes, DEPTH=depth, HAS_BIAS=bias is not None,
+                                            BLOCK_D=128)
+    return leaf.long(), path.long()
+
+
+def _tiles(item_blocks: torch.Tensor, num_blocks: int, block_m: int):
+    """Sort items by block and lay out BLOCK_M tiles per block, on the device, without a sync."""
+    order = torch.argsort(item_blocks, stable=True)
+    counts = torch.bincount(item_blocks, minlength=num_blocks)
+    group_start = torch.cumsum(counts, 0) - counts
+    tiles_per_block = (counts + block_m - 1) // block_m
+    tiles_end = torch.cumsum(tiles_per_block, 0)
+    max_tiles = item_blocks.numel() // block_m + num_blocks  # sum of ceil(c / m) <= M / m + blocks
+    tile = torch.arange(max_tiles, device=item_blocks.device)
+    block = torch.searchsorted(tiles_end, tile, right=True).clamp_max(num_blocks - 1)
+    within = tile - (tiles_end[block] - tiles_per_block[block])
+    valid = tile < tiles_end[-1]
+    start = torch.where(valid, group_start[block] + within * block_m, 0)
+    end = torch.where(valid, group_start[block] + counts[block], 0)
+    return order, block.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
+
+
+def grouped_block_swiglu(x, item_tokens, item_blocks, num_blocks: int, row_offset: int, width: int,
+                         gate, up, down, out: torch.Tensor) -> torch.Tensor:
+    """Add, for every item i, block `item_blocks[i]`'s SwiGLU of token `item_tokens[i]` into `out`
+    (fp32, (N, d)). A block is `width` contiguous rows starting at `row_offset + block * width`."""
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the `triton` package")
+    if item_tokens.numel() == 0:
+        return out
+    order, tile_block, tile_start, tile_end = _tiles(item_blocks, num_blocks, GROUPED_BLOCK_M)
+    sorted_tokens = item_tokens[order].to(torch.int32).contiguous()
+    _grouped_block_swiglu_kernel[(tile_block.numel(),)](
+        x, sorted_tokens, tile_block, tile_start, tile_end, gate, up, down, out, x.shape[1], row_offset,
+        WIDTH=width, BLOCK_M=GROUPED_BLOCK_M, BLOCK_W=max(16, min(64, triton.next_power_of_2(width))),
+        BLOCK_D=64, IEEE=x.dtype == torch.float32,
+    )
+    return out
+
+
+def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """(N, T, depth + 1, width) rows of every block on each token's path (equal-width blocks), or
+    for per-node activation (N, T * (depth * node_width + leaf_width)) rows, flattened."""
+    s = layer.spec
+    trees = torch.arange(s.num_trees, device=leaf.device)
+    leaf_start = layer.node_rows + (trees * s.num_leaves + leaf) * s.leaf_width  # (N, T)
+    leaf_rows = leaf_start[:, :, None] + torch.arange(s.leaf_width, device=leaf.device)
+    if not s.node_width:
+        return leaf_rows.reshape(leaf.shape[0], -1)
+    node_start = (trees[:, None] * s.num_nodes + path) * s.node_width  # (N, T, depth)
+    node_rows = node_start[..., None] + torch.arange(s.node_width, device=leaf.device)
+    if s.activation == "after_sum":
+        return torch.cat([node_rows, leaf_rows[:, :, None]], dim=2)
+    return torch.cat([node_rows.flatten(2), leaf_rows], dim=2).reshape(leaf.shape[0], -1)
+
+
+def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Forward of a `TreeFFN` on the kernels; returns (output, a name of the kernels that ran)."""
+    s = layer.spec
+    vectors = routing_matrix(layer)
+    bias = layer.router_bias.detach() if s.routing == "hyperplane" else None
+    leaf, path = tree_route_triton(x, vectors, bias, s.num_trees, s.depth)
+    if layer.usage is not None:
+        layer.usage.record(leaf, path)
+    gate, up, down = layer.gate_rows.detach(), layer.up_rows.detach(), layer.down_rows.detach()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    n = x.shape[0]
+    grouped = n > GROUPED_MIN_TOKENS and not (s.activation == "after_sum" and s.node_width)
+    if s.activation == "after_sum" and s.node_width:
+        gathered_swiglu_after_sum(x, path_rows(layer, leaf, path), gate, up, down, out=out)
+        name = "triton:route+gather_after_sum"
+    elif grouped:
+        tokens = torch.arange(n, device=x.device)
+        trees = torch.arange(s.num_trees, device=x.device)
+        if s.node_width:
+            node_blocks = trees[None, :, None] * s.num_nodes + path  # (N, T, depth)
+            grouped_block_swiglu(x, tokens[:, None, None].expand_as(node_blocks).reshape(-1), node_blocks.reshape(-1),
+                                 s.num_trees * s.num_nodes, 0, s.node_width, gate, up, down, out)
+        leaf_blocks = trees[None, :] * s.num_leaves + leaf
+        grouped_block_swiglu(x, tokens[:, None].expand_as(leaf_blocks).reshape(-1), leaf_blocks.reshape(-1),
+                             s.num_trees * s.num_leaves, layer.node_rows, s.leaf_width, gate, up, down, out)
+        name = "triton:route+grouped_gemm"
+    else:
+        rows = path_rows(layer, leaf, path)
+        if s.shared_width:
+            shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size, device=x.device)
+            rows = torch.cat([rows, shared.expand(n, -1)], dim=1)
+        gathered_swiglu(x, rows.contiguous(), gate, up, down, out=out)
+        name = "triton:route+gather"
+    if s.shared_width and (grouped or (s.activation == "after_sum" and s.node_width)):
+        start = layer.node_rows + layer.leaf_rows  # always-on neurons: a dense GEMM (cuBLAS on a GPU)
+        hidden = F.silu(x @ gate[start:].T) * (x @ up[start:].T)
+        out += (hidden @ down[start:]).float()
+    return out.to(x.dtype), name
