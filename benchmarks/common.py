@@ -35,17 +35,23 @@ def machine() -> dict:
     }
 
 
-def interleaved_median(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
+def interleaved_median(
+    fns: dict[str, Callable[[], object]], rounds: int, calls: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     """Median seconds per call of each function, timing them in alternation so that drift in the
-    machine's speed (turbo, other load) hits every side alike."""
+    machine's speed (turbo, other load) hits every side alike. `sync` waits for queued device
+    work (torch.cuda.synchronize) before and after each timed batch of calls."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up
+    for fn in fns.values():  # warm-up (and Triton compilation)
         fn()
+    sync()
     for _ in range(rounds):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(values) for name, values in samples.items()}
 
