@@ -18,6 +18,8 @@ QUANTILE_SAMPLE = 1 << 22  # torch.quantile's input limit is 2**24 elements
 
 
 def _magnitude_quantile(values: torch.Tensor, q: float, generator: torch.Generator) -> torch.Tensor:
+    if q <= 0:  # keep everything, also inputs smaller than any seen in calibration
+        return torch.zeros((), dtype=torch.float32)
     flat = values.detach().abs().float().reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE:
         flat = flat[torch.randint(0, flat.numel(), (QUANTILE_SAMPLE,), generator=generator)]
