@@ -74,6 +74,37 @@ def decode_section(data: dict) -> list[str]:
     return lines
 
 
+def quality_section(data: dict) -> list[str]:
+    m, ev, cal = data["machine"], data["evaluation"], data["calibration"]
+    lines = [
+        f"**Quality, {data['model']}** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, "
+        f"{data['dtype']}; file `benchmarks/results/quality_smollm2.json`, plot `quality_smollm2.png`). "
+        f"Perplexity on `wiki.test.raw`, first {ev['windows']} windows of {ev['window']} tokens; calibration on "
+        f"`valid.txt` ({cal['tokens']:,} tokens, {cal['tokens_per_layer']:,} MLP inputs kept per layer; capture took "
+        f"{cal['seconds']:.0f} s, peak RSS {cal['peak_rss_gib_after']:.1f} GiB). Ratio = perplexity / dense perplexity.",
+        "",
+        "| variant | active MLP units | MLP weights read | perplexity | ratio | notes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        notes = ""
+        if r["method"] == "mgs":
+            notes = f"gate recall {r['gate_recall_before']:.2f} -> {r['gate_recall_after']:.2f}"
+        elif r["method"] == "tree":
+            notes = (f"captured mass {r['captured_mass_before']:.2f} -> {r['captured_mass_after']:.2f}; "
+                     f"layer MSE {r['layer_mse_before']:.3g} -> {r['layer_mse_after']:.3g}")
+        elif r["method"] == "teal":
+            notes = "training-free, thresholds calibrated to the MGS row's weight fraction"
+        elif r["method"] == "oracle":
+            notes = "true top-k by |act(g)*u|: the ceiling of any gate"
+        ratio = f"{r['ppl_ratio']:.3f}" if r.get("ppl_ratio", 0) < 100 else f"{r['ppl_ratio']:.3g}"
+        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] < 1e4 else f"{r['perplexity']:.3g}"
+        lines.append(f"| {r['variant']} | {r['unit_fraction']:.2%} | {r['weight_fraction']:.2%} | {ppl} | "
+                     f"{ratio} | {notes} |")
+    lines.append("")
+    return lines
+
+
 def render() -> str:
     lines = [START, ""]
     mlp = _load("bench_mlp_cpu.json")
@@ -83,6 +114,9 @@ def render() -> str:
         decode = _load(f"bench_decode_{model}.json")
         if decode:
             lines += decode_section(decode)
+    quality = _load("quality_smollm2.json")
+    if quality:
+        lines += quality_section(quality)
     if len(lines) == 2:
         lines += ["No benchmark has been run yet.", ""]
     lines.append(END)

@@ -41,11 +41,14 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec):
     code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
                  "--calibration", str(calibration), "--windows", "8", "--window", "64", "--gate-steps", "40",
                  "--distill-steps", "40", "--lr", "1e-3", "--no-progress"])
-    assert code == 0, capsys.readouterr().err
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
     summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
     assert summary["calibration"]["tokens"] == 8 * 64 and len(summary["layers"]) == 2
     if spec.method == "tree":
         assert all(r["mse_after"] < r["mse_before"] for r in summary["layers"])
+        assert all(0 < r["captured_mass_after"] <= 1 for r in summary["layers"])  # the routing was fitted
+        assert "activation mass on the tokens' paths" in stdout
     else:
         assert all(r["recall_after"] >= r["recall_before"] for r in summary["layers"])
     assert treeffn_hf.load(tmp_path / "out").config.sparse_mlp["method"] == spec.method

@@ -2,7 +2,8 @@
 
 The dense model runs once over the calibration text; each MLP's inputs are sampled (bounded
 memory). MGS gates are then trained to predict the dense model's top-k neurons (weighted BCE,
-best held-out recall kept); tree MLPs are regressed on the dense MLP outputs. Layers are done one
+best held-out recall kept); tree MLPs first get their neuron partition and routing fitted to where
+the tokens' dense activation mass is, then are regressed on the dense MLP outputs. Layers are done one
 at a time and saved as they finish: rerunning the same command after a kill resumes.
 """
 
@@ -46,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"gate recall at the target density (mean over {len(layers)} layers): {before:.3f} -> {after:.3f}")
     else:
         improved = sum(r["mse_after"] < r["mse_before"] for r in layers)
+        fitted = [r for r in layers if r.get("captured_mass_after") is not None]
+        if fitted:
+            before = sum(r["captured_mass_before"] for r in fitted) / len(fitted)
+            after = sum(r["captured_mass_after"] for r in fitted) / len(fitted)
+            print(f"activation mass on the tokens' paths (mean over {len(fitted)} layers): {before:.3f} -> {after:.3f}")
         print(f"layer MSE lowered in {improved} of {len(layers)} layers")
     print(f"wrote {args.out} ({summary['calibration']['tokens']} calibration tokens, {summary['seconds']:.0f}s)")
     return 0

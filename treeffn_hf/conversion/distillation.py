@@ -26,7 +26,7 @@ from .routing_fit import fit_routing
 @dataclass
 class LayerDistillReport:
     layer: int
-    mse_before: float
+    mse_before: float  # held-out MSE when the regression starts (after any routing fit)
     mse_after: float
     steps: int
     # Tree layers: fraction of dense activation mass on the tokens' paths, before and after the
