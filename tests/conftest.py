@@ -62,6 +62,18 @@ def tiny_dense_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def char_tokenizer():
+    """A real (character-level) fast tokenizer over the tiny models' 100-token vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(32 + i): 3 + i for i in range(90)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def run_python(code: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (the way a user without our process state would)."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}

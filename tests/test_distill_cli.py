@@ -3,22 +3,12 @@
 import json
 
 import pytest
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
 from treeffn_hf.cli.main import main
 
-from .conftest import DATA_DIR, tiny_dense_model
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {chr(32 + i): 3 + i for i in range(90)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+from .conftest import DATA_DIR, char_tokenizer, tiny_dense_model
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def test_a_work_dir_is_resumed_only_by_the_same_run(dense_dir, tmp_path, capsys)
     (work / "run.json").write_text(json.dumps({"from": "another run"}))
     code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
                  "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--no-progress"])
-    assert code == 1 and "holds layers of a run with other inputs" in capsys.readouterr().err
+    assert code == 1 and "holds a run with other inputs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

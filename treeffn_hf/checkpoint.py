@@ -244,3 +244,18 @@ def _replace_directory(staging: Path, out: Path) -> None:
 def load(path: Union[str, Path], **kwargs: Any) -> PreTrainedModel:
     """Load a saved sparse checkpoint (local or Hub) the way any user would: with remote code."""
     return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, **kwargs)
+
+
+def claim_work_dir(work: Path, run: dict) -> None:
+    """A resumable run's work directory is resumed only by the run that made it: same inputs,
+    same options. The first run stamps it with `run`."""
+    stamp = work / "run.json"
+    if stamp.is_file():
+        if json.loads(stamp.read_text()) != run:
+            raise CheckpointError(
+                f"{work}: holds a run with other inputs or options; rerun that command to resume it, "
+                "or delete the directory to start over"
+            )
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(run))

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, load_dense, prepare_output, read_dense_config, save
+from .checkpoint import CheckpointError, claim_work_dir, load_dense, prepare_output, read_dense_config, save
 from .conversion.surgery import check_convertible, convert
 from .modeling.layer_spec import LayerSpec
 
@@ -131,20 +131,6 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
     }
 
 
-def _claim_work_dir(work: Path, run: dict) -> None:
-    """A work directory is resumed only by the run that made it: same inputs, same options."""
-    stamp = work / "run.json"
-    if stamp.is_file():
-        if json.loads(stamp.read_text()) != run:
-            raise CheckpointError(
-                f"{work}: holds layers of a run with other inputs or options; rerun that command to resume it, "
-                "or delete the directory to start over"
-            )
-        return
-    work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(run))
-
-
 def distill_checkpoint(
     sparse_dir: Union[str, Path],
     out: Union[str, Path],
@@ -184,7 +170,7 @@ def distill_checkpoint(
     except (FileNotFoundError, StopIteration) as error:
         raise CheckpointError(f"{calibration}: unusable calibration source ({error or 'empty'})") from error
     work = out.parent / f".{out.name}.distill-work"
-    _claim_work_dir(work, {
+    claim_work_dir(work, {
         "sparse": str(Path(sparse_dir).resolve()), "dense": str(dense), "gguf_file": gguf_file,
         "calibration": str(calibration), "windows": windows, "window": window,
         "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,

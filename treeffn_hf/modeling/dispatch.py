@@ -42,7 +42,7 @@ def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> O
     return None
 
 
-def choose_path(layer: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> str:
+def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
     forced = getattr(layer, "force_path", None) or os.environ.get("TREEFFN_PATH", "auto")
     if forced != "auto":
         if forced not in PATHS:
@@ -53,7 +53,7 @@ def choose_path(layer: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -
                 raise RuntimeError(f"the triton path was forced, but {reason}")
         return forced
     # Training goes through the reference path, whose gradients the tests pin down.
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return "reference"
     if x.is_cuda and triton_unavailable_reason(layer, x.device) is None:
         return "triton"

@@ -64,6 +64,9 @@ class MicroGatedMLP(nn.Module):
         self.register_buffer("gate_threshold", torch.zeros(()))
         self._tokens_seen = 0
         self._units_selected = 0.0
+        # Fine-tuning through the top-k mask: "straight_through" adds sigmoid(s) - stop_grad(sigmoid(s))
+        # to the 0/1 mask (same forward value), so the gate learns from every neuron's contribution.
+        self.gate_gradient: Optional[str] = None
         self.force_path: Optional[str] = None
         self.last_path: Optional[str] = None
 
@@ -77,7 +80,7 @@ class MicroGatedMLP(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         scores = self.micro_gate(x)
-        self.last_path = choose_path(self, x, self.gate_proj.weight)
+        self.last_path = choose_path(self, x)
         if self.last_path == "triton":
             from .kernels_mgs import mgs_triton  # imports triton only when the kernels run
 
@@ -87,6 +90,11 @@ class MicroGatedMLP(nn.Module):
             return mgs_fast(self, x, scores).reshape(shape)
         mask = select_neurons(scores, self.spec, self.gate_threshold)
         self._record_density(mask)
+        if self.gate_gradient == "straight_through" and torch.is_grad_enabled():
+            soft = torch.sigmoid(scores)
+            mask = mask + soft - soft.detach()
+        elif self.gate_gradient not in (None, "straight_through"):
+            raise ValueError(f"gate_gradient must be None or 'straight_through', got {self.gate_gradient!r}")
         return mgs_masked_dense(self, x, mask).reshape(shape)
 
     @torch.no_grad()

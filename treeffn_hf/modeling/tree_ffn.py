@@ -13,8 +13,11 @@ For one tree and the blocks `b` on a token's path:
 
 plus the shared neurons, always computed per neuron. A node branches right when its routing score
 is positive: the gate pre-activation of its first neuron (`routing='self'`) or a router hyperplane
-(`routing='hyperplane'`). The branch choice carries no gradient, so hyperplane routers get none
-from this layer; they are fitted by the conversion tools.
+(`routing='hyperplane'`). The branch choice carries no gradient (the paper's form), so hyperplane
+routers get none by default; they are fitted by the conversion tools. Fine-tuning can set
+`routing_gradient = "straight_through"`: each tree's path output is multiplied by P / stop_grad(P),
+P the product of sigmoid(+-score / routing_temperature) of the branches taken. The forward value
+is unchanged, and the routers receive the gradient of the taken path's probability.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class TreeFFN(nn.Module):
         else:
             self.router_weight = self.router_bias = None
         self.usage: Optional["TreeUsage"] = None
+        self.routing_gradient: Optional[str] = None  # None (stop-gradient) or "straight_through"
+        self.routing_temperature: float = 1.0
         self.force_path: Optional[str] = None
         self.last_path: Optional[str] = None
 
@@ -125,7 +130,7 @@ class TreeFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        self.last_path = choose_path(self, x, self.gate_rows)
+        self.last_path = choose_path(self, x)
         if self.last_path == "triton":
             from .kernels_tree import tree_ffn_triton  # imports triton only when the kernels run
 
@@ -136,8 +141,27 @@ class TreeFFN(nn.Module):
             leaf, path = self.route(x)
             if self.usage is not None:
                 self.usage.record(leaf, path)
-            out = tree_ffn_masked_dense(self, x, leaf, path)
+            scale = None
+            if self.routing_gradient == "straight_through" and torch.is_grad_enabled():
+                probability = self.path_probability(x, leaf, path)
+                scale = probability / probability.detach()
+            elif self.routing_gradient not in (None, "straight_through"):
+                raise ValueError(f"routing_gradient must be None or 'straight_through', got {self.routing_gradient!r}")
+            out = tree_ffn_masked_dense(self, x, leaf, path, scale)
         return out.reshape(shape)
+
+    def path_probability(self, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """(N, trees): product over levels of sigmoid(+-score / temperature) of the branches taken."""
+        vectors, bias = self.routing_vectors()
+        trees = torch.arange(self.spec.num_trees, device=x.device)[None, :, None]
+        visited = vectors[trees, path]  # (N, T, depth, d)
+        scores = torch.einsum("nd,ntld->ntl", x, visited.to(x.dtype))
+        if bias is not None:
+            scores = scores + bias[trees, path].to(x.dtype)
+        children = torch.cat([path[:, :, 1:], (leaf + self.spec.num_nodes)[:, :, None]], dim=2)
+        went_right = children % 2 == 0
+        signed = torch.where(went_right, scores, -scores) / self.routing_temperature
+        return torch.sigmoid(signed).prod(dim=2)
 
     # -- accounting --------------------------------------------------------------------------
     def cost(self) -> SparseCost:
@@ -159,11 +183,14 @@ class TreeFFN(nn.Module):
         )
 
 
-def tree_ffn_masked_dense(layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+def tree_ffn_masked_dense(
+    layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor, scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Reference computation: every neuron's pre-activation is computed, then masked to the path.
 
     It costs as much as the dense MLP and is the oracle the fast paths are tested against. It is
-    also the training path: off-path neurons get exactly zero gradient.
+    also the training path: off-path neurons get exactly zero gradient. `scale` (N, trees), if
+    given, multiplies each tree's path activations (the straight-through routing factor).
     """
     spec = layer.spec
     n_tok, trees = x.shape[0], spec.num_trees
@@ -189,6 +216,9 @@ def tree_ffn_masked_dense(layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, p
     else:
         leaf_a = act(leaf_g) * leaf_u
         node_a = act(node_g) * node_u if has_nodes else None
+    if scale is not None:
+        leaf_a = leaf_a * scale[:, :, None].to(leaf_a.dtype)
+        node_a = node_a * scale[:, :, None, None].to(node_a.dtype) if has_nodes else None
 
     parts = []
     if has_nodes:

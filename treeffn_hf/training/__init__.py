@@ -1,0 +1,1 @@
+"""End-to-end fine-tuning of converted models: distillation from the dense teacher on the HF Trainer."""

@@ -1,0 +1,145 @@
+"""`finetune_checkpoint`: end-to-end distillation of a converted checkpoint from its dense teacher.
+
+The run lives in a work directory beside OUT (`.OUT.finetune-work`): Trainer checkpoints every
+`save_steps`, plus the tree-dynamics and perplexity histories. Rerunning the same command after
+a kill resumes from the last checkpoint; a non-finite loss stops the run with the last good
+checkpoint kept. OUT is written atomically at the end, and the work directory removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..checkpoint import CheckpointError, claim_work_dir, load, load_dense, prepare_output, save
+from .data import TrainingData, combine, teacher_data, text_data
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def finetune_checkpoint(
+    sparse_dir: Union[str, Path],
+    out: Union[str, Path],
+    *,
+    dense: str,
+    gguf_file: Optional[str] = None,
+    data: Optional[str] = None,
+    teacher_samples: int = 0,
+    window: int = 256,
+    max_windows: int = 256,
+    steps: int = 100,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    warmup_steps: int = 0,
+    kl_weight: float = 1.0,
+    lm_weight: float = 0.0,
+    temperature: float = 1.0,
+    trainable: str = "sparse",
+    routing: str = "learned",
+    routing_gradient: Optional[str] = "straight_through",
+    gate_gradient: Optional[str] = "straight_through",
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+    eval_windows: Optional[torch.Tensor] = None,
+    eval_every: int = 0,
+    stats_every: int = 0,
+    save_steps: int = 50,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from .data import WindowDataset
+    from .setup import configure_training
+    from .trainer import (
+        DistillationTrainer,
+        PerplexityCurveCallback,
+        TreeDynamicsCallback,
+        has_tree_layers,
+        tokens_per_step,
+    )
+
+    start = time.perf_counter()
+    out = prepare_output(out, overwrite, source=sparse_dir)
+    work = out.parent / f".{out.name}.finetune-work"
+    run = {k: v for k, v in locals().items() if k in (
+        "dense", "gguf_file", "data", "teacher_samples", "window", "max_windows", "steps", "batch_size", "grad_accum",
+        "lr", "kl_weight", "lm_weight", "temperature", "trainable", "routing", "routing_gradient", "gate_gradient",
+        "lora_rank", "seed")}
+    run["sparse"] = str(Path(sparse_dir).resolve())
+    run["lora_targets"] = list(lora_targets)
+    claim_work_dir(work, run)
+
+    student = load(sparse_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
+    teacher, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise CheckpointError(f"{dense}: not the dense model {sparse_dir} was converted from (vocabularies differ)")
+    training_data = _training_data(data, teacher_samples, teacher, tokenizer, window, max_windows, seed, progress)
+    setup = configure_training(student, trainable=trainable, routing=routing, routing_gradient=routing_gradient,
+                               gate_gradient=gate_gradient, seed=seed)
+    model = student
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=list(lora_targets),
+                            modules_to_save=["mlp"] if trainable == "sparse" else None)
+        model = get_peft_model(student, config)
+
+    args = TrainingArguments(
+        output_dir=str(work), max_steps=steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, learning_rate=lr, warmup_steps=warmup_steps,
+        lr_scheduler_type="constant_with_warmup", weight_decay=0.0, logging_steps=max(1, min(10, steps)),
+        save_steps=save_steps, save_total_limit=2, report_to=[], seed=seed, disable_tqdm=not progress,
+        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+    )
+    per_step = tokens_per_step(args, training_data.windows.shape[1])
+    callbacks = []
+    if stats_every and has_tree_layers(model):
+        callbacks.append(TreeDynamicsCallback(training_data.windows[:2], stats_every, per_step))
+    if eval_every and eval_windows is not None:
+        callbacks.append(PerplexityCurveCallback(eval_windows, eval_every, per_step))
+
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=WindowDataset(training_data.windows),
+                                  teacher=teacher, kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature,
+                                  callbacks=callbacks)
+    resume = any(work.glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+
+    final = model
+    if lora_rank:
+        model.save_pretrained(str(work / "lora_adapter"))  # kept in OUT too, for reuse on the base checkpoint
+        final = model.merge_and_unload()
+    final.requires_grad_(True)
+    summary = {
+        "data": training_data.describe(), "setup": setup, "run": run, "resumed": resume,
+        "steps": int(result.global_step), "tokens_seen": int(result.global_step) * per_step,
+        "train_loss": float(result.training_loss), "seconds": time.perf_counter() - start,
+        "log": [e for e in trainer.state.log_history if "loss" in e],
+        **{cb.name: cb.history for cb in callbacks},
+    }
+    extra = {"treeffn_finetune.json": json.dumps(summary, indent=2)}
+    save(final, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense), extra_files=extra)
+    if lora_rank:
+        shutil.copytree(work / "lora_adapter", out / "lora_adapter")
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _training_data(data, teacher_samples, teacher, tokenizer, window, max_windows, seed, progress) -> TrainingData:
+    parts = []
+    if data is not None:
+        try:
+            parts.append(text_data(data, tokenizer, window, max_windows))
+        except (FileNotFoundError, ValueError) as error:
+            raise CheckpointError(f"{data}: unusable training data ({error})") from error
+    if teacher_samples:
+        parts.append(teacher_data(teacher, tokenizer, teacher_samples, window, seed=seed, progress=progress))
+    return combine(parts)

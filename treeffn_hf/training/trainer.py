@@ -1,0 +1,135 @@
+"""Distillation from the dense teacher on the Hugging Face `Trainer` (so `accelerate launch`
+scales it to several GPUs unchanged), with the callbacks a sparse fine-tune needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from ..evaluation import perplexity
+from ..tree_stats import collect_tree_stats, summary, tree_layers
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) on temperature-softened distributions, times T^2."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+class DistillationTrainer(Trainer):
+    """loss = kl_weight * KL(teacher || student) + lm_weight * next-token cross-entropy."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, kl_weight: float = 1.0, lm_weight: float = 0.0,
+                 temperature: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.kl_weight, self.lm_weight, self.temperature = kl_weight, lm_weight, temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        outputs = model(input_ids=ids, labels=inputs["labels"] if self.lm_weight else None, use_cache=False)
+        loss = outputs.logits.new_zeros((), dtype=torch.float32)
+        if self.kl_weight:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+            loss = loss + self.kl_weight * distillation_loss(outputs.logits, teacher_logits, self.temperature)
+        if self.lm_weight:
+            loss = loss + self.lm_weight * outputs.loss.float()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the fine-tuning loss became {loss.item()} at step {self.state.global_step}; training stopped. "
+                f"The last good checkpoint is kept in {self.args.output_dir} (rerun with a lower learning rate "
+                "to resume from it)"
+            )
+        return (loss, outputs) if return_outputs else loss
+
+
+class HistoryCallback(TrainerCallback):
+    """Base of callbacks that measure something every `every` steps and keep a JSON history in
+    the run's output directory (so a resumed run continues it)."""
+
+    name = "history"
+
+    def __init__(self, every: int, tokens_per_step: int) -> None:
+        self.every = every
+        self.tokens_per_step = tokens_per_step
+        self.history: list[dict] = []
+
+    def _file(self, args) -> Path:
+        return Path(args.output_dir) / f"{self.name}.json"
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._file(args).is_file():
+            self.history = [h for h in json.loads(self._file(args).read_text()) if h["step"] <= state.global_step]
+        if not any(h["step"] == state.global_step for h in self.history):
+            self._record(args, state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._record(args, state, model)
+
+    def _record(self, args, state, model) -> None:
+        row = {"step": state.global_step, "tokens_seen": state.global_step * self.tokens_per_step,
+               **self.measure(model)}
+        self.history.append(row)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        self._file(args).write_text(json.dumps(self.history, indent=1))
+
+    def measure(self, model) -> dict:
+        raise NotImplementedError
+
+
+class TreeDynamicsCallback(HistoryCallback):
+    """Dead paths and routing entropy of every tree layer on fixed probe windows."""
+
+    name = "tree_dynamics"
+
+    def __init__(self, probe: torch.Tensor, every: int, tokens_per_step: int) -> None:
+        super().__init__(every, tokens_per_step)
+        self.probe = probe
+
+    def measure(self, model) -> dict:
+        return summary(collect_tree_stats(_unwrap(model), self.probe, progress=False))
+
+
+class PerplexityCurveCallback(HistoryCallback):
+    """Perplexity on fixed evaluation windows (the quality-against-tokens curve)."""
+
+    name = "perplexity_curve"
+
+    def __init__(self, windows: torch.Tensor, every: int, tokens_per_step: int) -> None:
+        super().__init__(every, tokens_per_step)
+        self.windows = windows
+
+    def measure(self, model) -> dict:
+        return {"perplexity": perplexity(model, self.windows, progress=False).perplexity}
+
+
+def _unwrap(model):
+    # peft wraps the model; the tree layers are found on the base model.
+    base = getattr(model, "get_base_model", None)
+    return base() if base is not None else model
+
+
+def has_tree_layers(model) -> bool:
+    try:
+        return bool(tree_layers(_unwrap(model)))
+    except AttributeError:
+        return False
+
+
+def tokens_per_step(args, window: int) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size) * window
+
