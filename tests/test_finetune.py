@@ -1,0 +1,225 @@
+"""End-to-end fine-tuning on tiny models: gradients through hard selections, frozen routing,
+resumption, the NaN stop, LoRA round trips, teacher-sampled data."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import treeffn_hf
+from treeffn_hf import MGSSpec, TreeSpec
+from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP
+from treeffn_hf.modeling.tree_ffn import TreeFFN
+from treeffn_hf.training import trainer as trainer_module
+from treeffn_hf.training.data import teacher_data
+from treeffn_hf.training.finetune import finetune_checkpoint
+from treeffn_hf.training.setup import configure_training
+
+from .conftest import DATA_DIR, char_tokenizer, run_python, tiny_dense_model
+
+HIDDEN, INTER = 48, 166
+TEXT = str(DATA_DIR / "wikitext-2" / "valid.txt")
+
+
+def random_layer(layer: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("routing", ["self", "hyperplane"])
+@pytest.mark.parametrize("gradient", [None, "straight_through"])
+def test_gradients_reach_the_tree_under_each_routing_mode(routing, gradient):
+    layer = random_layer(TreeFFN(HIDDEN, INTER, TreeSpec(depth=3, node_width=2, routing=routing), nn.SiLU()))
+    x = torch.randn(64, HIDDEN)
+    with torch.no_grad():
+        plain = layer(x)
+    layer.routing_gradient = gradient
+    out = layer(x)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)  # straight-through leaves the value alone
+    out.pow(2).sum().backward()
+    for name in ("gate_rows", "up_rows", "down_rows"):
+        assert getattr(layer, name).grad.abs().sum() > 0, name
+    if routing == "hyperplane":
+        router_grad = layer.router_weight.grad
+        if gradient is None:
+            assert router_grad is None or router_grad.abs().sum() == 0  # stop-gradient through the branch
+        else:
+            assert router_grad.abs().sum() > 0
+
+
+def test_straight_through_routing_gradient_is_the_path_probability_gradient():
+    layer = random_layer(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1, routing="hyperplane"), nn.SiLU()))
+    layer.routing_gradient = "straight_through"
+    x = torch.randn(5, HIDDEN)
+    layer(x).sum().backward()
+    got = layer.router_weight.grad.clone()
+    # By hand: d/dw of sum_n P_n * stop_grad(path_n . 1 / P_n), path_n the output without the
+    # always-on shared neurons (which no routing decision scales).
+    layer.zero_grad()
+    leaf, path = layer.route(x)
+    with torch.no_grad():
+        shared = (nn.functional.silu(x @ layer.shared_gate.T) * (x @ layer.shared_up.T)) @ layer.shared_down
+        per_token = (layer(x) - shared).sum(dim=1)
+    probability = layer.path_probability(x, leaf, path)[:, 0]
+    (probability * (per_token / probability).detach()).sum().backward()
+    torch.testing.assert_close(got, layer.router_weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", [None, "straight_through"])
+def test_mgs_trains_through_the_mask(gradient):
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=8), nn.SiLU()))
+    x = torch.randn(32, HIDDEN)
+    with torch.no_grad():
+        plain = layer(x)
+    layer.gate_gradient = gradient
+    out = layer(x)
+    torch.testing.assert_close(out, plain)
+    out.pow(2).sum().backward()
+    assert layer.up_proj.weight.grad.abs().sum() > 0
+    gate_grad = layer.micro_gate.scorer.weight.grad
+    if gradient is None:
+        assert gate_grad is None
+    else:
+        assert gate_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("routing", ["self", "hyperplane"])
+def test_frozen_routing_keeps_every_decision(routing):
+    dense = tiny_dense_model("llama")
+    spec = TreeSpec(depth=3, node_width=2, routing=routing)
+    sparse = treeffn_hf.convert(dense, spec, progress=False)
+    fresh = treeffn_hf.convert(dense, spec, progress=False)
+    assert configure_training(sparse, routing="frozen")["frozen_routing_rows"] > 0
+    ids = torch.randint(3, 97, (2, 24))
+    optimizer = torch.optim.Adam([p for p in sparse.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        sparse(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    probe = torch.randn(50, 48)
+    for (_, trained), (_, initial) in zip(sparse.sparse_mlps(), fresh.sparse_mlps()):
+        leaf, path = trained.route(probe)
+        want_leaf, want_path = initial.route(probe)
+        assert torch.equal(leaf, want_leaf) and torch.equal(path, want_path)
+        assert not torch.equal(trained.up_rows, initial.up_rows)  # ... while the neurons did train
+
+
+def test_random_routing_needs_hyperplanes():
+    sparse = treeffn_hf.convert(tiny_dense_model("llama"), TreeSpec(depth=2, node_width=1), progress=False)
+    with pytest.raises(ValueError, match="hyperplane"):
+        configure_training(sparse, routing="random")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    char_tokenizer().save_pretrained(root / "dense")
+    tiny_dense_model("llama").save_pretrained(root / "dense")
+    dense, tokenizer = treeffn_hf.load_dense(str(root / "dense"))
+    for name, spec in {"tree": TreeSpec(depth=3, node_width=2, routing="hyperplane"),
+                       "mgs": MGSSpec(density=0.25, rank=8)}.items():
+        treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), root / name, tokenizer=tokenizer)
+    return root
+
+
+OPTIONS = dict(data=TEXT, window=32, max_windows=32, batch_size=4, lr=2e-3, save_steps=4, progress=False)
+
+
+def weights(directory) -> dict:
+    return treeffn_hf.load(directory).state_dict()
+
+
+@pytest.mark.parametrize("method", ["tree", "mgs"])
+def test_finetune_lowers_the_distillation_loss(dirs, tmp_path, method):
+    summary = finetune_checkpoint(dirs / method, tmp_path / "out", dense=str(dirs / "dense"), steps=24,
+                                  stats_every=8, **{**OPTIONS, "save_steps": 100})
+    losses = [entry["loss"] for entry in summary["log"]]
+    assert losses[-1] < losses[0]
+    assert summary["data"]["tokens"] == 32 * 32 and summary["tokens_seen"] == 24 * 4 * 32
+    recorded = json.loads((tmp_path / "out" / "treeffn_finetune.json").read_text())
+    assert recorded["steps"] == 24
+    if method == "tree":
+        assert [h["step"] for h in recorded["tree_dynamics"]] == [0, 8, 16, 24]
+    assert not list(tmp_path.glob(".out.finetune-work"))
+
+
+def test_killed_finetune_resumes_from_its_checkpoint(dirs, tmp_path, monkeypatch):
+    uninterrupted = finetune_checkpoint(dirs / "tree", tmp_path / "a", dense=str(dirs / "dense"), steps=10, **OPTIONS)
+
+    real_step = trainer_module.DistillationTrainer.training_step
+
+    def dies_at_step_six(self, *args, **kwargs):
+        if self.state.global_step == 6:
+            raise KeyboardInterrupt  # killed after the step-4 checkpoint
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.DistillationTrainer, "training_step", dies_at_step_six)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_checkpoint(dirs / "tree", tmp_path / "b", dense=str(dirs / "dense"), steps=10, **OPTIONS)
+    assert (tmp_path / ".b.finetune-work" / "checkpoint-4").is_dir() and not (tmp_path / "b").exists()
+    monkeypatch.setattr(trainer_module.DistillationTrainer, "training_step", real_step)
+    resumed = finetune_checkpoint(dirs / "tree", tmp_path / "b", dense=str(dirs / "dense"), steps=10, **OPTIONS)
+    assert resumed["resumed"] and resumed["steps"] == uninterrupted["steps"] == 10
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(dirs, tmp_path, monkeypatch):
+    real_loss = trainer_module.distillation_loss
+    calls = {"n": 0}
+
+    def nan_after_five(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(trainer_module, "distillation_loss", nan_after_five)
+    with pytest.raises(FloatingPointError, match="became nan at step 5.*last good checkpoint"):
+        finetune_checkpoint(dirs / "mgs", tmp_path / "out", dense=str(dirs / "dense"), steps=10, **OPTIONS)
+    work = tmp_path / ".out.finetune-work"
+    assert (work / "checkpoint-4").is_dir() and not (tmp_path / "out").exists()
+
+
+LOAD_MERGED = r"""
+import sys, torch
+sys.modules["treeffn_hf"] = None
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.tensor([[5, 17, 33, 8, 60, 41, 12]])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[2])
+"""
+
+
+def test_lora_adapter_round_trips_and_merges_into_a_loadable_checkpoint(dirs, tmp_path):
+    from peft import PeftModel
+
+    summary = finetune_checkpoint(dirs / "tree", tmp_path / "out", dense=str(dirs / "dense"), steps=6, lora_rank=4,
+                                  **{**OPTIONS, "lr": 1e-2})
+    assert summary["setup"]["trainable"] == "sparse"
+    ids = torch.tensor([[5, 17, 33, 8, 60, 41, 12]])
+    # The adapter reloads onto the base (converted) checkpoint and gives the merged model's logits.
+    adapted = PeftModel.from_pretrained(treeffn_hf.load(dirs / "tree"), str(tmp_path / "out" / "lora_adapter")).eval()
+    merged = treeffn_hf.load(tmp_path / "out").eval()
+    base = treeffn_hf.load(dirs / "tree").eval()
+    with torch.no_grad():
+        want = merged(ids).logits
+        torch.testing.assert_close(adapted(ids).logits, want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(base(ids).logits, want, atol=1e-4)  # the fine-tune changed something
+    run_python(LOAD_MERGED, str(tmp_path / "out"), str(tmp_path / "logits.pt"))
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_samples_are_windows_from_the_teacher():
+    teacher = tiny_dense_model("qwen3")
+    data = teacher_data(teacher, char_tokenizer(), sequences=5, window=12, batch_size=2, progress=False)
+    assert data.windows.shape == (5, 12) and data.tokens == 60
+    assert (data.windows[:, 0] == 1).all()  # each starts from BOS
+    assert "teacher samples" in data.describe()["source"]
+    again = teacher_data(copy.deepcopy(teacher), char_tokenizer(), sequences=5, window=12, batch_size=2, progress=False)
+    assert torch.equal(data.windows, again.windows)  # seeded
