@@ -61,7 +61,7 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
     assert pattern in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("argv", [[], ["convert"], ["distill"], ["info"], ["eval"], ["push"], ["demo"]])
+@pytest.mark.parametrize("argv", [[], ["convert"], ["distill"], ["finetune"], ["info"], ["eval"], ["push"], ["demo"]])
 def test_help_on_every_subcommand(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
@@ -275,7 +275,7 @@ def test_interrupted_conversion_leaves_no_output(big_dense_dir, tmp_path, sig):
 def test_console_script_and_optimum_cli_plugin(dense_dir, tmp_path):
     help_text = subprocess.run([str(BIN / "optimum-cli"), "treeffn", "--help"], capture_output=True, text=True,
                                cwd=tmp_path).stdout
-    for name in ("convert", "distill", "info", "eval", "push", "demo"):
+    for name in ("convert", "distill", "finetune", "info", "eval", "push", "demo"):
         assert name in help_text
     out = tmp_path / "via-optimum"
     result = subprocess.run([str(BIN / "optimum-cli"), "treeffn", "convert", str(dense_dir), str(out), *TREE_ARGS],

@@ -223,3 +223,37 @@ def test_teacher_samples_are_windows_from_the_teacher():
     assert "teacher samples" in data.describe()["source"]
     again = teacher_data(copy.deepcopy(teacher), char_tokenizer(), sequences=5, window=12, batch_size=2, progress=False)
     assert torch.equal(data.windows, again.windows)  # seeded
+
+
+def test_finetune_and_tree_stats_from_the_command_line(dirs, tmp_path, capsys):
+    from treeffn_hf.cli.main import main
+
+    code = main(["finetune", str(dirs / "tree"), str(tmp_path / "out"), "--dense", str(dirs / "dense"),
+                 "--data", TEXT, "--window", "32", "--max-windows", "16", "--steps", "4", "--teacher-samples", "4",
+                 "--stats-every", "2", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "4 steps, 512 tokens seen" in out and "teacher samples" in out
+    text = tmp_path / "text.raw"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    code = main(["eval", str(tmp_path / "out"), "--text", str(text), "--windows", "2",
+                 "--tree-stats", str(tmp_path / "stats"), "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    stats = json.loads((tmp_path / "stats" / "tree_stats.json").read_text())
+    assert result["tree_stats"] == stats["summary"]
+    layer = stats["layers"][0]
+    assert sum(layer["leaf_counts"][0]) == layer["tokens"] == 2 * 1024
+    assert layer["dead_paths"] == sum(c == 0 for c in layer["leaf_counts"][0])
+    assert (tmp_path / "stats" / "tree_usage.png").stat().st_size > 1000
+
+
+def test_nan_is_a_one_line_cli_error(dirs, tmp_path, capsys, monkeypatch):
+    from treeffn_hf.cli.main import main
+
+    monkeypatch.setattr(trainer_module, "distillation_loss", lambda *a, **k: torch.tensor(float("nan")))
+    code = main(["finetune", str(dirs / "mgs"), str(tmp_path / "out"), "--dense", str(dirs / "dense"),
+                 "--data", TEXT, "--window", "32", "--max-windows", "8", "--steps", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "treeffn: error: the fine-tuning loss became nan" in err and "Traceback" not in err

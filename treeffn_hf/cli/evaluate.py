@@ -1,7 +1,9 @@
 """Perplexity of a model (dense or converted) on the project protocol: the text read as one string,
 non-overlapping windows of 1024 tokens, the first --windows of them (0 = all). With --baseline, the
 dense model is evaluated in the same run and the ratio is printed, next to the sparse model's
-active fraction of MLP units and weight bytes.
+active fraction of MLP units and weight bytes. With --tree-stats DIR, a tree model's path usage on
+the same windows is written to DIR: tree_stats.json (per layer: leaf histogram, dead paths, routing
+entropy, right-fraction per node) and tree_usage.png (usage heatmap).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-gguf-file", default=None)
     parser.add_argument("--text", default=DEFAULT_TEXT, help="evaluation text (never train on it)")
     parser.add_argument("--windows", type=int, default=40, help="number of 1024-token windows (0 = all)")
+    parser.add_argument("--tree-stats", metavar="DIR", default=None,
+                        help="write path-usage statistics and a heatmap of a tree model to DIR")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -54,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(model, "sparse_cost"):
         cost = model.sparse_cost()
         result.update(active_unit_fraction=cost.unit_fraction, active_weight_fraction=cost.weight_fraction)
+    if args.tree_stats:
+        result["tree_stats"] = _tree_stats(model, windows, args.tree_stats, not args.no_progress)
     if args.baseline:
         baseline, _ = _load(args.baseline, args.baseline_gguf_file)
         result["baseline_perplexity"] = perplexity(baseline, windows, progress=not args.no_progress).perplexity
@@ -66,4 +72,25 @@ def run(args: argparse.Namespace) -> int:
             print(f"active MLP units {result['active_unit_fraction']:.2%}, weight bytes {result['active_weight_fraction']:.2%}")
         if args.baseline:
             print(f"baseline perplexity {result['baseline_perplexity']:.3f}; ratio {result['perplexity_ratio']:.3f}")
+        if args.tree_stats:
+            t = result["tree_stats"]
+            print(f"tree paths: {t['dead_paths']} of {t['paths']} dead, mean routing entropy "
+                  f"{t['mean_routing_entropy']:.3f}; details in {args.tree_stats}")
     return 0
+
+
+def _tree_stats(model, windows, directory: str, progress: bool) -> dict:
+    from pathlib import Path
+
+    from ..checkpoint import CheckpointError
+    from ..tree_stats import collect_tree_stats, plot_usage, summary
+
+    if not hasattr(model, "sparse_mlps") or not any(m.sparse_method == "tree" for _, m in model.sparse_mlps()):
+        raise CheckpointError("--tree-stats needs a model with tree layers")
+    stats = collect_tree_stats(model, windows, progress=progress)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tree_stats.json").write_text(json.dumps({"summary": summary(stats),
+                                                     "layers": [s.as_dict() for s in stats]}, indent=1))
+    plot_usage(stats, out / "tree_usage.png")
+    return summary(stats)

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, demo, distill, evaluate, info, push
+from . import convert, demo, distill, evaluate, finetune, info, push
 
-SUBCOMMANDS = (convert, distill, info, evaluate, push, demo)
+SUBCOMMANDS = (convert, distill, finetune, info, evaluate, push, demo)
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,10 @@ def _is_user_error(error: Exception) -> bool:
     from ..hub import HubError
     from ..modeling.layer_spec import InvalidSpecError
 
-    return isinstance(error, (UnsupportedArchitectureError, CheckpointError, HubError, InvalidSpecError))
+    # FloatingPointError: a non-finite loss stopped distillation or fine-tuning (the message says
+    # which checkpoint was kept).
+    return isinstance(error, (UnsupportedArchitectureError, CheckpointError, HubError, InvalidSpecError,
+                              FloatingPointError))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
