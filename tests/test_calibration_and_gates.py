@@ -14,6 +14,7 @@ from treeffn_hf.conversion.gate_training import (
     top_k_mask,
     train_gate,
     train_gates,
+    use_threshold_selection,
 )
 
 from .conftest import tiny_dense_model
@@ -101,3 +102,24 @@ def test_train_gates_on_captured_inputs_restores_trainability():
 def test_missing_calibration_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such calibration file"):
         list(read_texts(tmp_path / "missing.txt"))
+
+
+def test_threshold_selection_is_calibrated_to_the_density(tmp_path):
+    dense = tiny_dense_model("llama")
+    sparse = treeffn_hf.convert(dense, MGSSpec(density=0.2, rank=8), progress=False)
+    torch.manual_seed(0)
+    captured = capture_mlp_inputs(dense, torch.randint(3, 97, (16, 32)), progress=False)
+    unseen = capture_mlp_inputs(dense, torch.randint(3, 97, (16, 32)), seed=1, progress=False)
+    thresholds = use_threshold_selection(sparse, captured.inputs)
+    assert len(thresholds) == 2 and sparse.config.sparse_mlp["selection"] == "threshold"
+    for (index, mlp), threshold in zip(sparse.sparse_mlps(), thresholds):
+        assert mlp.spec.selection == "threshold" and float(mlp.gate_threshold) == pytest.approx(threshold)
+        mlp.reset_density()
+        with torch.no_grad():
+            mlp(unseen.inputs[index])
+        assert mlp.measured_units() / mlp.intermediate_size == pytest.approx(0.2, abs=0.04)
+    treeffn_hf.save(sparse, tmp_path / "m")
+    reloaded = treeffn_hf.load(tmp_path / "m")
+    assert reloaded.config.sparse_mlp["selection"] == "threshold"
+    for (_, a), (_, b) in zip(sparse.sparse_mlps(), reloaded.sparse_mlps()):
+        assert b.spec.selection == "threshold" and torch.equal(a.gate_threshold, b.gate_threshold)

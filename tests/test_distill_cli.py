@@ -24,13 +24,16 @@ def save_sparse(dense_dir, path, spec) -> None:
     treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), path, tokenizer=tokenizer)
 
 
-@pytest.mark.parametrize("spec", [TreeSpec(depth=3, node_width=2), MGSSpec(density=0.1, rank=8)], ids=["tree", "mgs"])
-def test_distill_cli(dense_dir, tmp_path, capsys, spec):
+@pytest.mark.parametrize("spec,selection", [(TreeSpec(depth=3, node_width=2), None), (MGSSpec(density=0.1, rank=8), None),
+                                            (MGSSpec(density=0.1, rank=8), "threshold")],
+                         ids=["tree", "mgs", "mgs-threshold"])
+def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
     save_sparse(dense_dir, tmp_path / "sparse", spec)
     calibration = DATA_DIR / "wikitext-2" / "valid.txt"
     code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
                  "--calibration", str(calibration), "--windows", "8", "--window", "64", "--gate-steps", "40",
-                 "--distill-steps", "40", "--lr", "1e-3", "--no-progress"])
+                 "--distill-steps", "40", "--lr", "1e-3", "--no-progress"]
+                + (["--selection", selection] if selection else []))
     stdout, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
@@ -41,7 +44,11 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec):
         assert "activation mass on the tokens' paths" in stdout
     else:
         assert all(r["recall_after"] >= r["recall_before"] for r in summary["layers"])
-    assert treeffn_hf.load(tmp_path / "out").config.sparse_mlp["method"] == spec.method
+    distilled = treeffn_hf.load(tmp_path / "out")
+    assert distilled.config.sparse_mlp["method"] == spec.method
+    if selection == "threshold":
+        assert distilled.config.sparse_mlp["selection"] == "threshold" and len(summary["thresholds"]) == 2
+        assert [float(m.gate_threshold) for _, m in distilled.sparse_mlps()] == pytest.approx(summary["thresholds"])
     assert not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
 
 
@@ -76,3 +83,12 @@ def test_missing_calibration_file_is_a_one_line_error(dense_dir, tmp_path, capsy
                  "--calibration", str(tmp_path / "missing.txt"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "no such calibration file" in err and "Traceback" not in err
+
+
+def test_threshold_selection_is_refused_for_trees(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=2, node_width=1))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--selection", "threshold",
+                 "--no-progress"])
+    assert code == 1 and "MGS models only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "distill-work" in p.name]

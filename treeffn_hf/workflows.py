@@ -144,11 +144,13 @@ def distill_checkpoint(
     gate_steps: int = 300,
     distill_steps: int = 200,
     lr: float = 1e-4,
+    selection: Optional[str] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Recover quality layer by layer: capture the dense MLPs' inputs on calibration text, then
     train MGS gates on dense-activation labels and regress tree MLPs on the dense outputs.
+    `selection='threshold'` then switches MGS layers to per-layer thresholds calibrated to the density.
 
     Per-layer results are kept in a work directory beside OUT, so a killed run resumes from the
     last finished layer; it is removed once OUT is written.
@@ -160,7 +162,7 @@ def distill_checkpoint(
     from .checkpoint import load
     from .conversion.calibration import capture_mlp_inputs, read_texts, token_windows
     from .conversion.distillation import distill_layers
-    from .conversion.gate_training import train_gates
+    from .conversion.gate_training import train_gates, use_threshold_selection
 
     start = time.perf_counter()
     out = prepare_output(out, overwrite, source=sparse_dir)
@@ -174,9 +176,12 @@ def distill_checkpoint(
         "sparse": str(Path(sparse_dir).resolve()), "dense": str(dense), "gguf_file": gguf_file,
         "calibration": str(calibration), "windows": windows, "window": window,
         "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,
+        "selection": selection,
     })
     try:
         sparse = load(sparse_dir)
+        if selection == "threshold" and sparse.config.sparse_mlp["method"] != "mgs":
+            raise CheckpointError("--selection threshold applies to MGS models only")
         tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
         dense_model, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
         if dense_model.config.num_hidden_layers != sparse.config.num_hidden_layers or (
@@ -186,8 +191,11 @@ def distill_checkpoint(
         ids = token_windows(texts, tokenizer, window, windows)
         captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
         method = sparse.config.sparse_mlp["method"]
+        thresholds = None
         if method == "mgs":
             reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
+            if selection == "threshold":
+                thresholds = use_threshold_selection(sparse, captured.inputs)
         else:
             for param in sparse.parameters():
                 param.requires_grad_(False)
@@ -207,6 +215,7 @@ def distill_checkpoint(
         "calibration": {"source": str(calibration), "windows": int(ids.shape[0]), "window": window,
                         "tokens": captured.tokens_seen, "tokens_per_layer": tokens_per_layer},
         "layers": [asdict(r) for r in reports],
+        "thresholds": thresholds,
         "seconds": time.perf_counter() - start,
     }
     save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense),

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-steps", type=int, default=300)
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of tree distillation")
+    parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
+                        help="MGS: switch to per-layer thresholds calibrated to the density (default: keep)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     summary = distill_checkpoint(
         args.sparse, args.out, dense=args.dense, gguf_file=args.gguf_file, calibration=args.calibration,
         windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
-        gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, overwrite=args.overwrite,
+        gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, selection=args.selection,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     layers = summary["layers"]

@@ -10,6 +10,7 @@ what decides how much of the dense output survives.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,33 @@ def train_gates(
 
     return for_each_sparse_layer(model, run_one, GateReport, work_dir=work_dir, only="mgs",
                                  desc="training gates", progress=progress)
+
+
+QUANTILE_SAMPLE = 1 << 22  # torch.quantile takes at most 2**24 elements
+
+
+@torch.no_grad()
+def calibrate_threshold(layer, inputs: torch.Tensor, seed: int = 0) -> float:
+    """Set `layer.gate_threshold` so that, on `inputs`, the gate selects `density` of the neurons
+    on average (per token the count varies: that is the point of threshold selection)."""
+    param = next(layer.micro_gate.parameters())
+    scores = layer.micro_gate(inputs.to(device=param.device, dtype=param.dtype)).float().reshape(-1)
+    if scores.numel() > QUANTILE_SAMPLE:
+        generator = torch.Generator().manual_seed(seed)
+        scores = scores[torch.randint(0, scores.numel(), (QUANTILE_SAMPLE,), generator=generator).to(scores.device)]
+    threshold = torch.quantile(scores, 1.0 - layer.spec.density)
+    layer.gate_threshold.fill_(threshold.item())
+    return float(threshold)
+
+
+def use_threshold_selection(model, calibration_inputs: list[torch.Tensor]) -> list[float]:
+    """Switch every MGS layer of `model` (and its config) to `selection='threshold'`, with
+    per-layer thresholds calibrated on the captured inputs. Returns the thresholds."""
+    thresholds = []
+    for index, mlp in model.sparse_mlps():
+        if mlp.sparse_method != "mgs":
+            continue
+        mlp.spec = dataclasses.replace(mlp.spec, selection="threshold")
+        thresholds.append(calibrate_threshold(mlp, calibration_inputs[index], seed=index))
+    model.config.sparse_mlp = {**model.config.sparse_mlp, "selection": "threshold"}
+    return thresholds

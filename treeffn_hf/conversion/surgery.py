@@ -69,7 +69,7 @@ def check_convertible(dense_config, spec: Union[LayerSpec, dict]) -> LayerSpec:
         # (and every reported fraction) claims `density`.
         raise InvalidSpecError(
             "selection='threshold' needs per-layer thresholds calibrated on data, which plain "
-            "conversion does not do; convert with selection='top_k'"
+            "conversion does not do; convert with selection='top_k', then `treeffn distill --selection threshold`"
         )
     return resolved
 
