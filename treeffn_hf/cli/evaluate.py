@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=40, help="number of 1024-token windows (0 = all)")
     parser.add_argument("--tree-stats", metavar="DIR", default=None,
                         help="write path-usage statistics and a heatmap of a tree model to DIR")
+    parser.add_argument("--attribution", metavar="DIR", default=None,
+                        help="write per-layer attention vs MLP residual contributions (and the baseline's) to DIR")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -60,10 +62,13 @@ def run(args: argparse.Namespace) -> int:
         result.update(active_unit_fraction=cost.unit_fraction, active_weight_fraction=cost.weight_fraction)
     if args.tree_stats:
         result["tree_stats"] = _tree_stats(model, windows, args.tree_stats, not args.no_progress)
+    baseline = None
     if args.baseline:
         baseline, _ = _load(args.baseline, args.baseline_gguf_file)
         result["baseline_perplexity"] = perplexity(baseline, windows, progress=not args.no_progress).perplexity
         result["perplexity_ratio"] = result["perplexity"] / result["baseline_perplexity"]
+    if args.attribution:
+        result["attribution"] = _attribution(model, baseline, windows, args.attribution, not args.no_progress)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -72,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"active MLP units {result['active_unit_fraction']:.2%}, weight bytes {result['active_weight_fraction']:.2%}")
         if args.baseline:
             print(f"baseline perplexity {result['baseline_perplexity']:.3f}; ratio {result['perplexity_ratio']:.3f}")
+        if args.attribution:
+            for name, rows in result["attribution"].items():
+                share = sum(r["mlp_share"] for r in rows) / len(rows)
+                print(f"{name}: mean MLP share of the residual writes {share:.3f} (per layer in {args.attribution})")
         if args.tree_stats:
             t = result["tree_stats"]
             print(f"tree paths: {t['dead_paths']} of {t['paths']} dead, mean routing entropy "
@@ -94,3 +103,19 @@ def _tree_stats(model, windows, directory: str, progress: bool) -> dict:
                                                      "layers": [s.as_dict() for s in stats]}, indent=1))
     plot_usage(stats, out / "tree_usage.png")
     return summary(stats)
+
+
+def _attribution(model, baseline, windows, directory: str, progress: bool) -> dict:
+    from pathlib import Path
+
+    from ..attribution import as_dicts, plot_attribution, residual_attribution
+
+    results = {"model": residual_attribution(model, windows, progress=progress)}
+    if baseline is not None:
+        results["baseline"] = residual_attribution(baseline, windows, progress=progress)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {name: as_dicts(rows) for name, rows in results.items()}
+    (out / "attribution.json").write_text(json.dumps(payload, indent=1))
+    plot_attribution(results, out / "attribution.png")
+    return payload
