@@ -95,32 +95,35 @@ if triton is not None:
         token = tl.program_id(0)
         tree = tl.program_id(1)
         b_off = tl.arange(0, BLOCK_B)
-        w_off = tl.arange(0, BLOCK_W)
-        bw_mask = (b_off[:, None] < BLOCKS) & (w_off[None, :] < WIDTH)
         base = (token * num_trees + tree) * BLOCKS * WIDTH
-        rows = tl.load(rows_ptr + base + b_off[:, None] * WIDTH + w_off[None, :], mask=bw_mask, other=0)
-        row_base = rows.to(tl.int64) * hidden
         x_base = token.to(tl.int64) * hidden
-        g = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        u = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        for d0 in range(0, hidden, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            d_mask = d_off < hidden
-            xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
-            w_mask = bw_mask[:, :, None] & d_mask[None, None, :]
-            w_ptr = row_base[:, :, None] + d_off[None, None, :]
-            gw = tl.load(gate_ptr + w_ptr, mask=w_mask, other=0.0).to(tl.float32)
-            uw = tl.load(up_ptr + w_ptr, mask=w_mask, other=0.0).to(tl.float32)
-            g += tl.sum(tl.sum(gw * xv[None, None, :], axis=2), axis=0)
-            u += tl.sum(tl.sum(uw * xv[None, None, :], axis=2), axis=0)
-        a = g * tl.sigmoid(g) * u
-        for d0 in range(0, hidden, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            d_mask = d_off < hidden
-            w_mask = bw_mask[:, :, None] & d_mask[None, None, :]
-            dw = tl.load(down_ptr + row_base[:, :, None] + d_off[None, None, :], mask=w_mask, other=0.0)
-            partial = tl.sum(tl.sum(a[None, :, None] * dw.to(tl.float32), axis=1), axis=0)
-            tl.atomic_add(out_ptr + x_base + d_off, partial, mask=d_mask)
+        # Column j of the summed blocks is independent of the others: walk the width in chunks
+        # (bounded registers for wide blocks), summing over blocks before the activation.
+        for w0 in range(0, WIDTH, BLOCK_W):
+            w_off = w0 + tl.arange(0, BLOCK_W)
+            bw_mask = (b_off[:, None] < BLOCKS) & (w_off[None, :] < WIDTH)
+            rows = tl.load(rows_ptr + base + b_off[:, None] * WIDTH + w_off[None, :], mask=bw_mask, other=0)
+            row_base = rows.to(tl.int64) * hidden
+            g = tl.zeros((BLOCK_W,), dtype=tl.float32)
+            u = tl.zeros((BLOCK_W,), dtype=tl.float32)
+            for d0 in range(0, hidden, BLOCK_D):
+                d_off = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d_off < hidden
+                xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
+                w_mask = bw_mask[:, :, None] & d_mask[None, None, :]
+                w_ptr = row_base[:, :, None] + d_off[None, None, :]
+                gw = tl.load(gate_ptr + w_ptr, mask=w_mask, other=0.0).to(tl.float32)
+                uw = tl.load(up_ptr + w_ptr, mask=w_mask, other=0.0).to(tl.float32)
+                g += tl.sum(tl.sum(gw * xv[None, None, :], axis=2), axis=0)
+                u += tl.sum(tl.sum(uw * xv[None, None, :], axis=2), axis=0)
+            a = g * tl.sigmoid(g) * u
+            for d0 in range(0, hidden, BLOCK_D):
+                d_off = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d_off < hidden
+                w_mask = bw_mask[:, :, None] & d_mask[None, None, :]
+                dw = tl.load(down_ptr + row_base[:, :, None] + d_off[None, None, :], mask=w_mask, other=0.0)
+                partial = tl.sum(tl.sum(a[None, :, None] * dw.to(tl.float32), axis=1), axis=0)
+                tl.atomic_add(out_ptr + x_base + d_off, partial, mask=d_mask)
 
 
 def _check(x: torch.Tensor, *tables: torch.Tensor) -> None:
@@ -162,6 +165,6 @@ def gathered_swiglu_after_sum(
     if n:
         _gathered_swiglu_after_sum_kernel[(n, trees)](
             x, rows, gate, up, down, acc, hidden, trees, BLOCKS=blocks, WIDTH=width,
-            BLOCK_B=triton.next_power_of_2(blocks), BLOCK_W=triton.next_power_of_2(width), BLOCK_D=64,
+            BLOCK_B=triton.next_power_of_2(blocks), BLOCK_W=min(16, triton.next_power_of_2(width)), BLOCK_D=64,
         )
     return acc if out is not None else acc.to(x.dtype)

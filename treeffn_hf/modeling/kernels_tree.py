@@ -95,7 +95,7 @@ if triton is not None:
         m_mask = m_off < end
         tokens = tl.load(tokens_ptr + m_off, mask=m_mask, other=0).to(tl.int64)
         first_row = row_offset + block * WIDTH
-        for w0 in tl.static_range(0, WIDTH, BLOCK_W):
+        for w0 in range(0, WIDTH, BLOCK_W):
             w_off = w0 + tl.arange(0, BLOCK_W)
             w_mask = w_off < WIDTH
             rows = first_row + w_off
