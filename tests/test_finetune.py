@@ -257,3 +257,12 @@ def test_nan_is_a_one_line_cli_error(dirs, tmp_path, capsys, monkeypatch):
                  "--data", TEXT, "--window", "32", "--max-windows", "8", "--steps", "3", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "treeffn: error: the fine-tuning loss became nan" in err and "Traceback" not in err
+
+
+def test_a_failed_start_leaves_no_work_directory(dirs, tmp_path, capsys):
+    from treeffn_hf.cli.main import main
+
+    code = main(["finetune", str(dirs / "tree"), str(tmp_path / "out"), "--dense", str(dirs / "dense"),
+                 "--data", str(tmp_path / "missing.txt"), "--no-progress"])
+    assert code == 1 and "unusable training data" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -204,9 +204,11 @@ def save(
     overwrite: bool = False,
     base_model: Optional[str] = None,
     extra_files: Optional[dict[str, str]] = None,
+    extra_dirs: Optional[dict[str, Path]] = None,
 ) -> Path:
     """Write a sparse model as a self-contained checkpoint (weights, config, code, tokenizer, card,
-    and `extra_files`: name -> text, e.g. training provenance)."""
+    `extra_files`: name -> text, e.g. training provenance, and `extra_dirs`: name -> a directory
+    copied in, e.g. a LoRA adapter). Everything lands at once, by a rename."""
     out = prepare_output(out, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=_pid_prefix(out, "partial"), dir=out.parent))
     try:
@@ -216,6 +218,8 @@ def save(
         write_model_card(staging, model, base_model=base_model)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
+        for name, source in (extra_dirs or {}).items():
+            shutil.copytree(source, staging / name)
         _apply_umask(staging)
         _replace_directory(staging, out)
     except BaseException:

@@ -54,6 +54,38 @@ def finetune_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
+    start = time.perf_counter()
+    out = prepare_output(out, overwrite, source=sparse_dir)
+    work = out.parent / f".{out.name}.finetune-work"
+    run = {k: v for k, v in locals().items() if k in (
+        "dense", "gguf_file", "data", "teacher_samples", "window", "max_windows", "steps", "batch_size", "grad_accum",
+        "lr", "kl_weight", "lm_weight", "temperature", "trainable", "routing", "routing_gradient", "gate_gradient",
+        "lora_rank", "seed")}
+    run["sparse"] = str(Path(sparse_dir).resolve())
+    run["lora_targets"] = list(lora_targets)
+    claim_work_dir(work, run)
+    try:
+        summary = _train(sparse_dir, out, work, run, start, dense=dense, gguf_file=gguf_file, data=data,
+                         teacher_samples=teacher_samples, window=window, max_windows=max_windows, steps=steps,
+                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                         kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature, trainable=trainable,
+                         routing=routing, routing_gradient=routing_gradient, gate_gradient=gate_gradient,
+                         lora_rank=lora_rank, lora_targets=lora_targets, eval_windows=eval_windows,
+                         eval_every=eval_every, stats_every=stats_every, save_steps=save_steps, seed=seed,
+                         overwrite=overwrite, progress=progress)
+    except BaseException:
+        if not any(work.glob("checkpoint-*")):  # nothing worth resuming: leave no trace
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples, window,
+           max_windows, steps, batch_size, grad_accum, lr, warmup_steps, kl_weight, lm_weight, temperature, trainable,
+           routing, routing_gradient, gate_gradient, lora_rank, lora_targets, eval_windows, eval_every, stats_every,
+           save_steps, seed, overwrite, progress) -> dict:
+    """The run itself; writes OUT and returns the summary (the caller owns the work directory)."""
     from transformers import AutoTokenizer, TrainingArguments
 
     from .data import WindowDataset
@@ -65,17 +97,6 @@ def finetune_checkpoint(
         has_tree_layers,
         tokens_per_step,
     )
-
-    start = time.perf_counter()
-    out = prepare_output(out, overwrite, source=sparse_dir)
-    work = out.parent / f".{out.name}.finetune-work"
-    run = {k: v for k, v in locals().items() if k in (
-        "dense", "gguf_file", "data", "teacher_samples", "window", "max_windows", "steps", "batch_size", "grad_accum",
-        "lr", "kl_weight", "lm_weight", "temperature", "trainable", "routing", "routing_gradient", "gate_gradient",
-        "lora_rank", "seed")}
-    run["sparse"] = str(Path(sparse_dir).resolve())
-    run["lora_targets"] = list(lora_targets)
-    claim_work_dir(work, run)
 
     student = load(sparse_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
@@ -113,9 +134,10 @@ def finetune_checkpoint(
     resume = any(work.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
-    final = model
+    final, adapter = model, {}
     if lora_rank:
         model.save_pretrained(str(work / "lora_adapter"))  # kept in OUT too, for reuse on the base checkpoint
+        adapter = {"lora_adapter": work / "lora_adapter"}
         final = model.merge_and_unload()
     final.requires_grad_(True)
     summary = {
@@ -126,10 +148,8 @@ def finetune_checkpoint(
         **{cb.name: cb.history for cb in callbacks},
     }
     extra = {"treeffn_finetune.json": json.dumps(summary, indent=2)}
-    save(final, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense), extra_files=extra)
-    if lora_rank:
-        shutil.copytree(work / "lora_adapter", out / "lora_adapter")
-    shutil.rmtree(work, ignore_errors=True)
+    save(final, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense), extra_files=extra,
+         extra_dirs=adapter)
     return summary
 
 
