@@ -77,7 +77,7 @@ def train_variant(name: str, activation: str, routing: str, ids: torch.Tensor, p
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        last_loss = float(loss)
+        last_loss = loss.item()
     return history
 
 
