@@ -96,7 +96,7 @@ def quality_section(data: dict) -> list[str]:
         elif r["method"] == "teal":
             notes = "training-free, thresholds calibrated to the MGS row's weight fraction"
         elif r["method"] == "oracle":
-            notes = "true top-k by |act(g)*u|: the ceiling of any gate"
+            notes = "true top-k neurons by magnitude of act(g)·u: the ceiling of any gate"
         ratio = f"{r['ppl_ratio']:.3f}" if r.get("ppl_ratio", 0) < 100 else f"{r['ppl_ratio']:.3g}"
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] < 1e4 else f"{r['perplexity']:.3g}"
         lines.append(f"| {r['variant']} | {r['unit_fraction']:.2%} | {r['weight_fraction']:.2%} | {ppl} | "
