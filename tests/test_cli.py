@@ -230,8 +230,11 @@ def test_output_not_writable(dense_dir, tmp_path, capsys):
 
 def _start_convert(src: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # A runner started in the background (`cmd &` without job control) ignores SIGINT, and children
+    # inherit that; restore the default so the child gets Python's KeyboardInterrupt handler.
     return subprocess.Popen([str(BIN / "treeffn"), "convert", str(src), str(out), *TREE_ARGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.fixture(scope="module")
