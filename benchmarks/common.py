@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -61,3 +61,22 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def cuda_graph_replay(fn: Callable[[], object]) -> Optional[Callable[[], None]]:
+    """`fn`'s kernels captured in a CUDA graph (its replay, launch overhead gone), or None when
+    `fn` cannot be captured because it waits on the host (e.g. `nonzero`)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return graph.replay

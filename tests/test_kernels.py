@@ -14,6 +14,7 @@ from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
 from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_tree  # noqa: E402
 from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
+from treeffn_hf.modeling.tree_ffn_torch import routing_matrix  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -105,6 +106,22 @@ def run_both(layer, x):
         got = layer(x)
     layer.force_path = None
     return got, want
+
+
+@pytest.mark.parametrize("name", [n for n in TREE_SPECS if TREE_SPECS[n].activation == "per_node"])
+def test_fused_route_rows_kernel_lists_the_path_rows(name):
+    """Decode routing writes each token's row list itself: the same leaf, path and rows (node
+    blocks, leaf block, shared rows) as the walker plus `path_rows`."""
+    layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), torch.float32)
+    x = torch.randn(6, HIDDEN, device=DEVICE)
+    bias = layer.router_bias.detach() if layer.spec.routing == "hyperplane" else None
+    vectors = routing_matrix(layer)
+    rows, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias)
+    want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias, layer.spec.num_trees, layer.spec.depth)
+    assert torch.equal(leaf.long(), want_leaf) and torch.equal(path.long(), want_path)
+    want_rows = kernels_tree.path_rows(layer, want_leaf, want_path)
+    shared = torch.arange(layer.node_rows + layer.leaf_rows, INTER, device=DEVICE).expand(6, -1)
+    assert torch.equal(rows.long(), torch.cat([want_rows, shared], dim=1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

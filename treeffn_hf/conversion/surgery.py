@@ -109,27 +109,29 @@ def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -
         root = s[: spec.rank].sqrt()
         state["micro_gate.encoder.weight"] = (root[:, None] * vh[: spec.rank]).to(dtype)
         state["micro_gate.scorer.weight"] = (u[:, : spec.rank] * root[None, :]).to(dtype)
-    state["micro_gate.scorer.bias"] = torch.zeros(weight.shape[0], dtype=dtype)
-    state["gate_threshold"] = torch.zeros((), dtype=dtype)
+    state["micro_gate.scorer.bias"] = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+    state["gate_threshold"] = torch.zeros((), dtype=dtype, device=weight.device)
     return state
 
 
 def _tree_state(spec: TreeSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> dict[str, torch.Tensor]:
     g, u, d = gate.weight.detach(), up.weight.detach(), down.weight.detach()
-    layout = partition_neurons(g, u, d, spec)
+    # The partition is host-side bookkeeping (index tensors built on the CPU): run it on CPU
+    # copies, then gather on the weights' own device, so models already on a GPU convert too.
+    layout = partition_neurons(g.cpu(), u.cpu(), d.cpu(), spec)
     # Row order of the tree's tables: nodes (tree-major, heap order), leaves, shared.
     parts = [layout.leaf_index.reshape(-1), layout.shared_index]
     if layout.node_index is not None:
         parts.insert(0, layout.node_index.reshape(-1))
-    order = torch.cat(parts)
+    order = torch.cat(parts).to(g.device)
     state = {
         "gate_rows": g[order].contiguous(),
         "up_rows": u[order].contiguous(),
         "down_rows": d.T[order].contiguous(),  # one row per neuron, so each block is contiguous
     }
     if spec.routing == "hyperplane":
-        state["router_weight"] = layout.router.to(g.dtype)
-        state["router_bias"] = torch.zeros(layout.router.shape[:2], dtype=g.dtype)
+        state["router_weight"] = layout.router.to(g.device, g.dtype)
+        state["router_bias"] = torch.zeros(layout.router.shape[:2], dtype=g.dtype, device=g.device)
     return state
 
 

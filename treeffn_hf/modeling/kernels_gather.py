@@ -5,9 +5,17 @@ Both sparse layers end in the same computation: for token n and its selected neu
     y_n = sum_r  act(G_r . x_n) * (U_r . x_n) * D_r          (per-neuron activation)
 
 with `G`, `U`, `D` three (neurons, hidden) row tables (`D` is `down_proj` transposed), so every
-gathered row is contiguous. One program handles one token and a block of its rows: it reads
-each row once, keeps g and u in fp32, and adds its partial output to an fp32 buffer with atomics
-(split-K over the rows: correct in fp16/bf16, as nothing is summed in the low precision).
+gathered row is contiguous. At decode sizes a GEMV is bound by memory latency, not bandwidth:
+a program that walks the hidden dimension in a loop waits on one load after another, whatever
+the density. So the work is cut into independent tiles, each loaded once, in two launches:
+
+1. gate/up: one program per (token, block of rows, block of hidden) dots its tile with x and
+   adds the partial g and u to fp32 buffers (split-K over hidden);
+2. down: one program per (token, block of rows, block of hidden) forms act(g)*u for its rows and
+   adds its tile's contribution to the fp32 output (split-K over rows).
+
+Every sum is in fp32 (correct in fp16/bf16); the atomics make the summation order, not the
+result beyond rounding, vary from run to run.
 
 `gathered_swiglu_after_sum` is the tree's `activation='after_sum'` variant: a token's blocks of
 equal width are summed before the activation, per tree.
@@ -55,35 +63,44 @@ def gathered_swiglu_after_sum_naive(
 if triton is not None:
 
     @triton.jit
-    def _gathered_swiglu_kernel(
-        x_ptr, rows_ptr, gate_ptr, up_ptr, down_ptr, out_ptr,
+    def _gathered_gate_up_kernel(
+        x_ptr, rows_ptr, gate_ptr, up_ptr, g_ptr, u_ptr,
         hidden, num_rows,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         token = tl.program_id(0)
         r_off = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rows = tl.load(rows_ptr + token * num_rows + r_off, mask=r_off < num_rows, other=-1)
+        d_off = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_rows = r_off < num_rows
+        rows = tl.load(rows_ptr + token * num_rows + r_off, mask=in_rows, other=-1)
+        d_mask = d_off < hidden
+        w_mask = (rows >= 0)[:, None] & d_mask[None, :]
+        w_off = rows.to(tl.int64)[:, None] * hidden + d_off[None, :]
+        xv = tl.load(x_ptr + token.to(tl.int64) * hidden + d_off, mask=d_mask, other=0.0).to(tl.float32)
+        g = tl.sum(tl.load(gate_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+        u = tl.sum(tl.load(up_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32) * xv[None, :], axis=1)
+        tl.atomic_add(g_ptr + token * num_rows + r_off, g, mask=in_rows)
+        tl.atomic_add(u_ptr + token * num_rows + r_off, u, mask=in_rows)
+
+    @triton.jit
+    def _gathered_down_kernel(
+        rows_ptr, g_ptr, u_ptr, down_ptr, out_ptr,
+        hidden, num_rows,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        r_off = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d_off = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_rows = r_off < num_rows
+        rows = tl.load(rows_ptr + token * num_rows + r_off, mask=in_rows, other=-1)
         r_mask = rows >= 0
-        row_base = rows.to(tl.int64) * hidden
-        x_base = token.to(tl.int64) * hidden
-        g = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        u = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for d0 in range(0, hidden, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            d_mask = d_off < hidden
-            xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
-            w_mask = r_mask[:, None] & d_mask[None, :]
-            w_off = row_base[:, None] + d_off[None, :]
-            g += tl.sum(tl.load(gate_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32) * xv[None, :], axis=1)
-            u += tl.sum(tl.load(up_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32) * xv[None, :], axis=1)
-        a = g * tl.sigmoid(g) * u
-        a = tl.where(r_mask, a, 0.0)
-        for d0 in range(0, hidden, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            d_mask = d_off < hidden
-            w_mask = r_mask[:, None] & d_mask[None, :]
-            dw = tl.load(down_ptr + row_base[:, None] + d_off[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            tl.atomic_add(out_ptr + x_base + d_off, tl.sum(a[:, None] * dw, axis=0), mask=d_mask)
+        g = tl.load(g_ptr + token * num_rows + r_off, mask=in_rows, other=0.0)
+        u = tl.load(u_ptr + token * num_rows + r_off, mask=in_rows, other=0.0)
+        a = tl.where(r_mask, g * tl.sigmoid(g) * u, 0.0)
+        d_mask = d_off < hidden
+        dw = tl.load(down_ptr + rows.to(tl.int64)[:, None] * hidden + d_off[None, :],
+                     mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        tl.atomic_add(out_ptr + token.to(tl.int64) * hidden + d_off, tl.sum(a[:, None] * dw, axis=0), mask=d_mask)
 
     @triton.jit
     def _gathered_swiglu_after_sum_kernel(
@@ -134,21 +151,32 @@ def _check(x: torch.Tensor, *tables: torch.Tensor) -> None:
             raise ValueError("Triton kernels expect contiguous row tables and inputs")
 
 
+# (rows, hidden) tile of one program in each launch; set from benchmarks/tune_kernels.py.
+GATE_UP_BLOCK = (32, 256)
+DOWN_BLOCK = (64, 64)
+
+
 def gathered_swiglu(
     x: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, gate_up_block: tuple[int, int] | None = None,
+    down_block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Triton version of `gathered_swiglu_naive`. With `out` (fp32, (N, d)) it accumulates into it
-    and returns it; otherwise it returns a new tensor in x's dtype."""
+    and returns it; otherwise it returns a new tensor in x's dtype. The blocks override the tiles."""
     _check(x, rows, gate, up, down)
     n, hidden = x.shape
     num_rows = rows.shape[1]
     acc = out if out is not None else torch.zeros(n, hidden, dtype=torch.float32, device=x.device)
     if n and num_rows:
-        block_r = min(32, triton.next_power_of_2(num_rows))
-        grid = (n, triton.cdiv(num_rows, block_r))
-        _gathered_swiglu_kernel[grid](x, rows.to(torch.int32), gate, up, down, acc, hidden, num_rows,
-                                      BLOCK_R=block_r, BLOCK_D=128)
+        rows = rows.to(torch.int32)
+        g = torch.zeros(2, n, num_rows, dtype=torch.float32, device=x.device)
+        block_r, block_d = gate_up_block or GATE_UP_BLOCK
+        grid = (n, triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_d))
+        _gathered_gate_up_kernel[grid](x, rows, gate, up, g[0], g[1], hidden, num_rows,
+                                       BLOCK_R=block_r, BLOCK_D=block_d)
+        block_r, block_d = down_block or DOWN_BLOCK
+        grid = (n, triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_d))
+        _gathered_down_kernel[grid](rows, g[0], g[1], down, acc, hidden, num_rows, BLOCK_R=block_r, BLOCK_D=block_d)
     return acc if out is not None else acc.to(x.dtype)
 
 

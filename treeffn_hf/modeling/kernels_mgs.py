@@ -37,7 +37,9 @@ def mgs_triton(layer, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tens
     if x.shape[0] > GATHER_MAX_TOKENS:
         return mgs_fast(layer, x, scores), "torch"
     rows = selected_rows(layer, scores)
-    layer._record_count((rows >= 0).sum(dtype=torch.float32), tokens=x.shape[0])
+    # top-k selects a known number per token: no counting kernel on the decode path
+    selected = rows.numel() if layer.spec.selection == "top_k" else (rows >= 0).sum(dtype=torch.float32)
+    layer._record_count(selected, tokens=x.shape[0])
     out = gathered_swiglu(x.contiguous(), rows.contiguous(), layer.gate_proj.weight.detach(),
                           layer.up_proj.weight.detach(), down_rows(layer))
     return out, "triton:gather"

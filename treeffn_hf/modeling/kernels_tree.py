@@ -2,11 +2,14 @@
 
 - `tree_route_triton`: one program per (token, tree) walks the depth, dotting x with the node's
   routing vector, and writes the path (heap index per level) and the leaf. Equals `tree_route`.
-- `grouped_block_swiglu`: the MoE-style prefill kernel. Every (token, block-on-path) pair is an
-  item; items are sorted by block, each block's tokens are cut into tiles of BLOCK_M, and each
-  program computes one tile as two small GEMMs against that block's contiguous rows
-  (x_tile @ G_b^T, x_tile @ U_b^T -> SwiGLU -> @ D_b), adding into an fp32 output. Tiles are
-  laid out on the device without a host sync (an upper bound of programs; empty ones do nothing).
+- `grouped_block_swiglu`: the MoE-style prefill kernels. Every (token, block-on-path) pair is an
+  item; items are sorted by block and each block's tokens cut into tiles of BLOCK_M. Launch 1:
+  per (tile, chunk of the block's width), x_tile @ G_b^T and x_tile @ U_b^T -> SwiGLU, stored
+  (fp32, once per element). Launch 2: per (tile, chunk of hidden), act_tile @ D_b summed over
+  the whole width in registers, then one atomic add per output element into the fp32 output
+  (a fused kernel split over the width needs one atomic per element per width chunk, and the
+  atomics dominated). Tiles are laid out on the device without a host sync (an upper bound of
+  programs; empty ones read nothing).
 - decode (few tokens): the path's rows go to `kernels_gather.gathered_swiglu` (per-neuron
   activation) or `gathered_swiglu_after_sum`.
 
@@ -32,7 +35,8 @@ except ImportError:
 # Up to this many tokens, per-token gathers beat the grouped GEMM (provisional: to be set from
 # benchmarks/bench_mlp.py on a GPU; the interpreter tests cover both sides of it).
 GROUPED_MIN_TOKENS = 16
-GROUPED_BLOCK_M = 32
+# (tokens per tile, rows per step, hidden per step, warps); benchmarks/tune_kernels.py times them.
+GROUPED_BLOCK = (32, 64, 64, 8)
 
 
 def tree_route_naive(x, vectors, bias, num_trees: int, depth: int):
@@ -80,25 +84,72 @@ if triton is not None:
         tl.store(leaf_ptr + token * num_trees + tree, position)
 
     @triton.jit
-    def _grouped_block_swiglu_kernel(
-        x_ptr, tokens_ptr, tile_block_ptr, tile_start_ptr, tile_end_ptr,
-        gate_ptr, up_ptr, down_ptr, out_ptr,
+    def _tree_route_rows_kernel(
+        x_ptr, vectors_ptr, bias_ptr, rows_ptr, leaf_ptr, path_ptr,
+        hidden, num_trees, num_nodes, num_leaves, node_rows, shared_start, row_stride,
+        DEPTH: tl.constexpr, NODE_WIDTH: tl.constexpr, LEAF_WIDTH: tl.constexpr, SHARED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        """Decode routing fused with the row list: per (token, tree), walk the depth and write the
+        path's rows (node blocks, then the leaf block; the shared rows once per token) in the
+        order of `path_rows`, so the gather kernels follow with no index arithmetic in between."""
+        token = tl.program_id(0)
+        tree = tl.program_id(1)
+        x_base = token.to(tl.int64) * hidden
+        out_base = token.to(tl.int64) * row_stride + tree * (DEPTH * NODE_WIDTH + LEAF_WIDTH)
+        position = tl.zeros((), dtype=tl.int32)
+        for level in tl.static_range(DEPTH):
+            heap = position + ((1 << level) - 1)
+            v_base = (tree * num_nodes + heap).to(tl.int64) * hidden
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for d0 in range(0, hidden, BLOCK_D):  # one step when BLOCK_D covers hidden
+                d_off = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d_off < hidden
+                xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
+                vv = tl.load(vectors_ptr + v_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
+                acc += xv * vv
+            score = tl.sum(acc, axis=0)
+            if HAS_BIAS:
+                score += tl.load(bias_ptr + tree * num_nodes + heap).to(tl.float32)
+            tl.store(path_ptr + (token * num_trees + tree) * DEPTH + level, heap)
+            if NODE_WIDTH > 0:
+                n_off = tl.arange(0, BLOCK_N)
+                tl.store(rows_ptr + out_base + level * NODE_WIDTH + n_off,
+                         (tree * num_nodes + heap) * NODE_WIDTH + n_off, mask=n_off < NODE_WIDTH)
+            position = 2 * position + (score > 0).to(tl.int32)
+        tl.store(leaf_ptr + token * num_trees + tree, position)
+        leaf_start = node_rows + (tree * num_leaves + position) * LEAF_WIDTH
+        for l0 in range(0, LEAF_WIDTH, BLOCK_L):
+            l_off = l0 + tl.arange(0, BLOCK_L)
+            tl.store(rows_ptr + out_base + DEPTH * NODE_WIDTH + l_off, leaf_start + l_off, mask=l_off < LEAF_WIDTH)
+        if SHARED > 0:
+            if tree == 0:
+                shared_base = token.to(tl.int64) * row_stride + num_trees * (DEPTH * NODE_WIDTH + LEAF_WIDTH)
+                for s0 in range(0, SHARED, BLOCK_L):
+                    s_off = s0 + tl.arange(0, BLOCK_L)
+                    tl.store(rows_ptr + shared_base + s_off, shared_start + s_off, mask=s_off < SHARED)
+
+    @triton.jit
+    def _grouped_gate_up_kernel(
+        x_ptr, tokens_ptr, tile_block_ptr, tile_start_ptr, tile_end_ptr, gate_ptr, up_ptr, act_ptr,
         hidden, row_offset,
         WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr,
     ):
+        """act[item, :] = SiLU(x G_b^T) * (x U_b^T) for a tile of sorted items and a chunk of the
+        block's width; each element written once (no atomics)."""
         pid = tl.program_id(0)
         start = tl.load(tile_start_ptr + pid)
         end = tl.load(tile_end_ptr + pid)
-        block = tl.load(tile_block_ptr + pid).to(tl.int64)
-        m_off = start + tl.arange(0, BLOCK_M)
-        m_mask = m_off < end
-        tokens = tl.load(tokens_ptr + m_off, mask=m_mask, other=0).to(tl.int64)
-        first_row = row_offset + block * WIDTH
-        for w0 in range(0, WIDTH, BLOCK_W):
-            w_off = w0 + tl.arange(0, BLOCK_W)
+        # The grid is an upper bound on the tiles: the spare programs must not read any weights.
+        if start < end:
+            block = tl.load(tile_block_ptr + pid).to(tl.int64)
+            m_off = start + tl.arange(0, BLOCK_M)
+            m_mask = m_off < end
+            tokens = tl.load(tokens_ptr + m_off, mask=m_mask, other=0).to(tl.int64)
+            w_off = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
             w_mask = w_off < WIDTH
-            rows = first_row + w_off
+            rows = row_offset + block * WIDTH + w_off
             g = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
             u = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
             for d0 in range(0, hidden, BLOCK_D):
@@ -116,19 +167,44 @@ if triton is not None:
                 else:
                     g = tl.dot(xt, gt, g)
                     u = tl.dot(xt, ut, u)
-            a = g * tl.sigmoid(g) * u
-            a = tl.where(m_mask[:, None] & w_mask[None, :], a, 0.0)
-            for d0 in range(0, hidden, BLOCK_D):
-                d_off = d0 + tl.arange(0, BLOCK_D)
-                d_mask = d_off < hidden
+            act = g * tl.sigmoid(g) * u
+            tl.store(act_ptr + m_off.to(tl.int64)[:, None] * WIDTH + w_off[None, :], act,
+                     mask=m_mask[:, None] & w_mask[None, :])
+
+    @triton.jit
+    def _grouped_down_kernel(
+        tokens_ptr, tile_block_ptr, tile_start_ptr, tile_end_ptr, act_ptr, down_ptr, out_ptr,
+        hidden, row_offset,
+        WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """out[token, d-chunk] += act[tile, :] @ D_b[:, d-chunk]: the whole width is summed in
+        registers, so each (item, output element) costs one atomic add."""
+        pid = tl.program_id(0)
+        start = tl.load(tile_start_ptr + pid)
+        end = tl.load(tile_end_ptr + pid)
+        if start < end:
+            block = tl.load(tile_block_ptr + pid).to(tl.int64)
+            m_off = start + tl.arange(0, BLOCK_M)
+            m_mask = m_off < end
+            tokens = tl.load(tokens_ptr + m_off, mask=m_mask, other=0).to(tl.int64)
+            d_off = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = d_off < hidden
+            y = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for w0 in range(0, WIDTH, BLOCK_W):
+                w_off = w0 + tl.arange(0, BLOCK_W)
+                w_mask = w_off < WIDTH
+                act = tl.load(act_ptr + m_off.to(tl.int64)[:, None] * WIDTH + w_off[None, :],
+                              mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                rows = row_offset + block * WIDTH + w_off
                 dw = tl.load(down_ptr + rows[:, None] * hidden + d_off[None, :],
                              mask=w_mask[:, None] & d_mask[None, :], other=0.0)
                 if IEEE:
-                    y = tl.dot(a.to(dw.dtype), dw, input_precision="ieee")
+                    y = tl.dot(act.to(dw.dtype), dw, y, input_precision="ieee")
                 else:
-                    y = tl.dot(a.to(dw.dtype), dw)
-                tl.atomic_add(out_ptr + tokens[:, None] * hidden + d_off[None, :], y,
-                              mask=m_mask[:, None] & d_mask[None, :])
+                    y = tl.dot(act.to(dw.dtype), dw, y)
+            tl.atomic_add(out_ptr + tokens[:, None] * hidden + d_off[None, :], y,
+                          mask=m_mask[:, None] & d_mask[None, :])
 
 
 def tree_route_triton(x: torch.Tensor, vectors: torch.Tensor, bias, num_trees: int, depth: int):
@@ -144,14 +220,39 @@ def tree_route_triton(x: torch.Tensor, vectors: torch.Tensor, bias, num_trees: i
         bias_arg = bias.contiguous() if bias is not None else vectors  # unused when HAS_BIAS is False
         _tree_route_kernel[(n, num_trees)](x.contiguous(), vectors.contiguous(), bias_arg, leaf, path, hidden,
                                             num_trees, num_nodes, DEPTH=depth, HAS_BIAS=bias is not None,
-                                            BLOCK_D=128)
+                                            BLOCK_D=min(4096, triton.next_power_of_2(hidden)),
+                                            num_warps=8 if hidden >= 2048 else 4)
     return leaf.long(), path.long()
+
+
+def tree_route_rows_triton(layer, x: torch.Tensor, vectors: torch.Tensor, bias):
+    """(rows (N, R) int32 as `path_rows` + the shared rows, leaf (N, T), path (N, T, depth)) of a
+    `TreeFFN` with per-node activation, from one kernel launch."""
+    s = layer.spec
+    n, hidden = x.shape
+    per_tree = s.depth * s.node_width + s.leaf_width
+    row_stride = s.num_trees * per_tree + s.shared_width
+    rows = torch.empty(n, row_stride, dtype=torch.int32, device=x.device)
+    leaf = torch.empty(n, s.num_trees, dtype=torch.int32, device=x.device)
+    path = torch.empty(n, s.num_trees, s.depth, dtype=torch.int32, device=x.device)
+    if n:
+        _tree_route_rows_kernel[(n, s.num_trees)](
+            x.contiguous(), vectors, bias.contiguous() if bias is not None else vectors, rows, leaf, path,
+            hidden, s.num_trees, s.num_nodes, s.num_leaves, layer.node_rows, layer.node_rows + layer.leaf_rows,
+            row_stride, DEPTH=s.depth, NODE_WIDTH=s.node_width, LEAF_WIDTH=s.leaf_width, SHARED=s.shared_width,
+            HAS_BIAS=bias is not None, BLOCK_D=min(4096, triton.next_power_of_2(hidden)),
+            BLOCK_N=triton.next_power_of_2(max(s.node_width, 1)), BLOCK_L=1024,
+            num_warps=8 if hidden >= 2048 else 4,
+        )
+    return rows, leaf, path
 
 
 def _tiles(item_blocks: torch.Tensor, num_blocks: int, block_m: int):
     """Sort items by block and lay out BLOCK_M tiles per block, on the device, without a sync."""
     order = torch.argsort(item_blocks, stable=True)
-    counts = torch.bincount(item_blocks, minlength=num_blocks)
+    # Not torch.bincount: on CUDA it waits for the host to size its output (no CUDA graphs).
+    counts = torch.zeros(num_blocks, dtype=torch.long, device=item_blocks.device)
+    counts.scatter_add_(0, item_blocks, torch.ones_like(item_blocks))
     group_start = torch.cumsum(counts, 0) - counts
     tiles_per_block = (counts + block_m - 1) // block_m
     tiles_end = torch.cumsum(tiles_per_block, 0)
@@ -166,20 +267,28 @@ def _tiles(item_blocks: torch.Tensor, num_blocks: int, block_m: int):
 
 
 def grouped_block_swiglu(x, item_tokens, item_blocks, num_blocks: int, row_offset: int, width: int,
-                         gate, up, down, out: torch.Tensor) -> torch.Tensor:
+                         gate, up, down, out: torch.Tensor, block: tuple[int, int, int, int] | None = None
+                         ) -> torch.Tensor:
     """Add, for every item i, block `item_blocks[i]`'s SwiGLU of token `item_tokens[i]` into `out`
-    (fp32, (N, d)). A block is `width` contiguous rows starting at `row_offset + block * width`."""
+    (fp32, (N, d)). A block is `width` contiguous rows starting at `row_offset + block * width`.
+    `block` overrides `GROUPED_BLOCK`."""
     if triton is None:
         raise RuntimeError("the Triton kernels need the `triton` package")
     if item_tokens.numel() == 0:
         return out
-    order, tile_block, tile_start, tile_end = _tiles(item_blocks, num_blocks, GROUPED_BLOCK_M)
+    block_m, block_w, block_d, warps = block or GROUPED_BLOCK
+    order, tile_block, tile_start, tile_end = _tiles(item_blocks, num_blocks, block_m)
     sorted_tokens = item_tokens[order].to(torch.int32).contiguous()
-    _grouped_block_swiglu_kernel[(tile_block.numel(),)](
-        x, sorted_tokens, tile_block, tile_start, tile_end, gate, up, down, out, x.shape[1], row_offset,
-        WIDTH=width, BLOCK_M=GROUPED_BLOCK_M, BLOCK_W=max(16, min(64, triton.next_power_of_2(width))),
-        BLOCK_D=64, IEEE=x.dtype == torch.float32,
-    )
+    block_w = max(16, min(block_w, triton.next_power_of_2(width)))  # tl.dot needs >= 16
+    tiles = tile_block.numel()
+    hidden = x.shape[1]
+    act = torch.empty(item_tokens.numel(), width, dtype=torch.float32, device=x.device)
+    common = dict(WIDTH=width, BLOCK_M=block_m, BLOCK_W=block_w, BLOCK_D=block_d,
+                  IEEE=x.dtype == torch.float32, num_warps=warps)
+    _grouped_gate_up_kernel[(tiles, triton.cdiv(width, block_w))](
+        x, sorted_tokens, tile_block, tile_start, tile_end, gate, up, act, hidden, row_offset, **common)
+    _grouped_down_kernel[(tiles, triton.cdiv(hidden, block_d))](
+        sorted_tokens, tile_block, tile_start, tile_end, act, down, out, hidden, row_offset, **common)
     return out
 
 
@@ -204,35 +313,35 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
     s = layer.spec
     vectors = routing_matrix(layer)
     bias = layer.router_bias.detach() if s.routing == "hyperplane" else None
-    leaf, path = tree_route_triton(x, vectors, bias, s.num_trees, s.depth)
-    if layer.usage is not None:
-        layer.usage.record(leaf, path)
     gate, up, down = layer.gate_rows.detach(), layer.up_rows.detach(), layer.down_rows.detach()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     n = x.shape[0]
-    grouped = n > GROUPED_MIN_TOKENS and not (s.activation == "after_sum" and s.node_width)
-    if s.activation == "after_sum" and s.node_width:
+    after_sum = s.activation == "after_sum" and s.node_width
+    grouped = n > GROUPED_MIN_TOKENS and not after_sum
+    if not grouped and not after_sum:  # decode: two launches after the routing
+        rows, leaf, path = tree_route_rows_triton(layer, x, vectors, bias)
+        if layer.usage is not None:
+            layer.usage.record(leaf.long(), path.long())
+        gathered_swiglu(x, rows, gate, up, down, out=out)
+        return out.to(x.dtype), "triton:route+gather"
+    leaf, path = tree_route_triton(x, vectors, bias, s.num_trees, s.depth)
+    if layer.usage is not None:
+        layer.usage.record(leaf, path)
+    if after_sum:
         gathered_swiglu_after_sum(x, path_rows(layer, leaf, path), gate, up, down, out=out)
         name = "triton:route+gather_after_sum"
     elif grouped:
         tokens = torch.arange(n, device=x.device)
         trees = torch.arange(s.num_trees, device=x.device)
-        if s.node_width:
-            node_blocks = trees[None, :, None] * s.num_nodes + path  # (N, T, depth)
-            grouped_block_swiglu(x, tokens[:, None, None].expand_as(node_blocks).reshape(-1), node_blocks.reshape(-1),
-                                 s.num_trees * s.num_nodes, 0, s.node_width, gate, up, down, out)
+        if s.node_width:  # a few narrow node rows per token, the same few for many tokens (cached)
+            node_start = (trees[:, None] * s.num_nodes + path) * s.node_width  # (N, T, depth)
+            node_rows = (node_start[..., None] + torch.arange(s.node_width, device=x.device)).reshape(n, -1)
+            gathered_swiglu(x, node_rows.contiguous(), gate, up, down, out=out)
         leaf_blocks = trees[None, :] * s.num_leaves + leaf
         grouped_block_swiglu(x, tokens[:, None].expand_as(leaf_blocks).reshape(-1), leaf_blocks.reshape(-1),
                              s.num_trees * s.num_leaves, layer.node_rows, s.leaf_width, gate, up, down, out)
         name = "triton:route+grouped_gemm"
-    else:
-        rows = path_rows(layer, leaf, path)
-        if s.shared_width:
-            shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size, device=x.device)
-            rows = torch.cat([rows, shared.expand(n, -1)], dim=1)
-        gathered_swiglu(x, rows.contiguous(), gate, up, down, out=out)
-        name = "triton:route+gather"
-    if s.shared_width and (grouped or (s.activation == "after_sum" and s.node_width)):
+    if s.shared_width:
         start = layer.node_rows + layer.leaf_rows  # always-on neurons: a dense GEMM (cuBLAS on a GPU)
         hidden = F.silu(x @ gate[start:].T) * (x @ up[start:].T)
         out += (hidden @ down[start:]).float()

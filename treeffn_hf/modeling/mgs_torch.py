@@ -46,6 +46,16 @@ def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
     return layer.act_fn(g), u
 
 
+def _union_expected_too_large(layer, tokens: int, width: int) -> bool:
+    """Whether top-k selections of this many tokens are all but sure to cover more than
+    GATHER_MAX_FRACTION of the neurons (independent selections: 1 - (1 - k/H)^N), so that
+    measuring the union (a host sync) is not worth it."""
+    if layer.spec.selection != "top_k":
+        return False
+    expected = 1.0 - (1.0 - layer.spec.top_k(width) / width) ** tokens
+    return expected > 2 * GATHER_MAX_FRACTION
+
+
 def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a MicroGatedMLP) for x: (N, hidden) and its gate scores (N, H)."""
     bias = layer.down_proj.bias
@@ -62,7 +72,10 @@ def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return out if bias is None else out + bias
     selected = _select(layer, scores)
     layer._record_density(selected)
-    union = selected.any(dim=0).nonzero().squeeze(1)
+    if too_dense or _union_expected_too_large(layer, x.shape[0], width):
+        hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
+        return layer.down_proj(hidden)
+    union = selected.any(dim=0).nonzero().squeeze(1)  # one host sync: the union's size
     if union.numel() > GATHER_MAX_FRACTION * layer.intermediate_size:
         hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
         return layer.down_proj(hidden)
