@@ -17,7 +17,7 @@ On a GPU the sparse layers run their Triton kernels (the row records which: `pat
 rows report the achieved weight-read bandwidth as a fraction of the device-to-device copy
 bandwidth measured in the same process (the practical peak), and every tree / MGS case is also
 timed on the other kernel variant (per-token gather vs grouped GEMM / union GEMM), which is how
-the dispatch's switch points (`GROUPED_MIN_TOKENS`, `GATHER_MAX_TOKENS`) are to be set.
+the dispatch's switch points (`GATHER_MAX_ROW_MULTIPLE` in kernels_tree / kernels_mgs) are set.
 """
 
 from __future__ import annotations
@@ -60,17 +60,17 @@ def copy_bandwidth(device: str, dtype: torch.dtype, sync) -> float:
     return 2 * src.numel() / times["copy"]
 
 
-def variant_switch(kind: str, tokens: int):
+def variant_switch(layer: torch.nn.Module, tokens: int):
     """(module, attribute, value) that makes the kernels take the other variant at this batch."""
-    if kind == "tree":
-        from treeffn_hf.modeling import kernels_tree
+    if isinstance(layer, TreeFFN):
+        from treeffn_hf.modeling import kernels_tree as module
 
-        grouped_now = tokens > kernels_tree.GROUPED_MIN_TOKENS
-        return kernels_tree, "GROUPED_MIN_TOKENS", (1 << 30) if grouped_now else 0
-    from treeffn_hf.modeling import kernels_mgs
+        now = module.uses_grouped_gemm(layer, tokens)
+        return module, "GATHER_MAX_ROW_MULTIPLE", math.inf if now else 0.0
+    from treeffn_hf.modeling import kernels_mgs as module
 
-    gather_now = tokens <= kernels_mgs.GATHER_MAX_TOKENS
-    return kernels_mgs, "GATHER_MAX_TOKENS", 0 if gather_now else (1 << 30)
+    now = module.uses_gather(layer, tokens)
+    return module, "GATHER_MAX_ROW_MULTIPLE", 0.0 if now else math.inf
 
 
 def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype) -> torch.nn.Module:
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
                         eager, graph = timed(fns, capturable(device, path), args.rounds, calls, sync)
                         other = None
                         if device == "cuda" and 1 < tokens < 1024:  # the other variant, for the switch point
-                            module, name, value = variant_switch(kind, tokens)
+                            module, name, value = variant_switch(layer, tokens)
                             saved = getattr(module, name)
                             setattr(module, name, value)
                             try:

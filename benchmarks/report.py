@@ -52,6 +52,55 @@ def mlp_section(data: dict) -> list[str]:
     return lines
 
 
+def mlp_cuda_section(data: dict) -> list[str]:
+    m = data["machine"]
+    lines = [
+        f"**MLP block, GPU** (`{data['command']}`; {m['cuda']}, {data['dtype']}, torch {m['torch']}; "
+        "file `benchmarks/results/bench_mlp_cuda.json`, plot `bench_mlp_cuda.png`). Sparse = the Triton kernels "
+        "(the `path` column of the file says which ran; `torch` = MGS batches past the gather switch point, "
+        "on the PyTorch union path), dense = cuBLAS `LlamaMLP`, interleaved in one process. Each timed call runs "
+        "a stack of distinct copies of the layer (both sides) whose sparse rows exceed 4x the L2 cache, as a "
+        "model's layers do; times are per layer. Speed-ups are CUDA-graph replays (launch overhead removed, as in "
+        "a serving engine); `e` marks an eager time where the sparse side waits on the host and cannot be "
+        "captured. Batch-1 bandwidth: weight bytes read per second as a fraction of the "
+        f"device-to-device copy rate measured in the same process ({data['copy_bandwidth_gb_s']:.0f} GB/s).",
+        "",
+    ]
+    shapes = sorted({(r["shape"], r["hidden"], r["intermediate"]) for r in data["results"]}, key=lambda s: s[2])
+    for shape, hidden, width in shapes:
+        rows = [r for r in data["results"] if r["shape"] == shape]
+        tokens = sorted({r["tokens"] for r in rows})
+        lines += [f"*{shape}* (hidden {hidden}, intermediate {width}):", "",
+                  "| method | target | active units | weights read | "
+                  + " | ".join(f"N={t}" + (" (prefill)" if t >= 256 else "") for t in tokens)
+                  + " | batch-1 bandwidth (dense) |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " | --- |"]
+        for method in ("tree", "mgs"):
+            for target in sorted({r["target_density"] for r in rows}, reverse=True):
+                cells = {r["tokens"]: r for r in rows if r["method"] == method and r["target_density"] == target}
+                if not cells:
+                    continue
+                any_row = next(iter(cells.values()))
+                one = cells.get(1, {})
+                bandwidth = (f"{one['bandwidth_fraction_of_copy_peak']:.0%} "
+                             f"({one['dense_bandwidth_fraction_of_copy_peak']:.0%})"
+                             if one.get("bandwidth_fraction_of_copy_peak") else "")
+                lines.append(
+                    f"| {method} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
+                    f"{any_row['active_weight_fraction']:.2%} | "
+                    + " | ".join(_gpu_speedup(cells[t]) if t in cells else "" for t in tokens)
+                    + f" | {bandwidth} |"
+                )
+        lines.append("")
+    return lines
+
+
+def _gpu_speedup(row: dict) -> str:
+    if row.get("graph_speedup"):
+        return f"{row['graph_speedup']:.2f}x"
+    return f"{row['speedup']:.2f}x e"
+
+
 def decode_section(data: dict) -> list[str]:
     m = data["machine"]
     shape = data["shape"]
@@ -110,6 +159,9 @@ def render() -> str:
     mlp = _load("bench_mlp_cpu.json")
     if mlp:
         lines += mlp_section(mlp)
+    mlp_cuda = _load("bench_mlp_cuda.json")
+    if mlp_cuda:
+        lines += mlp_cuda_section(mlp_cuda)
     for model in ("smollm2-135m", "llama-1b"):
         decode = _load(f"bench_decode_{model}.json")
         if decode:

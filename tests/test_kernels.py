@@ -3,6 +3,7 @@ reference path. Without a GPU they run under TRITON_INTERPRET=1 on CPU tensors (
 with one, the same tests run on CUDA, in bf16 as well."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -125,14 +126,17 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens", [1, 7, 33])
+@pytest.mark.parametrize("tokens,multiple", [(1, None), (7, None), (33, 0.0), (33, math.inf)],
+                         ids=["1", "7", "33-grouped", "33-gather"])
 @pytest.mark.parametrize("name", TREE_SPECS)
-def test_tree_layer_triton_path_matches_reference(name, tokens, dtype):
+def test_tree_layer_triton_path_matches_reference(name, tokens, multiple, dtype, monkeypatch):
+    if multiple is not None:  # both prefill variants on every spec, whatever the switch point
+        monkeypatch.setattr(kernels_tree, "GATHER_MAX_ROW_MULTIPLE", multiple)
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
     got, _ = run_both(layer, x)
     assert layer.last_path.startswith("triton:")
-    grouped = tokens > kernels_tree.GROUPED_MIN_TOKENS and layer.spec.activation == "per_node"
+    grouped = layer.spec.activation == "per_node" and kernels_tree.uses_grouped_gemm(layer, tokens)
     assert ("grouped_gemm" in layer.last_path) == grouped
     # Oracle: the reference path in fp32 on the same (rounded) weights; the kernels also route
     # and accumulate in fp32, so half precision cannot send a token down another path.
@@ -154,6 +158,14 @@ def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype):
     assert layer.measured_units() == spec.top_k(INTER)
 
 
+def test_tree_switches_to_the_grouped_gemm_when_gathers_would_reread_the_layer():
+    layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
+    switch = kernels_tree.GATHER_MAX_ROW_MULTIPLE * INTER / layer.spec.active_units
+    assert not kernels_tree.uses_grouped_gemm(layer, 1)
+    assert not kernels_tree.uses_grouped_gemm(layer, int(switch))
+    assert kernels_tree.uses_grouped_gemm(layer, int(switch) + 1)
+
+
 def test_mgs_threshold_selection_on_the_kernel():
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16, selection="threshold"), nn.SiLU()),
                          torch.float32)
@@ -167,7 +179,9 @@ def test_mgs_threshold_selection_on_the_kernel():
 
 def test_large_mgs_batches_hand_over_to_the_union_gemm_and_say_so():
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
-    x = torch.randn(kernels_mgs.GATHER_MAX_TOKENS + 1, HIDDEN, device=DEVICE)
+    tokens = int(kernels_mgs.GATHER_MAX_ROW_MULTIPLE * INTER / layer.spec.top_k(INTER)) + 1
+    assert kernels_mgs.uses_gather(layer, tokens - 1) and not kernels_mgs.uses_gather(layer, tokens)
+    x = torch.randn(tokens, HIDDEN, device=DEVICE)
     got, want = run_both(layer, x)
     assert layer.last_path == "torch"
     close(got, want, torch.float32)

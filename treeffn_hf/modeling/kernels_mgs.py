@@ -5,7 +5,7 @@ then go through `kernels_gather.gathered_swiglu`: the selected rows of `gate_pro
 (contiguous in the stock layout) and of `down_proj` transposed (cached, one row per neuron) are
 read once, with fp32 accumulation and a split-K reduction over the selected rows.
 
-Batches above `GATHER_MAX_TOKENS` go to the PyTorch path's gathered GEMM over the union of
+Batches beyond `uses_gather` go to the PyTorch path's gathered GEMM over the union of
 the tokens' selections (or the masked dense GEMMs once that union is large), which is cuBLAS on
 a GPU; the caller is told so, and `last_path` records it.
 """
@@ -17,9 +17,17 @@ import torch
 from .kernels_gather import gathered_swiglu
 from .mgs_torch import down_rows, mgs_fast
 
-# Per-token gathers read (tokens x selected) rows; past a few tokens the union GEMM reads fewer.
-# Provisional until benchmarks/bench_mlp.py measures the crossover on a GPU.
-GATHER_MAX_TOKENS = 8
+# Per-token gathers read (tokens x selected) rows; the union GEMM reads the union once but waits
+# on the host for its size. Gathers win while tokens x selected <= 8 x intermediate (H100 run of
+# benchmarks/bench_mlp.py, whose rows time both variants).
+GATHER_MAX_ROW_MULTIPLE = 8.0
+
+
+def uses_gather(layer, tokens: int) -> bool:
+    """Whether `tokens` tokens go through the gather kernels (else the PyTorch union path)."""
+    per_token = layer.spec.top_k(layer.intermediate_size) if layer.spec.selection == "top_k" else (
+        layer.spec.density * layer.intermediate_size)  # threshold: calibrated to this density
+    return tokens * per_token <= GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
 
 
 def selected_rows(layer, scores: torch.Tensor) -> torch.Tensor:
@@ -34,7 +42,7 @@ def selected_rows(layer, scores: torch.Tensor) -> torch.Tensor:
 
 def mgs_triton(layer, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Forward of a `MicroGatedMLP` on the kernels; returns (output, which path ran)."""
-    if x.shape[0] > GATHER_MAX_TOKENS:
+    if not uses_gather(layer, x.shape[0]):
         return mgs_fast(layer, x, scores), "torch"
     rows = selected_rows(layer, scores)
     # top-k selects a known number per token: no counting kernel on the decode path

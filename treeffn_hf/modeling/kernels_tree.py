@@ -32,9 +32,11 @@ try:
 except ImportError:
     triton = None
 
-# Up to this many tokens, per-token gathers beat the grouped GEMM (provisional: to be set from
-# benchmarks/bench_mlp.py on a GPU; the interpreter tests cover both sides of it).
-GROUPED_MIN_TOKENS = 16
+# Per-token gathers read each token's rows separately; the grouped GEMM reads each block once per
+# tile of tokens but costs a sort and two launches. Gathers win while the rows they read add up to
+# at most this many layers' worth (tokens x active units <= 3 x intermediate): set from the H100
+# run of benchmarks/bench_mlp.py (its rows time both variants, `other_variant`).
+GATHER_MAX_ROW_MULTIPLE = 3.0
 # (tokens per tile, rows per step, hidden per step, warps); benchmarks/tune_kernels.py times them.
 GROUPED_BLOCK = (32, 64, 64, 8)
 
@@ -308,6 +310,11 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     return torch.cat([node_rows.flatten(2), leaf_rows], dim=2).reshape(leaf.shape[0], -1)
 
 
+def uses_grouped_gemm(layer, tokens: int) -> bool:
+    """Whether a per-node-activation tree runs `tokens` tokens through the grouped GEMM."""
+    return tokens * layer.spec.active_units > GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
+
+
 def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Forward of a `TreeFFN` on the kernels; returns (output, a name of the kernels that ran)."""
     s = layer.spec
@@ -317,7 +324,7 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     n = x.shape[0]
     after_sum = s.activation == "after_sum" and s.node_width
-    grouped = n > GROUPED_MIN_TOKENS and not after_sum
+    grouped = not after_sum and uses_grouped_gemm(layer, n)
     if not grouped and not after_sum:  # decode: two launches after the routing
         rows, leaf, path = tree_route_rows_triton(layer, x, vectors, bias)
         if layer.usage is not None:
