@@ -50,3 +50,25 @@ def test_eval_attribution_compares_with_the_baseline(tmp_path, capsys):
     assert set(saved) == {"model", "baseline"} and len(saved["model"]) == 2
     assert saved["model"][0]["mlp_norm"] != saved["baseline"][0]["mlp_norm"]  # the tree computes less
     assert (tmp_path / "attr" / "attribution.png").stat().st_size > 1000
+
+
+def test_logit_terms_of_all_blocks_and_the_embedding_add_up_to_the_logit():
+    """Direct logit attribution is exact: with the final norm's scale fixed per token, the next
+    token's logit is the embedding's term plus one term per block."""
+    model = tiny_dense_model("qwen2").eval()
+    window = torch.randint(3, 97, (1, 20))
+    rows = residual_attribution(model, window, progress=False)
+    captured = []
+    handle = model.model.norm.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0][0]))
+    with torch.no_grad():
+        logits = model(window).logits[0, :-1]
+    handle.remove()
+    targets = window[0, 1:]
+    want = logits.gather(1, targets[:, None]).squeeze(1).mean()
+    norm = model.model.norm
+    rms = captured[0][:-1].pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt()
+    direction = model.get_output_embeddings().weight[targets] * norm.weight / rms
+    embedding = (model.model.embed_tokens(window)[0, :-1] * direction).sum(-1).mean()
+    got = embedding + sum(r.attention_logit + r.mlp_logit for r in rows)
+    assert torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-4), (float(got), float(want))
+    assert all(0.0 <= r.mlp_logit_share <= 1.0 for r in rows)

@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         if args.attribution:
             for name, rows in result["attribution"].items():
                 share = sum(r["mlp_share"] for r in rows) / len(rows)
-                print(f"{name}: mean MLP share of the residual writes {share:.3f} (per layer in {args.attribution})")
+                logit_share = sum(r["mlp_logit_share"] for r in rows) / len(rows)
+                print(f"{name}: mean MLP share of the residual writes {share:.3f}, of the direct logit terms "
+                      f"{logit_share:.3f} (per layer in {args.attribution})")
         if args.tree_stats:
             t = result["tree_stats"]
             print(f"tree paths: {t['dead_paths']} of {t['paths']} dead, mean routing entropy "

@@ -72,13 +72,12 @@ def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return out if bias is None else out + bias
     selected = _select(layer, scores)
     layer._record_density(selected)
-    if too_dense or _union_expected_too_large(layer, x.shape[0], width):
-        hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
-        return layer.down_proj(hidden)
-    union = selected.any(dim=0).nonzero().squeeze(1)  # one host sync: the union's size
-    if union.numel() > GATHER_MAX_FRACTION * layer.intermediate_size:
-        hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
-        return layer.down_proj(hidden)
-    g, u = _gathered(layer, x, union)
-    out = (g * u * selected[:, union]) @ down_rows(layer).index_select(0, union)
-    return out if bias is None else out + bias
+    if not (too_dense or _union_expected_too_large(layer, x.shape[0], width)):
+        union = selected.any(dim=0).nonzero().squeeze(1)  # one host sync: the union's size
+        if union.numel() <= GATHER_MAX_FRACTION * layer.intermediate_size:
+            g, u = _gathered(layer, x, union)
+            out = (g * u * selected[:, union]) @ down_rows(layer).index_select(0, union)
+            return out if bias is None else out + bias
+    # the union covers most neurons: dense matmuls with the selection as a mask
+    hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
+    return layer.down_proj(hidden)
