@@ -265,7 +265,7 @@ def plot(payload: dict, path: Path) -> None:
             sorted({(r["method"], r["tokens"]) for r in payload["results"] if r["shape"] == shape}),
             "osd^v<>ph*" * 3,
         ):
-            pts = sorted((r["active_weight_fraction"], r["speedup"]) for r in payload["results"]
+            pts = sorted((r["active_weight_fraction"], r.get("graph_speedup") or r["speedup"]) for r in payload["results"]
                          if r["shape"] == shape and r["method"] == method and r["tokens"] == tokens)
             ax.plot(*zip(*pts), marker=marker, linestyle="-" if method == "tree" else "--", label=f"{method} N={tokens}")
         ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -276,12 +276,13 @@ def plot(payload: dict, path: Path) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.set_xticks([0.03, 0.05, 0.1, 0.25, 0.5])
-        ax.set_yticks([0.5, 1, 2, 5, 10, 20])
+        ax.set_yticks([0.2, 0.5, 1, 2, 5, 10, 20])
         ax.set_xlabel("fraction of dense MLP weights read per token")
         ax.set_ylabel("speed-up over dense LlamaMLP")
         where = (payload["machine"]["cuda"] if payload.get("device") == "cuda"
                  else f"{payload['machine']['torch_threads']} threads (CPU)")
-        ax.set_title(f"{shape}, {payload['dtype']}, {where}")
+        graphs = ", CUDA graphs (eager: MGS N>=16)" if payload.get("device") == "cuda" else ""
+        ax.set_title(f"{shape}, {payload['dtype']}, {where}{graphs}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -306,11 +307,11 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or f"bench_mlp_{args.device}"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
     if args.plot_only:
         plot(json.loads((RESULTS / f"{args.out}.json").read_text()), RESULTS / f"{args.out}.png")
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     if args.quick:
         args.shapes, args.rounds = ["smollm2-135m"], 3
     torch.set_num_threads(args.threads)
