@@ -281,7 +281,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("speed-up over dense LlamaMLP")
         where = (payload["machine"]["cuda"] if payload.get("device") == "cuda"
                  else f"{payload['machine']['torch_threads']} threads (CPU)")
-        graphs = ", CUDA graphs (eager: MGS N>=16)" if payload.get("device") == "cuda" else ""
+        graphs = ", CUDA graphs where capturable" if payload.get("device") == "cuda" else ""
         ax.set_title(f"{shape}, {payload['dtype']}, {where}{graphs}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
