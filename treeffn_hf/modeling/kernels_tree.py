@@ -2,6 +2,7 @@
 
 - `tree_route_triton`: one program per (token, tree) walks the depth, dotting x with the node's
   routing vector, and writes the path (heap index per level) and the leaf. Equals `tree_route`.
+  `tree_route_rows_triton` (decode) is the same kernel also writing each token's row list.
 - `grouped_block_swiglu`: the MoE-style prefill kernels. Every (token, block-on-path) pair is an
   item; items are sorted by block and each block's tokens cut into tiles of BLOCK_M. Launch 1:
   per (tile, chunk of the block's width), x_tile @ G_b^T and x_tile @ U_b^T -> SwiGLU, stored
@@ -59,42 +60,16 @@ def grouped_block_swiglu_naive(x, item_tokens, item_blocks, row_offset: int, wid
 if triton is not None:
 
     @triton.jit
-    def _tree_route_kernel(
-        x_ptr, vectors_ptr, bias_ptr, leaf_ptr, path_ptr,
-        hidden, num_trees, num_nodes,
-        DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        token = tl.program_id(0)
-        tree = tl.program_id(1)
-        x_base = token.to(tl.int64) * hidden
-        position = tl.zeros((), dtype=tl.int32)
-        for level in tl.static_range(DEPTH):
-            heap = position + ((1 << level) - 1)
-            v_base = (tree * num_nodes + heap).to(tl.int64) * hidden
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for d0 in range(0, hidden, BLOCK_D):
-                d_off = d0 + tl.arange(0, BLOCK_D)
-                d_mask = d_off < hidden
-                xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
-                vv = tl.load(vectors_ptr + v_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
-                acc += xv * vv
-            score = tl.sum(acc, axis=0)
-            if HAS_BIAS:
-                score += tl.load(bias_ptr + tree * num_nodes + heap).to(tl.float32)
-            tl.store(path_ptr + (token * num_trees + tree) * DEPTH + level, heap)
-            position = 2 * position + (score > 0).to(tl.int32)
-        tl.store(leaf_ptr + token * num_trees + tree, position)
-
-    @triton.jit
     def _tree_route_rows_kernel(
         x_ptr, vectors_ptr, bias_ptr, rows_ptr, leaf_ptr, path_ptr,
         hidden, num_trees, num_nodes, num_leaves, node_rows, shared_start, row_stride,
         DEPTH: tl.constexpr, NODE_WIDTH: tl.constexpr, LEAF_WIDTH: tl.constexpr, SHARED: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+        WRITE_ROWS: tl.constexpr,
     ):
-        """Decode routing fused with the row list: per (token, tree), walk the depth and write the
-        path's rows (node blocks, then the leaf block; the shared rows once per token) in the
-        order of `path_rows`, so the gather kernels follow with no index arithmetic in between."""
+        """Per (token, tree), walk the depth and write the path and the leaf. With WRITE_ROWS (decode)
+        also the path's rows (node blocks, then the leaf block; the shared rows once per token) in
+        the order of `path_rows`, so the gather kernels follow with no index arithmetic between."""
         token = tl.program_id(0)
         tree = tl.program_id(1)
         x_base = token.to(tl.int64) * hidden
@@ -114,22 +89,24 @@ if triton is not None:
             if HAS_BIAS:
                 score += tl.load(bias_ptr + tree * num_nodes + heap).to(tl.float32)
             tl.store(path_ptr + (token * num_trees + tree) * DEPTH + level, heap)
-            if NODE_WIDTH > 0:
+            if WRITE_ROWS and NODE_WIDTH > 0:
                 n_off = tl.arange(0, BLOCK_N)
                 tl.store(rows_ptr + out_base + level * NODE_WIDTH + n_off,
                          (tree * num_nodes + heap) * NODE_WIDTH + n_off, mask=n_off < NODE_WIDTH)
             position = 2 * position + (score > 0).to(tl.int32)
         tl.store(leaf_ptr + token * num_trees + tree, position)
-        leaf_start = node_rows + (tree * num_leaves + position) * LEAF_WIDTH
-        for l0 in range(0, LEAF_WIDTH, BLOCK_L):
-            l_off = l0 + tl.arange(0, BLOCK_L)
-            tl.store(rows_ptr + out_base + DEPTH * NODE_WIDTH + l_off, leaf_start + l_off, mask=l_off < LEAF_WIDTH)
-        if SHARED > 0:
-            if tree == 0:
-                shared_base = token.to(tl.int64) * row_stride + num_trees * (DEPTH * NODE_WIDTH + LEAF_WIDTH)
-                for s0 in range(0, SHARED, BLOCK_L):
-                    s_off = s0 + tl.arange(0, BLOCK_L)
-                    tl.store(rows_ptr + shared_base + s_off, shared_start + s_off, mask=s_off < SHARED)
+        if WRITE_ROWS:
+            leaf_start = node_rows + (tree * num_leaves + position) * LEAF_WIDTH
+            for l0 in range(0, LEAF_WIDTH, BLOCK_L):
+                l_off = l0 + tl.arange(0, BLOCK_L)
+                tl.store(rows_ptr + out_base + DEPTH * NODE_WIDTH + l_off, leaf_start + l_off,
+                         mask=l_off < LEAF_WIDTH)
+            if SHARED > 0:
+                if tree == 0:
+                    shared_base = token.to(tl.int64) * row_stride + num_trees * (DEPTH * NODE_WIDTH + LEAF_WIDTH)
+                    for s0 in range(0, SHARED, BLOCK_L):
+                        s_off = s0 + tl.arange(0, BLOCK_L)
+                        tl.store(rows_ptr + shared_base + s_off, shared_start + s_off, mask=s_off < SHARED)
 
     @triton.jit
     def _grouped_gate_up_kernel(
@@ -220,10 +197,12 @@ def tree_route_triton(x: torch.Tensor, vectors: torch.Tensor, bias, num_trees: i
     path = torch.empty(n, num_trees, depth, dtype=torch.int32, device=x.device)
     if n:
         bias_arg = bias.contiguous() if bias is not None else vectors  # unused when HAS_BIAS is False
-        _tree_route_kernel[(n, num_trees)](x.contiguous(), vectors.contiguous(), bias_arg, leaf, path, hidden,
-                                            num_trees, num_nodes, DEPTH=depth, HAS_BIAS=bias is not None,
-                                            BLOCK_D=min(4096, triton.next_power_of_2(hidden)),
-                                            num_warps=8 if hidden >= 2048 else 4)
+        _tree_route_rows_kernel[(n, num_trees)](
+            x.contiguous(), vectors.contiguous(), bias_arg, leaf, leaf, path,  # no rows: `leaf` stands in
+            hidden, num_trees, num_nodes, 1, 0, 0, 0, DEPTH=depth, NODE_WIDTH=0, LEAF_WIDTH=0, SHARED=0,
+            HAS_BIAS=bias is not None, BLOCK_D=min(4096, triton.next_power_of_2(hidden)), BLOCK_N=1, BLOCK_L=16,
+            WRITE_ROWS=False, num_warps=8 if hidden >= 2048 else 4,
+        )
     return leaf.long(), path.long()
 
 
@@ -243,7 +222,7 @@ def tree_route_rows_triton(layer, x: torch.Tensor, vectors: torch.Tensor, bias):
             hidden, s.num_trees, s.num_nodes, s.num_leaves, layer.node_rows, layer.node_rows + layer.leaf_rows,
             row_stride, DEPTH=s.depth, NODE_WIDTH=s.node_width, LEAF_WIDTH=s.leaf_width, SHARED=s.shared_width,
             HAS_BIAS=bias is not None, BLOCK_D=min(4096, triton.next_power_of_2(hidden)),
-            BLOCK_N=triton.next_power_of_2(max(s.node_width, 1)), BLOCK_L=1024,
+            BLOCK_N=triton.next_power_of_2(max(s.node_width, 1)), BLOCK_L=1024, WRITE_ROWS=True,
             num_warps=8 if hidden >= 2048 else 4,
         )
     return rows, leaf, path
