@@ -23,23 +23,19 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def mlp_section(data: dict) -> list[str]:
-    m = data["machine"]
-    lines = [
-        f"**MLP block, CPU** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, {data['dtype']}, "
-        f"torch {m['torch']}; file `benchmarks/results/bench_mlp_cpu.json`, plot `bench_mlp_cpu.png`). "
-        "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process; "
-        "weights read = fraction of the dense MLP's weights each token reads (gate included for MGS).",
-        "",
-    ]
+def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) -> list[str]:
+    """One table per shape: a row per (method, target density), a column per batch size whose
+    cells `cell(row)` fills; `extra` = (header, function of the row's cells by batch) adds a column."""
+    lines = []
     shapes = sorted({(r["shape"], r["hidden"], r["intermediate"]) for r in data["results"]}, key=lambda s: s[2])
     for shape, hidden, width in shapes:
         rows = [r for r in data["results"] if r["shape"] == shape]
         tokens = sorted({r["tokens"] for r in rows})
+        extra_header, extra_rule = (f" {extra[0]} |", " --- |") if extra else ("", "")
         lines += [f"*{shape}* (hidden {hidden}, intermediate {width}):", "",
                   "| method | target | active units | weights read | "
-                  + " | ".join(f"N={t}" + (" (prefill)" if t >= 256 else "") for t in tokens) + " |",
-                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |"]
+                  + " | ".join(f"N={t}" + (" (prefill)" if t >= 256 else "") for t in tokens) + " |" + extra_header,
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |" + extra_rule]
         for method in ("tree", "mgs"):
             for target in sorted({r["target_density"] for r in rows}, reverse=True):
                 cells = {r["tokens"]: r for r in rows if r["method"] == method and r["target_density"] == target}
@@ -49,15 +45,27 @@ def mlp_section(data: dict) -> list[str]:
                 lines.append(
                     f"| {method} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
                     f"{any_row['active_weight_fraction']:.2%} | "
-                    + " | ".join(f"{cells[t]['speedup']:.2f}x" if t in cells else "" for t in tokens) + " |"
+                    + " | ".join(cell(cells[t]) if t in cells else "" for t in tokens) + " |"
+                    + (f" {extra[1](cells)} |" if extra else "")
                 )
         lines.append("")
     return lines
 
 
+def mlp_section(data: dict) -> list[str]:
+    m = data["machine"]
+    return [
+        f"**MLP block, CPU** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, {data['dtype']}, "
+        f"torch {m['torch']}; file `benchmarks/results/bench_mlp_cpu.json`, plot `bench_mlp_cpu.png`). "
+        "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process; "
+        "weights read = fraction of the dense MLP's weights each token reads (gate included for MGS).",
+        "",
+    ] + speedup_tables(data, lambda row: f"{row['speedup']:.2f}x")
+
+
 def mlp_cuda_section(data: dict) -> list[str]:
     m = data["machine"]
-    lines = [
+    return [
         f"**MLP block, GPU** (`{data['command']}`; {m['cuda']}, {data['dtype']}, torch {m['torch']}; "
         "file `benchmarks/results/bench_mlp_cuda.json`, plot `bench_mlp_cuda.png`). Sparse = the Triton kernels "
         "(the `path` column of the file says which ran; `torch` = MGS batches past the gather switch point, "
@@ -68,40 +76,20 @@ def mlp_cuda_section(data: dict) -> list[str]:
         "captured. Batch-1 bandwidth: weight bytes read per second as a fraction of the "
         f"device-to-device copy rate measured in the same process ({data['copy_bandwidth_gb_s']:.0f} GB/s).",
         "",
-    ]
-    shapes = sorted({(r["shape"], r["hidden"], r["intermediate"]) for r in data["results"]}, key=lambda s: s[2])
-    for shape, hidden, width in shapes:
-        rows = [r for r in data["results"] if r["shape"] == shape]
-        tokens = sorted({r["tokens"] for r in rows})
-        lines += [f"*{shape}* (hidden {hidden}, intermediate {width}):", "",
-                  "| method | target | active units | weights read | "
-                  + " | ".join(f"N={t}" + (" (prefill)" if t >= 256 else "") for t in tokens)
-                  + " | batch-1 bandwidth (dense) |",
-                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " | --- |"]
-        for method in ("tree", "mgs"):
-            for target in sorted({r["target_density"] for r in rows}, reverse=True):
-                cells = {r["tokens"]: r for r in rows if r["method"] == method and r["target_density"] == target}
-                if not cells:
-                    continue
-                any_row = next(iter(cells.values()))
-                one = cells.get(1, {})
-                bandwidth = (f"{one['bandwidth_fraction_of_copy_peak']:.0%} "
-                             f"({one['dense_bandwidth_fraction_of_copy_peak']:.0%})"
-                             if one.get("bandwidth_fraction_of_copy_peak") else "")
-                lines.append(
-                    f"| {method} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
-                    f"{any_row['active_weight_fraction']:.2%} | "
-                    + " | ".join(_gpu_speedup(cells[t]) if t in cells else "" for t in tokens)
-                    + f" | {bandwidth} |"
-                )
-        lines.append("")
-    return lines
+    ] + speedup_tables(data, _gpu_speedup, ("batch-1 bandwidth (dense)", _batch1_bandwidth))
 
 
 def _gpu_speedup(row: dict) -> str:
     if row.get("graph_speedup"):
         return f"{row['graph_speedup']:.2f}x"
     return f"{row['speedup']:.2f}x e"
+
+
+def _batch1_bandwidth(cells: dict) -> str:
+    one = cells.get(1, {})
+    if not one.get("bandwidth_fraction_of_copy_peak"):
+        return ""
+    return f"{one['bandwidth_fraction_of_copy_peak']:.0%} ({one['dense_bandwidth_fraction_of_copy_peak']:.0%})"
 
 
 def decode_section(data: dict) -> list[str]:
