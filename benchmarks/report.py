@@ -145,18 +145,22 @@ def quality_section(data: dict) -> list[str]:
     return lines
 
 
-def finetune_section(data: dict) -> list[str]:
-    m, tree, settings = data["machine"], data["tree"], data["settings"]
-    spec = tree["spec"]
+def finetune_section(data: dict, name: str) -> list[str]:
+    m, sparse, settings = data["machine"], data["sparse"], data["settings"]
+    spec = sparse["spec"]
+    if sparse["method"] == "tree":
+        layer = (f"tree: depth {spec['depth']}, node width {spec['node_width']}, leaf {spec['leaf_width']}, shared "
+                 f"{spec['shared_width']}")
+    else:
+        layer = f"MGS: top-{spec['density']:.0%} of neurons, gate rank {spec['rank']}"
     lines = [
-        f"**End-to-end fine-tuning, SmolLM2-135M tree** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} "
-        f"threads; file `benchmarks/results/finetune_smollm2.json`, curve `finetune_smollm2.png`). Tree: depth "
-        f"{spec['depth']}, node width {spec['node_width']}, leaf {spec['leaf_width']}, shared {spec['shared_width']} "
-        f"= {tree['unit_fraction']:.2%} of MLP units and of MLP weight bytes; routing fit and layer-wise distillation "
-        f"first ({settings['distill_steps']} steps per layer), then {settings['steps']} steps of KL to the dense "
-        f"teacher (batch {settings['batch_size']} x {settings['window']} tokens, lr {settings['lr']:g}) on "
-        f"`valid.txt`, same data and steps for each routing variant. Perplexity on the first "
-        f"{data['evaluation']['windows']} protocol windows (dense {data['dense_perplexity']:.2f}).",
+        f"**End-to-end fine-tuning, SmolLM2-135M {sparse['method']}** (`{data['command']}`; {m['cpu']}, "
+        f"{m['torch_threads']} threads; file `benchmarks/results/{name}`, curve `{Path(name).stem}.png`). {layer} "
+        f"= {sparse['unit_fraction']:.2%} of MLP units, {sparse['weight_fraction']:.2%} of MLP weight bytes; "
+        f"{sparse['recovery']} first, then {settings['steps']} steps of KL to the dense teacher (batch "
+        f"{settings['batch_size']} x {settings['window']} tokens, lr {settings['lr']:g}) on `valid.txt`, the same data "
+        f"and steps for each variant. Perplexity on the first {data['evaluation']['windows']} protocol windows "
+        f"(dense {data['dense_perplexity']:.2f}).",
         "",
         "| variant | perplexity | ratio | tokens seen | wall time |",
         "| --- | --- | --- | --- | --- |",
@@ -184,9 +188,10 @@ def render() -> str:
     quality = _load("quality_smollm2.json")
     if quality:
         lines += quality_section(quality)
-    finetune = _load("finetune_smollm2.json")
-    if finetune and finetune.get("tree"):
-        lines += finetune_section(finetune)
+    for path in sorted(RESULTS.glob("finetune_smollm2*.json")):
+        finetune = _load(path.name)
+        if finetune and finetune.get("sparse"):
+            lines += finetune_section(finetune, path.name)
     if len(lines) == 2:
         lines += ["No benchmark has been run yet.", ""]
     lines.append(END)
