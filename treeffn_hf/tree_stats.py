@@ -2,7 +2,10 @@
 
 - leaf (path) usage histogram, and dead paths: leaves no token reached;
 - routing entropy: entropy of the leaf distribution over log(leaves) (1 = perfectly balanced);
-- per node: the fraction of the tokens reaching it that go right.
+- per node: the fraction of the tokens reaching it that go right;
+- the common mode of the layer's input: |mean x| / rms(x - mean x) over the tokens. Routing is by
+  the sign of a dot product, so when one shared direction dominates the inputs (ratio >> 1), every
+  node sends (almost) every token the same way and paths die whatever the routing weights are.
 
 `collect_tree_stats` counts with the layers' own `TreeUsage` hooks while the model runs;
 `plot_usage` draws the per-layer usage heatmap, `plot_dynamics` entropy and dead paths over steps.
@@ -30,6 +33,7 @@ class LayerTreeStats:
     num_paths: int
     routing_entropy: float  # mean over trees of H(leaf usage) / log(leaves)
     right_fraction: list[list[float]]  # [tree][node]; NaN where no token arrived
+    input_common_mode: float  # |mean x| / rms(x - mean x) of the layer's inputs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +43,25 @@ def tree_layers(model) -> list[tuple[int, torch.nn.Module]]:
     return [(i, m) for i, m in model.sparse_mlps() if m.sparse_method == "tree"]
 
 
-def stats_from_usage(index: int, usage: TreeUsage) -> LayerTreeStats:
+class _InputMoments:
+    """Streaming first and second moments of a layer's inputs (a forward pre-hook)."""
+
+    def __init__(self) -> None:
+        self.count, self.total, self.square = 0, None, 0.0
+
+    def __call__(self, module, args) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        self.count += x.shape[0]
+        self.total = x.sum(0) if self.total is None else self.total + x.sum(0)
+        self.square += float((x * x).sum())
+
+    def common_mode(self) -> float:
+        mean = self.total / self.count
+        spread = max(self.square / self.count - float(mean @ mean), 0.0) ** 0.5
+        return float(mean.norm()) / spread if spread > 0 else math.inf
+
+
+def stats_from_usage(index: int, usage: TreeUsage, input_common_mode: float = math.nan) -> LayerTreeStats:
     counts = usage.leaf_counts.cpu()
     entropies = []
     for row in counts.double():
@@ -52,6 +74,7 @@ def stats_from_usage(index: int, usage: TreeUsage) -> LayerTreeStats:
         layer=index, tokens=int(counts[0].sum()), leaf_counts=counts.tolist(),
         dead_paths=int((counts == 0).sum()), num_paths=counts.numel(),
         routing_entropy=sum(entropies) / len(entropies), right_fraction=right.tolist(),
+        input_common_mode=input_common_mode,
     )
 
 
@@ -62,6 +85,8 @@ def collect_tree_stats(model, windows: torch.Tensor, *, progress: bool = True) -
     if not layers:
         raise ValueError("the model has no tree layers")
     device = next(model.parameters()).device
+    moments = [_InputMoments() for _ in layers]
+    hooks = [layer.register_forward_pre_hook(m) for (_, layer), m in zip(layers, moments)]
     for _, layer in layers:
         layer.usage = TreeUsage(layer.spec, device=device)
     was_training = model.training
@@ -69,9 +94,11 @@ def collect_tree_stats(model, windows: torch.Tensor, *, progress: bool = True) -
     try:
         for window in tqdm(windows, desc="tree statistics", disable=not progress):
             model(window[None].to(device), use_cache=False)
-        return [stats_from_usage(i, layer.usage) for i, layer in layers]
+        return [stats_from_usage(i, layer.usage, m.common_mode()) for (i, layer), m in zip(layers, moments)]
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
         for _, layer in layers:
             layer.usage = None
 
@@ -81,6 +108,7 @@ def summary(stats: list[LayerTreeStats]) -> dict:
         "dead_paths": sum(s.dead_paths for s in stats),
         "paths": sum(s.num_paths for s in stats),
         "mean_routing_entropy": sum(s.routing_entropy for s in stats) / len(stats),
+        "mean_input_common_mode": sum(s.input_common_mode for s in stats) / len(stats),
     }
 
 
@@ -119,17 +147,19 @@ def plot_dynamics(history: list[dict], path: Union[str, Path], title: str = "tre
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_entropy, ax_dead) = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = [("routing entropy (1 = balanced)", lambda h: h["mean_routing_entropy"]),
+              ("fraction of paths dead", lambda h: h["dead_paths"] / h["paths"])]
+    if all("mean_input_common_mode" in h for h in history):
+        panels.append(("input common mode |mean| / spread", lambda h: h["mean_input_common_mode"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     for label in dict.fromkeys(h.get("label", "") for h in history):
         rows = [h for h in history if h.get("label", "") == label]
         steps = [h["step"] for h in rows]
-        ax_entropy.plot(steps, [h["mean_routing_entropy"] for h in rows], marker="o", label=label or None)
-        ax_dead.plot(steps, [h["dead_paths"] / h["paths"] for h in rows], marker="o", label=label or None)
-    ax_entropy.set_xlabel("step")
-    ax_entropy.set_ylabel("routing entropy (1 = balanced)")
-    ax_dead.set_xlabel("step")
-    ax_dead.set_ylabel("fraction of paths dead")
-    for ax in (ax_entropy, ax_dead):
+        for ax, (_, value) in zip(axes, panels):
+            ax.plot(steps, [value(h) for h in rows], marker="o", label=label or None)
+    for ax, (ylabel, _) in zip(axes, panels):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         if any(h.get("label") for h in history):
             ax.legend()
     fig.suptitle(title)
