@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from treeffn_hf.cli.main import main
 
-from .conftest import tiny_dense_model
+from .conftest import char_tokenizer, tiny_dense_model
 
 BIN = Path(sys.executable).parent
 TREE_ARGS = ["--method", "tree", "--depth", "3", "--node-width", "2", "--no-progress"]
@@ -61,7 +61,8 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
     assert pattern in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("argv", [[], ["convert"], ["distill"], ["finetune"], ["info"], ["eval"], ["push"], ["demo"]])
+@pytest.mark.parametrize("argv", [[], ["convert"], ["distill"], ["finetune"], ["prune"], ["info"], ["eval"], ["push"],
+                                  ["demo"]])
 def test_help_on_every_subcommand(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
@@ -91,6 +92,30 @@ def test_convert_then_info(dense_dir, tmp_path, capsys):
     assert info["inference_paths"]["cuda"] == "triton kernels"  # triton is a dev dependency
     code, stdout, _ = run_cli(capsys, "info", out)
     assert "active units" in stdout and "tree" in stdout and "runs on CUDA    triton kernels" in stdout
+
+
+def test_prune_writes_a_smaller_checkpoint_that_info_reads(dense_dir, tmp_path, capsys):
+    tree = tmp_path / "tree"
+    assert run_cli(capsys, "convert", dense_dir, tree, *TREE_ARGS)[0] == 0
+    char_tokenizer().save_pretrained(tree)
+    text = tmp_path / "text.txt"
+    text.write_text("a few words of text\n\nand another short document\n")
+    before = tree_hash(tree)
+    out = tmp_path / "pruned"
+    code, stdout, _ = run_cli(capsys, "prune", tree, out, "--text", text, "--windows", "2", "--window", "16",
+                              "--no-progress")
+    assert code == 0 and "leaves; stored MLP units" in stdout
+    assert tree_hash(tree) == before and leftovers(tmp_path) == []
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["tokens"] == 32 and report["stored_units_after"] < report["stored_units_before"]
+    code, stdout, _ = run_cli(capsys, "info", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["parameters"]["mlp"] < json.loads(run_cli(capsys, "info", tree, "--json")[1])[
+        "parameters"]["mlp"]
+    code, _, err = run_cli(capsys, "prune", tree, out, "--text", text, "--windows", "2", "--window", "16")
+    assert_one_line_error(code, err, "already exists")
+    code, _, err = run_cli(capsys, "prune", dense_dir, tmp_path / "x", "--text", text)
+    assert_one_line_error(code, err, "not a treeffn checkpoint")
 
 
 def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):

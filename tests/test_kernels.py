@@ -15,7 +15,7 @@ from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
 from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_tree  # noqa: E402
 from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
-from treeffn_hf.modeling.tree_ffn_torch import routing_matrix  # noqa: E402
+from treeffn_hf.modeling.tree_ffn_torch import routing_bias, routing_matrix  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -89,6 +89,11 @@ TREE_SPECS = {
     "after-sum": TreeSpec(depth=2, node_width=23, activation="after_sum"),
     "after-sum-hyperplane-2trees": TreeSpec(num_trees=2, depth=1, node_width=27, activation="after_sum",
                                             routing="hyperplane"),
+    # Pruned trees: leaves found through the slot table, dead subtrees closed by forced branches.
+    "pruned-self-d3-w2": TreeSpec(depth=3, node_width=2, live_leaves=((1, 2, 3, 6),)),
+    "pruned-hyperplane-2trees": TreeSpec(num_trees=2, depth=2, node_width=1, routing="hyperplane",
+                                         live_leaves=((0,), (1, 3))),
+    "pruned-after-sum": TreeSpec(depth=2, node_width=23, activation="after_sum", live_leaves=((0, 3),)),
 }
 
 
@@ -115,13 +120,13 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name):
     blocks, leaf block, shared rows) as the walker plus `path_rows`."""
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), torch.float32)
     x = torch.randn(6, HIDDEN, device=DEVICE)
-    bias = layer.router_bias.detach() if layer.spec.routing == "hyperplane" else None
+    bias = routing_bias(layer)
     vectors = routing_matrix(layer)
     rows, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias)
     want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias, layer.spec.num_trees, layer.spec.depth)
     assert torch.equal(leaf.long(), want_leaf) and torch.equal(path.long(), want_path)
     want_rows = kernels_tree.path_rows(layer, want_leaf, want_path)
-    shared = torch.arange(layer.node_rows + layer.leaf_rows, INTER, device=DEVICE).expand(6, -1)
+    shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.spec.stored_units, device=DEVICE).expand(6, -1)
     assert torch.equal(rows.long(), torch.cat([want_rows, shared], dim=1))
 
 

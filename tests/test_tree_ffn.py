@@ -1,5 +1,6 @@
 """TreeFFN against a plain per-token reference written here: walk each tree, sum the path's blocks."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -14,6 +15,7 @@ from .conftest import assert_fast_path_matches_reference
 
 def naive_tree_ffn(layer: TreeFFN, x: torch.Tensor) -> torch.Tensor:
     spec = layer.spec
+    forced = spec.forced_branches()  # a pruned tree's closed branches; all 0 otherwise
     outputs = []
     for token in x:
         y = torch.zeros_like(token)
@@ -27,8 +29,10 @@ def naive_tree_ffn(layer: TreeFFN, x: torch.Tensor) -> torch.Tensor:
                     score = token @ layer.router_weight[t, heap] + layer.router_bias[t, heap]
                 if spec.node_width:
                     blocks.append((layer.node_gate[t, heap], layer.node_up[t, heap], layer.node_down[t, heap]))
-                position = 2 * position + int(score.item() > 0)
-            blocks.append((layer.leaf_gate[t, position], layer.leaf_up[t, position], layer.leaf_down[t, position]))
+                go_right = score.item() > 0 if not forced[t][heap] else forced[t][heap] > 0
+                position = 2 * position + int(go_right)
+            blocks.append(tuple(layer.leaf_block(table, t, position)
+                                for table in (layer.gate_rows, layer.up_rows, layer.down_rows)))
             if spec.activation == "per_node":
                 for gate, up, down in blocks:
                     y = y + (F.silu(gate @ token) * (up @ token)) @ down
@@ -65,7 +69,16 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}")
+def spec_id(s: TreeSpec) -> str:
+    return f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}" + ("-pruned" if s.is_pruned else "")
+
+
+# Pruned trees (as `treeffn prune` makes them), for every routing and activation family.
+_LIVE = {(1, 1): ((1,),), (3, 1): ((1,), (0,), (0, 1)), (1, 3): ((1, 2, 6),), (3, 3): ((1, 2, 6), (0,), (3, 4, 5, 7))}
+SETTINGS += [dataclasses.replace(s, live_leaves=_LIVE[s.num_trees, s.depth]) for s in SETTINGS if s.node_width == 2]
+
+
+@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: spec_id(s))
 def test_forward_and_backward_match_naive_walk(spec):
     layer = make_layer(spec)
     x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
@@ -151,7 +164,7 @@ def test_usage_counts_match_routing():
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 33], ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}")
+@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: spec_id(s))
 def test_fast_torch_path_equals_reference(spec, tokens):
     assert_fast_path_matches_reference(make_layer(spec), torch.randn(tokens, 24, dtype=torch.float64))
 
@@ -179,7 +192,7 @@ def test_auto_dispatch_trains_on_the_reference_path_and_infers_on_the_fast_one()
 
 
 @pytest.mark.parametrize("spec", [s for s in SETTINGS if s.activation == "per_node"],
-                         ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}")
+                         ids=lambda s: spec_id(s))
 def test_one_token_with_leaves_read_in_place_equals_reference(spec, monkeypatch):
     from treeffn_hf.modeling import tree_ffn_torch
 
@@ -188,7 +201,7 @@ def test_one_token_with_leaves_read_in_place_equals_reference(spec, monkeypatch)
 
 
 @pytest.mark.parametrize("tokens", [2, 7])
-@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}")
+@pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: spec_id(s))
 def test_every_batched_strategy_equals_reference(spec, tokens):
     """Both batch strategies, whichever the dispatcher would pick for this shape."""
     from treeffn_hf.modeling import tree_ffn_torch

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, demo, distill, evaluate, finetune, info, push
+from . import convert, demo, distill, evaluate, finetune, info, prune, push
 
-SUBCOMMANDS = (convert, distill, finetune, info, evaluate, push, demo)
+SUBCOMMANDS = (convert, distill, finetune, prune, info, evaluate, push, demo)
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:

@@ -64,6 +64,11 @@ def check_convertible(dense_config, spec: Union[LayerSpec, dict]) -> LayerSpec:
     resolved = spec.resolve(dense_config.hidden_size, dense_config.intermediate_size)
     if isinstance(resolved, TreeSpec) and getattr(dense_config, "mlp_bias", False):
         raise InvalidSpecError("tree conversion of MLPs with biases (mlp_bias=True) is not supported")
+    if isinstance(resolved, TreeSpec) and resolved.is_pruned:
+        raise InvalidSpecError(
+            "live_leaves comes from pruning a trained tree (treeffn prune), not from conversion: a dense "
+            "MLP converts to a complete tree"
+        )
     if isinstance(resolved, MGSSpec) and resolved.selection == "threshold":
         # An uncalibrated threshold of 0 would select about half the neurons while the spec
         # (and every reported fraction) claims `density`.

@@ -7,6 +7,7 @@ is not trusted.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -14,6 +15,8 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from .layer_spec import LayerSpec, spec_from_dict
 
+# A pruned tree model keeps each layer's live leaves beside the shared spec (they differ by layer).
+LAYER_LIVE_LEAVES = "layer_live_leaves"
 _ATTENTION_ONLY = "mlp."  # tensor-parallel plans of the base configs name the dense MLP projections
 
 
@@ -37,7 +40,17 @@ class SparseConfigMixin:
                 f"{type(self).__name__} has no `sparse_mlp` spec; build sparse models with "
                 "treeffn_hf.convert(...) or from a saved treeffn checkpoint"
             )
-        return spec_from_dict(self.sparse_mlp)
+        return spec_from_dict({k: v for k, v in self.sparse_mlp.items() if k != LAYER_LIVE_LEAVES})
+
+    def sparse_spec_for_layer(self, index: int) -> LayerSpec:
+        """The spec of decoder layer `index`: the shared spec, with its live leaves if pruned."""
+        spec = self.sparse_spec
+        per_layer = self.sparse_mlp.get(LAYER_LIVE_LEAVES)
+        if per_layer is None:
+            return spec
+        if len(per_layer) != self.num_hidden_layers:
+            raise ValueError(f"{LAYER_LIVE_LEAVES} lists {len(per_layer)} layers, the model has {self.num_hidden_layers}")
+        return dataclasses.replace(spec, live_leaves=per_layer[index])
 
 
 @strict

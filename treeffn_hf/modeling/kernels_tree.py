@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .kernels_gather import gathered_swiglu, gathered_swiglu_after_sum, gathered_swiglu_naive
 from .tree_ffn import tree_route
-from .tree_ffn_torch import routing_matrix
+from .tree_ffn_torch import routing_bias, routing_matrix
 
 try:
     import triton
@@ -61,7 +61,7 @@ if triton is not None:
 
     @triton.jit
     def _tree_route_rows_kernel(
-        x_ptr, vectors_ptr, bias_ptr, rows_ptr, leaf_ptr, path_ptr,
+        x_ptr, vectors_ptr, bias_ptr, slots_ptr, rows_ptr, leaf_ptr, path_ptr,
         hidden, num_trees, num_nodes, num_leaves, node_rows, shared_start, row_stride,
         DEPTH: tl.constexpr, NODE_WIDTH: tl.constexpr, LEAF_WIDTH: tl.constexpr, SHARED: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -96,7 +96,8 @@ if triton is not None:
             position = 2 * position + (score > 0).to(tl.int32)
         tl.store(leaf_ptr + token * num_trees + tree, position)
         if WRITE_ROWS:
-            leaf_start = node_rows + (tree * num_leaves + position) * LEAF_WIDTH
+            slot = tl.load(slots_ptr + tree * num_leaves + position).to(tl.int32)  # the leaf's stored block
+            leaf_start = node_rows + slot * LEAF_WIDTH
             for l0 in range(0, LEAF_WIDTH, BLOCK_L):
                 l_off = l0 + tl.arange(0, BLOCK_L)
                 tl.store(rows_ptr + out_base + DEPTH * NODE_WIDTH + l_off, leaf_start + l_off,
@@ -198,7 +199,7 @@ def tree_route_triton(x: torch.Tensor, vectors: torch.Tensor, bias, num_trees: i
     if n:
         bias_arg = bias.contiguous() if bias is not None else vectors  # unused when HAS_BIAS is False
         _tree_route_rows_kernel[(n, num_trees)](
-            x.contiguous(), vectors.contiguous(), bias_arg, leaf, leaf, path,  # no rows: `leaf` stands in
+            x.contiguous(), vectors.contiguous(), bias_arg, leaf, leaf, leaf, path,  # no rows: `leaf` stands in
             hidden, num_trees, num_nodes, 1, 0, 0, 0, DEPTH=depth, NODE_WIDTH=0, LEAF_WIDTH=0, SHARED=0,
             HAS_BIAS=bias is not None, BLOCK_D=min(4096, triton.next_power_of_2(hidden)), BLOCK_N=1, BLOCK_L=16,
             WRITE_ROWS=False, num_warps=8 if hidden >= 2048 else 4,
@@ -218,8 +219,9 @@ def tree_route_rows_triton(layer, x: torch.Tensor, vectors: torch.Tensor, bias):
     path = torch.empty(n, s.num_trees, s.depth, dtype=torch.int32, device=x.device)
     if n:
         _tree_route_rows_kernel[(n, s.num_trees)](
-            x.contiguous(), vectors, bias.contiguous() if bias is not None else vectors, rows, leaf, path,
-            hidden, s.num_trees, s.num_nodes, s.num_leaves, layer.node_rows, layer.node_rows + layer.leaf_rows,
+            x.contiguous(), vectors, bias.contiguous() if bias is not None else vectors, layer.leaf_slots(x.device),
+            rows, leaf, path, hidden, s.num_trees, s.num_nodes, s.num_leaves, layer.node_rows,
+            layer.node_rows + layer.leaf_rows,
             row_stride, DEPTH=s.depth, NODE_WIDTH=s.node_width, LEAF_WIDTH=s.leaf_width, SHARED=s.shared_width,
             HAS_BIAS=bias is not None, BLOCK_D=min(4096, triton.next_power_of_2(hidden)),
             BLOCK_N=triton.next_power_of_2(max(s.node_width, 1)), BLOCK_L=1024, WRITE_ROWS=True,
@@ -278,7 +280,7 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     for per-node activation (N, T * (depth * node_width + leaf_width)) rows, flattened."""
     s = layer.spec
     trees = torch.arange(s.num_trees, device=leaf.device)
-    leaf_start = layer.node_rows + (trees * s.num_leaves + leaf) * s.leaf_width  # (N, T)
+    leaf_start = layer.node_rows + layer.leaf_slots(leaf.device)[trees, leaf] * s.leaf_width  # (N, T)
     leaf_rows = leaf_start[:, :, None] + torch.arange(s.leaf_width, device=leaf.device)
     if not s.node_width:
         return leaf_rows.reshape(leaf.shape[0], -1)
@@ -298,7 +300,7 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Forward of a `TreeFFN` on the kernels; returns (output, a name of the kernels that ran)."""
     s = layer.spec
     vectors = routing_matrix(layer)
-    bias = layer.router_bias.detach() if s.routing == "hyperplane" else None
+    bias = routing_bias(layer)
     gate, up, down = layer.gate_rows.detach(), layer.up_rows.detach(), layer.down_rows.detach()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     n = x.shape[0]
@@ -323,9 +325,9 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
             node_start = (trees[:, None] * s.num_nodes + path) * s.node_width  # (N, T, depth)
             node_rows = (node_start[..., None] + torch.arange(s.node_width, device=x.device)).reshape(n, -1)
             gathered_swiglu(x, node_rows.contiguous(), gate, up, down, out=out)
-        leaf_blocks = trees[None, :] * s.num_leaves + leaf
+        leaf_blocks = layer.leaf_slots(x.device)[trees[None, :], leaf]
         grouped_block_swiglu(x, tokens[:, None].expand_as(leaf_blocks).reshape(-1), leaf_blocks.reshape(-1),
-                             s.num_trees * s.num_leaves, layer.node_rows, s.leaf_width, gate, up, down, out)
+                             s.stored_leaves, layer.node_rows, s.leaf_width, gate, up, down, out)
         name = "triton:route+grouped_gemm"
     if s.shared_width:
         start = layer.node_rows + layer.leaf_rows  # always-on neurons: a dense GEMM (cuBLAS on a GPU)

@@ -33,6 +33,11 @@ class TreeSpec:
 
     `leaf_width=None` takes the widest leaf that fits the dense MLP and gives the remaining
     neurons to the shared block, so that every dense neuron lands in exactly one block.
+
+    `live_leaves` (one sorted tuple per tree, None = all) makes a pruned, static tree: only those
+    leaves are stored (in that order, after the node blocks), and a node whose one subtree holds no
+    live leaf always branches to the other. Widths still describe the complete tree, so the spec
+    keeps checking against the dense MLP it came from; the layer stores `stored_units` rows.
     """
 
     num_trees: int = 1
@@ -42,8 +47,13 @@ class TreeSpec:
     routing: Literal["self", "hyperplane"] = "self"
     activation: Literal["per_node", "after_sum"] = "per_node"
     shared_width: Optional[int] = None
+    live_leaves: Optional[tuple[tuple[int, ...], ...]] = None
 
     method = "tree"
+
+    def __post_init__(self) -> None:
+        if self.live_leaves is not None:  # JSON gives lists; a frozen spec must stay hashable
+            object.__setattr__(self, "live_leaves", tuple(tuple(int(leaf) for leaf in tree) for tree in self.live_leaves))
 
     @property
     def num_nodes(self) -> int:
@@ -76,6 +86,19 @@ class TreeSpec:
                 "routing='self' branches on the sign of a node neuron's gate pre-activation, so it "
                 "needs node_width >= 1; use routing='hyperplane' for node_width=0 (FFF-style routers)"
             )
+        if self.live_leaves is not None:
+            if len(self.live_leaves) != self.num_trees:
+                raise InvalidSpecError(
+                    f"live_leaves needs one tuple per tree ({self.num_trees}), got {len(self.live_leaves)}"
+                )
+            for tree, leaves in enumerate(self.live_leaves):
+                if not leaves:
+                    raise InvalidSpecError(f"live_leaves: tree {tree} keeps no leaf; every tree needs one")
+                if list(leaves) != sorted(set(leaves)) or not 0 <= leaves[0] <= leaves[-1] < self.num_leaves:
+                    raise InvalidSpecError(
+                        f"live_leaves: tree {tree} must list distinct leaves in [0, {self.num_leaves}) in "
+                        f"increasing order, got {list(leaves)}"
+                    )
         if self.activation == "after_sum" and self.node_width > 0:
             if self.leaf_width is not None and self.leaf_width != self.node_width:
                 raise InvalidSpecError(
@@ -140,6 +163,52 @@ class TreeSpec:
     def active_units(self) -> int:
         """Neurons computed per token (needs a resolved spec)."""
         return self.num_trees * (self.depth * self.node_width + self.leaf_width) + self.shared_width
+
+    # -- pruned trees ----------------------------------------------------------------------
+    @property
+    def is_pruned(self) -> bool:
+        return self.live_leaves is not None
+
+    @property
+    def stored_leaves(self) -> int:
+        """Leaf blocks the layer stores (all of them unless pruned)."""
+        if self.live_leaves is None:
+            return self.num_trees * self.num_leaves
+        return sum(len(leaves) for leaves in self.live_leaves)
+
+    @property
+    def stored_units(self) -> int:
+        """Rows of the layer's weight tables (needs a resolved spec)."""
+        return self.num_trees * self.num_nodes * self.node_width + self.stored_leaves * self.leaf_width + self.shared_width
+
+    def leaf_slots(self) -> list[list[int]]:
+        """[tree][leaf] -> index of the leaf's stored block, -1 for a pruned leaf."""
+        slots, next_slot = [], 0
+        for tree in range(self.num_trees):
+            live = set(range(self.num_leaves)) if self.live_leaves is None else set(self.live_leaves[tree])
+            row = []
+            for leaf in range(self.num_leaves):
+                row.append(next_slot if leaf in live else -1)
+                next_slot += leaf in live
+            slots.append(row)
+        return slots
+
+    def forced_branches(self) -> list[list[int]]:
+        """[tree][node] -> +1 (always right) or -1 (always left) where the other subtree holds no live
+        leaf, 0 where the routing decides. All zeros unless pruned."""
+        forced = []
+        for tree in range(self.num_trees):
+            live = set(range(self.num_leaves)) if self.live_leaves is None else set(self.live_leaves[tree])
+            row = []
+            for level in range(self.depth):
+                span = 1 << (self.depth - level)  # leaves below a node at this level
+                for position in range(1 << level):
+                    first = position * span
+                    left = any(leaf in live for leaf in range(first, first + span // 2))
+                    right = any(leaf in live for leaf in range(first + span // 2, first + span))
+                    row.append(0 if left == right else (1 if right else -1))
+            forced.append(row)
+        return forced
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

@@ -40,9 +40,10 @@ from .tree_ffn import TreeFFN
 # transformers may execute a bundle file more than once, so the same class can exist twice.
 
 
-def build_sparse_mlp(config) -> nn.Module:
-    """The sparse MLP that `config.sparse_mlp` describes, with uninitialised weights."""
-    spec = config.sparse_spec
+def build_sparse_mlp(config, layer_index: int = 0) -> nn.Module:
+    """The sparse MLP that `config.sparse_mlp` describes for decoder layer `layer_index`, with
+    uninitialised weights."""
+    spec = config.sparse_spec_for_layer(layer_index)
     act_fn = ACT2FN[config.hidden_act]
     bias = bool(getattr(config, "mlp_bias", False))
     if spec.method == "tree":
@@ -88,8 +89,8 @@ class SparseMLPPreTrainedMixin:
 
 
 def _install_sparse_mlps(model: nn.Module, config) -> None:
-    for layer in model.layers:
-        layer.mlp = build_sparse_mlp(config)
+    for index, layer in enumerate(model.layers):
+        layer.mlp = build_sparse_mlp(config, index)
 
 
 def _init_causal_lm(self: PreTrainedModel, config, inner_model_cls: type) -> None:

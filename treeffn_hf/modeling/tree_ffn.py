@@ -6,6 +6,10 @@ internal nodes in heap order (children of `j` are `2j+1`, `2j+2`), then every tr
 the shared always-on neurons. So each block is a contiguous slab, and one token's path is one
 gather from one table. `node_gate`, `leaf_gate`, ... are views of those slabs.
 
+A pruned tree (`spec.live_leaves`) stores only its live leaf blocks: leaf `l` of tree `t` lives in
+stored block `leaf_slots[t, l]`, and a node whose one subtree has no live leaf always branches
+to the other, through a routing bias of +-inf, so no path reaches a pruned leaf.
+
 For one tree and the blocks `b` on a token's path:
 
     per_node:   y = sum_b  D_b^T (act(G_b x) * U_b x)
@@ -22,6 +26,7 @@ is unchanged, and the routers receive the gradient of the taken path's probabili
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -69,9 +74,9 @@ class TreeFFN(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.act_fn = act_fn
-        self.gate_rows = nn.Parameter(torch.empty(intermediate_size, hidden_size))
-        self.up_rows = nn.Parameter(torch.empty(intermediate_size, hidden_size))
-        self.down_rows = nn.Parameter(torch.empty(intermediate_size, hidden_size))
+        self.gate_rows = nn.Parameter(torch.empty(spec.stored_units, hidden_size))
+        self.up_rows = nn.Parameter(torch.empty(spec.stored_units, hidden_size))
+        self.down_rows = nn.Parameter(torch.empty(spec.stored_units, hidden_size))
         if spec.routing == "hyperplane":
             self.router_weight = nn.Parameter(torch.empty(spec.num_trees, spec.num_nodes, hidden_size))
             self.router_bias = nn.Parameter(torch.empty(spec.num_trees, spec.num_nodes))
@@ -82,6 +87,7 @@ class TreeFFN(nn.Module):
         self.routing_temperature: float = 1.0
         self.force_path: Optional[str] = None
         self.last_path: Optional[str] = None
+        self._tables: dict = {}  # leaf slots and forced-branch bias per device (derived from the spec)
 
     # -- block views -------------------------------------------------------------------------
     @property
@@ -90,7 +96,7 @@ class TreeFFN(nn.Module):
 
     @property
     def leaf_rows(self) -> int:
-        return self.spec.num_trees * self.spec.num_leaves * self.spec.leaf_width
+        return self.spec.stored_leaves * self.spec.leaf_width
 
     def _nodes(self, table: torch.Tensor) -> Optional[torch.Tensor]:
         s = self.spec
@@ -100,11 +106,43 @@ class TreeFFN(nn.Module):
 
     def _leaves(self, table: torch.Tensor) -> torch.Tensor:
         s = self.spec
+        if s.is_pruned:
+            raise ValueError("a pruned tree stores only its live leaves: use leaf_block(table, tree, leaf)")
         block = table[self.node_rows : self.node_rows + self.leaf_rows]
         return block.view(s.num_trees, s.num_leaves, s.leaf_width, self.hidden_size)
 
     def _shared(self, table: torch.Tensor) -> torch.Tensor:
         return table[self.node_rows + self.leaf_rows :]
+
+    def leaf_block(self, table: torch.Tensor, tree: int, leaf: int) -> torch.Tensor:
+        """(leaf_width, hidden) view of one live leaf's rows of `table`."""
+        if self.spec.is_pruned:
+            if "slot_list" not in self._tables:
+                self._tables["slot_list"] = self.spec.leaf_slots()
+            slot = self._tables["slot_list"][tree][leaf]
+        else:
+            slot = tree * self.spec.num_leaves + leaf
+        if slot < 0:
+            raise IndexError(f"leaf {leaf} of tree {tree} was pruned")
+        start = self.node_rows + slot * self.spec.leaf_width
+        return table[start : start + self.spec.leaf_width]
+
+    def leaf_slots(self, device: torch.device) -> torch.Tensor:
+        """(trees, leaves) int64: the stored block of each leaf (-1 where pruned)."""
+        key = ("slots", str(device))
+        if key not in self._tables:
+            self._tables[key] = torch.tensor(self.spec.leaf_slots(), dtype=torch.long, device=device)
+        return self._tables[key]
+
+    def forced_bias(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """(trees, nodes): +-inf where a pruned tree's branch is closed, else 0; None if not pruned."""
+        if not self.spec.is_pruned:
+            return None
+        key = ("forced", str(device), dtype)
+        if key not in self._tables:
+            branch = torch.tensor(self.spec.forced_branches(), dtype=torch.float32)
+            self._tables[key] = torch.where(branch == 0, 0.0, branch * math.inf).to(device, dtype)
+        return self._tables[key]
 
     node_gate = property(lambda self: self._nodes(self.gate_rows))
     node_up = property(lambda self: self._nodes(self.up_rows))
@@ -118,9 +156,14 @@ class TreeFFN(nn.Module):
 
     # -- routing -----------------------------------------------------------------------------
     def routing_vectors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if self.spec.routing == "self":
-            return self.node_gate[:, :, 0, :], None
-        return self.router_weight, self.router_bias
+        """(trees, nodes, hidden) vectors and (trees, nodes) bias (or None) of the routing scores; a
+        pruned tree's forced branches are a bias of +-inf."""
+        vectors = self.node_gate[:, :, 0, :] if self.spec.routing == "self" else self.router_weight
+        bias = self.router_bias
+        forced = self.forced_bias(vectors.device, vectors.dtype)
+        if forced is not None:
+            bias = forced if bias is None else bias + forced
+        return vectors, bias
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vectors, bias = self.routing_vectors()
@@ -199,10 +242,11 @@ def tree_ffn_masked_dense(
     up = x @ layer.up_rows.T
     node_end, leaf_end = layer.node_rows, layer.node_rows + layer.leaf_rows
 
-    leaf_index = leaf[:, :, None, None].expand(n_tok, trees, 1, spec.leaf_width)
-    leaf_shape = (n_tok, trees, spec.num_leaves, spec.leaf_width)
-    leaf_g = gate[:, node_end:leaf_end].reshape(leaf_shape).gather(2, leaf_index).squeeze(2)
-    leaf_u = up[:, node_end:leaf_end].reshape(leaf_shape).gather(2, leaf_index).squeeze(2)
+    slot = layer.leaf_slots(x.device)[torch.arange(trees, device=x.device), leaf]  # (N, T) stored leaf blocks
+    leaf_index = slot[:, :, None].expand(n_tok, trees, spec.leaf_width)
+    leaf_shape = (n_tok, spec.stored_leaves, spec.leaf_width)
+    leaf_g = gate[:, node_end:leaf_end].reshape(leaf_shape).gather(1, leaf_index)
+    leaf_u = up[:, node_end:leaf_end].reshape(leaf_shape).gather(1, leaf_index)
     has_nodes = spec.node_width > 0
     if has_nodes:
         node_index = path.unsqueeze(-1).expand(n_tok, trees, spec.depth, spec.node_width)
@@ -223,7 +267,7 @@ def tree_ffn_masked_dense(
     parts = []
     if has_nodes:
         parts.append(x.new_zeros(node_shape).scatter(2, node_index, node_a).reshape(n_tok, -1))
-    parts.append(x.new_zeros(leaf_shape).scatter(2, leaf_index, leaf_a.unsqueeze(2)).reshape(n_tok, -1))
+    parts.append(x.new_zeros(leaf_shape).scatter(1, leaf_index, leaf_a).reshape(n_tok, -1))
     parts.append(act(gate[:, leaf_end:]) * up[:, leaf_end:])
     return torch.cat(parts, dim=1) @ layer.down_rows
 

@@ -39,27 +39,35 @@ def _routing_tables(depth: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=None)
-def _path_rows(
-    trees: int, depth: int, node_width: int, leaf_width: int, shared_width: int, include_leaf: bool = True
-) -> list[list[torch.Tensor]]:
+def _path_rows(spec, include_leaf: bool = True) -> list[list[torch.Tensor]]:
     """`rows[t][leaf]`: row indices of tree t's path to `leaf` (nodes, then the leaf unless
     `include_leaf` is False); with one tree, the shared rows are appended so a token's rows are a
-    single ready-made tensor."""
-    paths, _ = _routing_tables(depth)
-    nodes, leaves = (1 << depth) - 1, 1 << depth
-    leaf_start = trees * nodes * node_width
-    shared = list(range(leaf_start + trees * leaves * leaf_width, leaf_start + trees * leaves * leaf_width + shared_width))
+    single ready-made tensor. A pruned leaf's rows are -1 (no path reaches it; an index error if
+    one did)."""
+    paths, _ = _routing_tables(spec.depth)
+    trees, nodes, width = spec.num_trees, spec.num_nodes, spec.node_width
+    leaf_start = trees * nodes * width
+    shared_start = leaf_start + spec.stored_leaves * spec.leaf_width
+    shared = list(range(shared_start, shared_start + spec.shared_width))
+    slots = spec.leaf_slots()
     table = []
     for t in range(trees):
         per_leaf = []
-        for leaf in range(leaves):
-            rows = [(t * nodes + heap) * node_width + j for heap in paths[leaf].tolist() for j in range(node_width)]
+        for leaf in range(spec.num_leaves):
+            rows = [(t * nodes + heap) * width + j for heap in paths[leaf].tolist() for j in range(width)]
             if include_leaf:
-                first = leaf_start + (t * leaves + leaf) * leaf_width
-                rows += range(first, first + leaf_width)
+                slot = slots[t][leaf]
+                first = leaf_start + slot * spec.leaf_width
+                rows += range(first, first + spec.leaf_width) if slot >= 0 else [-1] * spec.leaf_width
             per_leaf.append(torch.tensor(rows + (shared if trees == 1 else []), dtype=torch.long))
         table.append(per_leaf)
     return table
+
+
+def routing_bias(layer):
+    """Flat (trees * nodes) routing bias (router biases, a pruned tree's forced branches) or None."""
+    _, bias = layer.routing_vectors()
+    return None if bias is None else bias.detach().reshape(-1)
 
 
 def routing_matrix(layer) -> torch.Tensor:
@@ -99,7 +107,7 @@ def _walk(scores: list[float], depth: int) -> int:
 def tree_ffn_fast(layer, x: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a TreeFFN) for x: (N, hidden)."""
     spec = layer.spec
-    bias = None if layer.router_bias is None else layer.router_bias.reshape(-1)
+    bias = routing_bias(layer)
     if x.shape[0] == 1 and layer.usage is None:
         scores = torch.mv(routing_matrix(layer), x[0])
         scores = (scores if bias is None else scores + bias).tolist()
@@ -123,18 +131,17 @@ IN_PLACE_LEAF_ELEMS = 1 << 16
 def _token_rows(layer, leaves: list[int], include_leaf: bool) -> torch.Tensor:
     """Row indices one token reads: each tree's path (nodes, optionally its leaf), then shared."""
     spec = layer.spec
-    table = _path_rows(spec.num_trees, spec.depth, spec.node_width, spec.leaf_width, spec.shared_width, include_leaf)
+    table = _path_rows(spec, include_leaf)
     if spec.num_trees == 1:
         return table[0][leaves[0]]
-    shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size)
+    shared = torch.arange(layer.node_rows + layer.leaf_rows, spec.stored_units)
     return torch.cat([table[t][leaf] for t, leaf in enumerate(leaves)] + [shared])
 
 
 @lru_cache(maxsize=None)
-def _path_rows_stacked(trees: int, depth: int, node_width: int, leaf_width: int, shared_width: int) -> torch.Tensor:
+def _path_rows_stacked(spec) -> torch.Tensor:
     """(trees, leaves, rows per path) index table; shared rows included only with one tree."""
-    table = _path_rows(trees, depth, node_width, leaf_width, shared_width)
-    return torch.stack([torch.stack(per_leaf) for per_leaf in table])
+    return torch.stack([torch.stack(per_leaf) for per_leaf in _path_rows(spec)])
 
 
 def _per_token_gather(layer, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
@@ -142,11 +149,10 @@ def _per_token_gather(layer, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tenso
     gathered for the whole batch stay fewer than the MLP has."""
     spec = layer.spec
     n_tok = x.shape[0]
-    table = _path_rows_stacked(spec.num_trees, spec.depth, spec.node_width, spec.leaf_width, spec.shared_width)
-    table = table.to(x.device)
+    table = _path_rows_stacked(spec).to(x.device)
     rows = table[torch.arange(spec.num_trees, device=x.device), leaf].reshape(n_tok, -1)
     if spec.num_trees > 1 and spec.shared_width:
-        shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.intermediate_size, device=x.device)
+        shared = torch.arange(layer.node_rows + layer.leaf_rows, spec.stored_units, device=x.device)
         rows = torch.cat([rows, shared.expand(n_tok, -1)], dim=1)
     flat = rows.reshape(-1)
     width = rows.shape[1]
@@ -193,8 +199,9 @@ def _one_token_leaf_in_place(layer, x: torch.Tensor, leaves: list[int]) -> torch
     act = layer.act_fn
     out = None
     for tree, leaf in enumerate(leaves):
-        a = act(torch.mv(layer.leaf_gate[tree, leaf], token)) * torch.mv(layer.leaf_up[tree, leaf], token)
-        y = torch.mv(layer.leaf_down[tree, leaf].T, a)
+        a = act(torch.mv(layer.leaf_block(layer.gate_rows, tree, leaf), token)) * torch.mv(
+            layer.leaf_block(layer.up_rows, tree, leaf), token)
+        y = torch.mv(layer.leaf_block(layer.down_rows, tree, leaf).T, a)
         out = y if out is None else out + y
     rows = _token_rows(layer, leaves, include_leaf=False).to(x.device)
     if rows.numel():
@@ -218,10 +225,9 @@ def _grouped_by_leaf(layer, x: torch.Tensor, leaf: torch.Tensor, path: torch.Ten
     spec = layer.spec
     act = layer.act_fn
     n_tok, hidden = x.shape
-    shared = slice(layer.node_rows + layer.leaf_rows, layer.intermediate_size)
+    shared = slice(layer.node_rows + layer.leaf_rows, spec.stored_units)
     out = (act(x @ layer.gate_rows[shared].T) * (x @ layer.up_rows[shared].T)) @ layer.down_rows[shared]
     node_gate, node_up, node_down = layer.node_gate, layer.node_up, layer.node_down
-    leaf_gate, leaf_up, leaf_down = layer.leaf_gate, layer.leaf_up, layer.leaf_down
     for tree in range(spec.num_trees):
         node_g_sum = node_u_sum = None
         if spec.node_width:
@@ -245,15 +251,15 @@ def _grouped_by_leaf(layer, x: torch.Tensor, leaf: torch.Tensor, path: torch.Ten
             if not count:
                 continue
             rows = grouped[start : start + count]
-            g = F.linear(rows, leaf_gate[tree, leaf_id])
-            u = F.linear(rows, leaf_up[tree, leaf_id])
+            g = F.linear(rows, layer.leaf_block(layer.gate_rows, tree, leaf_id))
+            u = F.linear(rows, layer.leaf_block(layer.up_rows, tree, leaf_id))
             if node_g_sum is not None:
                 picked = order[start : start + count]
                 a = act(g + node_g_sum[picked]) * (u + node_u_sum[picked])
                 path_acts.append(a)
             else:
                 a = act(g) * u
-            outputs.append(a @ leaf_down[tree, leaf_id])
+            outputs.append(a @ layer.leaf_block(layer.down_rows, tree, leaf_id))
             start += count
         out.index_add_(0, order, torch.cat(outputs))
         if path_acts:
