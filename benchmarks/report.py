@@ -173,6 +173,30 @@ def finetune_section(data: dict, name: str) -> list[str]:
     return lines
 
 
+def tree_dynamics_section(data: dict) -> list[str]:
+    m, settings = data["machine"], data["settings"]
+    last = settings["steps"]
+    lines = [
+        f"**Tree dynamics: auto-pruning and balance** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads; "
+        f"file `benchmarks/results/tree_dynamics.json`, plot `tree_dynamics.png`). {data['title']}: one tree layer "
+        f"learns a fixed random SwiGLU teacher on inputs whose distribution never moves, {last} Adam steps of "
+        f"{settings['batch']} inputs; path usage on {settings['probe']:,} probe inputs. Rare = under a tenth of a "
+        f"uniform share. Frozen routing is the control.",
+        "",
+        f"| variant | dead paths, start -> step {last} | rare paths | routing entropy | probe loss at step {last} |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    curves = {(row["label"], row["step"]): row for row in data["curves"]}
+    for label in dict.fromkeys(row["label"] for row in data["curves"]):
+        first, end = curves[label, 0], curves[label, last]
+        lines.append(
+            f"| {label} | {first['dead_paths']:.1f} -> {end['dead_paths']:.1f} of {end['paths']:.0f} | "
+            f"{first['rare_paths']:.1f} -> {end['rare_paths']:.1f} | {first['mean_routing_entropy']:.3f} -> "
+            f"{end['mean_routing_entropy']:.3f} | {end['probe_loss']:.4f} |")
+    lines.append("")
+    return lines
+
+
 def render() -> str:
     lines = [START, ""]
     mlp = _load("bench_mlp_cpu.json")
@@ -192,6 +216,9 @@ def render() -> str:
         finetune = _load(path.name)
         if finetune and finetune.get("sparse"):
             lines += finetune_section(finetune, path.name)
+    dynamics = _load("tree_dynamics.json")
+    if dynamics and dynamics["settings"].get("setting") == "layer":
+        lines += tree_dynamics_section(dynamics)
     if len(lines) == 2:
         lines += ["No benchmark has been run yet.", ""]
     lines.append(END)

@@ -141,7 +141,8 @@ def plot_usage(stats: list[LayerTreeStats], path: Union[str, Path], title: str =
 
 
 def plot_dynamics(history: list[dict], path: Union[str, Path], title: str = "tree dynamics") -> Path:
-    """Entropy and dead paths against training step; `history` rows: step, label, summary keys."""
+    """Entropy and dead paths (and rare paths, input common mode where the rows have them) against
+    training step; `history` rows: step, label, summary keys."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,6 +150,8 @@ def plot_dynamics(history: list[dict], path: Union[str, Path], title: str = "tre
 
     panels = [("routing entropy (1 = balanced)", lambda h: h["mean_routing_entropy"]),
               ("fraction of paths dead", lambda h: h["dead_paths"] / h["paths"])]
+    if all("rare_paths" in h for h in history):
+        panels.append(("fraction of paths rare (< 1/10 of uniform)", lambda h: h["rare_paths"] / h["paths"]))
     if all("mean_input_common_mode" in h for h in history):
         panels.append(("input common mode |mean| / spread", lambda h: h["mean_input_common_mode"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))

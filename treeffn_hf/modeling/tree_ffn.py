@@ -223,6 +223,7 @@ class TreeFFN(nn.Module):
         return (
             f"trees={s.num_trees}, depth={s.depth}, node_width={s.node_width}, leaf_width={s.leaf_width}, "
             f"shared_width={s.shared_width}, routing={s.routing}, activation={s.activation}"
+            + (f", pruned: {s.stored_leaves} of {s.num_trees * s.num_leaves} leaves stored" if s.is_pruned else "")
         )
 
 

@@ -47,13 +47,14 @@ def configure_training(
                 mlp.router_weight.copy_(torch.nn.functional.normalize(draw, dim=-1) * scale)
                 mlp.router_bias.zero_()
         if routing != "learned":
-            frozen_rows += _freeze_routing(mlp)
+            frozen_rows += freeze_routing(mlp)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "routing": routing, "routing_gradient": routing_gradient,
             "gate_gradient": gate_gradient, "trainable_parameters": trained, "frozen_routing_rows": frozen_rows}
 
 
-def _freeze_routing(mlp) -> int:
+def freeze_routing(mlp) -> int:
+    """Stop the routing decisions of one tree layer from learning; returns the routing rows frozen."""
     if mlp.spec.routing == "hyperplane":
         mlp.router_weight.requires_grad_(False)
         mlp.router_bias.requires_grad_(False)
