@@ -92,6 +92,16 @@ def test_pruned_checkpoint_round_trips_through_save_load_and_remote_code(tmp_pat
         torch.testing.assert_close(logits(reloaded, ids, "torch"), logits(pruned, ids, "torch"), rtol=1e-5, atol=1e-6)
 
 
+def test_leaf_slots_and_forced_branches_of_a_pruned_spec():
+    spec = TreeSpec(num_trees=2, depth=2, node_width=1, leaf_width=2, shared_width=0, live_leaves=((1, 2), (3,)))
+    assert spec.leaf_slots() == [[-1, 0, 1, -1], [-1, -1, -1, 2]]
+    # Compute tables point pruned leaves at a live block of their tree (valid memory, never used).
+    assert spec.leaf_slots(pruned_to_live=True) == [[0, 0, 1, 0], [2, 2, 2, 2]]
+    # Heap order (root, left child, right child): tree 1 can only go right, twice.
+    assert spec.forced_branches() == [[0, 1, -1], [1, 0, 1]]
+    assert spec.stored_leaves == 3 and spec.stored_units == 2 * 3 * 1 + 3 * 2
+
+
 def test_bad_live_leaves_and_converting_to_a_pruned_tree_are_refused():
     for live, message in [(((),), "keeps no leaf"), (((3, 1),), "increasing order"), (((0, 8),), r"\[0, 8\)"),
                           (((0,), (1,)), "one tuple per tree")]:

@@ -181,14 +181,17 @@ class TreeSpec:
         """Rows of the layer's weight tables (needs a resolved spec)."""
         return self.num_trees * self.num_nodes * self.node_width + self.stored_leaves * self.leaf_width + self.shared_width
 
-    def leaf_slots(self) -> list[list[int]]:
-        """[tree][leaf] -> index of the leaf's stored block, -1 for a pruned leaf."""
+    def leaf_slots(self, pruned_to_live: bool = False) -> list[list[int]]:
+        """[tree][leaf] -> index of the leaf's stored block; -1 for a pruned leaf, or with
+        `pruned_to_live` the tree's first live block (what the compute tables use: no path reaches
+        a pruned leaf, but a NaN routing score, which no comparison steers, must still read valid
+        rows)."""
         slots, next_slot = [], 0
         for tree in range(self.num_trees):
             live = set(range(self.num_leaves)) if self.live_leaves is None else set(self.live_leaves[tree])
-            row = []
+            first_live, row = next_slot, []
             for leaf in range(self.num_leaves):
-                row.append(next_slot if leaf in live else -1)
+                row.append(next_slot if leaf in live else (first_live if pruned_to_live else -1))
                 next_slot += leaf in live
             slots.append(row)
         return slots

@@ -128,10 +128,11 @@ class TreeFFN(nn.Module):
         return table[start : start + self.spec.leaf_width]
 
     def leaf_slots(self, device: torch.device) -> torch.Tensor:
-        """(trees, leaves) int64: the stored block of each leaf (-1 where pruned)."""
+        """(trees, leaves) int64: the stored block of each leaf (a pruned leaf, which no path
+        reaches, points at a live block of its tree)."""
         key = ("slots", str(device))
         if key not in self._tables:
-            self._tables[key] = torch.tensor(self.spec.leaf_slots(), dtype=torch.long, device=device)
+            self._tables[key] = torch.tensor(self.spec.leaf_slots(pruned_to_live=True), dtype=torch.long, device=device)
         return self._tables[key]
 
     def forced_bias(self, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -42,23 +42,21 @@ def _routing_tables(depth: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _path_rows(spec, include_leaf: bool = True) -> list[list[torch.Tensor]]:
     """`rows[t][leaf]`: row indices of tree t's path to `leaf` (nodes, then the leaf unless
     `include_leaf` is False); with one tree, the shared rows are appended so a token's rows are a
-    single ready-made tensor. A pruned leaf's rows are -1 (no path reaches it; an index error if
-    one did)."""
+    single ready-made tensor. A pruned leaf (no path reaches it) gets a live leaf's rows."""
     paths, _ = _routing_tables(spec.depth)
     trees, nodes, width = spec.num_trees, spec.num_nodes, spec.node_width
     leaf_start = trees * nodes * width
     shared_start = leaf_start + spec.stored_leaves * spec.leaf_width
     shared = list(range(shared_start, shared_start + spec.shared_width))
-    slots = spec.leaf_slots()
+    slots = spec.leaf_slots(pruned_to_live=True)
     table = []
     for t in range(trees):
         per_leaf = []
         for leaf in range(spec.num_leaves):
             rows = [(t * nodes + heap) * width + j for heap in paths[leaf].tolist() for j in range(width)]
             if include_leaf:
-                slot = slots[t][leaf]
-                first = leaf_start + slot * spec.leaf_width
-                rows += range(first, first + spec.leaf_width) if slot >= 0 else [-1] * spec.leaf_width
+                first = leaf_start + slots[t][leaf] * spec.leaf_width
+                rows += range(first, first + spec.leaf_width)
             per_leaf.append(torch.tensor(rows + (shared if trees == 1 else []), dtype=torch.long))
         table.append(per_leaf)
     return table
