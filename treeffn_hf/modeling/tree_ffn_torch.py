@@ -64,6 +64,8 @@ def _path_rows(spec, include_leaf: bool = True) -> list[list[torch.Tensor]]:
 
 def routing_bias(layer):
     """Flat (trees * nodes) routing bias (router biases, a pruned tree's forced branches) or None."""
+    if layer.router_bias is None and not layer.spec.is_pruned:  # the common case, on the decode hot path
+        return None
     _, bias = layer.routing_vectors()
     return None if bias is None else bias.detach().reshape(-1)
 
