@@ -80,3 +80,20 @@ def cuda_graph_replay(fn: Callable[[], object]) -> Optional[Callable[[], None]]:
         torch.cuda.synchronize()
         return None
     return graph.replay
+
+
+def distilled_tree(dense, mlp_inputs: dict, fraction: float, *, steps: int, lr: float):
+    """`dense` converted to a tree near `fraction` active MLP units, its routing fitted and each
+    layer distilled on the captured `mlp_inputs` (as `treeffn distill`). Returns (model, spec)."""
+    from treeffn_hf.conversion.distillation import distill_layers
+    from treeffn_hf.conversion.surgery import convert
+    from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction
+
+    spec = tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, fraction)
+    sparse = convert(dense, spec)
+    sparse.requires_grad_(False)  # distillation trains one MLP at a time
+    for _, mlp in sparse.sparse_mlps():
+        mlp.requires_grad_(True)
+    distill_layers(sparse, dense, mlp_inputs, steps=steps, lr=lr)
+    sparse.requires_grad_(True)
+    return sparse, spec

@@ -31,15 +31,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import RESULTS, distilled_tree, machine, write_json  # noqa: E402
 
 from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
-from treeffn_hf.conversion.distillation import distill_layers  # noqa: E402
 from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
-from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.training.finetune import finetune_checkpoint  # noqa: E402
 
@@ -109,13 +108,8 @@ def main() -> None:
         calib = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 32)
         captured = capture_mlp_inputs(dense, calib, tokens_per_layer=args.tokens_per_layer)
         if args.method == "tree":
-            spec = tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, args.fraction)
-            sparse = convert(dense, spec)
-            sparse.requires_grad_(False)
-            for _, mlp in sparse.sparse_mlps():
-                mlp.requires_grad_(True)
-            distill_layers(sparse, dense, captured.inputs, steps=args.distill_steps, lr=args.distill_lr)
-            sparse.requires_grad_(True)
+            sparse, spec = distilled_tree(dense, captured.inputs, args.fraction, steps=args.distill_steps,
+                                          lr=args.distill_lr)
             recovery = f"routing fit + {args.distill_steps} distillation steps per layer"
         else:
             spec = MGSSpec(density=args.density)

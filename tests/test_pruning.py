@@ -9,7 +9,7 @@ import torch
 from tests.conftest import tiny_dense_model
 from treeffn_hf import TreeSpec, convert, load, save
 from treeffn_hf.modeling.layer_spec import InvalidSpecError, spec_from_dict
-from treeffn_hf.pruning import live_leaves_from_counts, prune_dead_paths
+from treeffn_hf.pruning import live_leaves_from_counts, prune_dead_paths, prune_from_stats
 from treeffn_hf.tree_stats import collect_tree_stats
 
 SPECS = [TreeSpec(depth=3, node_width=1), TreeSpec(num_trees=2, depth=3, node_width=2, routing="hyperplane")]
@@ -69,6 +69,19 @@ def test_pruning_twice_keeps_shrinking_and_min_tokens_prunes_rare_paths():
     strict, report = prune_dead_paths(model, text, min_tokens=10, progress=False)
     assert report.stored_units_after <= first.stored_units_after
     assert all(len(m.spec.live_leaves[0]) >= 1 for _, m in strict.sparse_mlps())
+
+
+def test_one_stats_pass_prunes_at_several_thresholds_as_prune_dead_paths_does():
+    model = tree_model(SPECS[0])
+    text = torch.randint(3, 90, (2, 30))
+    stats = collect_tree_stats(model, text, progress=False)
+    for min_tokens in (1, 3, 10):
+        from_stats, report = prune_from_stats(model, stats, min_tokens=min_tokens)
+        direct, expected = prune_dead_paths(model, text, min_tokens=min_tokens, progress=False)
+        assert report == expected and report.tokens == text.numel()
+        assert [m.spec for _, m in from_stats.sparse_mlps()] == [m.spec for _, m in direct.sparse_mlps()]
+    with pytest.raises(ValueError, match="every tree layer"):
+        prune_from_stats(model, stats[1:])
 
 
 def test_live_leaves_from_counts_keeps_the_busiest_leaf_when_all_are_rare():

@@ -22,7 +22,7 @@ import torch
 
 from .modeling.configuration_treeffn import LAYER_LIVE_LEAVES
 from .modeling.tree_ffn import TreeFFN
-from .tree_stats import collect_tree_stats, tree_layers
+from .tree_stats import LayerTreeStats, collect_tree_stats, tree_layers
 
 
 @dataclass
@@ -94,13 +94,19 @@ def pruned_layer(layer: TreeFFN, live_leaves: tuple[tuple[int, ...], ...]) -> Tr
 def prune_dead_paths(model, windows: torch.Tensor, *, min_tokens: int = 1, progress: bool = True):
     """Return (pruned copy of `model`, PruneReport): every tree layer keeps the leaves that at least
     `min_tokens` of the tokens in `windows` (sequences, length) reached."""
-    if min_tokens < 1:
-        raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
-    stats = collect_tree_stats(model, windows, progress=progress)
+    _check_min_tokens(min_tokens)
+    return prune_from_stats(model, collect_tree_stats(model, windows, progress=progress), min_tokens=min_tokens)
+
+
+def prune_from_stats(model, stats: list[LayerTreeStats], *, min_tokens: int = 1):
+    """`prune_dead_paths` from already collected `tree_stats` (one pass serves several thresholds)."""
+    _check_min_tokens(min_tokens)
     pruned = copy.deepcopy(model)
     layers = dict(tree_layers(pruned))
     if len(layers) != pruned.config.num_hidden_layers:
-        raise ValueError("prune_dead_paths needs a model whose every MLP is a tree")
+        raise ValueError("pruning needs a model whose every MLP is a tree")
+    if sorted(layer_stats.layer for layer_stats in stats) != sorted(layers):
+        raise ValueError("the tree stats do not cover every tree layer of the model")
     per_layer, reports = [], []
     for layer_stats in stats:
         old = layers[layer_stats.layer]
@@ -111,4 +117,9 @@ def prune_dead_paths(model, windows: torch.Tensor, *, min_tokens: int = 1, progr
         reports.append(LayerPruneReport(layer_stats.layer, old.spec.stored_leaves, new.spec.stored_leaves,
                                         old.spec.stored_units, new.spec.stored_units))
     pruned.config.sparse_mlp = {**pruned.config.sparse_mlp, LAYER_LIVE_LEAVES: per_layer}
-    return pruned, PruneReport(tokens=int(windows.numel()), min_tokens=min_tokens, layers=reports)
+    return pruned, PruneReport(tokens=stats[0].tokens, min_tokens=min_tokens, layers=reports)
+
+
+def _check_min_tokens(min_tokens: int) -> None:
+    if min_tokens < 1:
+        raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
