@@ -16,8 +16,9 @@ matters for batched (grouped-by-leaf) cases; the recorded leaf-usage entropy sho
 On a GPU the sparse layers run their Triton kernels (the row records which: `path`), batch-1
 rows report the achieved weight-read bandwidth as a fraction of the device-to-device copy
 bandwidth measured in the same process (the practical peak), and every tree / MGS case is also
-timed on the other kernel variant (per-token gather vs grouped GEMM / union GEMM), which is how
-the dispatch's switch points (`GATHER_MAX_ROW_MULTIPLE` in kernels_tree / kernels_mgs) are set.
+timed on the other kernel variants (`other_variants`: per-token gather, grouped GEMM and masked
+dense GEMMs for the tree; gather and union GEMM for MGS), which is how the dispatch's switch points
+(`GATHER_MAX_ROW_MULTIPLE` in kernels_tree / kernels_mgs) are set.
 """
 
 from __future__ import annotations
@@ -60,17 +61,21 @@ def copy_bandwidth(device: str, dtype: torch.dtype, sync) -> float:
     return 2 * src.numel() / times["copy"]
 
 
-def variant_switch(layer: torch.nn.Module, tokens: int):
-    """(module, attribute, value) that makes the kernels take the other variant at this batch."""
+def other_variants(layer: torch.nn.Module, tokens: int) -> list[tuple[object, str, object]]:
+    """(module, attribute, value) settings, each making the kernels take another variant at this batch."""
     if isinstance(layer, TreeFFN):
         from treeffn_hf.modeling import kernels_tree as module
 
-        now = module.uses_grouped_gemm(layer, tokens)
-        return module, "GATHER_MAX_ROW_MULTIPLE", math.inf if now else 0.0
+        now = module.kernel_variant(layer, tokens)
+        grouped_ok = layer.spec.activation == "per_node" or not layer.spec.node_width
+        return [(module, "FORCED_VARIANT", v) for v in module.VARIANTS
+                if v != now and (v != "grouped_gemm" or grouped_ok)]
     from treeffn_hf.modeling import kernels_mgs as module
 
+    if tokens >= 1024:  # per-token gathers of a whole prefill: known to lose, and slow to time
+        return []
     now = module.uses_gather(layer, tokens)
-    return module, "GATHER_MAX_ROW_MULTIPLE", 0.0 if now else math.inf
+    return [(module, "GATHER_MAX_ROW_MULTIPLE", 0.0 if now else math.inf)]
 
 
 def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype) -> torch.nn.Module:
@@ -204,20 +209,21 @@ def run(args: argparse.Namespace) -> dict:
                     fns = {"dense": partial(run_stack, dense_stack, x), "sparse": partial(run_stack, sparse_stack, x)}
                     with torch.no_grad():
                         eager, graph = timed(fns, capturable(device, path), args.rounds, calls, sync)
-                        other = None
-                        if device == "cuda" and 1 < tokens < 1024:  # the other variant, for the switch point
-                            module, name, value = variant_switch(layer, tokens)
-                            saved = getattr(module, name)
-                            setattr(module, name, value)
-                            try:
-                                layer(x)
-                                other_eager, other_graph = timed({"other": partial(run_stack, sparse_stack, x)},
-                                                                 capturable(device, layer.last_path),
-                                                                 args.rounds, calls, sync)
-                                other = {"path": layer.last_path, "ms": 1e3 * other_eager["other"] / copies,
-                                         "graph_ms": 1e3 * other_graph["other"] / copies if other_graph else None}
-                            finally:
-                                setattr(module, name, saved)
+                        others = []
+                        if device == "cuda" and 1 < tokens:  # the other variants, for the switch points
+                            for module, name, value in other_variants(layer, tokens):
+                                saved = getattr(module, name)
+                                setattr(module, name, value)
+                                try:
+                                    layer(x)
+                                    other_eager, other_graph = timed({"other": partial(run_stack, sparse_stack, x)},
+                                                                     capturable(device, layer.last_path),
+                                                                     args.rounds, calls, sync)
+                                    others.append({"path": layer.last_path, "ms": 1e3 * other_eager["other"] / copies,
+                                                   "graph_ms": 1e3 * other_graph["other"] / copies
+                                                   if other_graph else None})
+                                finally:
+                                    setattr(module, name, saved)
                     del sparse_stack
                     cost = layer.cost()
                     row = {
@@ -232,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
                         "graph_speedup": graph["dense"] / graph["sparse"] if graph else None,
                         "median_token_rel_error": error, "fraction_tokens_off": tokens_off,
                         "leaf_entropy": leaf_entropy(layer, x) if kind == "tree" and tokens > 1 else None,
-                        "path": path, "other_variant": other,
+                        "path": path, "other_variants": others,
                     }
                     if peak is not None and tokens == 1:
                         best = graph or eager  # the launch-free time where there is one

@@ -3,7 +3,6 @@ reference path. Without a GPU they run under TRITON_INTERPRET=1 on CPU tensors (
 with one, the same tests run on CUDA, in bf16 as well."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -131,18 +130,22 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens,multiple", [(1, None), (7, None), (33, 0.0), (33, math.inf)],
-                         ids=["1", "7", "33-grouped", "33-gather"])
+@pytest.mark.parametrize("tokens,variant", [(1, None), (7, None), (33, None), (33, "gather"), (33, "grouped_gemm"),
+                                            (33, "masked_dense")],
+                         ids=["1", "7", "33", "33-gather", "33-grouped", "33-masked-dense"])
 @pytest.mark.parametrize("name", TREE_SPECS)
-def test_tree_layer_triton_path_matches_reference(name, tokens, multiple, dtype, monkeypatch):
-    if multiple is not None:  # both prefill variants on every spec, whatever the switch point
-        monkeypatch.setattr(kernels_tree, "GATHER_MAX_ROW_MULTIPLE", multiple)
+def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, monkeypatch):
+    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", variant)  # every variant on every spec
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
+    if variant == "grouped_gemm" and layer.spec.activation == "after_sum" and layer.spec.node_width:
+        layer.force_path = "triton"
+        with pytest.raises(ValueError, match="per-node activation only"), torch.no_grad():
+            layer(x)
+        return
     got, _ = run_both(layer, x)
-    assert layer.last_path.startswith("triton:")
-    grouped = layer.spec.activation == "per_node" and kernels_tree.uses_grouped_gemm(layer, tokens)
-    assert ("grouped_gemm" in layer.last_path) == grouped
+    ran = kernels_tree.kernel_variant(layer, tokens)
+    assert layer.last_path.startswith("triton:route+" + ran)
     # Oracle: the reference path in fp32 on the same (rounded) weights; the kernels also route
     # and accumulate in fp32, so half precision cannot send a token down another path.
     reference = copy.deepcopy(layer).float()
@@ -163,12 +166,18 @@ def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype):
     assert layer.measured_units() == spec.top_k(INTER)
 
 
-def test_tree_switches_to_the_grouped_gemm_when_gathers_would_reread_the_layer():
+def test_tree_switches_to_the_masked_dense_gemms_once_gathers_would_read_more_than_the_layer():
     layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
     switch = kernels_tree.GATHER_MAX_ROW_MULTIPLE * INTER / layer.spec.active_units
-    assert not kernels_tree.uses_grouped_gemm(layer, 1)
-    assert not kernels_tree.uses_grouped_gemm(layer, int(switch))
-    assert kernels_tree.uses_grouped_gemm(layer, int(switch) + 1)
+    assert kernels_tree.kernel_variant(layer, 1) == "gather"
+    assert kernels_tree.kernel_variant(layer, int(switch)) == "gather"
+    assert kernels_tree.kernel_variant(layer, int(switch) + 1) == "masked_dense"
+
+
+def test_a_bad_forced_tree_variant_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "dense")
+    with pytest.raises(ValueError, match="FORCED_VARIANT"):
+        kernels_tree.kernel_variant(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()), 1)
 
 
 def test_mgs_threshold_selection_on_the_kernel():

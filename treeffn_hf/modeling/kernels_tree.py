@@ -13,8 +13,11 @@
   programs; empty ones read nothing).
 - decode (few tokens): the path's rows go to `kernels_gather.gathered_swiglu` (per-neuron
   activation) or `gathered_swiglu_after_sum`.
+- `masked_dense` (batches past the switch point): the routing kernel, then cuBLAS GEMMs over
+  every stored row with each token's off-path rows zeroed (`tree_ffn_masked_dense`).
 
-`tree_ffn_triton` chains them for a `TreeFFN` and says which kernels ran. Forward only: training
+`tree_ffn_triton` chains them for a `TreeFFN` (the variant from `kernel_variant`) and says which
+kernels ran. Forward only: training
 uses the differentiable reference path (see `dispatch.choose_path`).
 """
 
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels_gather import gathered_swiglu, gathered_swiglu_after_sum, gathered_swiglu_naive
-from .tree_ffn import tree_route
+from .tree_ffn import tree_ffn_masked_dense, tree_route
 from .tree_ffn_torch import routing_bias, routing_matrix
 
 try:
@@ -33,11 +36,18 @@ try:
 except ImportError:
     triton = None
 
-# Per-token gathers read each token's rows separately; the grouped GEMM reads each block once per
-# tile of tokens but costs a sort and two launches. Gathers win while the rows they read add up to
-# at most this many layers' worth (tokens x active units <= 3 x intermediate): set from the H100
-# run of benchmarks/bench_mlp.py (its rows time both variants, `other_variant`).
-GATHER_MAX_ROW_MULTIPLE = 3.0
+VARIANTS = ("gather", "grouped_gemm", "masked_dense")
+# Per-token gathers read each token's rows separately, so past one layer's worth of rows per batch
+# (tokens x active units > 1 x intermediate) they read more weight bytes than the dense GEMMs. On
+# the H100 run of benchmarks/bench_mlp.py (results/bench_mlp_cuda.json, CUDA graphs) the gathers
+# ran at 1.0-5.6x of cuBLAS at or below that point and 0.2-0.7x above it, and the grouped GEMM lost
+# to cuBLAS at every batch it ran (64 and 2048 tokens: 0.25-0.85x). So past the switch point the
+# batch runs cuBLAS over all stored rows with the off-path rows masked (`masked_dense`, about the
+# dense cost). The grouped GEMM stays (tested, timed by the benchmark) but is taken only when
+# forced, until a measured run shows it beating the masked GEMMs.
+GATHER_MAX_ROW_MULTIPLE = 1.0
+# One variant for every batch (None: by batch size, as above); the benchmark and tests set it.
+FORCED_VARIANT = None
 # (tokens per tile, rows per step, hidden per step, warps); benchmarks/tune_kernels.py times them.
 GROUPED_BLOCK = (32, 64, 64, 8)
 
@@ -291,9 +301,16 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     return torch.cat([node_rows.flatten(2), leaf_rows], dim=2).reshape(leaf.shape[0], -1)
 
 
-def uses_grouped_gemm(layer, tokens: int) -> bool:
-    """Whether a per-node-activation tree runs `tokens` tokens through the grouped GEMM."""
-    return tokens * layer.spec.active_units > GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
+def kernel_variant(layer, tokens: int) -> str:
+    """Which of `VARIANTS` runs a batch of `tokens` tokens through `layer` (see GATHER_MAX_ROW_MULTIPLE)."""
+    if FORCED_VARIANT is not None:
+        if FORCED_VARIANT not in VARIANTS:
+            raise ValueError(f"kernels_tree.FORCED_VARIANT must be one of {VARIANTS} or None, got {FORCED_VARIANT!r}")
+        if FORCED_VARIANT == "grouped_gemm" and layer.spec.activation == "after_sum" and layer.spec.node_width:
+            raise ValueError("the grouped GEMM implements per-node activation only, not after_sum")
+        return FORCED_VARIANT
+    gathers_fit = tokens * layer.spec.active_units <= GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
+    return "gather" if gathers_fit else "masked_dense"
 
 
 def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -305,8 +322,14 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     n = x.shape[0]
     after_sum = s.activation == "after_sum" and s.node_width
-    grouped = not after_sum and uses_grouped_gemm(layer, n)
-    if not grouped and not after_sum:  # decode: two launches after the routing
+    variant = kernel_variant(layer, n)
+    if variant == "masked_dense":
+        leaf, path = tree_route_triton(x, vectors, bias, s.num_trees, s.depth)
+        if layer.usage is not None:
+            layer.usage.record(leaf, path)
+        return tree_ffn_masked_dense(layer, x, leaf, path), "triton:route+masked_dense"
+    grouped = variant == "grouped_gemm"
+    if variant == "gather" and not after_sum:  # decode: two launches after the routing
         rows, leaf, path = tree_route_rows_triton(layer, x, vectors, bias)
         if layer.usage is not None:
             layer.usage.record(leaf.long(), path.long())
