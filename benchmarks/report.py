@@ -197,6 +197,32 @@ def tree_dynamics_section(data: dict) -> list[str]:
     return lines
 
 
+def prune_section(data: dict) -> list[str]:
+    m, tree = data["machine"], data["tree"]
+    spec = tree["spec"]
+    lines = [
+        f"**Pruning a SmolLM2-135M tree** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads; file "
+        f"`benchmarks/results/prune_smollm2.json`, plot `prune_smollm2.png`). Tree of depth {spec['depth']}, "
+        f"{tree['active_unit_fraction']:.2%} of MLP units active per token, after {tree['recovery']} (perplexity "
+        f"{tree['perplexity']:.1f}, ratio {tree['ppl_ratio']:.1f} to dense {data['dense_perplexity']:.2f}, "
+        f"{tree['stored_units']:,} MLP units stored). Paths counted on {data['rows'][0]['pruning_tokens']:,} tokens "
+        f"of `valid.txt`; leaves reached by fewer than `min_tokens` of them are pruned (`treeffn prune "
+        f"--min-tokens`). Perplexity on the first {data['evaluation']['windows']} protocol windows; rerouted = "
+        f"share of test-token paths (per layer and tree) that ended on a pruned leaf. Active units per token "
+        f"are unchanged.",
+        "",
+        "| min_tokens | leaves kept | MLP units stored | rerouted test paths | perplexity | / unpruned |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in data["rows"]:
+        lines.append(
+            f"| {row['min_tokens']} | {row['leaves_kept']} of {row['leaves_before']} | "
+            f"{row['stored_unit_fraction']:.1%} | {row['test_paths_rerouted']:.2%} | {row['perplexity']:.1f} | "
+            f"{row['ppl_ratio_to_unpruned']:.3f} |")
+    lines.append("")
+    return lines
+
+
 def render() -> str:
     lines = [START, ""]
     mlp = _load("bench_mlp_cpu.json")
@@ -219,6 +245,9 @@ def render() -> str:
     dynamics = _load("tree_dynamics.json")
     if dynamics and dynamics["settings"].get("setting") == "layer":
         lines += tree_dynamics_section(dynamics)
+    pruning = _load("prune_smollm2.json")
+    if pruning and pruning.get("rows"):
+        lines += prune_section(pruning)
     if len(lines) == 2:
         lines += ["No benchmark has been run yet.", ""]
     lines.append(END)
