@@ -17,8 +17,8 @@
   every stored row with each token's off-path rows zeroed (`tree_ffn_masked_dense`).
 
 `tree_ffn_triton` chains them for a `TreeFFN` (the variant from `kernel_variant`) and says which
-kernels ran. Forward only: training
-uses the differentiable reference path (see `dispatch.choose_path`).
+kernels ran. Forward only: training uses the differentiable reference path (see
+`dispatch.choose_path`).
 """
 
 from __future__ import annotations
