@@ -67,9 +67,7 @@ def other_variants(layer: torch.nn.Module, tokens: int) -> list[tuple[object, st
         from treeffn_hf.modeling import kernels_tree as module
 
         now = module.kernel_variant(layer, tokens)
-        grouped_ok = layer.spec.activation == "per_node" or not layer.spec.node_width
-        return [(module, "FORCED_VARIANT", v) for v in module.VARIANTS
-                if v != now and (v != "grouped_gemm" or grouped_ok)]
+        return [(module, "FORCED_VARIANT", v) for v in module.layer_variants(layer) if v != now]
     from treeffn_hf.modeling import kernels_mgs as module
 
     if tokens >= 1024:  # per-token gathers of a whole prefill: known to lose, and slow to time

@@ -138,7 +138,7 @@ def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, 
     monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", variant)  # every variant on every spec
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
-    if variant == "grouped_gemm" and layer.spec.activation == "after_sum" and layer.spec.node_width:
+    if variant is not None and variant not in kernels_tree.layer_variants(layer):
         layer.force_path = "triton"
         with pytest.raises(ValueError, match="per-node activation only"), torch.no_grad():
             layer(x)

@@ -301,12 +301,18 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     return torch.cat([node_rows.flatten(2), leaf_rows], dim=2).reshape(leaf.shape[0], -1)
 
 
+def layer_variants(layer) -> tuple[str, ...]:
+    """The `VARIANTS` that can run `layer` (the grouped GEMM implements per-node activation only)."""
+    after_sum = layer.spec.activation == "after_sum" and layer.spec.node_width
+    return tuple(v for v in VARIANTS if not (after_sum and v == "grouped_gemm"))
+
+
 def kernel_variant(layer, tokens: int) -> str:
     """Which of `VARIANTS` runs a batch of `tokens` tokens through `layer` (see GATHER_MAX_ROW_MULTIPLE)."""
     if FORCED_VARIANT is not None:
         if FORCED_VARIANT not in VARIANTS:
             raise ValueError(f"kernels_tree.FORCED_VARIANT must be one of {VARIANTS} or None, got {FORCED_VARIANT!r}")
-        if FORCED_VARIANT == "grouped_gemm" and layer.spec.activation == "after_sum" and layer.spec.node_width:
+        if FORCED_VARIANT not in layer_variants(layer):
             raise ValueError("the grouped GEMM implements per-node activation only, not after_sum")
         return FORCED_VARIANT
     gathers_fit = tokens * layer.spec.active_units <= GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
