@@ -1,7 +1,7 @@
 """Tile sizes of the Triton kernels, measured on this GPU.
 
 The constants `kernels_gather.GATE_UP_BLOCK` / `DOWN_BLOCK` (decode: per-token gathered rows) and
-`kernels_tree.GROUPED_BLOCK` (prefill: grouped GEMM over tree blocks) are set from this script's
+`kernels_tree.GROUPED_BLOCK` (large batches, when forced: grouped GEMM over tree blocks) are set from this script's
 output. Each candidate is checked against the kernel's naive reference, then timed as CUDA-graph
 replays over enough copies of the weight tables that the rows touched exceed 4x the L2 cache
 (so the cache cannot hold them between calls, as in a real model with many layers).

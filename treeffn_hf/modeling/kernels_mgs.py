@@ -18,9 +18,10 @@ from .kernels_gather import gathered_swiglu
 from .mgs_torch import down_rows, mgs_fast
 
 # Per-token gathers read (tokens x selected) rows; the union GEMM reads the union once but waits
-# on the host for its size. Gathers win while tokens x selected <= 8 x intermediate (H100 run of
-# benchmarks/bench_mlp.py, whose rows time both variants).
-GATHER_MAX_ROW_MULTIPLE = 8.0
+# on the host for its size. In the H100 run of benchmarks/bench_mlp.py (its side-variant timings)
+# the gathers beat the union path at 4x and 6.4x intermediate and lost at 8x; the boundary sits
+# between. That run dispatched on "<= 8 tokens", so this rule is not yet measured as the main path.
+GATHER_MAX_ROW_MULTIPLE = 7.0
 
 
 def uses_gather(layer, tokens: int) -> bool:

@@ -1,9 +1,10 @@
-"""Triton kernels of the tree FFN: routing, and a grouped GEMM over path blocks for prefill.
+"""Triton kernels of the tree FFN: routing, path gathers, masked GEMMs and a grouped GEMM.
 
 - `tree_route_triton`: one program per (token, tree) walks the depth, dotting x with the node's
   routing vector, and writes the path (heap index per level) and the leaf. Equals `tree_route`.
   `tree_route_rows_triton` (decode) is the same kernel also writing each token's row list.
-- `grouped_block_swiglu`: the MoE-style prefill kernels. Every (token, block-on-path) pair is an
+- `grouped_block_swiglu`: MoE-style kernels for large batches (taken only when forced, see
+  GATHER_MAX_ROW_MULTIPLE). Every (token, block-on-path) pair is an
   item; items are sorted by block and each block's tokens cut into tiles of BLOCK_M. Launch 1:
   per (tile, chunk of the block's width), x_tile @ G_b^T and x_tile @ U_b^T -> SwiGLU, stored
   (fp32, once per element). Launch 2: per (tile, chunk of hidden), act_tile @ D_b summed over
