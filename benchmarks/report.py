@@ -203,9 +203,9 @@ def prune_section(data: dict) -> list[str]:
     lines = [
         f"**Pruning a SmolLM2-135M tree** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads; file "
         f"`benchmarks/results/prune_smollm2.json`, plot `prune_smollm2.png`). Tree of depth {spec['depth']}, "
-        f"{tree['active_unit_fraction']:.2%} of MLP units active per token, after {tree['recovery']} (perplexity "
+        f"{tree['active_unit_fraction']:.2%} of MLP units active per token, after {tree['recovery']}: perplexity "
         f"{tree['perplexity']:.1f}, ratio {tree['ppl_ratio']:.1f} to dense {data['dense_perplexity']:.2f}, "
-        f"{tree['stored_units']:,} MLP units stored). Paths counted on {data['rows'][0]['pruning_tokens']:,} tokens "
+        f"{tree['stored_units']:,} MLP units stored. Paths counted on {data['rows'][0]['pruning_tokens']:,} tokens "
         f"of `valid.txt`; leaves reached by fewer than `min_tokens` of them are pruned (`treeffn prune "
         f"--min-tokens`). Perplexity on the first {data['evaluation']['windows']} protocol windows; rerouted = "
         f"share of test-token paths (per layer and tree) that ended on a pruned leaf. Active units per token "
