@@ -16,8 +16,8 @@ and the ratio-against-tokens curve of each fine-tune.
     python benchmarks/finetune_smollm2.py                          # about 65 minutes on 2 CPU cores
     python benchmarks/finetune_smollm2.py --method mgs --density 0.25 --variants straight_through
 
-Writes benchmarks/results/finetune_smollm2.json (tree) or finetune_smollm2_mgs<percent>.json,
-each with a .png curve.
+Writes benchmarks/results/finetune_smollm2.json (tree) or finetune_smollm2_mgs<percent>.json
+(`--tag T` appends `_T`), each with a .png curve.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ VARIANTS = {
 RECOVERY_LABEL = {"tree": "distill only", "mgs": "gate training only"}
 
 
-def output_path(method: str, density: float) -> Path:
-    return RESULTS / ("finetune_smollm2.json" if method == "tree" else f"finetune_smollm2_mgs{round(density * 100)}.json")
+def output_path(method: str, density: float, tag: str = "") -> Path:
+    stem = "finetune_smollm2" if method == "tree" else f"finetune_smollm2_mgs{round(density * 100)}"
+    return RESULTS / (f"{stem}_{tag}.json" if tag else f"{stem}.json")
 
 
 def main() -> None:
@@ -74,9 +75,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--variants", help="comma-separated; default: all of the method's " +
                         "; ".join(f"{m}: {','.join(v)}" for m, v in VARIANTS.items()))
+    parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs with other settings apart")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
-    output = output_path(args.method, args.density)
+    output = output_path(args.method, args.density, args.tag)
     if args.plot_only:
         plot(json.loads(output.read_text()), output)
         return
