@@ -19,8 +19,8 @@ from .mgs_torch import down_rows, mgs_fast
 
 # Per-token gathers read (tokens x selected) rows; the union GEMM reads the union once but waits
 # on the host for its size. In the H100 run of benchmarks/bench_mlp.py (its side-variant timings)
-# the gathers beat the union path at 4x and 6.4x intermediate and lost at 8x; the boundary sits
-# between. That run dispatched on "<= 8 tokens", so this rule is not yet measured as the main path.
+# the gathers beat the union path at 4x and 6.4x intermediate as CUDA graphs (eagerly, launch
+# overhead ties or loses) and lost at 8x either way; the boundary sits between. That run dispatched on "<= 8 tokens", so this rule is not yet measured as the main path.
 GATHER_MAX_ROW_MULTIPLE = 7.0
 
 
