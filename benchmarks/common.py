@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def machine() -> dict:
@@ -97,3 +98,14 @@ def distilled_tree(dense, mlp_inputs: dict, fraction: float, *, steps: int, lr: 
     distill_layers(sparse, dense, mlp_inputs, steps=steps, lr=lr)
     sparse.requires_grad_(True)
     return sparse, spec
+
+
+def finetuned_checkpoint(sparse_dir: Path, out: Path, dense_dir: Path, gguf: str, **options):
+    """The checkpoint in `sparse_dir` fine-tuned against the dense teacher on valid.txt (as
+    `treeffn finetune`), saved to `out` and loaded back. Returns (model, run summary)."""
+    from treeffn_hf.checkpoint import load
+    from treeffn_hf.training.finetune import finetune_checkpoint
+
+    summary = finetune_checkpoint(sparse_dir, out, dense=str(dense_dir), gguf_file=gguf,
+                                  data=str(DATA / "wikitext-2" / "valid.txt"), max_windows=512, **options)
+    return load(out), summary

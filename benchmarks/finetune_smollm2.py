@@ -31,18 +31,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, distilled_tree, machine, write_json  # noqa: E402
+from common import DATA, RESULTS, distilled_tree, finetuned_checkpoint, machine, write_json  # noqa: E402
 
-from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
+from treeffn_hf.checkpoint import load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
-from treeffn_hf.training.finetune import finetune_checkpoint  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Each fine-tune variant: its table label and what it passes to `finetune_checkpoint`.
 VARIANTS = {
     "tree": {"learned": ("fine-tuned, learned routing", {"routing": "learned"}),
@@ -130,13 +128,11 @@ def main() -> None:
         for variant in variants:
             label, options = VARIANTS[args.method][variant]
             start = time.perf_counter()
-            summary = finetune_checkpoint(
-                work / "distilled", work / f"ft-{variant}", dense=str(directory), gguf_file=gguf,
-                data=str(DATA / "wikitext-2" / "valid.txt"), window=args.window, max_windows=512, steps=args.steps,
+            model, summary = finetuned_checkpoint(
+                work / "distilled", work / f"ft-{variant}", directory, gguf, window=args.window, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, eval_windows=eval_ids[: args.curve_windows],
                 eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2), **options,
             )
-            model = load(work / f"ft-{variant}")
             add({"variant": label, "perplexity": perplexity(model, eval_ids).perplexity,
                  "tokens_seen": summary["tokens_seen"], "seconds": time.perf_counter() - start,
                  "data": summary["data"], "curve": summary.get("perplexity_curve", []),

@@ -30,17 +30,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, distilled_tree, machine, write_json  # noqa: E402
+from common import DATA, RESULTS, distilled_tree, finetuned_checkpoint, machine, write_json  # noqa: E402
 
-from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
+from treeffn_hf.checkpoint import load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.pruning import prune_from_stats  # noqa: E402
-from treeffn_hf.training.finetune import finetune_checkpoint  # noqa: E402
 from treeffn_hf.tree_stats import collect_tree_stats  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUTPUT = RESULTS / "prune_smollm2.json"
 
 
@@ -150,11 +148,11 @@ def finetuned(tree, tokenizer, directory: Path, gguf: str, args: argparse.Namesp
     work = Path(tempfile.mkdtemp(prefix="treeffn-prune-bench-"))
     try:
         save(tree, work / "distilled", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
-        finetune_checkpoint(work / "distilled", work / "finetuned", dense=str(directory), gguf_file=gguf,
-                            data=str(DATA / "wikitext-2" / "valid.txt"), window=args.finetune_window,
-                            max_windows=512, steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr,
-                            save_steps=args.finetune_steps, routing="learned")
-        return load(work / "finetuned")
+        model, _ = finetuned_checkpoint(work / "distilled", work / "finetuned", directory, gguf,
+                                        window=args.finetune_window, steps=args.finetune_steps,
+                                        batch_size=args.batch_size, lr=args.lr, save_steps=args.finetune_steps,
+                                        routing="learned")
+        return model
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
