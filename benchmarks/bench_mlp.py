@@ -16,9 +16,10 @@ matters for batched (grouped-by-leaf) cases; the recorded leaf-usage entropy sho
 On a GPU the sparse layers run their Triton kernels (the row records which: `path`), batch-1
 rows report the achieved weight-read bandwidth as a fraction of the device-to-device copy
 bandwidth measured in the same process (the practical peak), and every tree / MGS case is also
-timed on the other kernel variants (`other_variants`: per-token gather, grouped GEMM and masked
-dense GEMMs for the tree; gather and union GEMM for MGS), which is how the dispatch's switch points
-(`GATHER_MAX_ROW_MULTIPLE` in kernels_tree / kernels_mgs) are set.
+timed on the other kernel variants (`other_variants`: per-token gather, streamed gather, grouped
+GEMM and masked dense GEMMs for the tree; split-K gather, streamed gather and union GEMM for MGS),
+which is how the dispatch's switch points (`GATHER_MAX_ROW_MULTIPLE` in kernels_tree /
+kernels_mgs) and its decode kernels are chosen.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def other_variants(layer: torch.nn.Module, tokens: int) -> list[tuple[object, st
 
     if tokens >= 1024:  # per-token gathers of a whole prefill: known to lose, and slow to time
         return []
-    now = module.uses_gather(layer, tokens)
-    return [(module, "GATHER_MAX_ROW_MULTIPLE", 0.0 if now else math.inf)]
+    if not module.uses_gather(layer, tokens):
+        return [(module, "GATHER_MAX_ROW_MULTIPLE", math.inf)]
+    others = [(module, "GATHER_KERNELS", k) for k in module.GATHER_KERNEL_CHOICES if k != module.GATHER_KERNELS]
+    return others + [(module, "GATHER_MAX_ROW_MULTIPLE", 0.0)]
 
 
 def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype) -> torch.nn.Module:
@@ -208,16 +211,22 @@ def run(args: argparse.Namespace) -> dict:
                     with torch.no_grad():
                         eager, graph = timed(fns, capturable(device, path), args.rounds, calls, sync)
                         others = []
-                        if device == "cuda" and 1 < tokens:  # the other variants, for the switch points
+                        if device == "cuda":  # the other variants: switch points and decode kernels
                             for module, name, value in other_variants(layer, tokens):
                                 saved = getattr(module, name)
                                 setattr(module, name, value)
                                 try:
-                                    layer(x)
+                                    other_out = layer(x)
+                                    other_path = layer.last_path  # before the reference call below
+                                    other_error, _ = error_vs_reference(layer, x, other_out)
+                                    if not other_error < MAX_RELATIVE_ERROR:
+                                        raise RuntimeError(f"{kind} {density:.0%} N={tokens}: {other_path} "
+                                                           f"is off by {other_error:.3g}")
                                     other_eager, other_graph = timed({"other": partial(run_stack, sparse_stack, x)},
-                                                                     capturable(device, layer.last_path),
+                                                                     capturable(device, other_path),
                                                                      args.rounds, calls, sync)
-                                    others.append({"path": layer.last_path, "ms": 1e3 * other_eager["other"] / copies,
+                                    others.append({"path": other_path, "median_token_rel_error": other_error,
+                                                   "ms": 1e3 * other_eager["other"] / copies,
                                                    "graph_ms": 1e3 * other_graph["other"] / copies
                                                    if other_graph else None})
                                 finally:

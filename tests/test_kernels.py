@@ -46,6 +46,24 @@ def test_gathered_swiglu_matches_naive(dtype, tokens, selected):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,selected,hidden", [(1, 1, HIDDEN), (1, 13, HIDDEN), (7, 40, HIDDEN), (33, 5, HIDDEN),
+                                                    (2, 70, 600)])  # 600: several steps of every loop
+def test_streamed_gathered_swiglu_matches_naive(dtype, tokens, selected, hidden):
+    gate, up, down = tables(dtype, hidden=hidden)
+    x = torch.randn(tokens, hidden).to(DEVICE, dtype)
+    rows = torch.stack([torch.randperm(INTER)[:selected] for _ in range(tokens)]).to(DEVICE)
+    rows[0, -1] = -1
+    want = kernels_gather.gathered_swiglu_naive(x.float(), rows, gate.float(), up.float(), down.float())
+    got = kernels_gather.gathered_swiglu_streamed(x, rows, gate, up, down)
+    assert got.dtype == dtype  # written by the down launch itself, no cast afterwards
+    close(got, want, dtype)
+    # With `out` it adds into an fp32 buffer (no atomics: one owner per element).
+    start = torch.randn(tokens, hidden, device=DEVICE)
+    summed = kernels_gather.gathered_swiglu_streamed(x, rows, gate, up, down, out=start.clone())
+    close(summed, start + want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens,trees,blocks,width", [(1, 1, 2, 3), (7, 2, 4, 5), (33, 3, 1, 17)])
 def test_gathered_swiglu_after_sum_matches_naive(dtype, tokens, trees, blocks, width):
     gate, up, down = tables(dtype)
@@ -113,15 +131,17 @@ def run_both(layer, x):
     return got, want
 
 
+@pytest.mark.parametrize("all_nodes", [False, True], ids=["walk", "all-nodes"])
 @pytest.mark.parametrize("name", [n for n in TREE_SPECS if TREE_SPECS[n].activation == "per_node"])
-def test_fused_route_rows_kernel_lists_the_path_rows(name):
+def test_fused_route_rows_kernel_lists_the_path_rows(name, all_nodes):
     """Decode routing writes each token's row list itself: the same leaf, path and rows (node
-    blocks, leaf block, shared rows) as the walker plus `path_rows`."""
+    blocks, leaf block, shared rows) as the walker plus `path_rows`, whether it dots one node per
+    level or scores every node first."""
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), torch.float32)
     x = torch.randn(6, HIDDEN, device=DEVICE)
     bias = routing_bias(layer)
     vectors = routing_matrix(layer)
-    rows, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias)
+    rows, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias, all_nodes=all_nodes)
     want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias, layer.spec.num_trees, layer.spec.depth)
     assert torch.equal(leaf.long(), want_leaf) and torch.equal(path.long(), want_path)
     want_rows = kernels_tree.path_rows(layer, want_leaf, want_path)
@@ -129,10 +149,22 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name):
     assert torch.equal(rows.long(), torch.cat([want_rows, shared], dim=1))
 
 
+def test_all_node_routing_over_several_hidden_steps():
+    """A deep tree on a wide layer: the all-node scoring loops over hidden in several tiles."""
+    layer = random_layer(TreeFFN(300, 630, TreeSpec(depth=6, node_width=1), nn.SiLU()), torch.float32)
+    x = torch.randn(5, 300, device=DEVICE)
+    vectors, bias = routing_matrix(layer), routing_bias(layer)
+    _, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias, all_nodes=True)
+    want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias, 1, 6)
+    assert torch.equal(leaf.long(), want_leaf) and torch.equal(path.long(), want_path)
+    assert len(set(want_leaf.flatten().tolist())) > 1  # the tokens do not all take one path
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens,variant", [(1, None), (7, None), (33, None), (33, "gather"), (33, "grouped_gemm"),
-                                            (33, "masked_dense")],
-                         ids=["1", "7", "33", "33-gather", "33-grouped", "33-masked-dense"])
+@pytest.mark.parametrize("tokens,variant", [(1, None), (7, None), (33, None), (33, "gather"), (1, "streamed"),
+                                            (7, "streamed"), (33, "grouped_gemm"), (33, "masked_dense")],
+                         ids=["1", "7", "33", "33-gather", "1-streamed", "7-streamed", "33-grouped",
+                              "33-masked-dense"])
 @pytest.mark.parametrize("name", TREE_SPECS)
 def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, monkeypatch):
     monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", variant)  # every variant on every spec
@@ -154,14 +186,16 @@ def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, 
         close(got, reference(x.float()), dtype)
 
 
+@pytest.mark.parametrize("kernels,path", [("split_k", "triton:gather"), ("streamed", "triton:streamed_gather")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("spec", [MGSSpec(density=0.1, rank=16), MGSSpec(density=0.3, rank=None)], ids=["r64-10%", "full-30%"])
-def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype):
+def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype, kernels, path, monkeypatch):
+    monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", kernels)
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, spec, nn.SiLU()), dtype)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
     got, want = run_both(layer, x)
-    assert layer.last_path == "triton:gather"
+    assert layer.last_path == path
     close(got, want, dtype)
     assert layer.measured_units() == spec.top_k(INTER)
 
@@ -178,6 +212,14 @@ def test_a_bad_forced_tree_variant_is_refused(monkeypatch):
     monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "dense")
     with pytest.raises(ValueError, match="FORCED_VARIANT"):
         kernels_tree.kernel_variant(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()), 1)
+
+
+def test_a_bad_mgs_gather_kernel_choice_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", "fused")
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
+    layer.force_path = "triton"
+    with pytest.raises(ValueError, match="GATHER_KERNELS"), torch.no_grad():
+        layer(torch.randn(1, HIDDEN, device=DEVICE))
 
 
 def test_mgs_threshold_selection_on_the_kernel():

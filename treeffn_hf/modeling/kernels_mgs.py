@@ -1,9 +1,9 @@
 """Triton path of the micro-gated MLP.
 
 The gate (two small GEMMs) and its top-k run on the device; the selected neurons of each token
-then go through `kernels_gather.gathered_swiglu`: the selected rows of `gate_proj` and `up_proj`
-(contiguous in the stock layout) and of `down_proj` transposed (cached, one row per neuron) are
-read once, with fp32 accumulation and a split-K reduction over the selected rows.
+then go through `kernels_gather.gathered_swiglu` (or `gathered_swiglu_streamed`, see
+GATHER_KERNELS): the selected rows of `gate_proj` and `up_proj` (contiguous in the stock layout)
+and of `down_proj` transposed (cached, one row per neuron) are read once, with fp32 accumulation.
 
 Batches beyond `uses_gather` go to the PyTorch path's gathered GEMM over the union of
 the tokens' selections (or the masked dense GEMMs once that union is large), which is cuBLAS on
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels_gather import gathered_swiglu
+from .kernels_gather import gathered_swiglu, gathered_swiglu_streamed
 from .mgs_torch import down_rows, mgs_fast
 
 # Per-token gathers read (tokens x selected) rows; the union GEMM reads the union once but waits
@@ -22,6 +22,10 @@ from .mgs_torch import down_rows, mgs_fast
 # the gathers beat the union path at 4x and 6.4x intermediate as CUDA graphs (eagerly, launch
 # overhead ties or loses) and lost at 8x either way; the boundary sits between. That run dispatched on "<= 8 tokens", so this rule is not yet measured as the main path.
 GATHER_MAX_ROW_MULTIPLE = 7.0
+# Which gather kernels run: "split_k" (five launches with atomics, measured on the H100) or
+# "streamed" (two launches, no atomics; not yet timed on a GPU, so not the default).
+GATHER_KERNELS = "split_k"
+GATHER_KERNEL_CHOICES = ("split_k", "streamed")
 
 
 def uses_gather(layer, tokens: int) -> bool:
@@ -49,6 +53,10 @@ def mgs_triton(layer, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tens
     # top-k selects a known number per token: no counting kernel on the decode path
     selected = rows.numel() if layer.spec.selection == "top_k" else (rows >= 0).sum(dtype=torch.float32)
     layer._record_count(selected, tokens=x.shape[0])
-    out = gathered_swiglu(x.contiguous(), rows.contiguous(), layer.gate_proj.weight.detach(),
-                          layer.up_proj.weight.detach(), down_rows(layer))
-    return out, "triton:gather"
+    if GATHER_KERNELS not in GATHER_KERNEL_CHOICES:
+        raise ValueError(f"kernels_mgs.GATHER_KERNELS must be one of {GATHER_KERNEL_CHOICES}, got {GATHER_KERNELS!r}")
+    streamed = GATHER_KERNELS == "streamed"
+    kernels = gathered_swiglu_streamed if streamed else gathered_swiglu
+    out = kernels(x.contiguous(), rows.contiguous(), layer.gate_proj.weight.detach(),
+                  layer.up_proj.weight.detach(), down_rows(layer))
+    return out, "triton:streamed_gather" if streamed else "triton:gather"

@@ -14,6 +14,10 @@
   programs; empty ones read nothing).
 - decode (few tokens): the path's rows go to `kernels_gather.gathered_swiglu` (per-neuron
   activation) or `gathered_swiglu_after_sum`.
+- `streamed` (decode, taken only when forced until a GPU run times it against `gather`): the
+  routing kernel scores every node in one pass and writes the row list, then
+  `gathered_swiglu_streamed`: three launches in all, against six for `gather` (routing, two
+  zero fills, two split-K launches, a cast).
 - `masked_dense` (batches past the switch point): the routing kernel, then cuBLAS GEMMs over
   every stored row with each token's off-path rows zeroed (`tree_ffn_masked_dense`).
 
@@ -27,7 +31,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels_gather import gathered_swiglu, gathered_swiglu_after_sum, gathered_swiglu_naive
+from .kernels_gather import (
+    gathered_swiglu,
+    gathered_swiglu_after_sum,
+    gathered_swiglu_naive,
+    gathered_swiglu_streamed,
+)
 from .tree_ffn import tree_ffn_masked_dense, tree_route
 from .tree_ffn_torch import routing_bias, routing_matrix
 
@@ -37,7 +46,9 @@ try:
 except ImportError:
     triton = None
 
-VARIANTS = ("gather", "grouped_gemm", "masked_dense")
+VARIANTS = ("gather", "streamed", "grouped_gemm", "masked_dense")
+# Per-node activation only: the grouped GEMM's tiles and the streamed gathers' row lists.
+PER_NODE_VARIANTS = ("streamed", "grouped_gemm")
 # Per-token gathers read each token's rows separately, so past about one layer's worth of rows per
 # batch (tokens x active units ~ intermediate) they read more weight bytes than the dense GEMMs. On
 # the H100 run of benchmarks/bench_mlp.py (results/bench_mlp_cuda.json, CUDA graphs) the gathers
@@ -76,29 +87,51 @@ if triton is not None:
         hidden, num_trees, num_nodes, num_leaves, node_rows, shared_start, row_stride,
         DEPTH: tl.constexpr, NODE_WIDTH: tl.constexpr, LEAF_WIDTH: tl.constexpr, SHARED: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-        WRITE_ROWS: tl.constexpr,
+        WRITE_ROWS: tl.constexpr, ALL_NODES: tl.constexpr, BLOCK_NODES: tl.constexpr,
     ):
         """Per (token, tree), walk the depth and write the path and the leaf. With WRITE_ROWS (decode)
         also the path's rows (node blocks, then the leaf block; the shared rows once per token) in
-        the order of `path_rows`, so the gather kernels follow with no index arithmetic between."""
+        the order of `path_rows`, so the gather kernels follow with no index arithmetic between.
+
+        The walk either dots one node per level (each level's load waits on the last level's
+        choice: DEPTH memory round trips) or, with ALL_NODES, first scores every node of the tree
+        in one pipelined pass (2^DEPTH - 1 rows instead of DEPTH) and walks in registers."""
         token = tl.program_id(0)
         tree = tl.program_id(1)
         x_base = token.to(tl.int64) * hidden
         out_base = token.to(tl.int64) * row_stride + tree * (DEPTH * NODE_WIDTH + LEAF_WIDTH)
-        position = tl.zeros((), dtype=tl.int32)
-        for level in tl.static_range(DEPTH):
-            heap = position + ((1 << level) - 1)
-            v_base = (tree * num_nodes + heap).to(tl.int64) * hidden
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for d0 in range(0, hidden, BLOCK_D):  # one step when BLOCK_D covers hidden
+        if ALL_NODES:
+            nodes = tl.arange(0, BLOCK_NODES)
+            node_mask = nodes < num_nodes
+            node_base = (tree * num_nodes + nodes).to(tl.int64)[:, None] * hidden
+            tile = tl.zeros((BLOCK_NODES, BLOCK_D), dtype=tl.float32)
+            for d0 in range(0, hidden, BLOCK_D):
                 d_off = d0 + tl.arange(0, BLOCK_D)
                 d_mask = d_off < hidden
                 xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
-                vv = tl.load(vectors_ptr + v_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
-                acc += xv * vv
-            score = tl.sum(acc, axis=0)
+                vv = tl.load(vectors_ptr + node_base + d_off[None, :], mask=node_mask[:, None] & d_mask[None, :],
+                             other=0.0).to(tl.float32)
+                tile += vv * xv[None, :]
+            node_scores = tl.sum(tile, axis=1)
             if HAS_BIAS:
-                score += tl.load(bias_ptr + tree * num_nodes + heap).to(tl.float32)
+                node_scores += tl.load(bias_ptr + tree * num_nodes + nodes, mask=node_mask, other=0.0).to(tl.float32)
+        position = tl.zeros((), dtype=tl.int32)
+        for level in tl.static_range(DEPTH):
+            heap = position + ((1 << level) - 1)
+            if ALL_NODES:
+                score = tl.sum(tl.where(nodes == heap, node_scores, 0.0), axis=0)
+            else:
+                v_base = (tree * num_nodes + heap).to(tl.int64) * hidden
+                acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                for d0 in range(0, hidden, BLOCK_D):  # one step when BLOCK_D covers hidden
+                    d_off = d0 + tl.arange(0, BLOCK_D)
+                    d_mask = d_off < hidden
+                    xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
+                    vv = tl.load(vectors_ptr + v_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
+                    acc += xv * vv
+                score = tl.sum(acc, axis=0)
+                if HAS_BIAS:
+                    score += tl.load(bias_ptr + tree * num_nodes + heap).to(tl.float32)
             tl.store(path_ptr + (token * num_trees + tree) * DEPTH + level, heap)
             if WRITE_ROWS and NODE_WIDTH > 0:
                 n_off = tl.arange(0, BLOCK_N)
@@ -213,14 +246,15 @@ def tree_route_triton(x: torch.Tensor, vectors: torch.Tensor, bias, num_trees: i
             x.contiguous(), vectors.contiguous(), bias_arg, leaf, leaf, leaf, path,  # no rows: `leaf` stands in
             hidden, num_trees, num_nodes, 1, 0, 0, 0, DEPTH=depth, NODE_WIDTH=0, LEAF_WIDTH=0, SHARED=0,
             HAS_BIAS=bias is not None, BLOCK_D=min(4096, triton.next_power_of_2(hidden)), BLOCK_N=1, BLOCK_L=16,
-            WRITE_ROWS=False, num_warps=8 if hidden >= 2048 else 4,
+            WRITE_ROWS=False, ALL_NODES=False, BLOCK_NODES=1, num_warps=8 if hidden >= 2048 else 4,
         )
     return leaf.long(), path.long()
 
 
-def tree_route_rows_triton(layer, x: torch.Tensor, vectors: torch.Tensor, bias):
+def tree_route_rows_triton(layer, x: torch.Tensor, vectors: torch.Tensor, bias, all_nodes: bool = False):
     """(rows (N, R) int32 as `path_rows` + the shared rows, leaf (N, T), path (N, T, depth)) of a
-    `TreeFFN` with per-node activation, from one kernel launch."""
+    `TreeFFN` with per-node activation, from one kernel launch. `all_nodes`: score every node in
+    one pass, then walk (see the kernel)."""
     s = layer.spec
     n, hidden = x.shape
     per_tree = s.depth * s.node_width + s.leaf_width
@@ -228,14 +262,16 @@ def tree_route_rows_triton(layer, x: torch.Tensor, vectors: torch.Tensor, bias):
     rows = torch.empty(n, row_stride, dtype=torch.int32, device=x.device)
     leaf = torch.empty(n, s.num_trees, dtype=torch.int32, device=x.device)
     path = torch.empty(n, s.num_trees, s.depth, dtype=torch.int32, device=x.device)
+    block_nodes = triton.next_power_of_2(s.num_nodes) if all_nodes else 1
+    block_d = min(4096, triton.next_power_of_2(hidden), max(16, 8192 // block_nodes))  # bounded registers
     if n:
         _tree_route_rows_kernel[(n, s.num_trees)](
             x.contiguous(), vectors, bias.contiguous() if bias is not None else vectors, layer.leaf_slots(x.device),
             rows, leaf, path, hidden, s.num_trees, s.num_nodes, s.num_leaves, layer.node_rows,
             layer.node_rows + layer.leaf_rows,
             row_stride, DEPTH=s.depth, NODE_WIDTH=s.node_width, LEAF_WIDTH=s.leaf_width, SHARED=s.shared_width,
-            HAS_BIAS=bias is not None, BLOCK_D=min(4096, triton.next_power_of_2(hidden)),
-            BLOCK_N=triton.next_power_of_2(max(s.node_width, 1)), BLOCK_L=1024, WRITE_ROWS=True,
+            HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(max(s.node_width, 1)),
+            BLOCK_L=1024, WRITE_ROWS=True, ALL_NODES=all_nodes, BLOCK_NODES=block_nodes,
             num_warps=8 if hidden >= 2048 else 4,
         )
     return rows, leaf, path
@@ -303,9 +339,9 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
 
 
 def layer_variants(layer) -> tuple[str, ...]:
-    """The `VARIANTS` that can run `layer` (the grouped GEMM implements per-node activation only)."""
+    """The `VARIANTS` that can run `layer` (see PER_NODE_VARIANTS)."""
     after_sum = layer.spec.activation == "after_sum" and layer.spec.node_width
-    return tuple(v for v in VARIANTS if not (after_sum and v == "grouped_gemm"))
+    return tuple(v for v in VARIANTS if not (after_sum and v in PER_NODE_VARIANTS))
 
 
 def kernel_variant(layer, tokens: int) -> str:
@@ -314,7 +350,7 @@ def kernel_variant(layer, tokens: int) -> str:
         if FORCED_VARIANT not in VARIANTS:
             raise ValueError(f"kernels_tree.FORCED_VARIANT must be one of {VARIANTS} or None, got {FORCED_VARIANT!r}")
         if FORCED_VARIANT not in layer_variants(layer):
-            raise ValueError("the grouped GEMM implements per-node activation only, not after_sum")
+            raise ValueError(f"the {FORCED_VARIANT} variant implements per-node activation only, not after_sum")
         return FORCED_VARIANT
     gathers_fit = tokens * layer.spec.active_units <= GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
     return "gather" if gathers_fit else "masked_dense"
@@ -336,6 +372,11 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
             layer.usage.record(leaf, path)
         return tree_ffn_masked_dense(layer, x, leaf, path), "triton:route+masked_dense"
     grouped = variant == "grouped_gemm"
+    if variant == "streamed":  # decode in three launches: no buffers to zero, no atomics, no cast
+        rows, leaf, path = tree_route_rows_triton(layer, x, vectors, bias, all_nodes=True)
+        if layer.usage is not None:
+            layer.usage.record(leaf.long(), path.long())
+        return gathered_swiglu_streamed(x.contiguous(), rows, gate, up, down), "triton:route+streamed"
     if variant == "gather" and not after_sum:  # decode: two launches after the routing
         rows, leaf, path = tree_route_rows_triton(layer, x, vectors, bias)
         if layer.usage is not None:

@@ -1,0 +1,64 @@
+"""The GPU benchmark's side variants (benchmarks/bench_mlp.py `other_variants`) each make the
+kernels run another, correct path: what the benchmark times as an alternative really is one."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN, TreeSpec  # noqa: E402
+
+from .conftest import REPO_ROOT  # noqa: E402
+
+HIDDEN, INTER = 40, 160
+
+
+@pytest.fixture(scope="module")
+def bench_mlp():
+    spec = importlib.util.spec_from_file_location("bench_mlp", REPO_ROOT / "benchmarks" / "bench_mlp.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_mlp"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def paths_of_every_variant(bench_mlp, layer, tokens):
+    torch.manual_seed(1)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.2)
+    x = torch.randn(tokens, HIDDEN)
+    layer.force_path = "reference"
+    with torch.no_grad():
+        want = layer(x)
+    layer.force_path = "triton"
+    outputs = {}
+    with torch.no_grad():
+        outputs[None] = (layer(x), layer.last_path)
+        for module, name, value in bench_mlp.other_variants(layer, tokens):
+            saved = getattr(module, name)
+            setattr(module, name, value)
+            try:
+                outputs[(name, value)] = (layer(x), layer.last_path)
+            finally:
+                setattr(module, name, saved)
+    for out, path in outputs.values():
+        assert (out - want).abs().max() <= 1e-4 * want.abs().max(), path
+    return [path for _, path in outputs.values()]
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_tree_side_variants_cover_every_kernel_variant(bench_mlp, tokens):
+    layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
+    paths = paths_of_every_variant(bench_mlp, layer, tokens)
+    assert sorted(p.removeprefix("triton:route+") for p in paths) == sorted(
+        ("gather", "streamed", "grouped_gemm", "masked_dense"))
+
+
+def test_mgs_decode_side_variants_time_both_gather_kernels_and_the_union_path(bench_mlp):
+    layer = MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=8), nn.SiLU())
+    paths = paths_of_every_variant(bench_mlp, layer, 1)
+    assert sorted(paths) == ["torch", "triton:gather", "triton:streamed_gather"]
