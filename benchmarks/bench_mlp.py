@@ -17,7 +17,8 @@ On a GPU the sparse layers run their Triton kernels (the row records which: `pat
 rows report the achieved weight-read bandwidth as a fraction of the device-to-device copy
 bandwidth measured in the same process (the practical peak), and every tree / MGS case is also
 timed on the other kernel variants (`other_variants`: per-token gather, streamed gather, grouped
-GEMM and masked dense GEMMs for the tree; split-K gather, streamed gather and union GEMM for MGS),
+GEMM and masked dense GEMMs for the tree; for MGS, split-K or streamed gathers after `torch.topk`
+or the top-k kernel, and the union GEMM),
 which is how the dispatch's switch points (`GATHER_MAX_ROW_MULTIPLE` in kernels_tree /
 kernels_mgs) and its decode kernels are chosen.
 """
@@ -62,21 +63,24 @@ def copy_bandwidth(device: str, dtype: torch.dtype, sync) -> float:
     return 2 * src.numel() / times["copy"]
 
 
-def other_variants(layer: torch.nn.Module, tokens: int) -> list[tuple[object, str, object]]:
-    """(module, attribute, value) settings, each making the kernels take another variant at this batch."""
+def other_variants(layer: torch.nn.Module, tokens: int) -> list[list[tuple[object, str, object]]]:
+    """Lists of (module, attribute, value) settings, each list making the kernels take another
+    variant at this batch."""
     if isinstance(layer, TreeFFN):
         from treeffn_hf.modeling import kernels_tree as module
 
         now = module.kernel_variant(layer, tokens)
-        return [(module, "FORCED_VARIANT", v) for v in module.layer_variants(layer) if v != now]
+        return [[(module, "FORCED_VARIANT", v)] for v in module.layer_variants(layer) if v != now]
     from treeffn_hf.modeling import kernels_mgs as module
 
     if tokens >= 1024:  # per-token gathers of a whole prefill: known to lose, and slow to time
         return []
     if not module.uses_gather(layer, tokens):
-        return [(module, "GATHER_MAX_ROW_MULTIPLE", math.inf)]
-    others = [(module, "GATHER_KERNELS", k) for k in module.GATHER_KERNEL_CHOICES if k != module.GATHER_KERNELS]
-    return others + [(module, "GATHER_MAX_ROW_MULTIPLE", 0.0)]
+        return [[(module, "GATHER_MAX_ROW_MULTIPLE", math.inf)]]
+    kernel_choices = [[(module, "GATHER_KERNELS", gather), (module, "TOPK_KERNEL", topk)]
+                      for gather in module.GATHER_KERNEL_CHOICES for topk in module.TOPK_KERNEL_CHOICES
+                      if (gather, topk) != (module.GATHER_KERNELS, module.TOPK_KERNEL)]
+    return kernel_choices + [[(module, "GATHER_MAX_ROW_MULTIPLE", 0.0)]]
 
 
 def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype) -> torch.nn.Module:
@@ -212,9 +216,10 @@ def run(args: argparse.Namespace) -> dict:
                         eager, graph = timed(fns, capturable(device, path), args.rounds, calls, sync)
                         others = []
                         if device == "cuda":  # the other variants: switch points and decode kernels
-                            for module, name, value in other_variants(layer, tokens):
-                                saved = getattr(module, name)
-                                setattr(module, name, value)
+                            for settings in other_variants(layer, tokens):
+                                saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+                                for module, name, value in settings:
+                                    setattr(module, name, value)
                                 try:
                                     other_out = layer(x)
                                     other_path = layer.last_path  # before the reference call below
@@ -230,7 +235,8 @@ def run(args: argparse.Namespace) -> dict:
                                                    "graph_ms": 1e3 * other_graph["other"] / copies
                                                    if other_graph else None})
                                 finally:
-                                    setattr(module, name, saved)
+                                    for module, name, value in saved:
+                                        setattr(module, name, value)
                     del sparse_stack
                     cost = layer.cost()
                     row = {

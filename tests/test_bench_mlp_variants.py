@@ -38,13 +38,15 @@ def paths_of_every_variant(bench_mlp, layer, tokens):
     outputs = {}
     with torch.no_grad():
         outputs[None] = (layer(x), layer.last_path)
-        for module, name, value in bench_mlp.other_variants(layer, tokens):
-            saved = getattr(module, name)
-            setattr(module, name, value)
+        for settings in bench_mlp.other_variants(layer, tokens):
+            saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+            for module, name, value in settings:
+                setattr(module, name, value)
             try:
-                outputs[(name, value)] = (layer(x), layer.last_path)
+                outputs[tuple((name, value) for _, name, value in settings)] = (layer(x), layer.last_path)
             finally:
-                setattr(module, name, saved)
+                for module, name, value in saved:
+                    setattr(module, name, value)
     for out, path in outputs.values():
         assert (out - want).abs().max() <= 1e-4 * want.abs().max(), path
     return [path for _, path in outputs.values()]
@@ -58,7 +60,8 @@ def test_tree_side_variants_cover_every_kernel_variant(bench_mlp, tokens):
         ("gather", "streamed", "grouped_gemm", "masked_dense"))
 
 
-def test_mgs_decode_side_variants_time_both_gather_kernels_and_the_union_path(bench_mlp):
+def test_mgs_decode_side_variants_time_every_kernel_pair_and_the_union_path(bench_mlp):
     layer = MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=8), nn.SiLU())
     paths = paths_of_every_variant(bench_mlp, layer, 1)
-    assert sorted(paths) == ["torch", "triton:gather", "triton:streamed_gather"]
+    assert sorted(paths) == ["torch", "triton:gather", "triton:streamed_gather", "triton:topk+gather",
+                             "triton:topk+streamed_gather"]

@@ -11,7 +11,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
-from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_tree  # noqa: E402
+from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_topk, kernels_tree  # noqa: E402
 from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
 from treeffn_hf.modeling.tree_ffn_torch import routing_bias, routing_matrix  # noqa: E402
@@ -214,12 +214,49 @@ def test_a_bad_forced_tree_variant_is_refused(monkeypatch):
         kernels_tree.kernel_variant(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()), 1)
 
 
-def test_a_bad_mgs_gather_kernel_choice_is_refused(monkeypatch):
-    monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", "fused")
+@pytest.mark.parametrize("name", ["GATHER_KERNELS", "TOPK_KERNEL"])
+def test_a_bad_mgs_kernel_choice_is_refused(monkeypatch, name):
+    monkeypatch.setattr(kernels_mgs, name, "fused")
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
     layer.force_path = "triton"
-    with pytest.raises(ValueError, match="GATHER_KERNELS"), torch.no_grad():
+    with pytest.raises(ValueError, match=name), torch.no_grad():
         layer(torch.randn(1, HIDDEN, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,width,k", [(1, INTER, 17), (7, INTER, 50), (33, 1000, 1), (2, 1000, 1000), (3, 5, 2)])
+def test_topk_kernel_matches_a_stable_sort(dtype, tokens, width, k):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(tokens, width, generator=g)
+    scores = ((scores * 4).round() / 4).to(DEVICE, dtype)  # many ties at the k-th place
+    scores[0, :3] = torch.tensor([-0.0, 0.0, -0.0])  # signed zeros tie, as in a sort
+    got = kernels_topk.topk_rows_triton(scores, k)
+    assert got.dtype == torch.int32 and got.shape == (tokens, k)
+    assert torch.equal(got, kernels_topk.topk_rows_naive(scores, k))
+    # the same scores as torch.topk keeps (only the choice among tied indices may differ)
+    want = scores.float().topk(k, dim=-1).values.sort(dim=-1).values
+    assert torch.equal(scores.float().gather(1, got.long()).sort(dim=-1).values, want)
+
+
+def test_topk_kernel_refuses_what_it_cannot_do():
+    scores = torch.randn(2, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="k must be"):
+        kernels_topk.topk_rows_triton(scores, 0)
+    with pytest.raises(ValueError, match="at most"):
+        kernels_topk.topk_rows_triton(torch.empty(1, kernels_topk.MAX_ROW + 1, device=DEVICE), 3)
+
+
+@pytest.mark.parametrize("kernels", kernels_mgs.GATHER_KERNEL_CHOICES)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_mgs_layer_with_the_topk_kernel_matches_reference(tokens, kernels, monkeypatch):
+    monkeypatch.setattr(kernels_mgs, "TOPK_KERNEL", "triton")
+    monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", kernels)
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
+    x = torch.randn(tokens, HIDDEN, device=DEVICE)
+    got, want = run_both(layer, x)  # fp32 random scores: no ties, so the same neurons as torch.topk
+    assert layer.last_path == "triton:topk+" + ("streamed_gather" if kernels == "streamed" else "gather")
+    close(got, want, torch.float32)
+    assert layer.measured_units() == layer.spec.top_k(INTER)
 
 
 def test_mgs_threshold_selection_on_the_kernel():
@@ -277,7 +314,7 @@ def test_saved_checkpoints_carry_the_kernels(tmp_path):
     for spec in (TreeSpec(depth=2, node_width=1), MGSSpec(density=0.1, rank=8)):
         out = tmp_path / spec.method
         treeffn_hf.save(treeffn_hf.convert(tiny_dense_model("llama"), spec, progress=False), out)
-        assert {"kernels_gather.py", "kernels_tree.py", "kernels_mgs.py"} <= {p.name for p in out.glob("*.py")}
+        assert {"kernels_gather.py", "kernels_tree.py", "kernels_mgs.py", "kernels_topk.py"} <= {p.name for p in out.glob("*.py")}
 
 
 KERNELS_FROM_REMOTE_CODE = r"""
