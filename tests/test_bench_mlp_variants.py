@@ -57,7 +57,7 @@ def test_tree_side_variants_cover_every_kernel_variant(bench_mlp, tokens):
     layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
     paths = paths_of_every_variant(bench_mlp, layer, tokens)
     assert sorted(p.removeprefix("triton:route+") for p in paths) == sorted(
-        ("gather", "streamed", "grouped_gemm", "masked_dense"))
+        ("gather", "streamed", "grouped_gemm", "grouped_mm", "masked_dense"))
 
 
 def test_mgs_decode_side_variants_time_every_kernel_pair_and_the_union_path(bench_mlp):

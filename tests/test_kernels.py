@@ -11,7 +11,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
-from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_topk, kernels_tree  # noqa: E402
+from treeffn_hf.modeling import grouped_mm, kernels_gather, kernels_mgs, kernels_topk, kernels_tree  # noqa: E402
 from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
 from treeffn_hf.modeling.tree_ffn_torch import routing_bias, routing_matrix  # noqa: E402
@@ -147,6 +147,42 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name, all_nodes):
     want_rows = kernels_tree.path_rows(layer, want_leaf, want_path)
     shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.spec.stored_units, device=DEVICE).expand(6, -1)
     assert torch.equal(rows.long(), torch.cat([want_rows, shared], dim=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("items,blocks,width", [(1, 3, 5), (40, 7, 16), (97, 5, 70)])
+def test_grouped_mm_blocks_match_naive(dtype, items, blocks, width):
+    hidden = 48  # grouped_mm wants 16-byte aligned rows
+    gate, up, down = tables(dtype, rows=3 + blocks * width, hidden=hidden)
+    x = torch.randn(23, hidden).to(DEVICE, dtype)
+    item_tokens = torch.randint(0, 23, (items,), device=DEVICE)
+    item_blocks = torch.randint(0, blocks, (items,), device=DEVICE)
+    out = torch.zeros(23, hidden, device=DEVICE)
+    grouped_mm.grouped_block_swiglu_mm(x, item_tokens, item_blocks, blocks, 3, width, gate, up, down, out)
+    want = kernels_tree.grouped_block_swiglu_naive(x, item_tokens, item_blocks, 3, width, gate, up, down)
+    close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", [n for n in TREE_SPECS if TREE_SPECS[n].activation == "per_node"])
+def test_tree_layer_grouped_mm_variant_matches_reference(name, dtype, monkeypatch):
+    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "grouped_mm")
+    layer = random_layer(TreeFFN(48, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
+    x = torch.randn(33, 48).to(DEVICE, dtype)
+    got, _ = run_both(layer, x)
+    assert layer.last_path == "triton:route+grouped_mm"
+    reference = copy.deepcopy(layer).float()
+    reference.force_path = "reference"
+    with torch.no_grad():
+        close(got, reference(x.float()), dtype)
+
+
+def test_grouped_mm_variant_refuses_an_unaligned_hidden_size(monkeypatch):
+    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "grouped_mm")
+    layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
+    assert "grouped_mm" not in kernels_tree.layer_variants(layer)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels_tree.kernel_variant(layer, 33)
 
 
 def test_all_node_routing_over_several_hidden_steps():
@@ -314,7 +350,8 @@ def test_saved_checkpoints_carry_the_kernels(tmp_path):
     for spec in (TreeSpec(depth=2, node_width=1), MGSSpec(density=0.1, rank=8)):
         out = tmp_path / spec.method
         treeffn_hf.save(treeffn_hf.convert(tiny_dense_model("llama"), spec, progress=False), out)
-        assert {"kernels_gather.py", "kernels_tree.py", "kernels_mgs.py", "kernels_topk.py"} <= {p.name for p in out.glob("*.py")}
+        assert {"kernels_gather.py", "kernels_tree.py", "kernels_mgs.py", "kernels_topk.py", "grouped_mm.py"} <= {
+            p.name for p in out.glob("*.py")}
 
 
 KERNELS_FROM_REMOTE_CODE = r"""

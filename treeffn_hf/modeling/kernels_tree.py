@@ -18,6 +18,9 @@
   routing kernel scores every node in one pass and writes the row list, then
   `gathered_swiglu_streamed`: three launches in all, against six for `gather` (routing, two
   zero fills, two split-K launches, a cast).
+- `grouped_mm` (large batches, taken only when forced until a GPU run times it): the routing kernel,
+  then the leaf blocks through PyTorch's grouped GEMM (`grouped_mm.py`, CUTLASS on Hopper), the
+  node rows through the gathers.
 - `masked_dense` (batches past the switch point): the routing kernel, then cuBLAS GEMMs over
   every stored row with each token's off-path rows zeroed (`tree_ffn_masked_dense`).
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .grouped_mm import grouped_block_swiglu_mm, grouped_mm_unavailable_reason
 from .kernels_gather import (
     gathered_swiglu,
     gathered_swiglu_after_sum,
@@ -46,9 +50,9 @@ try:
 except ImportError:
     triton = None
 
-VARIANTS = ("gather", "streamed", "grouped_gemm", "masked_dense")
-# Per-node activation only: the grouped GEMM's tiles and the streamed gathers' row lists.
-PER_NODE_VARIANTS = ("streamed", "grouped_gemm")
+VARIANTS = ("gather", "streamed", "grouped_gemm", "grouped_mm", "masked_dense")
+# Per-node activation only: the grouped GEMMs' blocks and the streamed gathers' row lists.
+PER_NODE_VARIANTS = ("streamed", "grouped_gemm", "grouped_mm")
 # Per-token gathers read each token's rows separately, so past about one layer's worth of rows per
 # batch (tokens x active units ~ intermediate) they read more weight bytes than the dense GEMMs. On
 # the H100 run of benchmarks/bench_mlp.py (results/bench_mlp_cuda.json, CUDA graphs) the gathers
@@ -338,10 +342,18 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     return torch.cat([node_rows.flatten(2), leaf_rows], dim=2).reshape(leaf.shape[0], -1)
 
 
+def variant_unavailable_reason(layer, variant: str) -> str | None:
+    """Why `variant` cannot run `layer`, or None when it can."""
+    if variant in PER_NODE_VARIANTS and layer.spec.activation == "after_sum" and layer.spec.node_width:
+        return f"the {variant} variant implements per-node activation only, not after_sum"
+    if variant == "grouped_mm":
+        return grouped_mm_unavailable_reason(layer.hidden_size)
+    return None
+
+
 def layer_variants(layer) -> tuple[str, ...]:
-    """The `VARIANTS` that can run `layer` (see PER_NODE_VARIANTS)."""
-    after_sum = layer.spec.activation == "after_sum" and layer.spec.node_width
-    return tuple(v for v in VARIANTS if not (after_sum and v in PER_NODE_VARIANTS))
+    """The `VARIANTS` that can run `layer`."""
+    return tuple(v for v in VARIANTS if variant_unavailable_reason(layer, v) is None)
 
 
 def kernel_variant(layer, tokens: int) -> str:
@@ -349,8 +361,9 @@ def kernel_variant(layer, tokens: int) -> str:
     if FORCED_VARIANT is not None:
         if FORCED_VARIANT not in VARIANTS:
             raise ValueError(f"kernels_tree.FORCED_VARIANT must be one of {VARIANTS} or None, got {FORCED_VARIANT!r}")
-        if FORCED_VARIANT not in layer_variants(layer):
-            raise ValueError(f"the {FORCED_VARIANT} variant implements per-node activation only, not after_sum")
+        reason = variant_unavailable_reason(layer, FORCED_VARIANT)
+        if reason is not None:
+            raise ValueError(f"kernels_tree.FORCED_VARIANT={FORCED_VARIANT!r} cannot run this layer: {reason}")
         return FORCED_VARIANT
     gathers_fit = tokens * layer.spec.active_units <= GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
     return "gather" if gathers_fit else "masked_dense"
@@ -371,7 +384,7 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
         if layer.usage is not None:
             layer.usage.record(leaf, path)
         return tree_ffn_masked_dense(layer, x, leaf, path), "triton:route+masked_dense"
-    grouped = variant == "grouped_gemm"
+    grouped = variant in ("grouped_gemm", "grouped_mm")
     if variant == "streamed":  # decode in three launches: no buffers to zero, no atomics, no cast
         rows, leaf, path = tree_route_rows_triton(layer, x, vectors, bias, all_nodes=True)
         if layer.usage is not None:
@@ -397,9 +410,10 @@ def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:
             node_rows = (node_start[..., None] + torch.arange(s.node_width, device=x.device)).reshape(n, -1)
             gathered_swiglu(x, node_rows.contiguous(), gate, up, down, out=out)
         leaf_blocks = layer.leaf_slots(x.device)[trees[None, :], leaf]
-        grouped_block_swiglu(x, tokens[:, None].expand_as(leaf_blocks).reshape(-1), leaf_blocks.reshape(-1),
-                             s.stored_leaves, layer.node_rows, s.leaf_width, gate, up, down, out)
-        name = "triton:route+grouped_gemm"
+        blocks = grouped_block_swiglu if variant == "grouped_gemm" else grouped_block_swiglu_mm
+        blocks(x, tokens[:, None].expand_as(leaf_blocks).reshape(-1), leaf_blocks.reshape(-1),
+               s.stored_leaves, layer.node_rows, s.leaf_width, gate, up, down, out)
+        name = f"triton:route+{variant}"
     if s.shared_width:
         start = layer.node_rows + layer.leaf_rows  # always-on neurons: a dense GEMM (cuBLAS on a GPU)
         hidden = F.silu(x @ gate[start:].T) * (x @ up[start:].T)
