@@ -1,6 +1,7 @@
 """Tile sizes of the Triton kernels, measured on this GPU.
 
-The constants `kernels_gather.GATE_UP_BLOCK` / `DOWN_BLOCK` (decode: per-token gathered rows) and
+The constants `kernels_gather.GATE_UP_BLOCK` / `DOWN_BLOCK` (decode: per-token gathered rows),
+`kernels_gather.STREAMED_TARGET_PROGRAMS` (the streamed gathers' tile sizes follow from it) and
 `kernels_tree.GROUPED_BLOCK` (large batches, when forced: grouped GEMM over tree blocks) are set from this script's
 output. Each candidate is checked against the kernel's naive reference, then timed as CUDA-graph
 replays over enough copies of the weight tables that the rows touched exceed 4x the L2 cache
@@ -27,6 +28,7 @@ from treeffn_hf.modeling import kernels_gather, kernels_tree  # noqa: E402
 SHAPES = {"llama-1b": (2048, 8192), "llama-8b": (4096, 14336)}
 GATE_UP_CANDIDATES = [(8, 512), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128)]
 DOWN_CANDIDATES = [(16, 256), (16, 512), (32, 128), (32, 256), (64, 64), (64, 128)]
+STREAMED_CANDIDATES = [64, 128, 256, 512, 1024]
 GROUPED_CANDIDATES = [(16, 64, 64, 4), (32, 64, 64, 4), (64, 64, 64, 4), (32, 32, 64, 4), (32, 128, 64, 4),
                       (32, 64, 128, 4), (64, 128, 64, 8), (64, 64, 128, 8), (128, 64, 64, 8), (32, 64, 64, 8)]
 
@@ -49,6 +51,11 @@ def graph_ms(fn, copies: int, rounds: int) -> float:
 def run_gather(tabs, x, rows, kwargs) -> None:
     for tab in tabs:
         kernels_gather.gathered_swiglu(x, rows, *tab, **kwargs)
+
+
+def run_streamed(tabs, x, rows) -> None:
+    for tab in tabs:
+        kernels_gather.gathered_swiglu_streamed(x, rows, *tab)
 
 
 def run_grouped(tabs, x, items, item_blocks, blocks: int, width: int, block) -> None:
@@ -83,6 +90,20 @@ def tune_gather(dtype, rounds: int) -> list[dict]:
                                          "tokens": tokens, "density": density, "ms": ms, "rel_error": error})
                         print(f"gather {part:7s} {block!s:10s} {shape} N={tokens:<3d} {density:4.0%}: {ms * 1e3:8.1f} us",
                               flush=True)
+                saved = kernels_gather.STREAMED_TARGET_PROGRAMS
+                try:
+                    for target in STREAMED_CANDIDATES:
+                        kernels_gather.STREAMED_TARGET_PROGRAMS = target
+                        error = relative_error(kernels_gather.gathered_swiglu_streamed(x, rows, *tabs[0]), want)
+                        if not error < 2e-2:
+                            raise RuntimeError(f"streamed gather, {target} programs: relative error {error:.3g}")
+                        ms = graph_ms(partial(run_streamed, tabs, x, rows), len(tabs), rounds)
+                        rows_out.append({"kernel": "streamed", "block": [target], "shape": shape, "tokens": tokens,
+                                         "density": density, "ms": ms, "rel_error": error})
+                        print(f"streamed {target:<5d} programs {shape} N={tokens:<3d} {density:4.0%}: "
+                              f"{ms * 1e3:8.1f} us", flush=True)
+                finally:
+                    kernels_gather.STREAMED_TARGET_PROGRAMS = saved
     return rows_out
 
 
@@ -151,12 +172,14 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = torch.bfloat16
     rows = tune_gather(dtype, args.rounds) + ([] if args.skip_grouped else tune_grouped(dtype, args.rounds))
-    summary = {"gate_up": best(rows, "gather", "gate_up"), "down": best(rows, "gather", "down")}
+    summary = {"gate_up": best(rows, "gather", "gate_up"), "down": best(rows, "gather", "down"),
+               "streamed": best(rows, "streamed")}
     if not args.skip_grouped:
         summary["grouped"] = best(rows, "grouped")
     path = write_json("tune_kernels_cuda.json", {
         "benchmark": "tune_kernels", "dtype": "bfloat16", "machine": machine(),
         "current": {"GATE_UP_BLOCK": kernels_gather.GATE_UP_BLOCK, "DOWN_BLOCK": kernels_gather.DOWN_BLOCK,
+                    "STREAMED_TARGET_PROGRAMS": kernels_gather.STREAMED_TARGET_PROGRAMS,
                     "GROUPED_BLOCK": kernels_tree.GROUPED_BLOCK},
         "summary": summary, "results": rows})
     for name, result in summary.items():
