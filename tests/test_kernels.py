@@ -153,6 +153,9 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name, all_nodes):
 @pytest.mark.parametrize("items,blocks,width", [(1, 3, 5), (40, 7, 16), (97, 5, 70)])
 def test_grouped_mm_blocks_match_naive(dtype, items, blocks, width):
     hidden = 48  # grouped_mm wants 16-byte aligned rows
+    reason = grouped_mm.grouped_mm_unavailable_reason(hidden, dtype, torch.device(DEVICE))
+    if reason is not None:
+        pytest.skip(reason)
     gate, up, down = tables(dtype, rows=3 + blocks * width, hidden=hidden)
     x = torch.randn(23, hidden).to(DEVICE, dtype)
     item_tokens = torch.randint(0, 23, (items,), device=DEVICE)
@@ -168,6 +171,9 @@ def test_grouped_mm_blocks_match_naive(dtype, items, blocks, width):
 def test_tree_layer_grouped_mm_variant_matches_reference(name, dtype, monkeypatch):
     monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "grouped_mm")
     layer = random_layer(TreeFFN(48, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
+    reason = kernels_tree.variant_unavailable_reason(layer, "grouped_mm")
+    if reason is not None:
+        pytest.skip(reason)
     x = torch.randn(33, 48).to(DEVICE, dtype)
     got, _ = run_both(layer, x)
     assert layer.last_path == "triton:route+grouped_mm"

@@ -7,7 +7,8 @@ down slabs are one group of `grouped_mm`, so a prefill reads each live block onc
 GEMM launches in all, whatever the number of leaves, with no host sync.
 
 `grouped_mm` wants 16-byte aligned strides: the hidden size must be a multiple of 8 (every real
-model's is); the activations are stored with their width padded to that alignment.
+model's is); the activations are stored with their width padded to that alignment. On CUDA it
+takes bfloat16 only (the CPU runs any float dtype, which the tests use).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def grouped_mm_function() -> Optional[Callable]:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_unavailable_reason(hidden: int) -> Optional[str]:
-    """Why `grouped_block_swiglu_mm` cannot run at this hidden size, or None."""
+def grouped_mm_unavailable_reason(hidden: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why `grouped_block_swiglu_mm` cannot run on these weights, or None."""
     if grouped_mm_function() is None:
         return f"torch {torch.__version__} has no grouped_mm"
     if hidden % 8:
         return f"grouped_mm needs 16-byte aligned rows; hidden size {hidden} is not a multiple of 8"
+    if torch.device(device).type == "cuda" and dtype != torch.bfloat16:
+        return f"grouped_mm on CUDA takes bfloat16, not {dtype}"
     return None
 
 
@@ -38,7 +41,7 @@ def grouped_block_swiglu_mm(x: torch.Tensor, item_tokens: torch.Tensor, item_blo
                             row_offset: int, width: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                             out: torch.Tensor) -> torch.Tensor:
     """Adds every item's block SwiGLU into `out` (fp32, (N, hidden)) and returns it."""
-    reason = grouped_mm_unavailable_reason(x.shape[1])
+    reason = grouped_mm_unavailable_reason(x.shape[1], gate.dtype, gate.device)
     if reason is not None:
         raise RuntimeError(reason)
     if not item_tokens.numel():

@@ -347,7 +347,7 @@ def variant_unavailable_reason(layer, variant: str) -> str | None:
     if variant in PER_NODE_VARIANTS and layer.spec.activation == "after_sum" and layer.spec.node_width:
         return f"the {variant} variant implements per-node activation only, not after_sum"
     if variant == "grouped_mm":
-        return grouped_mm_unavailable_reason(layer.hidden_size)
+        return grouped_mm_unavailable_reason(layer.hidden_size, layer.gate_rows.dtype, layer.gate_rows.device)
     return None
 
 
