@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import DATA, RESULTS, machine, write_json  # noqa: E402
 
 from treeffn_hf.attribution import as_dicts, plot_attribution, residual_attribution  # noqa: E402
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
@@ -34,7 +34,6 @@ from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUTPUT = "attribution_smollm2.json"
 
 

@@ -24,13 +24,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import DATA, machine, write_json  # noqa: E402
 
 import treeffn_hf  # noqa: E402
 from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
 class NoMLP(nn.Module):
@@ -42,7 +40,8 @@ def load_models(args: argparse.Namespace):
     if args.model == "smollm2-135m":
         directory, gguf_file = smollm2_gguf()
         dense, tokenizer = treeffn_hf.load_dense(directory, gguf_file=gguf_file)
-        ids = tokenizer(DATA.read_text()[:20000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
+        text = (DATA / "wikitext-2" / "valid.txt").read_text()[:20000]
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.prompt_tokens]
         weights = "pretrained (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32)"
     else:
         from transformers import LlamaConfig, LlamaForCausalLM

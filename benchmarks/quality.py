@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import DATA, RESULTS, machine, write_json  # noqa: E402
 from quality_baselines import OracleTopKMLP, TealMLP, unwrap_mlps, wrap_mlps  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
@@ -36,7 +36,6 @@ from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUTPUT = "quality_smollm2.json"
 
 

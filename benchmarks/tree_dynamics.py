@@ -35,7 +35,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_json  # noqa: E402
+from common import DATA, RESULTS, machine, write_json  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_config_for  # noqa: E402
@@ -44,7 +44,6 @@ from treeffn_hf.modeling.tree_ffn import TreeFFN, TreeUsage  # noqa: E402
 from treeffn_hf.training.setup import configure_training, freeze_routing  # noqa: E402
 from treeffn_hf.tree_stats import collect_tree_stats, plot_dynamics, stats_from_usage, summary  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
 VARIANTS = {
     "per_node, learned": ("per_node", "learned"),
     "after_sum, learned": ("after_sum", "learned"),
@@ -174,7 +173,7 @@ def charlm_variant(name: str, activation: str, routing: str, ids: torch.Tensor, 
 
 def char_data(window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(training ids, 8 held-out probe windows)."""
-    ids = char_ids(DATA.read_text(encoding="utf-8"))
+    ids = char_ids((DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8"))
     split = int(0.9 * ids.numel())
     return ids[:split], ids[split:][: 8 * window].view(8, window)
 

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of tree distillation")
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
-                        help="MGS: switch to per-layer thresholds calibrated to the density (default: keep)")
+                        help="MGS: change the selection; threshold calibrates per-layer thresholds to the density "
+                             "(default %(default)s: keep the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 

@@ -48,7 +48,7 @@ if triton is not None:
         low = tl.full((), -(1 << 31), tl.int64)  # count >= k holds here (k <= width)
         high = tl.full((), 1 << 31, tl.int64)  # and fails here
         for _ in range(32):
-            middle = (low + high) // 2
+            middle = (low + high) >> 1  # floor, for negative sums too
             enough = tl.sum((key >= middle).to(tl.int32), axis=0) >= k
             low = tl.where(enough, middle, low)
             high = tl.where(enough, high, middle)
