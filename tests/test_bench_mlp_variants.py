@@ -28,31 +28,28 @@ def bench_mlp():
     return module
 
 
+def untimed(path):
+    return {"other": 0.0}, None  # the timing itself is the GPU's; here only what runs is checked
+
+
 def paths_of_every_variant(bench_mlp, layer, tokens):
+    """The dispatched path and each side variant's, every one checked by `side_variant` itself
+    against the reference (at the benchmark's own tolerance)."""
     torch.manual_seed(1)
     for p in layer.parameters():
         nn.init.normal_(p, std=0.2)
     layer.to(DEVICE)
     x = torch.randn(tokens, HIDDEN, device=DEVICE)
-    layer.force_path = "reference"
-    with torch.no_grad():
-        want = layer(x)
     layer.force_path = "triton"
-    outputs = {}
     with torch.no_grad():
-        outputs[None] = (layer(x), layer.last_path)
+        layer(x)
+        paths = [layer.last_path]
         for settings in bench_mlp.other_variants(layer, tokens):
-            saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
-            for module, name, value in settings:
-                setattr(module, name, value)
-            try:
-                outputs[tuple((name, value) for _, name, value in settings)] = (layer(x), layer.last_path)
-            finally:
-                for module, name, value in saved:
-                    setattr(module, name, value)
-    for out, path in outputs.values():
-        assert (out - want).abs().max() <= 1e-4 * want.abs().max(), path
-    return [path for _, path in outputs.values()]
+            row = bench_mlp.side_variant(layer, x, settings, untimed, copies=1)
+            assert "error" not in row, row
+            assert row["median_token_rel_error"] < 1e-4, row  # fp32: far inside the benchmark's limit
+            paths.append(row["path"])
+    return paths
 
 
 @pytest.mark.parametrize("tokens", [1, 40])
@@ -69,3 +66,13 @@ def test_mgs_decode_side_variants_time_every_kernel_pair_and_the_union_path(benc
     paths = paths_of_every_variant(bench_mlp, layer, 1)
     assert sorted(paths) == ["torch", "triton:gather", "triton:streamed_gather", "triton:topk+gather",
                              "triton:topk+streamed_gather"]
+
+
+def test_a_failing_side_variant_is_recorded_and_its_setting_restored(bench_mlp):
+    layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()).to(DEVICE)
+    layer.force_path = "triton"
+    x = torch.randn(1, HIDDEN, device=DEVICE)
+    with torch.no_grad():
+        row = bench_mlp.side_variant(layer, x, [(kernels_tree, "FORCED_VARIANT", "bogus")], untimed, copies=1)
+    assert row["error"].startswith("ValueError") and "FORCED_VARIANT" in row["error"]
+    assert "ms" not in row and kernels_tree.FORCED_VARIANT is None
