@@ -272,6 +272,7 @@ def test_topk_kernel_matches_a_stable_sort(dtype, tokens, width, k):
     scores = torch.randn(tokens, width, generator=g)
     scores = ((scores * 4).round() / 4).to(DEVICE, dtype)  # many ties at the k-th place
     scores[0, :3] = torch.tensor([-0.0, 0.0, -0.0])  # signed zeros tie, as in a sort
+    scores[-1, 1:] = float("-inf")  # the lowest real scores still rank above the block's padding
     got = kernels_topk.topk_rows_triton(scores, k)
     assert got.dtype == torch.int32 and got.shape == (tokens, k)
     assert torch.equal(got, kernels_topk.topk_rows_naive(scores, k))

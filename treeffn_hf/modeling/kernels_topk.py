@@ -42,18 +42,20 @@ if triton is not None:
         value = tl.load(scores_ptr + token.to(tl.int64) * width + index, mask=in_row, other=0.0).to(tl.float32)
         bits = tl.where(value == 0.0, 0.0, value).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0, as in a sort
         # Flip the magnitude bits of negatives: signed integer order == float order.
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = tl.where(in_row, key, -(1 << 40))  # below every real key: never counted, never kept
-        # Largest t with count(key >= t) >= k, by bisection over the whole int32 range.
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32: half the registers of int64
+        key = tl.where(in_row, key, -2147483648)  # the int32 minimum: counted only at t = minimum
+        # Largest t with count(key >= t) >= k, by bisection over the whole int32 range (bounds in
+        # int64; every midpoint lies in [-2^31, 2^31 - 1], an int32).
         low = tl.full((), -(1 << 31), tl.int64)  # count >= k holds here (k <= width)
         high = tl.full((), 1 << 31, tl.int64)  # and fails here
         for _ in range(32):
             middle = (low + high) >> 1  # floor, for negative sums too
-            enough = tl.sum((key >= middle).to(tl.int32), axis=0) >= k
+            enough = tl.sum((key >= middle.to(tl.int32)).to(tl.int32), axis=0) >= k
             low = tl.where(enough, middle, low)
             high = tl.where(enough, high, middle)
-        above = key > low
-        ties = key == low
+        threshold = low.to(tl.int32)
+        above = key > threshold  # padding sits at the minimum: never above
+        ties = (key == threshold) & in_row
         tie_rank = tl.cumsum(ties.to(tl.int32), axis=0)  # 1-based, in index order
         keep = above | (ties & (tie_rank <= k - tl.sum(above.to(tl.int32), axis=0)))
         slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
