@@ -29,6 +29,18 @@ from transformers import (  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (registered under its name, as its own
+    imports of `common` and friends expect)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 _COMMON = dict(
     vocab_size=97,
     hidden_size=48,

@@ -1,9 +1,6 @@
 """The GPU benchmark's side variants (benchmarks/bench_mlp.py `other_variants`) each make the
 kernels run another, correct path: what the benchmark times as an alternative really is one."""
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -13,7 +10,7 @@ pytest.importorskip("triton")
 from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN, TreeSpec  # noqa: E402
 from treeffn_hf.modeling import kernels_tree  # noqa: E402
 
-from .conftest import REPO_ROOT  # noqa: E402
+from .conftest import load_benchmark  # noqa: E402
 
 HIDDEN, INTER = 40, 160
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels in the interpreter
@@ -21,11 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kern
 
 @pytest.fixture(scope="module")
 def bench_mlp():
-    spec = importlib.util.spec_from_file_location("bench_mlp", REPO_ROOT / "benchmarks" / "bench_mlp.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_mlp"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_mlp")
 
 
 def untimed(path):

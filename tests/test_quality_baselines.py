@@ -1,21 +1,14 @@
 """The quality benchmark's reference points (benchmarks/quality_baselines.py) do what they claim."""
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from .conftest import REPO_ROOT, tiny_dense_model
+from .conftest import load_benchmark, tiny_dense_model
 
 
 @pytest.fixture(scope="module")
 def baselines():
-    spec = importlib.util.spec_from_file_location("quality_baselines", REPO_ROOT / "benchmarks" / "quality_baselines.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_baselines"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality_baselines")
 
 
 @pytest.fixture(scope="module")
