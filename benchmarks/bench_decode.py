@@ -8,8 +8,9 @@ MLPs replaced by a no-op: `1 / (1 - share)` is the Amdahl ceiling of any MLP spe
     python benchmarks/bench_decode.py                   # real SmolLM2-135M (pretrained, GGUF) on CPU
     python benchmarks/bench_decode.py --model llama-1b  # ~1B random-weight Llama: speed needs no training
 
-The converted models are freshly converted (not distilled): their speed is what it will be after
-training, their text is not.
+The tree is freshly converted (not distilled): its speed is what it will be after training, its
+text is not. The MGS model is the default recipe (4-bit predictor, thresholds calibrated on
+valid.txt, or on random tokens for the random-weight model).
 """
 
 from __future__ import annotations
@@ -28,12 +29,21 @@ from common import DATA, machine, write_json  # noqa: E402
 
 import treeffn_hf  # noqa: E402
 from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
+from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
+from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
 
 class NoMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
+
+
+def calibration_windows(args: argparse.Namespace, tokenizer) -> torch.Tensor:
+    """valid.txt for the real model; random tokens for random weights (no text means anything to them)."""
+    if tokenizer is None:
+        return torch.randint(3, 32000, (4, 256), generator=torch.Generator().manual_seed(1))
+    return token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 8)
 
 
 def load_models(args: argparse.Namespace):
@@ -53,13 +63,18 @@ def load_models(args: argparse.Namespace):
         dense = LlamaForCausalLM(config)
         ids = torch.randint(3, 32000, (1, args.prompt_tokens))
         weights = "random (speed does not depend on trained weights)"
+        tokenizer = None
     dense = dense.eval()
     models = {"dense": dense}
     for name, spec in (("tree", TreeSpec(depth=args.tree_depth, node_width=args.tree_node_width)),
-                       ("mgs", MGSSpec(density=args.mgs_density, rank=64))):
+                       ("mgs", MGSSpec(density=args.mgs_density))):
         if name in args.methods:
             models[name] = treeffn_hf.convert(dense, spec, progress=False).eval()
-    no_mlp = treeffn_hf.convert(dense, MGSSpec(density=1.0, rank=1), progress=False).eval()
+    if "mgs" in args.methods:  # the default recipe: per-layer thresholds calibrated on text
+        calibration = calibration_windows(args, tokenizer if args.model == "smollm2-135m" else None)
+        captured = capture_mlp_inputs(dense, calibration, tokens_per_layer=4096, progress=False)
+        calibrate_mgs(models["mgs"], captured.inputs, allocation="uniform", progress=False)
+    no_mlp = treeffn_hf.convert(dense, MGSSpec(density=1.0, predictor="linear", rank=1), progress=False).eval()
     for layer in no_mlp.model.layers:
         layer.mlp = NoMLP()
     models["dense_without_mlp"] = no_mlp
@@ -76,7 +91,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["tree", "mgs"], choices=("tree", "mgs"))
     parser.add_argument("--tree-depth", type=int, default=6)
     parser.add_argument("--tree-node-width", type=int, default=2)
-    parser.add_argument("--mgs-density", type=float, default=0.1)
+    parser.add_argument("--mgs-density", type=float, default=0.4,
+                        help="mean density of the MGS recipe (0.4: about 59%% of the MLP weight bytes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

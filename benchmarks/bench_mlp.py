@@ -41,12 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, cuda_graph_replay, interleaved_median, machine, write_json  # noqa: E402
 
 from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
+from treeffn_hf.conversion.budgets import calibrate_threshold  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
 from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.sparse_cost import SERVED_BYTES_PER_WEIGHT  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeUsage  # noqa: E402
 
 SHAPES = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192), "llama-8b": (4096, 14336), "tiny": (64, 256)}
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.03)
+MGS_DENSITIES = (0.4, 0.25, 0.1, 0.05)  # 0.4: the default recipe, about 59% of the MLP weight bytes
 MAX_RELATIVE_ERROR = 3e-2  # bf16 operands land near 1e-2 at most
 STACK_MEMORY_BYTES = 16 << 30  # per side, for the GPU's stacks of layer copies
 DEVICE_DEFAULTS = {  # what each device's published run uses
@@ -119,14 +122,15 @@ def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype)
     if kind == "tree":
         spec = tree_spec_for_fraction(hidden, width, density)
         layer = TreeFFN(hidden, width, spec, torch.nn.SiLU())
-    else:
-        spec = MGSSpec(density=density, rank=64)
+    else:  # the default recipe: the 4-bit predictor, a threshold calibrated to the density
+        spec = MGSSpec(density=density, selection="threshold")
         layer = MicroGatedMLP(hidden, width, spec, torch.nn.SiLU())
     state = sparse_mlp_state(layer.spec, dense.gate_proj, dense.up_proj, dense.down_proj)
     layer.load_state_dict(state, strict=kind == "tree")
-    if kind == "mgs":  # a random gate: speed does not depend on what it selects
-        torch.nn.init.normal_(layer.micro_gate.scorer.weight, std=0.05)
-        torch.nn.init.normal_(layer.micro_gate.encoder.weight, std=0.05)
+    layer = layer.to(dense.gate_proj.weight.device).requires_grad_(False)
+    if kind == "mgs":
+        calibration = torch.randn(4096, hidden, generator=torch.Generator().manual_seed(2)).to(dense.gate_proj.weight)
+        calibrate_threshold(layer, calibration, density)
     return layer.to(dtype).eval()
 
 
@@ -221,12 +225,12 @@ def run(args: argparse.Namespace) -> dict:
         torch.nn.init.normal_(dense.up_proj.weight, std=hidden**-0.5)
         torch.nn.init.normal_(dense.down_proj.weight, std=width**-0.5)
         dense = dense.to(device, dtype).eval()
-        copies = stack_copies(device, shape_name, args.densities, dtype)
+        copies = stack_copies(device, shape_name, args.densities + args.mgs_densities, dtype)
         dense_stack = [dense] + [copy.deepcopy(dense) for _ in range(copies - 1)]
         for tokens in args.tokens:
             x = torch.randn(tokens, hidden, dtype=dtype, device=device)
-            for kind in ("tree", "mgs"):
-                for density in args.densities:
+            for kind in args.methods:
+                for density in (args.densities if kind == "tree" else args.mgs_densities):
                     if (shape_name, tokens, kind, density) in done:
                         continue
                     layer = build_layers(dense, kind, density, dtype).to(device)
@@ -234,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
                         fast = layer(x)
                         path = layer.last_path
                         error, tokens_off = error_vs_reference(layer, x, fast)
-                    expected = ("triton:", "torch") if device == "cuda" else ("torch",)
+                    expected = ("triton:", "torch") if device == "cuda" else ("torch",)  # never the reference
                     if not path.startswith(expected):
                         raise RuntimeError(f"{kind} ran the {path} path, not a fast one")
                     if not error < MAX_RELATIVE_ERROR:  # a wrong kernel is off on most tokens
@@ -271,9 +275,9 @@ def run(args: argparse.Namespace) -> dict:
                     if peak is not None and tokens == 1:
                         best = graph or eager  # the launch-free time where there is one
                         row["bandwidth_fraction_of_copy_peak"] = (
-                            cost.active_weight_elems * element * copies / best["sparse"] / peak)
+                            cost.active_weight_bytes / SERVED_BYTES_PER_WEIGHT * element * copies / best["sparse"] / peak)
                         row["dense_bandwidth_fraction_of_copy_peak"] = (
-                            cost.dense_weight_elems * element * copies / best["dense"] / peak)
+                            cost.dense_weight_bytes / SERVED_BYTES_PER_WEIGHT * element * copies / best["dense"] / peak)
                     payload["results"].append(row)
                     write_json(f"{args.out}.json", payload)  # after every case: a killed run resumes
                     graph_note = f"  graphed {row['graph_speedup']:6.2f}x" if graph else ""
@@ -327,7 +331,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: per device")
     parser.add_argument("--tokens", nargs="+", type=int, help="default: per device (the largest is a prefill)")
-    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES), help="tree densities")
+    parser.add_argument("--mgs-densities", nargs="+", type=float, default=list(MGS_DENSITIES))
+    parser.add_argument("--methods", nargs="+", choices=("tree", "mgs"), default=["tree", "mgs"])
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: per device")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)

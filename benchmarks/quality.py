@@ -1,20 +1,25 @@
-"""Quality of every sparse variant of SmolLM2-135M against dense and against two baselines, in one run.
+"""Quality of SmolLM2-135M's sparse variants against dense, the oracles and two baselines, in one run.
 
-    python benchmarks/quality.py                      # the published run (about 1.5 h on 2 CPU cores)
-    python benchmarks/quality.py --plot-only          # redraw the plot from the JSON
+    python benchmarks/quality.py --only mgs          # the MGS frontier (about 1 h on 2 CPU cores)
+    python benchmarks/quality.py                     # the frontier and the trees
+    python benchmarks/quality.py --plot-only         # redraw the plot from the JSON
 
-Rows (perplexity on the protocol of ../shared/data/README.md, ratio to dense):
-  dense; oracle top-k at each MGS density; MGS after gate training; a TEAL-style magnitude
-  threshold calibrated to the same fraction of MLP weights read as each MGS row; trees near each
-  target fraction after routing fit + layer-wise distillation.
-Calibration text: ../shared/data/wikitext-2/valid.txt. Every row states the active fraction of
-MLP units and of MLP weights read. Results: benchmarks/results/quality_smollm2.json (+ .png),
-written after every row so an interrupted run keeps what it measured.
+The MGS frontier: perplexity ratio against the fraction of MLP weight bytes read per token
+(bf16, predictor included). At each density of `--mgs-densities` the default recipe runs (the
+4-bit quantized predictor, per-layer thresholds calibrated on valid.txt; greedy allocation too at
+`--greedy-densities`), and at the bytes it reads: the threshold oracle, the top-k oracle (exact
+|silu(g) * u|, read for free), a TEAL-style threshold and the CATS criterion (|silu(g)|, all of
+gate_proj read). The trained linear gate (the old default) runs at `--linear-densities`.
+Trees near each target fraction are fitted (routing fit + layer-wise distillation).
+Protocol: ../shared/data/README.md. Results: benchmarks/results/quality_smollm2.json (+ .png),
+rewritten after every row; with `--only`, the other method's rows are carried over from the
+existing file (marked `carried_over`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -24,10 +29,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, machine, write_json  # noqa: E402
-from quality_baselines import OracleTopKMLP, TealMLP, unwrap_mlps, wrap_mlps  # noqa: E402
+from quality_baselines import (  # noqa: E402
+    CatsMLP,
+    OracleThresholdMLP,
+    OracleTopKMLP,
+    TealMLP,
+    unwrap_mlps,
+    wrap_mlps,
+)
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
+from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.distillation import distill_layers  # noqa: E402
 from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
@@ -35,6 +48,7 @@ from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
+from treeffn_hf.workflows import LOSS_WINDOWS  # noqa: E402
 
 OUTPUT = "quality_smollm2.json"
 
@@ -69,93 +83,78 @@ def evaluate(model, windows, progress: bool) -> float:
     return perplexity(model, windows, progress=progress).perplexity
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval-windows", type=int, default=40, help="protocol windows of 1024 tokens (0 = all)")
-    parser.add_argument("--calibration-windows", type=int, default=32)
-    parser.add_argument("--window", type=int, default=512, help="tokens per calibration window")
-    parser.add_argument("--tokens-per-layer", type=int, default=8192)
-    parser.add_argument("--mgs-densities", default="0.5,0.25,0.1")
-    parser.add_argument("--tree-fractions", default="0.25,0.12,0.04")
-    parser.add_argument("--gate-steps", type=int, default=300)
-    parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--distill-lr", type=float, default=1e-3)
-    parser.add_argument("--output", default=OUTPUT)
-    parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
-    if args.plot_only:
-        plot(RESULTS / args.output)
-        return
-    progress = not args.no_progress
-    torch.manual_seed(0)
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+def _calibrated_mgs(dense, captured, spec: MGSSpec, allocation: str, loss_ids) -> tuple:
+    start = time.perf_counter()
+    sparse = convert(dense, spec, progress=False)
+    reports = train_gates(sparse, captured.inputs, progress=False)  # [] for the quantized predictor
+    budget = calibrate_mgs(sparse, captured.inputs, allocation=allocation, loss_ids=loss_ids, progress=False)
+    return sparse.eval(), reports, budget, time.perf_counter() - start
 
-    directory, gguf = smollm2_gguf()
-    dense, tokenizer = load_dense(directory, gguf_file=gguf)
-    dense.eval()
+
+def _measured(model) -> tuple[float, float]:
+    """(unit fraction, weight fraction) that the last evaluation measured."""
+    cost = model.sparse_cost()
+    return cost.unit_fraction, cost.weight_fraction
+
+
+def _wrapped_row(run, dense, layers, mlp_attr, eval_ids, progress, wrap, variant: str, method: str, target: float,
+                 weights_of) -> None:
+    wrappers = wrap_mlps(layers, mlp_attr, wrap)
+    ppl = evaluate(dense, eval_ids, progress)
+    unwrap_mlps(layers, mlp_attr)
+    unit = _mean(w.unit_fraction() for w in wrappers)
+    run.add({"variant": variant, "method": method, "target": target, "perplexity": ppl, "unit_fraction": unit,
+             "weight_fraction": _mean(weights_of(w) for w in wrappers)})
+
+
+def mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress) -> None:
     arch = architecture_for(dense.config)
     layers = arch.decoder_layers(dense)
-    eval_ids = protocol_windows(tokenizer, DATA / "wikitext-2-raw" / "wiki.test.raw", max_windows=args.eval_windows)
-
-    start, rss_before = time.perf_counter(), _peak_rss_gib()
-    calib_ids = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, args.window,
-                              args.calibration_windows)
-    captured = capture_mlp_inputs(dense, calib_ids, tokens_per_layer=args.tokens_per_layer, progress=progress)
-    calibration = {
-        "source": "../shared/data/wikitext-2/valid.txt", "windows": int(calib_ids.shape[0]), "window": args.window,
-        "tokens": captured.tokens_seen, "tokens_per_layer": args.tokens_per_layer,
-        "seconds": time.perf_counter() - start, "peak_rss_gib_before": rss_before, "peak_rss_gib_after": _peak_rss_gib(),
-    }
-    run = Run(args, {
-        "command": command, "machine": machine(), "dtype": str(dense.dtype).replace("torch.", ""),
-        "model": f"SmolLM2-135M-Instruct ({gguf}, de-quantized)",
-        "shapes": {"hidden": dense.config.hidden_size, "intermediate": dense.config.intermediate_size,
-                   "layers": dense.config.num_hidden_layers},
-        "evaluation": {"text": "../shared/data/wikitext-2-raw/wiki.test.raw", "windows": int(eval_ids.shape[0]),
-                       "window": int(eval_ids.shape[1])},
-        "calibration": calibration, "settings": {k: v for k, v in vars(args).items() if k != "plot_only"},
-        "rows": [],
-    })
-
-    run.dense_ppl = evaluate(dense, eval_ids, progress)
-    run.add({"variant": "dense", "method": "dense", "target": 1.0, "perplexity": run.dense_ppl,
-             "unit_fraction": 1.0, "weight_fraction": 1.0})
-
+    greedy = {float(v) for v in args.greedy_densities.split(",") if v}
     for density in [float(v) for v in args.mgs_densities.split(",")]:
-        oracles = wrap_mlps(layers, arch.mlp_attr, lambda i, mlp, d=density: OracleTopKMLP(mlp, d))
-        oracle_ppl = evaluate(dense, eval_ids, progress)
-        unit = oracles[0].unit_fraction()
-        unwrap_mlps(layers, arch.mlp_attr)
-        run.add({"variant": f"oracle top-k {density:.0%}", "method": "oracle", "target": density,
-                 "perplexity": oracle_ppl, "unit_fraction": unit, "weight_fraction": unit})
-
-        start = time.perf_counter()
-        sparse = convert(dense, MGSSpec(density=density), progress=False)
-        reports = train_gates(sparse, captured.inputs, steps=args.gate_steps, progress=progress)
-        seconds = time.perf_counter() - start
+        for allocation in ["uniform"] + (["greedy"] if density in greedy else []):
+            sparse, _, budget, seconds = _calibrated_mgs(dense, captured, MGSSpec(density=density), allocation,
+                                                         loss_ids)
+            for _, mlp in sparse.sparse_mlps():
+                mlp.reset_density()
+            ppl = evaluate(sparse, eval_ids, progress)
+            unit, weights = _measured(sparse)
+            run.add({"variant": f"MGS 4-bit predictor, thresholds ({allocation}) {density:.0%}",
+                     "method": f"mgs-quantized-{allocation}", "target": density, "perplexity": ppl,
+                     "unit_fraction": unit, "weight_fraction": weights, "spec": sparse.config.sparse_mlp,
+                     "layer_densities": budget["layer_densities"], "fit_seconds": seconds})
+            del sparse
+            if allocation == "greedy":
+                continue
+            level = weights  # the baselines read as many bytes as this MGS model
+            _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
+                         lambda i, mlp, d=level: OracleThresholdMLP.calibrated(mlp, captured.inputs[i], d, seed=i),
+                         f"oracle threshold @ {level:.1%} bytes", "oracle-threshold", level, lambda w: w.unit_fraction())
+            _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
+                         lambda i, mlp, d=level: OracleTopKMLP(mlp, d),
+                         f"oracle top-k @ {level:.1%} bytes", "oracle-top-k", level, lambda w: w.unit_fraction())
+            _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
+                         lambda i, mlp, f=level: TealMLP.calibrated(mlp, captured.inputs[i], f, seed=i),
+                         f"TEAL-style @ {level:.1%} bytes", "teal", level, lambda w: w.measured_weight_fraction())
+            if level > 1 / 3:  # CATS reads all of gate_proj
+                _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
+                             lambda i, mlp, f=level: CatsMLP.calibrated(mlp, captured.inputs[i], f, seed=i),
+                             f"CATS @ {level:.1%} bytes", "cats", level, lambda w: w.measured_weight_fraction())
+    for density in [float(v) for v in args.linear_densities.split(",") if v]:
+        spec = MGSSpec(density=density, predictor="linear", rank=64)
+        sparse, reports, _, seconds = _calibrated_mgs(dense, captured, spec, "uniform", loss_ids)
         for _, mlp in sparse.sparse_mlps():
             mlp.reset_density()
-        mgs_ppl = evaluate(sparse, eval_ids, progress)
-        cost = sparse.sparse_cost()
-        measured_units = _mean(m.measured_units() for _, m in sparse.sparse_mlps()) / dense.config.intermediate_size
-        run.add({"variant": f"MGS {density:.0%}", "method": "mgs", "target": density, "perplexity": mgs_ppl,
-                 "unit_fraction": measured_units, "weight_fraction": cost.weight_fraction,
-                 "gate_recall_before": _mean(r.recall_before for r in reports),
-                 "gate_recall_after": _mean(r.recall_after for r in reports),
-                 "per_layer_recall": [r.recall_after for r in reports], "fit_seconds": seconds})
+        ppl = evaluate(sparse, eval_ids, progress)
+        unit, weights = _measured(sparse)
+        run.add({"variant": f"MGS rank-64 linear gate, thresholds {density:.0%}", "method": "mgs-linear",
+                 "target": density, "perplexity": ppl, "unit_fraction": unit, "weight_fraction": weights,
+                 "gate_recall_after": _mean(r.recall_after for r in reports), "fit_seconds": seconds})
         del sparse
 
-        weight_fraction = cost.weight_fraction
-        wrappers = wrap_mlps(layers, arch.mlp_attr,
-                             lambda i, mlp, f=weight_fraction: TealMLP.calibrated(mlp, captured.inputs[i], f, seed=i))
-        teal_ppl = evaluate(dense, eval_ids, progress)
-        measured = _mean(w.measured_weight_fraction() for w in wrappers)
-        unwrap_mlps(layers, arch.mlp_attr)
-        run.add({"variant": f"TEAL-style @ MGS {density:.0%} bytes", "method": "teal", "target": weight_fraction,
-                 "perplexity": teal_ppl, "unit_fraction": measured, "weight_fraction": measured})
 
-    for fraction in [float(v) for v in args.tree_fractions.split(",")]:
+def tree_rows(run, args, dense, captured, eval_ids, progress) -> None:
+    for fraction in [float(v) for v in args.tree_fractions.split(",") if v]:
         spec = tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, fraction)
         start = time.perf_counter()
         sparse = convert(dense, spec, progress=False)
@@ -178,34 +177,117 @@ def main() -> None:
                  "layer_mse_before": _mean(r.mse_before for r in reports),
                  "layer_mse_after": _mean(r.mse_after for r in reports), "fit_seconds": seconds})
         del sparse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-windows", type=int, default=40, help="protocol windows of 1024 tokens (0 = all)")
+    parser.add_argument("--calibration-windows", type=int, default=32)
+    parser.add_argument("--window", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--tokens-per-layer", type=int, default=8192)
+    parser.add_argument("--mgs-densities", default="0.5,0.35,0.25,0.15,0.1")
+    parser.add_argument("--greedy-densities", default="0.25,0.1", help="densities that also run greedy allocation")
+    parser.add_argument("--linear-densities", default="0.5,0.25", help="densities of the trained linear gate")
+    parser.add_argument("--tree-fractions", default="0.25,0.12,0.04")
+    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--distill-lr", type=float, default=1e-3,
+                        help="tree distillation lr (treeffn distill defaults to 1e-4; 1e-3 is what this table used)")
+    parser.add_argument("--only", choices=("mgs", "tree"), help="run one method; carry the other's rows over")
+    parser.add_argument("--append", action="store_true",
+                        help="carry every row of the existing file over (dense is measured again), e.g. to add densities")
+    parser.add_argument("--output", default=OUTPUT)
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    if args.plot_only:
+        plot(RESULTS / args.output)
+        return
+    progress = not args.no_progress
+    torch.manual_seed(0)
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+
+    directory, gguf = smollm2_gguf()
+    dense, tokenizer = load_dense(directory, gguf_file=gguf)
+    dense.eval()
+    eval_ids = protocol_windows(tokenizer, DATA / "wikitext-2-raw" / "wiki.test.raw", max_windows=args.eval_windows)
+
+    start, rss_before = time.perf_counter(), _peak_rss_gib()
+    calib_ids = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, args.window,
+                              args.calibration_windows)
+    captured = capture_mlp_inputs(dense, calib_ids, tokens_per_layer=args.tokens_per_layer, progress=progress)
+    calibration = {
+        "source": "../shared/data/wikitext-2/valid.txt", "windows": int(calib_ids.shape[0]), "window": args.window,
+        "tokens": captured.tokens_seen, "tokens_per_layer": args.tokens_per_layer,
+        "seconds": time.perf_counter() - start, "peak_rss_gib_before": rss_before, "peak_rss_gib_after": _peak_rss_gib(),
+    }
+    carried = []
+    if (args.only or args.append) and (RESULTS / args.output).exists():
+        previous = json.loads((RESULTS / args.output).read_text())
+        if args.append:
+            keep = lambda m: m != "dense"  # noqa: E731
+        else:
+            keep = (lambda m: m == "tree") if args.only == "mgs" else (lambda m: m != "tree" and m != "dense")
+        carried = [{"carried_over": previous["command"], **row} for row in previous["rows"] if keep(row["method"])]
+    run = Run(args, {
+        "command": command, "machine": machine(), "dtype": str(dense.dtype).replace("torch.", ""),
+        "model": f"SmolLM2-135M-Instruct ({gguf}, de-quantized)",
+        "shapes": {"hidden": dense.config.hidden_size, "intermediate": dense.config.intermediate_size,
+                   "layers": dense.config.num_hidden_layers},
+        "evaluation": {"text": "../shared/data/wikitext-2-raw/wiki.test.raw", "windows": int(eval_ids.shape[0]),
+                       "window": int(eval_ids.shape[1])},
+        "calibration": calibration, "settings": {k: v for k, v in vars(args).items() if k != "plot_only"},
+        "bytes": "MLP weight bytes read per token as a fraction of the dense MLP's, all weights in bf16, "
+                 "the MGS predictor at 4 bits + bf16 scales and zeros",
+        "rows": [],
+    })
+
+    run.dense_ppl = evaluate(dense, eval_ids, progress)
+    run.add({"variant": "dense", "method": "dense", "target": 1.0, "perplexity": run.dense_ppl,
+             "unit_fraction": 1.0, "weight_fraction": 1.0})
+    for row in carried:
+        run.add(row)
+    loss_ids = calib_ids[-LOSS_WINDOWS:]
+    if args.only != "tree":
+        mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress)
+    if args.only != "mgs":
+        tree_rows(run, args, dense, captured, eval_ids, progress)
     plot(RESULTS / args.output)
 
 
-def plot(path: Path) -> None:
-    import json
+STYLES = {
+    "oracle-threshold": ("threshold oracle (ceiling)", "k--", "o"),
+    "oracle-top-k": ("top-k oracle", "k:", "o"),
+    "mgs-quantized-uniform": ("MGS, 4-bit predictor + thresholds", "C0-", "s"),
+    "mgs-quantized-greedy": ("MGS, same, greedy allocation", "C0--", "x"),
+    "mgs-linear": ("MGS, trained rank-64 gate + thresholds", "C4-", "v"),
+    "teal": ("TEAL-style threshold", "C1-", "^"),
+    "cats": ("CATS (|silu(g)|)", "C3-", "<"),
+    "tree": ("tree, fit + distilled", "C2-", "D"),
+}
 
+
+def plot(path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = json.loads(path.read_text())
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"oracle": ("oracle top-k (ceiling)", "k--", "o"), "mgs": ("MGS, trained gate", "C0-", "s"),
-              "teal": ("TEAL-style threshold", "C1-", "^"), "tree": ("tree, fit + distilled", "C2-", "D")}
-    for method, (label, line, marker) in styles.items():
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method, (label, line, marker) in STYLES.items():
         rows = sorted((r for r in data["rows"] if r["method"] == method and "ppl_ratio" in r),
                       key=lambda r: r["weight_fraction"])
         if rows:
             ax.plot([r["weight_fraction"] for r in rows], [r["ppl_ratio"] for r in rows], line, marker=marker,
                     label=label)
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(1.03, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("fraction of MLP weights read per token")
+    ax.set_xlabel("fraction of MLP weight bytes read per token (bf16; predictor included)")
     ax.set_ylabel("perplexity / dense perplexity")
     ax.set_title(f"SmolLM2-135M, WikiText-2 test ({data['evaluation']['windows']} x 1024 tokens)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
     print(f"wrote {path} and {path.with_suffix('.png')}")

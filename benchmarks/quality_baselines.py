@@ -5,6 +5,10 @@
   calibrated so that a target fraction of the MLP's weight columns is read.
 - `OracleTopKMLP`: keeps each token's true top-k neurons by |act(g) * u|, the ceiling of any
   neuron-selecting gate at that density (it needs the full dense pre-activations to know them).
+- `OracleThresholdMLP`: keeps the neurons whose true |act(g) * u| exceeds a per-layer threshold
+  calibrated to a density: the ceiling of threshold selection.
+- `CatsMLP`: the CATS criterion (Lee et al., 2024): all of gate_proj is read, and only neurons with
+  |act(g)| above a calibrated threshold read their up_proj and down_proj rows.
 
 Both count what they actually keep, so the benchmark reports measured fractions.
 """
@@ -65,6 +69,10 @@ class TealMLP(nn.Module):
         self.tokens += tokens
         return mlp.down_proj(inner * keep_inner)
 
+    def unit_fraction(self) -> float:
+        """Fraction of intermediate neurons kept for down_proj."""
+        return self.kept_inner / self.tokens
+
     def measured_weight_fraction(self) -> float:
         """Fraction of the MLP's weights read per token: gate and up read the kept input columns,
         down reads the kept intermediate columns (all three projections are equally big)."""
@@ -103,3 +111,67 @@ def wrap_mlps(layers, mlp_attr: str, wrap) -> list[nn.Module]:
 def unwrap_mlps(layers, mlp_attr: str) -> None:
     for layer in layers:
         setattr(layer, mlp_attr, getattr(layer, mlp_attr).mlp)
+
+
+def _score_threshold(scores: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    return _magnitude_quantile(scores, 1.0 - density, generator)
+
+
+class OracleThresholdMLP(nn.Module):
+    """A dense gated MLP that keeps the neurons whose |act(g) * u| exceeds `threshold`."""
+
+    def __init__(self, mlp: nn.Module, threshold: torch.Tensor) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.register_buffer("threshold", threshold.reshape(()))
+        self.kept, self.tokens = 0.0, 0
+
+    @classmethod
+    @torch.no_grad()
+    def calibrated(cls, mlp: nn.Module, inputs: torch.Tensor, density: float, seed: int = 0) -> "OracleThresholdMLP":
+        x = inputs.to(mlp.gate_proj.weight.dtype)
+        inner = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        return cls(mlp, _score_threshold(inner.abs(), density, torch.Generator().manual_seed(seed)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        inner = mlp.act_fn(mlp.gate_proj(hidden_states)) * mlp.up_proj(hidden_states)
+        keep = inner.abs() > self.threshold
+        self.kept += float(keep.sum()) / inner.shape[-1]
+        self.tokens += hidden_states.numel() // hidden_states.shape[-1]
+        return mlp.down_proj(inner * keep)
+
+    def unit_fraction(self) -> float:
+        return self.kept / self.tokens
+
+
+class CatsMLP(nn.Module):
+    """CATS: threshold |act(g)|; gate_proj is read whole, up_proj and down_proj only for kept neurons."""
+
+    def __init__(self, mlp: nn.Module, threshold: torch.Tensor) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.register_buffer("threshold", threshold.reshape(()))
+        self.kept, self.tokens = 0.0, 0
+
+    @classmethod
+    @torch.no_grad()
+    def calibrated(cls, mlp: nn.Module, inputs: torch.Tensor, weight_fraction: float, seed: int = 0) -> "CatsMLP":
+        density = min(1.0, max(0.0, (weight_fraction - 1 / 3) * 3 / 2))  # gate_proj is a third of the bytes
+        x = inputs.to(mlp.gate_proj.weight.dtype)
+        gate = mlp.act_fn(mlp.gate_proj(x)).abs()
+        return cls(mlp, _score_threshold(gate, density, torch.Generator().manual_seed(seed)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        gate = mlp.act_fn(mlp.gate_proj(hidden_states))
+        keep = gate.abs() > self.threshold
+        self.kept += float(keep.sum()) / gate.shape[-1]
+        self.tokens += hidden_states.numel() // hidden_states.shape[-1]
+        return mlp.down_proj(gate * mlp.up_proj(hidden_states) * keep)
+
+    def unit_fraction(self) -> float:
+        return self.kept / self.tokens
+
+    def measured_weight_fraction(self) -> float:
+        return (1 + 2 * self.unit_fraction()) / 3

@@ -42,8 +42,9 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
                 if not cells:
                     continue
                 any_row = next(iter(cells.values()))
+                label = method if method == "tree" else f"mgs ({any_row['spec'].get('predictor', 'linear')})"
                 lines.append(
-                    f"| {method} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
+                    f"| {label} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
                     f"{any_row['active_weight_fraction']:.2%} | "
                     + " | ".join(cell(cells[t]) if t in cells else "" for t in tokens) + " |"
                     + (f" {extra[1](cells)} |" if extra else "")
@@ -52,13 +53,14 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
     return lines
 
 
-def mlp_section(data: dict) -> list[str]:
+def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
     m = data["machine"]
     return [
         f"**MLP block, CPU** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, {data['dtype']}, "
-        f"torch {m['torch']}; file `benchmarks/results/bench_mlp_cpu.json`, plot `bench_mlp_cpu.png`). "
+        f"torch {m['torch']}; file `benchmarks/results/{name}.json`, plot `{name}.png`). "
         "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process; "
-        "weights read = fraction of the dense MLP's weights each token reads (gate included for MGS).",
+        "weights read = fraction of the dense MLP's weight bytes each token reads (in bf16; the MGS predictor "
+        "included: a linear gate in bf16, the 4-bit predictor at its 4.5 bits a weight).",
         "",
     ] + speedup_tables(data, lambda row: f"{row['speedup']:.2f}x")
 
@@ -114,6 +116,17 @@ def decode_section(data: dict) -> list[str]:
     return lines
 
 
+QUALITY_NOTES = {
+    "mgs-quantized-uniform": "training-free: 4-bit predictor, the same density in every layer",
+    "mgs-quantized-greedy": "training-free: 4-bit predictor, densities allocated greedily on calibration KL",
+    "mgs-linear": "rank-64 gate trained on top-k labels (the old default), thresholds",
+    "oracle-threshold": "exact act(g)·u above a per-layer threshold, read for free: the ceiling",
+    "oracle-top-k": "exact top-k by act(g)·u, read for free",
+    "teal": "TEAL-style: input and intermediate magnitudes thresholded",
+    "cats": "CATS: \\|act(g)\\| thresholded; reads all of gate_proj",
+}
+
+
 def quality_section(data: dict) -> list[str]:
     m, ev, cal = data["machine"], data["evaluation"], data["calibration"]
     lines = [
@@ -121,22 +134,21 @@ def quality_section(data: dict) -> list[str]:
         f"{data['dtype']}; file `benchmarks/results/quality_smollm2.json`, plot `quality_smollm2.png`). "
         f"Perplexity on `wiki.test.raw`, first {ev['windows']} windows of {ev['window']} tokens; calibration on "
         f"`valid.txt` ({cal['tokens']:,} tokens, {cal['tokens_per_layer']:,} MLP inputs kept per layer; capture took "
-        f"{cal['seconds']:.0f} s, peak RSS {cal['peak_rss_gib_after']:.1f} GiB). Ratio = perplexity / dense perplexity.",
+        f"{cal['seconds']:.0f} s, peak RSS {cal['peak_rss_gib_after']:.1f} GiB). Ratio = perplexity / dense perplexity. "
+        "MLP weight bytes: per token, as a fraction of the dense MLP's, every weight counted in bf16 and the MGS "
+        "predictor at 4 bits plus its bf16 scales and zeros (18.75%); active units and bytes are measured on the "
+        "evaluation text. The baselines beside each MGS row read as many bytes as it does.",
         "",
-        "| variant | active MLP units | MLP weights read | perplexity | ratio | notes |",
+        "| variant | active MLP units | MLP weight bytes read | perplexity | ratio | notes |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["rows"]:
-        notes = ""
-        if r["method"] == "mgs":
-            notes = f"gate recall {r['gate_recall_before']:.2f} -> {r['gate_recall_after']:.2f}"
-        elif r["method"] == "tree":
+        notes = QUALITY_NOTES.get(r["method"], "")
+        if r["method"] == "tree":
             notes = (f"captured mass {r['captured_mass_before']:.2f} -> {r['captured_mass_after']:.2f}; "
                      f"layer MSE {r['layer_mse_before']:.3g} -> {r['layer_mse_after']:.3g}")
-        elif r["method"] == "teal":
-            notes = "training-free, thresholds calibrated to the MGS row's weight fraction"
-        elif r["method"] == "oracle":
-            notes = "true top-k neurons by magnitude of act(g)·u: the ceiling of any gate"
+        if r.get("carried_over"):
+            notes += f" (from `{r['carried_over']}`)"
         ratio = f"{r['ppl_ratio']:.3f}" if r.get("ppl_ratio", 0) < 100 else f"{r['ppl_ratio']:.3g}"
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] < 1e4 else f"{r['perplexity']:.3g}"
         lines.append(f"| {r['variant']} | {r['unit_fraction']:.2%} | {r['weight_fraction']:.2%} | {ppl} | "
@@ -225,9 +237,10 @@ def prune_section(data: dict) -> list[str]:
 
 def render() -> str:
     lines = [START, ""]
-    mlp = _load("bench_mlp_cpu.json")
-    if mlp:
-        lines += mlp_section(mlp)
+    for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs"):
+        mlp = _load(f"{name}.json")
+        if mlp:
+            lines += mlp_section(mlp, name)
     mlp_cuda = _load("bench_mlp_cuda.json")
     if mlp_cuda:
         lines += mlp_cuda_section(mlp_cuda)

@@ -21,7 +21,8 @@ from .conftest import TINY_MODELS, run_python, tiny_dense_model
 METHODS = {
     "tree": TreeSpec(depth=3, node_width=2),
     "tree_hyperplane_after_sum": TreeSpec(num_trees=2, depth=2, node_width=11, routing="hyperplane", activation="after_sum"),
-    "mgs": MGSSpec(density=0.25, rank=8),
+    "mgs": MGSSpec(density=0.25, predictor="linear", rank=8),
+    "mgs_quantized": MGSSpec(density=0.25),
 }
 PROMPT = torch.tensor([[5, 17, 33, 8, 60, 41, 12], [9, 9, 70, 3, 22, 88, 14]])
 NEW_TOKENS = 6
@@ -136,7 +137,7 @@ class SparseArchitectureTesterMixin:
 
     def test_mgs_at_full_density_reproduces_dense_logits(self, converted):
         dense, _ = converted[0][self.model_type, "mgs"]
-        full = treeffn_hf.convert(dense, MGSSpec(density=1.0, rank=4), progress=False).eval()
+        full = treeffn_hf.convert(dense, MGSSpec(density=1.0, predictor="linear", rank=4), progress=False).eval()
         with torch.no_grad():
             torch.testing.assert_close(full(PROMPT).logits, dense(PROMPT).logits, rtol=1e-6, atol=1e-6)
 
@@ -222,7 +223,7 @@ def test_converting_a_sparse_model_again_is_refused():
 
 def test_uncalibrated_threshold_selection_is_refused():
     with pytest.raises(treeffn_hf.InvalidSpecError, match="calibrated"):
-        treeffn_hf.convert(tiny_dense_model("llama"), MGSSpec(rank=8, selection="threshold"))
+        treeffn_hf.convert(tiny_dense_model("llama"), MGSSpec(predictor="linear", rank=8, selection="threshold"))
 
 
 def test_impossible_spec_fails_before_any_work():

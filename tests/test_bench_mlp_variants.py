@@ -55,7 +55,7 @@ def test_tree_side_variants_cover_every_kernel_variant(bench_mlp, tokens):
 
 
 def test_mgs_decode_side_variants_time_every_kernel_pair_and_the_union_path(bench_mlp):
-    layer = MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=8), nn.SiLU())
+    layer = MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=8), nn.SiLU())
     paths = paths_of_every_variant(bench_mlp, layer, 1)
     assert sorted(paths) == ["torch", "triton:gather", "triton:streamed_gather", "triton:topk+gather",
                              "triton:topk+streamed_gather"]

@@ -7,6 +7,7 @@ import torch
 
 import treeffn_hf
 from treeffn_hf import MGSSpec
+from treeffn_hf.conversion.budgets import calibrate_mgs
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
 from treeffn_hf.conversion.gate_training import (
     activation_magnitude,
@@ -14,7 +15,6 @@ from treeffn_hf.conversion.gate_training import (
     top_k_mask,
     train_gate,
     train_gates,
-    use_threshold_selection,
 )
 
 from .conftest import tiny_dense_model
@@ -60,7 +60,7 @@ def test_capture_keeps_exact_mlp_inputs_and_bounds_memory():
 
 
 def test_labels_are_the_top_k_contributions():
-    sparse = treeffn_hf.convert(tiny_dense_model("llama"), MGSSpec(density=0.1, rank=8), progress=False)
+    sparse = treeffn_hf.convert(tiny_dense_model("llama"), MGSSpec(density=0.1, predictor="linear", rank=8), progress=False)
     mlp = sparse.model.layers[0].mlp
     x = torch.randn(5, 48)
     labels = top_k_mask(activation_magnitude(mlp, x), 17)
@@ -71,7 +71,7 @@ def test_labels_are_the_top_k_contributions():
 
 def test_gate_training_raises_recall_above_a_random_gate():
     torch.manual_seed(0)
-    sparse = treeffn_hf.convert(tiny_dense_model("llama"), MGSSpec(density=0.1, rank=16), progress=False)
+    sparse = treeffn_hf.convert(tiny_dense_model("llama"), MGSSpec(density=0.1, predictor="linear", rank=16), progress=False)
     mlp = sparse.model.layers[0].mlp
     with torch.no_grad():  # start from a random gate, not the SVD initialisation
         for p in mlp.micro_gate.parameters():
@@ -90,7 +90,7 @@ def test_gate_training_raises_recall_above_a_random_gate():
 
 def test_train_gates_on_captured_inputs_restores_trainability():
     model = tiny_dense_model("qwen2")
-    sparse = treeffn_hf.convert(model, MGSSpec(density=0.25, rank=8), progress=False)
+    sparse = treeffn_hf.convert(model, MGSSpec(density=0.25, predictor="linear", rank=8), progress=False)
     captured = capture_mlp_inputs(model, torch.randint(3, 97, (8, 32)), progress=False)
     flags = {n: p.requires_grad for n, p in sparse.named_parameters()}
     reports = train_gates(sparse, captured.inputs, steps=40, progress=False)
@@ -104,13 +104,14 @@ def test_missing_calibration_sources_are_named(tmp_path):
         list(read_texts(tmp_path / "missing.txt"))
 
 
-def test_threshold_selection_is_calibrated_to_the_density(tmp_path):
+@pytest.mark.parametrize("predictor", ["linear", "quantized"])
+def test_threshold_selection_is_calibrated_to_the_density(tmp_path, predictor):
     dense = tiny_dense_model("llama")
-    sparse = treeffn_hf.convert(dense, MGSSpec(density=0.2, rank=8), progress=False)
+    sparse = treeffn_hf.convert(dense, MGSSpec(density=0.2, predictor=predictor, rank=8), progress=False)
     torch.manual_seed(0)
     captured = capture_mlp_inputs(dense, torch.randint(3, 97, (16, 32)), progress=False)
     unseen = capture_mlp_inputs(dense, torch.randint(3, 97, (16, 32)), seed=1, progress=False)
-    thresholds = use_threshold_selection(sparse, captured.inputs)
+    thresholds = calibrate_mgs(sparse, captured.inputs, allocation="uniform", progress=False)["thresholds"]
     assert len(thresholds) == 2 and sparse.config.sparse_mlp["selection"] == "threshold"
     for (index, mlp), threshold in zip(sparse.sparse_mlps(), thresholds):
         assert mlp.spec.selection == "threshold" and float(mlp.gate_threshold) == pytest.approx(threshold)
@@ -125,7 +126,7 @@ def test_threshold_selection_is_calibrated_to_the_density(tmp_path):
         assert b.spec.selection == "threshold" and torch.equal(a.gate_threshold, b.gate_threshold)
 
 
-@pytest.mark.parametrize("spec", [MGSSpec(density=0.25, rank=8), treeffn_hf.TreeSpec(depth=2, node_width=1)],
+@pytest.mark.parametrize("spec", [MGSSpec(density=0.25, predictor="linear", rank=8), treeffn_hf.TreeSpec(depth=2, node_width=1)],
                          ids=["mgs-gates", "tree-distill"])
 def test_recovery_does_not_depend_on_the_global_random_state(spec):
     """Same data, different global RNG state, identical weights: every random draw of conversion,

@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from treeffn_hf import MGSSpec
 from treeffn_hf.cli.main import main
 
 from .conftest import char_tokenizer, tiny_dense_model
@@ -120,10 +121,16 @@ def test_prune_writes_a_smaller_checkpoint_that_info_reads(dense_dir, tmp_path, 
 
 def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "convert", dense_dir, tmp_path / "mgs", "--method", "mgs", "--density", "0.1",
-                              "--rank", "full", "--no-progress")
+                              "--predictor", "linear", "--rank", "full", "--no-progress")
     assert code == 0
     config = json.loads((tmp_path / "mgs" / "config.json").read_text())
-    assert config["sparse_mlp"] == {"method": "mgs", "density": 0.1, "rank": None, "selection": "top_k"}
+    assert config["sparse_mlp"] == {"method": "mgs", "density": 0.1, "predictor": "linear", "rank": None,
+                                    "group_size": 64, "selection": "top_k"}
+    code, stdout, _ = run_cli(capsys, "convert", dense_dir, tmp_path / "default", "--method", "mgs", "--no-progress")
+    assert code == 0
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    # the default: the 4-bit predictor (groups fitted to the tiny hidden size of 48)
+    assert config["sparse_mlp"] == {**MGSSpec().to_dict(), "group_size": 16}
 
 
 def test_unsupported_architecture(tmp_path, capsys):

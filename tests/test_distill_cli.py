@@ -24,9 +24,11 @@ def save_sparse(dense_dir, path, spec) -> None:
     treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), path, tokenizer=tokenizer)
 
 
-@pytest.mark.parametrize("spec,selection", [(TreeSpec(depth=3, node_width=2), None), (MGSSpec(density=0.1, rank=8), None),
-                                            (MGSSpec(density=0.1, rank=8), "threshold")],
-                         ids=["tree", "mgs", "mgs-threshold"])
+@pytest.mark.parametrize("spec,selection", [(TreeSpec(depth=3, node_width=2), None),
+                                            (MGSSpec(density=0.1, predictor="linear", rank=8), "top_k"),
+                                            (MGSSpec(density=0.1, predictor="linear", rank=8), None),
+                                            (MGSSpec(density=0.3), None)],
+                         ids=["tree", "mgs-linear-top-k", "mgs-linear", "mgs-quantized"])
 def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
     save_sparse(dense_dir, tmp_path / "sparse", spec)
     calibration = DATA_DIR / "wikitext-2" / "valid.txt"
@@ -37,18 +39,23 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
     stdout, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
-    assert summary["calibration"]["tokens"] == 8 * 64 and len(summary["layers"]) == 2
+    trained = spec.method == "tree" or spec.predictor == "linear"  # the 4-bit predictor has nothing to fit
+    assert summary["calibration"]["tokens"] == 8 * 64 and len(summary["layers"]) == (2 if trained else 0)
     if spec.method == "tree":
         assert all(r["mse_after"] < r["mse_before"] for r in summary["layers"])
         assert all(0 < r["captured_mass_after"] <= 1 for r in summary["layers"])  # the routing was fitted
         assert "activation mass on the tokens' paths" in stdout
-    else:
+    elif spec.predictor == "linear":
         assert all(r["recall_after"] >= r["recall_before"] for r in summary["layers"])
     distilled = treeffn_hf.load(tmp_path / "out")
     assert distilled.config.sparse_mlp["method"] == spec.method
-    if selection == "threshold":
-        assert distilled.config.sparse_mlp["selection"] == "threshold" and len(summary["thresholds"]) == 2
-        assert [float(m.gate_threshold) for _, m in distilled.sparse_mlps()] == pytest.approx(summary["thresholds"])
+    if spec.method == "mgs" and selection is None:  # the default: calibrated thresholds
+        thresholds = summary["budget"]["thresholds"]
+        assert distilled.config.sparse_mlp["selection"] == "threshold" and len(thresholds) == 2
+        assert [float(m.gate_threshold) for _, m in distilled.sparse_mlps()] == pytest.approx(thresholds)
+        assert distilled.config.sparse_mlp["layer_densities"] == pytest.approx([spec.density] * 2)
+    elif spec.method == "mgs":
+        assert distilled.config.sparse_mlp["selection"] == "top_k" and summary["budget"] is None
     assert not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
 
 

@@ -71,7 +71,7 @@ def test_straight_through_routing_gradient_is_the_path_probability_gradient():
 
 @pytest.mark.parametrize("gradient", [None, "straight_through"])
 def test_mgs_trains_through_the_mask(gradient):
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=8), nn.SiLU()))
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=8), nn.SiLU()))
     x = torch.randn(32, HIDDEN)
     with torch.no_grad():
         plain = layer(x)
@@ -121,7 +121,7 @@ def dirs(tmp_path_factory):
     tiny_dense_model("llama").save_pretrained(root / "dense")
     dense, tokenizer = treeffn_hf.load_dense(str(root / "dense"))
     for name, spec in {"tree": TreeSpec(depth=3, node_width=2, routing="hyperplane"),
-                       "mgs": MGSSpec(density=0.25, rank=8)}.items():
+                       "mgs": MGSSpec(density=0.25, predictor="linear", rank=8)}.items():
         treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), root / name, tokenizer=tokenizer)
     return root
 

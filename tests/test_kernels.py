@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
 from treeffn_hf.modeling import grouped_mm, kernels_gather, kernels_mgs, kernels_topk, kernels_tree  # noqa: E402
 from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
+from treeffn_hf.modeling.predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
 from treeffn_hf.modeling.tree_ffn_torch import routing_bias, routing_matrix  # noqa: E402
 
@@ -224,7 +225,7 @@ def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, 
 @pytest.mark.parametrize("kernels,path", [("split_k", "triton:gather"), ("streamed", "triton:streamed_gather")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 7])
-@pytest.mark.parametrize("spec", [MGSSpec(density=0.1, rank=16), MGSSpec(density=0.3, rank=None)], ids=["r64-10%", "full-30%"])
+@pytest.mark.parametrize("spec", [MGSSpec(density=0.1, predictor="linear", rank=16), MGSSpec(density=0.3, predictor="linear", rank=None)], ids=["r64-10%", "full-30%"])
 def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype, kernels, path, monkeypatch):
     monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", kernels)
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, spec, nn.SiLU()), dtype)
@@ -233,6 +234,22 @@ def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype, kernels, p
     assert layer.last_path == path
     close(got, want, dtype)
     assert layer.measured_units() == spec.top_k(INTER)
+
+
+@pytest.mark.parametrize("selection", ["top_k", "threshold"])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_mgs_quantized_predictor_runs_on_the_kernels(selection, tokens):
+    hidden = 64  # the 4-bit predictor packs two codes a byte: an even hidden size
+    layer = random_layer(MicroGatedMLP(hidden, INTER, MGSSpec(density=0.2, selection=selection), nn.SiLU()),
+                         torch.float32)
+    layer.micro_gate.load_state_dict(
+        QuantizedPredictor.state_from(layer.gate_proj.weight, layer.up_proj.weight, layer.spec.group_size))
+    x = torch.randn(tokens, hidden, device=DEVICE)
+    with torch.no_grad():
+        layer.gate_threshold.fill_(float(layer.micro_gate(x).quantile(0.8)))
+    got, want = run_both(layer, x)
+    assert layer.last_path == "triton:gather"
+    close(got, want, torch.float32)
 
 
 def test_tree_switches_to_the_masked_dense_gemms_once_gathers_would_read_more_than_the_layer():
@@ -252,7 +269,7 @@ def test_a_bad_forced_tree_variant_is_refused(monkeypatch):
 @pytest.mark.parametrize("name", ["GATHER_KERNELS", "TOPK_KERNEL"])
 def test_a_bad_mgs_kernel_choice_is_refused(monkeypatch, name):
     monkeypatch.setattr(kernels_mgs, name, "fused")
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()), torch.float32)
     layer.force_path = "triton"
     with pytest.raises(ValueError, match=name), torch.no_grad():
         layer(torch.randn(1, HIDDEN, device=DEVICE))
@@ -287,7 +304,7 @@ def test_topk_kernel_refuses_what_it_cannot_do():
 def test_mgs_layer_with_the_topk_kernel_matches_reference(tokens, kernels, monkeypatch):
     monkeypatch.setattr(kernels_mgs, "TOPK_KERNEL", "triton")
     monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", kernels)
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()), torch.float32)
     x = torch.randn(tokens, HIDDEN, device=DEVICE)
     got, want = run_both(layer, x)  # fp32 random scores: no ties, so the same neurons as torch.topk
     assert layer.last_path == "triton:topk+" + ("streamed_gather" if kernels == "streamed" else "gather")
@@ -296,7 +313,7 @@ def test_mgs_layer_with_the_topk_kernel_matches_reference(tokens, kernels, monke
 
 
 def test_mgs_threshold_selection_on_the_kernel():
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16, selection="threshold"), nn.SiLU()),
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16, selection="threshold"), nn.SiLU()),
                          torch.float32)
     layer.gate_threshold.fill_(0.5)
     x = torch.randn(5, HIDDEN, device=DEVICE)
@@ -307,7 +324,7 @@ def test_mgs_threshold_selection_on_the_kernel():
 
 
 def test_large_mgs_batches_hand_over_to_the_union_gemm_and_say_so():
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU()), torch.float32)
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()), torch.float32)
     tokens = int(kernels_mgs.GATHER_MAX_ROW_MULTIPLE * INTER / layer.spec.top_k(INTER)) + 1
     assert kernels_mgs.uses_gather(layer, tokens - 1) and not kernels_mgs.uses_gather(layer, tokens)
     x = torch.randn(tokens, HIDDEN, device=DEVICE)
@@ -317,7 +334,7 @@ def test_large_mgs_batches_hand_over_to_the_union_gemm_and_say_so():
 
 
 def test_forcing_triton_where_it_cannot_run_is_an_error_not_a_fallback(monkeypatch):
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, rank=16), nn.SiLU(), bias=True), torch.float32)
+    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU(), bias=True), torch.float32)
     layer.force_path = "triton"
     with pytest.raises(RuntimeError, match="biases"):
         layer(torch.randn(1, HIDDEN, device=DEVICE))
@@ -347,7 +364,7 @@ def test_saved_checkpoints_carry_the_kernels(tmp_path):
 
     from .conftest import tiny_dense_model
 
-    for spec in (TreeSpec(depth=2, node_width=1), MGSSpec(density=0.1, rank=8)):
+    for spec in (TreeSpec(depth=2, node_width=1), MGSSpec(density=0.1, predictor="linear", rank=8)):
         out = tmp_path / spec.method
         treeffn_hf.save(treeffn_hf.convert(tiny_dense_model("llama"), spec, progress=False), out)
         assert {"kernels_gather.py", "kernels_tree.py", "kernels_mgs.py", "kernels_topk.py", "grouped_mm.py"} <= {
@@ -374,7 +391,7 @@ assert err < 1e-3, err
 """
 
 
-@pytest.mark.parametrize("spec", [TreeSpec(depth=2, node_width=3), MGSSpec(density=0.1, rank=8)],
+@pytest.mark.parametrize("spec", [TreeSpec(depth=2, node_width=3), MGSSpec(density=0.1, predictor="linear", rank=8)],
                          ids=["tree", "mgs"])
 def test_remote_code_checkpoint_runs_its_kernels(tmp_path, spec):
     import treeffn_hf

@@ -60,7 +60,8 @@ def test_bad_tree_settings(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(rank=0), "rank"),
-     (dict(rank=1000), "rank"), (dict(selection="random"), "selection")],
+     (dict(predictor="linear", rank=1000), "rank"), (dict(selection="random"), "selection"),
+     (dict(predictor="oracle"), "predictor"), (dict(group_size=1), "group_size")],
 )
 def test_bad_mgs_settings(kwargs, message):
     with pytest.raises(InvalidSpecError, match=message):
@@ -76,7 +77,7 @@ def test_top_k_rounds_up_and_is_exact_for_round_fractions():
 def test_spec_dict_round_trip_and_unknown_keys():
     spec = TreeSpec(depth=3, node_width=2, routing="hyperplane").resolve(48, 166)
     assert spec_from_dict(spec.to_dict()) == spec
-    assert spec_from_dict(MGSSpec(density=0.5, rank=None).to_dict()) == MGSSpec(density=0.5, rank=None)
+    assert spec_from_dict(MGSSpec(density=0.5, predictor="linear", rank=None).to_dict()) == MGSSpec(density=0.5, predictor="linear", rank=None)
     with pytest.raises(InvalidSpecError, match="unknown tree option"):
         spec_from_dict({"method": "tree", "depht": 3})
     with pytest.raises(InvalidSpecError, match="unknown sparse method"):

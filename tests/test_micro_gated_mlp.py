@@ -24,7 +24,7 @@ def make_pair(spec: MGSSpec, hidden=40, intermediate=150, dtype=torch.float64):
 
 @pytest.mark.parametrize("rank", [None, 8])
 def test_density_one_equals_hf_mlp_forward_and_backward(rank):
-    reference, layer = make_pair(MGSSpec(density=1.0, rank=rank))
+    reference, layer = make_pair(MGSSpec(density=1.0, predictor="linear", rank=rank))
     x = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
     g1 = torch.autograd.grad(layer(x).square().sum(), [x, layer.gate_proj.weight, layer.down_proj.weight])
@@ -44,7 +44,7 @@ def per_token_gather(layer: MicroGatedMLP, x: torch.Tensor, selected: list[torch
 
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.02])
 def test_top_k_computes_exactly_the_top_scored_neurons(density):
-    spec = MGSSpec(density=density, rank=6)
+    spec = MGSSpec(density=density, predictor="linear", rank=6)
     _, layer = make_pair(spec)
     x = torch.randn(17, 40, dtype=torch.float64)
     scores = layer.micro_gate(x)
@@ -56,7 +56,7 @@ def test_top_k_computes_exactly_the_top_scored_neurons(density):
 
 
 def test_threshold_selection_and_measured_density():
-    spec = MGSSpec(density=0.3, rank=None, selection="threshold")
+    spec = MGSSpec(density=0.3, predictor="linear", rank=None, selection="threshold")
     _, layer = make_pair(spec)
     layer.gate_threshold.fill_(0.7)
     x = torch.randn(11, 40, dtype=torch.float64)
@@ -69,32 +69,41 @@ def test_threshold_selection_and_measured_density():
 
 
 def test_unselected_neurons_get_no_gradient():
-    _, layer = make_pair(MGSSpec(density=0.1, rank=4))
+    _, layer = make_pair(MGSSpec(density=0.1, predictor="linear", rank=4))
     x = torch.randn(1, 40, dtype=torch.float64)
     layer(x).sum().backward()
     touched = torch.count_nonzero(layer.gate_proj.weight.grad.abs().sum(1))
     assert touched == MGSSpec(density=0.1).top_k(150)
 
 
-def test_cost_includes_the_gate():
-    _, layer = make_pair(MGSSpec(density=0.1, rank=8))
+def test_cost_counts_the_linear_gate_in_bf16_bytes_whatever_the_storage_dtype():
+    _, layer = make_pair(MGSSpec(density=0.1, predictor="linear", rank=8))  # stored in float64
     cost = layer.cost()
     gate_elems = 40 * 8 + 8 * 150 + 150
-    assert cost.active_weight_elems == 3 * 15 * 40 + gate_elems
+    assert cost.active_weight_bytes == 2 * (3 * 15 * 40 + gate_elems)
     assert cost.weight_fraction == pytest.approx((3 * 15 * 40 + gate_elems) / (3 * 150 * 40))
+
+
+def test_cost_counts_the_quantized_predictor_at_four_bits_plus_bf16_scales():
+    layer = MicroGatedMLP(64, 150, MGSSpec(density=0.1, group_size=32), torch.nn.SiLU())
+    predictor_bytes = 2 * 150 * 64 // 2 + 2 * (2 * 150 * 64 // 32) * 2  # codes + scales and zeros
+    assert layer.micro_gate.num_bytes() == predictor_bytes
+    assert layer.cost().active_weight_bytes == 2 * 3 * 15 * 64 + predictor_bytes
+    # groups of 32: 4 + 32 / 32 bits a weight for gate and up, against 48 bits of dense MLP per neuron-dim
+    assert predictor_bytes / (2 * 3 * 150 * 64) == pytest.approx(2 * 5 / 48)
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 33], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.03])
 @pytest.mark.parametrize("selection", ["top_k", "threshold"])
 def test_fast_torch_path_equals_reference(tokens, density, selection):
-    _, layer = make_pair(MGSSpec(density=density, rank=8, selection=selection))
+    _, layer = make_pair(MGSSpec(density=density, predictor="linear", rank=8, selection=selection))
     layer.gate_threshold.fill_(1.5)
     assert_fast_path_matches_reference(layer, torch.randn(tokens, 40, dtype=torch.float64))
 
 
 def test_fast_path_with_biases_and_a_stale_down_cache():
-    spec = MGSSpec(density=0.2, rank=8)
+    spec = MGSSpec(density=0.2, predictor="linear", rank=8)
     layer = MicroGatedMLP(40, 150, spec, torch.nn.SiLU(), bias=True).double()
     with torch.no_grad():
         for p in layer.parameters():

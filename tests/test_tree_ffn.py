@@ -135,7 +135,7 @@ def test_cost_counts_exact_rows():
     cost = layer.cost()
     assert cost.active_units == rows
     assert cost.unit_fraction == rows / 130
-    assert cost.active_weight_elems == 3 * rows * 24 + 2 * 3 * 25
+    assert cost.active_weight_bytes == 2 * (3 * rows * 24 + 2 * 3 * 25)  # bf16, as served
 
 
 def test_usage_counts_match_routing():

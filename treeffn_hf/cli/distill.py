@@ -1,9 +1,10 @@
 """Layer-wise quality recovery of a converted checkpoint (no end-to-end training).
 
 The dense model runs once over the calibration text; each MLP's inputs are sampled (bounded
-memory). MGS gates are then trained to predict the dense model's top-k neurons (weighted BCE,
-best held-out recall kept); tree MLPs first get their neuron partition and routing fitted to where
-the tokens' dense activation mass is, then are regressed on the dense MLP outputs. Layers are done one
+memory). MGS models get per-layer thresholds on their predictor's scores, calibrated to the
+density (the 4-bit predictor needs nothing else; a linear gate is first trained to predict the
+dense model's top-k neurons); tree MLPs first get their neuron partition and routing fitted to
+where the tokens' dense activation mass is, then are regressed on the dense MLP outputs. Layers are done one
 at a time and saved as they finish: rerunning the same command after a kill resumes.
 """
 
@@ -28,8 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of tree distillation")
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
-                        help="MGS: change the selection; threshold calibrates per-layer thresholds to the density "
-                             "(default %(default)s: keep the checkpoint's)")
+                        help="MGS: threshold (the default) calibrates per-layer thresholds; top_k keeps a fixed k")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--density", type=float, default=None,
+                        help="MGS: mean fraction of neurons computed (default: the checkpoint's)")
+    budget.add_argument("--weight-fraction", type=float, default=None,
+                        help="MGS: mean fraction of MLP weight bytes read per token, predictor included")
+    parser.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform",
+                        help="MGS: the same density in every layer, or greedy on a calibration loss (TEAL-style; "
+                             "measured no better on SmolLM2, see README)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -41,14 +49,20 @@ def run(args: argparse.Namespace) -> int:
         args.sparse, args.out, dense=args.dense, gguf_file=args.gguf_file, calibration=args.calibration,
         windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
         gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, selection=args.selection,
+        density=args.density, weight_fraction=args.weight_fraction, allocation=args.allocation,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     layers = summary["layers"]
     if summary["method"] == "mgs":
-        before = sum(r["recall_before"] for r in layers) / len(layers)
-        after = sum(r["recall_after"] for r in layers) / len(layers)
-        print(f"gate recall at the target density (mean over {len(layers)} layers): {before:.3f} -> {after:.3f}")
+        if layers:
+            before = sum(r["recall_before"] for r in layers) / len(layers)
+            after = sum(r["recall_after"] for r in layers) / len(layers)
+            print(f"gate recall at the target density (mean over {len(layers)} layers): {before:.3f} -> {after:.3f}")
+        if summary["budget"]:
+            densities = summary["budget"]["layer_densities"]
+            print(f"thresholds calibrated ({summary['budget']['allocation']}): mean density "
+                  f"{sum(densities) / len(densities):.2%}, layers from {min(densities):.2%} to {max(densities):.2%}")
     else:
         improved = sum(r["mse_after"] < r["mse_before"] for r in layers)
         fitted = [r for r in layers if r.get("captured_mass_after") is not None]

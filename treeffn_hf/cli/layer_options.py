@@ -6,6 +6,7 @@ import argparse
 
 from ..modeling.layer_spec import (
     ACTIVATION_PLACEMENTS,
+    MGS_PREDICTORS,
     MGS_SELECTIONS,
     ROUTING_MODES,
     LayerSpec,
@@ -36,8 +37,14 @@ def add_layer_options(parser: argparse.ArgumentParser) -> None:
                       help="nonlinearity per node, or after summing the path (the balancing tweak)")
     mgs = parser.add_argument_group("micro-gated options (--method mgs)")
     mgs.add_argument("--density", type=float, default=_MGS_DEFAULTS.density, help="fraction of neurons computed")
-    mgs.add_argument("--rank", type=_rank, default=_MGS_DEFAULTS.rank, help="gate rank, or 'full' for Linear(d, H)")
-    mgs.add_argument("--selection", choices=MGS_SELECTIONS, default=_MGS_DEFAULTS.selection)
+    mgs.add_argument("--predictor", choices=MGS_PREDICTORS, default=_MGS_DEFAULTS.predictor,
+                     help="quantized: 4-bit copies of gate/up, no training; linear: a gate for `treeffn distill` to train")
+    mgs.add_argument("--group-size", type=int, default=_MGS_DEFAULTS.group_size,
+                     help="quantized predictor: weights per bf16 scale and zero")
+    mgs.add_argument("--rank", type=_rank, default=_MGS_DEFAULTS.rank,
+                     help="linear predictor: gate rank, or 'full' for Linear(d, H)")
+    mgs.add_argument("--selection", choices=MGS_SELECTIONS, default=_MGS_DEFAULTS.selection,
+                     help="top_k here; `treeffn distill` calibrates thresholds, the better selection")
 
 
 def spec_from_args(args: argparse.Namespace) -> LayerSpec:
@@ -48,6 +55,7 @@ def spec_from_args(args: argparse.Namespace) -> LayerSpec:
             routing=args.routing, activation=args.activation, shared_width=args.shared_width,
         )
     else:
-        spec = MGSSpec(density=args.density, rank=args.rank, selection=args.selection)
+        spec = MGSSpec(density=args.density, predictor=args.predictor, rank=args.rank, group_size=args.group_size,
+                       selection=args.selection)
     spec.validate()
     return spec

@@ -10,12 +10,12 @@ what decides how much of the dense output survives.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..modeling.predictors import neuron_scores
 from .fitting import fit_keeping_best, holdout_split
 
 
@@ -29,7 +29,7 @@ class GateReport:
 
 def activation_magnitude(layer, x: torch.Tensor) -> torch.Tensor:
     """|act(gate_proj x) * up_proj x| per neuron: how much each neuron contributes, (N, H)."""
-    return (layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)).abs()
+    return neuron_scores(layer.gate_proj(x), layer.up_proj(x), layer.act_fn)
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,8 +85,10 @@ def train_gate(
 def train_gates(
     model, calibration_inputs: list[torch.Tensor], *, work_dir=None, progress: bool = True, **options
 ) -> list[GateReport]:
-    """Train the gate of every MGS layer of `model` on that layer's captured inputs (resumable
-    per layer with `work_dir`)."""
+    """Train the linear gate of every MGS layer of `model` on that layer's captured inputs
+    (resumable per layer with `work_dir`). The quantized predictor has nothing to train: []."""
+    if model.config.sparse_mlp.get("predictor", "linear") != "linear":
+        return []
     from .distillation import for_each_sparse_layer
 
     def run_one(index: int, mlp) -> GateReport:
@@ -101,33 +103,3 @@ def train_gates(
 
     return for_each_sparse_layer(model, run_one, GateReport, work_dir=work_dir, only="mgs",
                                  desc="training gates", progress=progress)
-
-
-QUANTILE_SAMPLE = 1 << 22  # torch.quantile takes at most 2**24 elements
-
-
-@torch.no_grad()
-def calibrate_threshold(layer, inputs: torch.Tensor, seed: int = 0) -> float:
-    """Set `layer.gate_threshold` so that, on `inputs`, the gate selects `density` of the neurons
-    on average (per token the count varies: that is the point of threshold selection)."""
-    param = next(layer.micro_gate.parameters())
-    scores = layer.micro_gate(inputs.to(device=param.device, dtype=param.dtype)).float().reshape(-1)
-    if scores.numel() > QUANTILE_SAMPLE:
-        generator = torch.Generator().manual_seed(seed)
-        scores = scores[torch.randint(0, scores.numel(), (QUANTILE_SAMPLE,), generator=generator).to(scores.device)]
-    threshold = torch.quantile(scores, 1.0 - layer.spec.density)
-    layer.gate_threshold.fill_(threshold.item())
-    return float(threshold)
-
-
-def use_threshold_selection(model, calibration_inputs: list[torch.Tensor]) -> list[float]:
-    """Switch every MGS layer of `model` (and its config) to `selection='threshold'`, with
-    per-layer thresholds calibrated on the captured inputs. Returns the thresholds."""
-    thresholds = []
-    for index, mlp in model.sparse_mlps():
-        if mlp.sparse_method != "mgs":
-            continue
-        mlp.spec = dataclasses.replace(mlp.spec, selection="threshold")
-        thresholds.append(calibrate_threshold(mlp, calibration_inputs[index], seed=index))
-    model.config.sparse_mlp = {**model.config.sparse_mlp, "selection": "threshold"}
-    return thresholds

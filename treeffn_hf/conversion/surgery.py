@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import Architecture, architecture_for
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
+from ..modeling.predictors import QuantizedPredictor
 from .partition import partition_neurons
 
 
@@ -103,19 +104,23 @@ def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -
         state[f"{name}.weight"] = linear.weight.detach().clone()
         if linear.bias is not None:
             state[f"{name}.bias"] = linear.bias.detach().clone()
-    # Start the micro gate as the best rank-r approximation of gate_proj: its top-k then picks
-    # the neurons with the largest gate pre-activation, a far better start than random.
-    weight = gate.weight.detach().float()
     dtype = gate.weight.dtype
-    if spec.rank is None:
-        state["micro_gate.scorer.weight"] = weight.to(dtype).clone()
+    if spec.predictor == "quantized":
+        predictor = QuantizedPredictor.state_from(gate.weight, up.weight, spec.group_size)
+        state.update({f"micro_gate.{k}": v for k, v in predictor.items()})
     else:
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        root = s[: spec.rank].sqrt()
-        state["micro_gate.encoder.weight"] = (root[:, None] * vh[: spec.rank]).to(dtype)
-        state["micro_gate.scorer.weight"] = (u[:, : spec.rank] * root[None, :]).to(dtype)
-    state["micro_gate.scorer.bias"] = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
-    state["gate_threshold"] = torch.zeros((), dtype=dtype, device=weight.device)
+        # Start the linear gate as the best rank-r approximation of gate_proj: its top-k then
+        # picks the neurons with the largest gate pre-activation, a far better start than random.
+        weight = gate.weight.detach().float()
+        if spec.rank is None:
+            state["micro_gate.scorer.weight"] = weight.to(dtype).clone()
+        else:
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            root = s[: spec.rank].sqrt()
+            state["micro_gate.encoder.weight"] = (root[:, None] * vh[: spec.rank]).to(dtype)
+            state["micro_gate.scorer.weight"] = (u[:, : spec.rank] * root[None, :]).to(dtype)
+        state["micro_gate.scorer.bias"] = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+    state["gate_threshold"] = torch.zeros((), dtype=dtype, device=gate.weight.device)
     return state
 
 

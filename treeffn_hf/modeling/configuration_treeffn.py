@@ -15,8 +15,11 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from .layer_spec import LayerSpec, spec_from_dict
 
-# A pruned tree model keeps each layer's live leaves beside the shared spec (they differ by layer).
+# Per-layer values kept beside the shared spec: a pruned tree's live leaves, and an MGS model's
+# allocated densities (greedy budget allocation gives each layer its own).
 LAYER_LIVE_LEAVES = "layer_live_leaves"
+LAYER_DENSITIES = "layer_densities"
+_PER_LAYER = {LAYER_LIVE_LEAVES: "live_leaves", LAYER_DENSITIES: "density"}
 _ATTENTION_ONLY = "mlp."  # tensor-parallel plans of the base configs name the dense MLP projections
 
 
@@ -40,17 +43,20 @@ class SparseConfigMixin:
                 f"{type(self).__name__} has no `sparse_mlp` spec; build sparse models with "
                 "treeffn_hf.convert(...) or from a saved treeffn checkpoint"
             )
-        return spec_from_dict({k: v for k, v in self.sparse_mlp.items() if k != LAYER_LIVE_LEAVES})
+        return spec_from_dict({k: v for k, v in self.sparse_mlp.items() if k not in _PER_LAYER})
 
     def sparse_spec_for_layer(self, index: int) -> LayerSpec:
-        """The spec of decoder layer `index`: the shared spec, with its live leaves if pruned."""
+        """The spec of decoder layer `index`: the shared spec, with that layer's own live leaves
+        (pruned trees) or density (allocated MGS budgets) where the config lists them."""
         spec = self.sparse_spec
-        per_layer = self.sparse_mlp.get(LAYER_LIVE_LEAVES)
-        if per_layer is None:
-            return spec
-        if len(per_layer) != self.num_hidden_layers:
-            raise ValueError(f"{LAYER_LIVE_LEAVES} lists {len(per_layer)} layers, the model has {self.num_hidden_layers}")
-        return dataclasses.replace(spec, live_leaves=per_layer[index])
+        for key, field in _PER_LAYER.items():
+            per_layer = self.sparse_mlp.get(key)
+            if per_layer is None:
+                continue
+            if len(per_layer) != self.num_hidden_layers:
+                raise ValueError(f"{key} lists {len(per_layer)} layers, the model has {self.num_hidden_layers}")
+            spec = dataclasses.replace(spec, **{field: per_layer[index]})
+        return spec
 
 
 @strict

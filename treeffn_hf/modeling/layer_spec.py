@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 ROUTING_MODES = ("self", "hyperplane")
 ACTIVATION_PLACEMENTS = ("per_node", "after_sum")
 MGS_SELECTIONS = ("top_k", "threshold")
+MGS_PREDICTORS = ("quantized", "linear")
 MAX_DEPTH = 20
 
 
@@ -219,28 +220,43 @@ class TreeSpec:
 
 @dataclass(frozen=True)
 class MGSSpec:
-    """Micro-gated MLP: the dense SwiGLU weights plus a small gate that picks neurons per token.
+    """Micro-gated MLP: the dense SwiGLU weights plus a predictor that picks neurons per token.
 
-    `rank=None` uses a full `Linear(hidden, intermediate)` gate, as in the MGS paper; an integer
-    uses `Linear(hidden, rank) -> Linear(rank, intermediate)`. `selection='top_k'` computes
-    `ceil(density * intermediate)` neurons per token; `selection='threshold'` computes the
-    neurons whose gate logit exceeds a per-layer threshold calibrated to `density`.
+    `predictor='quantized'` scores each neuron by |silu(g~) * u~| on group-wise 4-bit copies of
+    gate_proj and up_proj (`group_size` weights per bf16 scale and zero; resolved to the largest
+    power of two up to it that divides the hidden size); it needs no training.
+    `predictor='linear'` is a trained gate: `Linear(hidden, rank) -> Linear(rank, intermediate)`,
+    or a full `Linear(hidden, intermediate)` with `rank=None`, as in the MGS paper.
+
+    `selection='top_k'` computes `ceil(density * intermediate)` neurons per token;
+    `selection='threshold'` computes the neurons whose score exceeds a per-layer threshold
+    calibrated to `density` on data (the count then varies per token).
     """
 
-    density: float = 0.25
+    density: float = 0.4
+    predictor: Literal["quantized", "linear"] = "quantized"
     rank: Optional[int] = 64
+    group_size: int = 64
     selection: Literal["top_k", "threshold"] = "top_k"
 
     method = "mgs"
 
     def resolve(self, hidden_size: int, intermediate_size: int) -> "MGSSpec":
         self.validate()
-        if self.rank is not None and not 1 <= self.rank <= min(hidden_size, intermediate_size):
-            raise InvalidSpecError(
-                f"rank must be in [1, {min(hidden_size, intermediate_size)}] or None (full gate), "
-                f"got {self.rank}"
-            )
-        return self
+        if self.predictor == "linear":
+            if self.rank is not None and not 1 <= self.rank <= min(hidden_size, intermediate_size):
+                raise InvalidSpecError(
+                    f"rank must be in [1, {min(hidden_size, intermediate_size)}] or None (full gate), "
+                    f"got {self.rank}"
+                )
+            return self
+        if hidden_size % 2:
+            raise InvalidSpecError(f"the quantized predictor packs two 4-bit codes a byte: hidden size "
+                                   f"{hidden_size} must be even; use predictor='linear'")
+        group = 1 << (self.group_size.bit_length() - 1)
+        while hidden_size % group:
+            group //= 2
+        return dataclasses.replace(self, group_size=max(group, 2))
 
     def validate(self) -> None:
         """Checks that need no model shape."""
@@ -250,8 +266,12 @@ class MGSSpec:
             raise InvalidSpecError(
                 f"selection must be one of {MGS_SELECTIONS}, got {self.selection!r}"
             )
+        if self.predictor not in MGS_PREDICTORS:
+            raise InvalidSpecError(f"predictor must be one of {MGS_PREDICTORS}, got {self.predictor!r}")
         if self.rank is not None and self.rank < 1:
             raise InvalidSpecError(f"rank must be >= 1 or None (full gate), got {self.rank}")
+        if self.group_size < 2:
+            raise InvalidSpecError(f"group_size must be >= 2, got {self.group_size}")
 
     def top_k(self, intermediate_size: int) -> int:
         # The epsilon keeps 0.1 * 1000 from rounding up to 101 through float error.
@@ -272,6 +292,8 @@ def spec_from_dict(data: dict[str, Any]) -> LayerSpec:
     if method not in _SPEC_TYPES:
         raise InvalidSpecError(f"unknown sparse method {method!r}; expected one of {sorted(_SPEC_TYPES)}")
     cls = _SPEC_TYPES[method]
+    if method == "mgs":
+        data.setdefault("predictor", "linear")  # checkpoints from before the predictor choice
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:

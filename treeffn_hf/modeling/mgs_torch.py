@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 # Above this fraction of neurons, gathering rows is slower than the dense matmuls
-# (benchmarks/results/bench_mlp_cpu.json: at batch 1 the gather wins at 10%, loses at 25%).
+# (benchmarks/results/bench_mlp_cpu.json: at batch 1 the gather wins at 10%, loses at 25%; at 42%
+# it runs at 0.46x (SmolLM2 shape) and 0.62x (1B shape) of the fp32 dense MLP: index_select copies
+# the rows before the GEMV reads them, where the dense sgemv streams the weights once).
 GATHER_MAX_FRACTION = 0.15
 
 
@@ -56,28 +58,36 @@ def _union_expected_too_large(layer, tokens: int, width: int) -> bool:
     return expected > 2 * GATHER_MAX_FRACTION
 
 
+def _token_rows(layer, scores: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of one token's selected neurons, matching `select_neurons`."""
+    if layer.spec.selection == "top_k":
+        return scores[0].topk(layer.spec.top_k(scores.shape[-1]), sorted=False).indices.sort().values
+    return (scores[0] > layer.gate_threshold).nonzero().squeeze(1)
+
+
 def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a MicroGatedMLP) for x: (N, hidden) and its gate scores (N, H)."""
     bias = layer.down_proj.bias
     width = scores.shape[-1]
-    too_dense = layer.spec.selection == "top_k" and layer.spec.top_k(width) > GATHER_MAX_FRACTION * width
-    if x.shape[0] == 1 and not too_dense:
-        if layer.spec.selection == "top_k":
-            rows = scores[0].topk(layer.spec.top_k(scores.shape[-1]), sorted=False).indices
-        else:
-            rows = (scores[0] > layer.gate_threshold).nonzero().squeeze(1)
+    if x.shape[0] == 1:
+        rows = _token_rows(layer, scores)
         layer._record_count(rows.numel(), tokens=1)
-        g, u = _gathered(layer, x, rows)
-        out = F.embedding_bag(rows[None], down_rows(layer), per_sample_weights=g * u, mode="sum")  # rows read in place
-        return out if bias is None else out + bias
-    selected = _select(layer, scores)
-    layer._record_density(selected)
-    if not (too_dense or _union_expected_too_large(layer, x.shape[0], width)):
-        union = selected.any(dim=0).nonzero().squeeze(1)  # one host sync: the union's size
-        if union.numel() <= GATHER_MAX_FRACTION * layer.intermediate_size:
-            g, u = _gathered(layer, x, union)
-            out = (g * u * selected[:, union]) @ down_rows(layer).index_select(0, union)
+        if rows.numel() <= GATHER_MAX_FRACTION * width:
+            g, u = _gathered(layer, x, rows)
+            out = F.embedding_bag(rows[None], down_rows(layer), per_sample_weights=g * u, mode="sum")  # in place
             return out if bias is None else out + bias
-    # the union covers most neurons: dense matmuls with the selection as a mask
+        selected = torch.zeros_like(scores, dtype=torch.bool)
+        selected[0, rows] = True
+    else:
+        selected = _select(layer, scores)
+        layer._record_density(selected)
+        too_dense = layer.spec.selection == "top_k" and layer.spec.top_k(width) > GATHER_MAX_FRACTION * width
+        if not (too_dense or _union_expected_too_large(layer, x.shape[0], width)):
+            union = selected.any(dim=0).nonzero().squeeze(1)  # one host sync: the union's size
+            if union.numel() <= GATHER_MAX_FRACTION * layer.intermediate_size:
+                g, u = _gathered(layer, x, union)
+                out = (g * u * selected[:, union]) @ down_rows(layer).index_select(0, union)
+                return out if bias is None else out + bias
+    # most neurons are needed: dense matmuls with the selection as a mask
     hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * selected
     return layer.down_proj(hidden)

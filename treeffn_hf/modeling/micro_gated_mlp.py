@@ -1,7 +1,8 @@
 """Micro-gated MLP (MGS): the dense SwiGLU weights plus a small gate that picks neurons per token.
 
 `gate_proj` / `up_proj` / `down_proj` keep the Hugging Face names and shapes, so dense weights load
-unchanged. The micro gate scores every intermediate neuron; only the selected ones are computed.
+unchanged. The predictor (`micro_gate`: a 4-bit view of gate/up, or a trained linear gate; predictors.py)
+scores every intermediate neuron; only the selected ones are computed.
 """
 
 from __future__ import annotations
@@ -14,24 +15,15 @@ from torch import nn
 from .dispatch import choose_path
 from .layer_spec import MGSSpec
 from .mgs_torch import mgs_fast
-from .sparse_cost import SparseCost
+from .predictors import LinearGate, QuantizedPredictor
+from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
 
-class MicroGate(nn.Module):
-    """`scorer(encoder(x))` with a low-rank bottleneck, or `scorer(x)` when `rank is None`."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, rank: Optional[int]) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(hidden_size, rank, bias=False) if rank is not None else None
-        self.scorer = nn.Linear(rank if rank is not None else hidden_size, intermediate_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.encoder is not None:
-            x = self.encoder(x)
-        return self.scorer(x)
-
-    def num_weight_elems(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+def build_predictor(spec: MGSSpec, hidden_size: int, intermediate_size: int, act_fn: nn.Module) -> nn.Module:
+    """The neuron predictor `spec.predictor` names (see predictors.py)."""
+    if spec.predictor == "quantized":
+        return QuantizedPredictor(hidden_size, intermediate_size, spec.group_size, act_fn)
+    return LinearGate(hidden_size, intermediate_size, spec.rank)
 
 
 def select_neurons(scores: torch.Tensor, spec: MGSSpec, threshold: torch.Tensor) -> torch.Tensor:
@@ -59,7 +51,7 @@ class MicroGatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = act_fn
-        self.micro_gate = MicroGate(hidden_size, intermediate_size, self.spec.rank)
+        self.micro_gate = build_predictor(self.spec, hidden_size, intermediate_size, act_fn)
         # Calibrated per layer for selection='threshold'; saved with the checkpoint.
         self.register_buffer("gate_threshold", torch.zeros(()))
         self._tokens_seen = 0
@@ -119,20 +111,25 @@ class MicroGatedMLP(nn.Module):
         else:
             measured = self.measured_units()
             units = measured if measured is not None else self.spec.density * self.intermediate_size
-        gate_elems = 0 if self.computes_everything else self.micro_gate.num_weight_elems()
+        predictor_bytes = 0 if self.computes_everything else self.micro_gate.num_bytes()
         return SparseCost(
             active_units=units,
             total_units=self.intermediate_size,
-            active_weight_elems=3 * units * self.hidden_size + gate_elems,
-            dense_weight_elems=3 * self.intermediate_size * self.hidden_size,
+            active_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * units * self.hidden_size + predictor_bytes,
+            dense_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * self.intermediate_size * self.hidden_size,
         )
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"density={s.density}, rank={s.rank}, selection={s.selection}"
+        predictor = f"rank={s.rank}" if s.predictor == "linear" else f"4-bit, groups of {s.group_size}"
+        return f"density={s.density}, predictor={s.predictor} ({predictor}), selection={s.selection}"
+
+
+def mgs_hidden(layer: MicroGatedMLP, x: torch.Tensor) -> torch.Tensor:
+    """act(gate_proj x) * up_proj x for every neuron, (N, H)."""
+    return layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)
 
 
 def mgs_masked_dense(layer: MicroGatedMLP, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Reference computation: all neurons computed, unselected ones zeroed (zero gradient too)."""
-    hidden = layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x) * mask
-    return layer.down_proj(hidden)
+    return layer.down_proj(mgs_hidden(layer, x) * mask)

@@ -5,19 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+SERVED_BYTES_PER_WEIGHT = 2  # bf16: the dtype users serve, whatever the layer is stored in
+
 
 @dataclass(frozen=True)
 class SparseCost:
-    """Units are intermediate neurons; weight elements include routers and gates that are read.
+    """Units are intermediate neurons; weight bytes include the routers and predictors that are read.
 
-    Both denominators are the dense MLP's (`intermediate` neurons, `3 * hidden * intermediate`
-    weights), so fractions compare directly with the dense model.
+    Bytes are counted as served: every weight in bf16, a quantised predictor at its bit width
+    with its scales, so storing a layer in fp32 does not change its fraction. Both denominators
+    are the dense MLP's (`intermediate` neurons, `3 * hidden * intermediate` bf16 weights), so
+    fractions compare directly with the dense model.
     """
 
     active_units: float
     total_units: int
-    active_weight_elems: float
-    dense_weight_elems: int
+    active_weight_bytes: float
+    dense_weight_bytes: int
 
     @property
     def unit_fraction(self) -> float:
@@ -25,14 +29,14 @@ class SparseCost:
 
     @property
     def weight_fraction(self) -> float:
-        return self.active_weight_elems / self.dense_weight_elems
+        return self.active_weight_bytes / self.dense_weight_bytes
 
     def __add__(self, other: "SparseCost") -> "SparseCost":
         return SparseCost(
             self.active_units + other.active_units,
             self.total_units + other.total_units,
-            self.active_weight_elems + other.active_weight_elems,
-            self.dense_weight_elems + other.dense_weight_elems,
+            self.active_weight_bytes + other.active_weight_bytes,
+            self.dense_weight_bytes + other.dense_weight_bytes,
         )
 
     @staticmethod

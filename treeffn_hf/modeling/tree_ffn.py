@@ -34,7 +34,7 @@ from torch import nn
 
 from .dispatch import choose_path
 from .layer_spec import TreeSpec
-from .sparse_cost import SparseCost
+from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 from .tree_ffn_torch import tree_ffn_fast
 
 
@@ -215,8 +215,8 @@ class TreeFFN(nn.Module):
         return SparseCost(
             active_units=float(rows_read),
             total_units=self.intermediate_size,
-            active_weight_elems=float(3 * rows_read * self.hidden_size + router_elems),
-            dense_weight_elems=3 * self.intermediate_size * self.hidden_size,
+            active_weight_bytes=float(SERVED_BYTES_PER_WEIGHT * (3 * rows_read * self.hidden_size + router_elems)),
+            dense_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * self.intermediate_size * self.hidden_size,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,172 @@
+"""Per-layer budgets of the micro-gated MLP, set on calibration data without training.
+
+- **Thresholds**: each layer keeps the neurons whose predictor score exceeds a threshold, the
+  quantile of its calibration scores that selects the layer's density on average. A token then
+  computes as many neurons as it needs (thresholds beat a fixed k: see DESIGN.md).
+- **Allocation**: a mean density (or a mean fraction of MLP weight bytes) is shared out across
+  layers greedily, in the manner of TEAL, on a calibration loss: each layer's sensitivity is the
+  KL divergence from the dense model's next-token distribution when that layer alone runs at a
+  grid of densities; from dense, the layer whose next step down adds the least KL gives it up,
+  until the budget is met exactly. (The layer's own output error is a poor guide: layers whose
+  relative error stays small at low density still hurt the model.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..modeling.configuration_treeffn import LAYER_DENSITIES
+
+SCORE_SAMPLE = 1 << 21  # calibration scores per layer that the thresholds are read from
+SENSITIVITY_DENSITIES = (0.8, 0.6, 0.45, 0.3, 0.2, 0.1)  # where each layer's KL is measured
+GRID_STEP = 1 / 128  # density steps the greedy allocation moves by
+
+
+@torch.no_grad()
+def ranked_scores(layer, inputs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A sorted sample of `layer`'s predictor scores on `inputs` (tokens, hidden)."""
+    weight = layer.gate_proj.weight
+    scores = layer.micro_gate(inputs.to(device=weight.device, dtype=weight.dtype)).float().reshape(-1)
+    if scores.numel() > SCORE_SAMPLE:
+        generator = torch.Generator().manual_seed(seed)
+        scores = scores[torch.randint(0, scores.numel(), (SCORE_SAMPLE,), generator=generator).to(scores.device)]
+    return scores.sort().values
+
+
+def threshold_for(ranked: torch.Tensor, density: float) -> float:
+    """The threshold above which `density` of the ranked scores lie (-inf keeps every neuron)."""
+    if density >= 1.0:
+        return float("-inf")
+    position = min(ranked.numel() - 1, max(0, round((1.0 - density) * ranked.numel()) - 1))
+    return float(ranked[position])
+
+
+def use_threshold(layer, threshold: float, density: float) -> None:
+    layer.spec = dataclasses.replace(layer.spec, density=density, selection="threshold")
+    layer.gate_threshold.fill_(threshold)
+
+
+def use_all_neurons(layer) -> None:
+    """Make `layer` compute every neuron, the plain dense MLP (no predictor run)."""
+    layer.spec = dataclasses.replace(layer.spec, density=1.0, selection="top_k")
+
+
+def calibrate_threshold(layer, inputs: torch.Tensor, density: Optional[float] = None, seed: int = 0) -> float:
+    """Switch `layer` (a MicroGatedMLP) to threshold selection at `density` (default: its spec's),
+    with the threshold that selects that fraction of neurons on `inputs` on average."""
+    density = layer.spec.density if density is None else density
+    threshold = threshold_for(ranked_scores(layer, inputs, seed), density)
+    use_threshold(layer, threshold, density)
+    return threshold
+
+
+def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def layer_sensitivities(model, layers: list, ranked: list[torch.Tensor], ids: torch.Tensor,
+                        densities: Sequence[float] = SENSITIVITY_DENSITIES, progress: bool = True) -> torch.Tensor:
+    """(layers, densities): mean KL(dense || model) per token on `ids` when only that layer is sparse
+    at that density (every other layer computes all its neurons)."""
+    for _, mlp in layers:
+        use_all_neurons(mlp)
+    ids = ids.to(next(model.parameters()).device)
+    dense = _log_probs(model, ids)
+    table = torch.zeros(len(layers), len(densities))
+    cases = [(row, col) for row in range(len(layers)) for col in range(len(densities))]
+    for row, col in tqdm(cases, desc="allocation: layer sensitivities", disable=not progress):
+        mlp = layers[row][1]
+        use_threshold(mlp, threshold_for(ranked[row], densities[col]), densities[col])
+        sparse = _log_probs(model, ids)
+        table[row, col] = float((dense.exp() * (dense - sparse)).sum(-1).mean())
+        use_all_neurons(mlp)
+    return table
+
+
+def allocate_greedy(costs: Sequence[Sequence[float]], densities: Sequence[float], target: float,
+                    step: float = GRID_STEP) -> list[float]:
+    """Per-layer densities with mean exactly `target`, from measured costs (a row per layer, at
+    `densities`, descending; cost 0 at density 1 is implied), linearly interpolated: from density
+    1, repeatedly lower by `step` the layer whose step adds the least cost; the last step is cut
+    short so that the mean lands on the target."""
+    points = [1.0, *densities]
+    lowest = points[-1]
+    if not lowest <= target <= 1.0:
+        raise ValueError(f"target density {target} is outside the measured range [{lowest}, 1]")
+
+    def cost(layer: int, density: float) -> float:
+        values = [0.0, *costs[layer]]
+        for (d0, c0), (d1, c1) in zip(zip(points, values), zip(points[1:], values[1:])):
+            if d1 <= density <= d0:
+                return c0 + (c1 - c0) * (d0 - density) / (d0 - d1)
+        raise ValueError(f"density {density} outside [{lowest}, 1]")
+
+    current = [1.0] * len(costs)
+    excess = (1.0 - target) * len(costs)
+    while excess > 1e-12:
+        options = [(cost(i, max(lowest, d - step)) - cost(i, d), i) for i, d in enumerate(current) if d > lowest]
+        _, layer = min(options)
+        move = min(step, excess, current[layer] - lowest)
+        current[layer] -= move
+        excess -= move
+    return current
+
+
+@torch.no_grad()
+def calibrate_mgs(
+    model,
+    calibration_inputs: list[torch.Tensor],
+    *,
+    density: Optional[float] = None,
+    weight_fraction: Optional[float] = None,
+    allocation: str = "uniform",
+    loss_ids: Optional[torch.Tensor] = None,
+    progress: bool = True,
+) -> dict:
+    """Give every MGS layer of `model` a calibrated threshold, at per-layer densities whose mean is
+    `density` (default: the spec's), or whose MLP weight bytes read (predictor included) average
+    `weight_fraction`. `allocation` is 'uniform' (the default: on SmolLM2 it did as well as
+    greedy) or 'greedy' (TEAL-style, on the KL of `loss_ids`, a few token windows of calibration
+    text). The config records the densities and the threshold
+    selection. Returns what was set."""
+    layers = [(index, mlp) for index, mlp in model.sparse_mlps() if mlp.sparse_method == "mgs"]
+    if not layers:
+        raise ValueError("the model has no MGS layers to calibrate")
+    if allocation not in ("greedy", "uniform"):
+        raise ValueError(f"allocation must be 'greedy' or 'uniform', got {allocation!r}")
+    if allocation == "greedy" and loss_ids is None:
+        raise ValueError("greedy allocation measures a calibration loss: pass loss_ids (token windows)")
+    if density is not None and weight_fraction is not None:
+        raise ValueError("give a target density or a target weight fraction, not both")
+    if weight_fraction is not None:
+        density = weight_fraction - predictor_fraction(layers[0][1])  # every layer reads its predictor
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"weight fraction {weight_fraction} leaves density {density:.3f} once the "
+                             f"predictor's {predictor_fraction(layers[0][1]):.3f} is read")
+    density = float(model.config.sparse_mlp["density"] if density is None else density)  # the mean, not a layer's
+    ranked = [ranked_scores(mlp, calibration_inputs[index], seed=index) for index, mlp in layers]
+    sensitivities = None
+    if allocation == "uniform":
+        densities = [density] * len(layers)
+    else:
+        sensitivities = layer_sensitivities(model, layers, ranked, loss_ids, progress=progress)
+        densities = allocate_greedy(sensitivities.tolist(), SENSITIVITY_DENSITIES, density)
+    thresholds = []
+    for (_, mlp), layer_ranked, layer_density in zip(layers, ranked, densities):
+        thresholds.append(threshold_for(layer_ranked, layer_density))
+        use_threshold(mlp, thresholds[-1], layer_density)
+    model.config.sparse_mlp = {**model.config.sparse_mlp, "selection": "threshold", "density": density,
+                               LAYER_DENSITIES: densities}
+    return {"allocation": allocation, "density": density, "layer_densities": densities, "thresholds": thresholds,
+            "sensitivities": None if sensitivities is None else sensitivities.tolist()}
+
+
+def predictor_fraction(layer) -> float:
+    """The predictor's bytes as a fraction of the dense MLP's bf16 bytes."""
+    return layer.micro_gate.num_bytes() / (2 * 3 * layer.hidden_size * layer.intermediate_size)

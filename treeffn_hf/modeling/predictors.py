@@ -1,0 +1,155 @@
+"""Neuron predictors of the micro-gated MLP: a score per intermediate neuron, before any is computed.
+
+- `QuantizedPredictor` (`predictor="quantized"`, the default): group-wise 4-bit copies of
+  `gate_proj` and `up_proj`. The score is |silu(g~) * u~|, the oracle's own criterion on the
+  quantised weights; it needs no training. On this CPU the copies are read by torch's packed
+  int4 matmul; elsewhere they are dequantised per call.
+- `LinearGate` (`predictor="linear"`): a trained gate, `scorer(encoder(x))` (low rank) or
+  `scorer(x)` (`rank=None`); the score is a logit. Kept as the baseline.
+
+Each predictor says how many bytes a token reads from it (`num_bytes`), counted as served:
+weights in bf16 (2 bytes, whatever the storage dtype), packed codes at their bit width, and their
+bf16 scales. That is what the MGS layer's weight fraction adds to the selected rows.
+This file is part of the remote-code bundle.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sparse_cost import SERVED_BYTES_PER_WEIGHT
+
+CODE_OFFSET = 8  # 4-bit codes 0..15 around a zero point, the layout of torch's int4 CPU matmul
+INT4_MM_GROUPS = (32, 64, 128, 256)  # group sizes the packed int4 CPU matmul accepts
+# The int4 CPU matmul is a decode kernel: past a few rows a dequantised fp32 GEMM is faster
+# (SmolLM2 shape, 2 threads: 0.18 ms vs 0.97 ms at 1 token, 16 ms vs 6 ms at 256).
+INT4_MM_MAX_TOKENS = 16
+
+
+class LinearGate(nn.Module):
+    """`scorer(encoder(x))` with a low-rank bottleneck, or `scorer(x)` when `rank is None`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, rank: Optional[int]) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(hidden_size, rank, bias=False) if rank is not None else None
+        self.scorer = nn.Linear(rank if rank is not None else hidden_size, intermediate_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            x = self.encoder(x)
+        return self.scorer(x)
+
+    def num_bytes(self) -> int:
+        return SERVED_BYTES_PER_WEIGHT * sum(p.numel() for p in self.parameters())
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric 4-bit quantisation of `weight` (N, K) in groups of `group_size`
+    along K: returns codes (N, K) uint8 in [0, 15] and bf16 scales, zeros (N, K / group_size), with
+    w ~ (code - 8) * scale + zero. Scales and zeros are rounded to bf16 before the codes are
+    chosen, so the codes are the nearest for the stored grid."""
+    rows, width = weight.shape
+    groups = weight.detach().float().reshape(rows, width // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp_min(1e-8).to(torch.bfloat16)
+    zero = (low + CODE_OFFSET * scale.float()).to(torch.bfloat16)
+    codes = ((groups - zero.float()[..., None]) / scale.float()[..., None] + CODE_OFFSET).round().clamp(0, 15)
+    return codes.to(torch.uint8).reshape(rows, width), scale, zero
+
+
+def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float32 weight (N, K) that codes (N, K), scale and zero (N, K / group) stand for."""
+    rows, width = codes.shape
+    groups = codes.reshape(rows, scale.shape[1], -1).float() - CODE_OFFSET
+    return (groups * scale.float()[..., None] + zero.float()[..., None]).reshape(rows, width)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K / 2) bytes, the even column in the low nibble."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def neuron_scores(gate: torch.Tensor, up: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """|act(g) * u|: how much each neuron contributes (the oracle criterion, and the quantised
+    predictor's score on approximate g and u)."""
+    return (act_fn(gate) * up).abs()
+
+
+class QuantizedPredictor(nn.Module):
+    """Scores |silu(g~) * u~| from 4-bit group-wise copies of gate_proj and up_proj.
+
+    Buffers (saved with the checkpoint): `codes`, the packed nibbles of [gate_proj; up_proj]
+    (2H, hidden / 2); `scales` and `zeros`, bf16 (2H, hidden / group_size). No parameters: the
+    copies are fixed by the dense weights (`load_from`), not trained.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, group_size: int, act_fn: nn.Module) -> None:
+        super().__init__()
+        if hidden_size % 2 or hidden_size % group_size:
+            raise ValueError(f"hidden size {hidden_size} must be even and a multiple of the group size {group_size}")
+        self.hidden_size, self.intermediate_size, self.group_size = hidden_size, intermediate_size, group_size
+        self.act_fn = act_fn
+        groups = hidden_size // group_size
+        self.register_buffer("codes", torch.zeros(2 * intermediate_size, hidden_size // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(2 * intermediate_size, groups, dtype=torch.bfloat16))
+        self.register_buffer("zeros", torch.zeros(2 * intermediate_size, groups, dtype=torch.bfloat16))
+        self._packed_cache = None
+
+    @staticmethod
+    def state_from(gate_weight: torch.Tensor, up_weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+        """The buffers that quantise these dense weights (keys relative to the predictor)."""
+        codes, scales, zeros = quantize_int4(torch.cat([gate_weight, up_weight]), group_size)
+        return {"codes": pack_nibbles(codes), "scales": scales, "zeros": zeros}
+
+    def dequantized(self) -> torch.Tensor:
+        """[gate_proj; up_proj] as the predictor sees them, float32 (2H, hidden)."""
+        return dequantize_int4(unpack_nibbles(self.codes), self.scales, self.zeros)
+
+    def uses_int4_matmul(self, x: torch.Tensor) -> bool:
+        """Whether `x` is scored by torch's packed int4 CPU matmul (else dequantise and matmul)."""
+        return (x.device.type == "cpu" and x.shape[0] <= INT4_MM_MAX_TOKENS and self.group_size in INT4_MM_GROUPS
+                and (2 * self.intermediate_size) % 16 == 0  # the packing's tile of output rows
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+    def _int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.codes.data_ptr(), self.codes._version, self.scales._version, self.zeros._version)
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            codes = unpack_nibbles(self.codes).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            scale_zero = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()  # (groups, 2H, 2)
+            self._packed_cache = (key, (packed, scale_zero))
+        return self._packed_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, H) float32 scores."""
+        if self.uses_int4_matmul(x):
+            packed, scale_zero = self._int4_operands()
+            both = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16), packed, self.group_size, scale_zero).float()
+        else:
+            both = F.linear(x.float(), self.dequantized().to(x.device))
+        gate, up = both.split(self.intermediate_size, dim=-1)
+        return neuron_scores(gate, up, self.act_fn)
+
+    def num_bytes(self) -> int:
+        return self.codes.numel() + SERVED_BYTES_PER_WEIGHT * (self.scales.numel() + self.zeros.numel())
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` must not touch the quantised format (a round trip through fp16 would
+        # lose scales): a buffer whose dtype changed is moved to the new device instead.
+        self._packed_cache = None
+        saved = {name: getattr(self, name) for name in ("codes", "scales", "zeros")}
+        result = super()._apply(fn, recurse)
+        for name, before in saved.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return result
