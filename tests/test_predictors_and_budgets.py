@@ -84,6 +84,17 @@ def test_fast_path_equals_reference_with_the_quantized_predictor(selection, toke
     assert_fast_path_matches_reference(layer, x)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_token_that_selects_no_neuron_gets_the_bias_alone(bias):
+    layer = MicroGatedMLP(64, 96, MGSSpec(density=0.3, selection="threshold"), torch.nn.SiLU(), bias=bias)
+    layer = layer.double().requires_grad_(False)
+    layer.gate_threshold.fill_(float("inf"))
+    x = torch.randn(1, 64, dtype=torch.float64)
+    out = assert_fast_path_matches_reference(layer, x)
+    assert layer.measured_units() == 0
+    torch.testing.assert_close(out, layer.down_proj.bias.expand(1, 64) if bias else torch.zeros(1, 64, dtype=torch.float64))
+
+
 def test_resolve_picks_a_group_that_divides_the_hidden_size():
     assert MGSSpec(group_size=64).resolve(576, 1536).group_size == 64
     assert MGSSpec(group_size=128).resolve(576, 1536).group_size == 64

@@ -72,6 +72,9 @@ def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1:
         rows = _token_rows(layer, scores)
         layer._record_count(rows.numel(), tokens=1)
+        if rows.numel() == 0:  # a threshold can select nothing: the MLP adds only its bias
+            out = torch.zeros_like(x)
+            return out if bias is None else out + bias
         if rows.numel() <= GATHER_MAX_FRACTION * width:
             g, u = _gathered(layer, x, rows)
             out = F.embedding_bag(rows[None], down_rows(layer), per_sample_weights=g * u, mode="sum")  # in place
