@@ -99,3 +99,12 @@ def test_threshold_selection_is_refused_for_trees(dense_dir, tmp_path, capsys):
                  "--no-progress"])
     assert code == 1 and "MGS models only" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+
+
+def test_a_density_with_top_k_selection_is_refused(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", MGSSpec(density=0.3))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--selection", "top_k",
+                 "--density", "0.2", "--no-progress"])
+    assert code == 1 and "not with --selection top_k" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "distill-work" in p.name]

@@ -194,6 +194,8 @@ def distill_checkpoint(
         if sparse.config.sparse_mlp["method"] != "mgs" and (
                 selection is not None or density is not None or weight_fraction is not None):
             raise CheckpointError("--selection, --density and --weight-fraction apply to MGS models only")
+        if selection == "top_k" and (density is not None or weight_fraction is not None):
+            raise CheckpointError("--density and --weight-fraction set calibrated thresholds: not with --selection top_k")
         tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
         dense_model, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
         if dense_model.config.num_hidden_layers != sparse.config.num_hidden_layers or (
