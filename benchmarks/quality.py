@@ -1,6 +1,6 @@
 """Quality of SmolLM2-135M's sparse variants against dense, the oracles and two baselines, in one run.
 
-    python benchmarks/quality.py --only mgs          # the MGS frontier (about 1 h on 2 CPU cores)
+    python benchmarks/quality.py --only mgs          # the MGS frontier (about 1-1.5 h on 2 CPU cores)
     python benchmarks/quality.py                     # the frontier and the trees
     python benchmarks/quality.py --plot-only         # redraw the plot from the JSON
 

@@ -26,7 +26,7 @@ from .sparse_cost import SERVED_BYTES_PER_WEIGHT
 CODE_OFFSET = 8  # 4-bit codes 0..15 around a zero point, the layout of torch's int4 CPU matmul
 INT4_MM_GROUPS = (32, 64, 128, 256)  # group sizes the packed int4 CPU matmul accepts
 # The int4 CPU matmul is a decode kernel: past a few rows a dequantised fp32 GEMM is faster
-# (SmolLM2 shape, 2 threads: 0.18 ms vs 0.97 ms at 1 token, 16 ms vs 6 ms at 256).
+# (SmolLM2 shape, one thread, an informal timing: 0.18 ms vs 0.97 ms at 1 token, 16 ms vs 6 ms at 256).
 INT4_MM_MAX_TOKENS = 16
 
 
