@@ -117,14 +117,27 @@ def _score_threshold(scores: torch.Tensor, density: float, generator: torch.Gene
     return _magnitude_quantile(scores, 1.0 - density, generator)
 
 
-class OracleThresholdMLP(nn.Module):
-    """A dense gated MLP that keeps the neurons whose |act(g) * u| exceeds `threshold`."""
+class _ThresholdedMLP(nn.Module):
+    """A dense gated MLP whose neurons are kept by a calibrated threshold; counts what it keeps."""
 
     def __init__(self, mlp: nn.Module, threshold: torch.Tensor) -> None:
         super().__init__()
         self.mlp = mlp
         self.register_buffer("threshold", threshold.reshape(()))
         self.kept, self.tokens = 0.0, 0
+
+    def _keep(self, scores: torch.Tensor) -> torch.Tensor:
+        keep = scores.abs() > self.threshold
+        self.kept += float(keep.sum()) / scores.shape[-1]
+        self.tokens += scores.numel() // scores.shape[-1]
+        return keep
+
+    def unit_fraction(self) -> float:
+        return self.kept / self.tokens
+
+
+class OracleThresholdMLP(_ThresholdedMLP):
+    """Keeps the neurons whose |act(g) * u| exceeds `threshold`."""
 
     @classmethod
     @torch.no_grad()
@@ -136,23 +149,11 @@ class OracleThresholdMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
         inner = mlp.act_fn(mlp.gate_proj(hidden_states)) * mlp.up_proj(hidden_states)
-        keep = inner.abs() > self.threshold
-        self.kept += float(keep.sum()) / inner.shape[-1]
-        self.tokens += hidden_states.numel() // hidden_states.shape[-1]
-        return mlp.down_proj(inner * keep)
-
-    def unit_fraction(self) -> float:
-        return self.kept / self.tokens
+        return mlp.down_proj(inner * self._keep(inner))
 
 
-class CatsMLP(nn.Module):
+class CatsMLP(_ThresholdedMLP):
     """CATS: threshold |act(g)|; gate_proj is read whole, up_proj and down_proj only for kept neurons."""
-
-    def __init__(self, mlp: nn.Module, threshold: torch.Tensor) -> None:
-        super().__init__()
-        self.mlp = mlp
-        self.register_buffer("threshold", threshold.reshape(()))
-        self.kept, self.tokens = 0.0, 0
 
     @classmethod
     @torch.no_grad()
@@ -165,13 +166,7 @@ class CatsMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
         gate = mlp.act_fn(mlp.gate_proj(hidden_states))
-        keep = gate.abs() > self.threshold
-        self.kept += float(keep.sum()) / gate.shape[-1]
-        self.tokens += hidden_states.numel() // hidden_states.shape[-1]
-        return mlp.down_proj(gate * mlp.up_proj(hidden_states) * keep)
-
-    def unit_fraction(self) -> float:
-        return self.kept / self.tokens
+        return mlp.down_proj(gate * mlp.up_proj(hidden_states) * self._keep(gate))
 
     def measured_weight_fraction(self) -> float:
         return (1 + 2 * self.unit_fraction()) / 3
