@@ -62,7 +62,7 @@ with torch.no_grad():
             generate(model, ids, spec["timed_tokens"])
             times[name].append(time.perf_counter() - start)
     result["decode_s"] = {name: statistics.median(t) for name, t in times.items()}
-    if spec["eval_windows"]:
+    if spec["eval_windows"]:  # the protocol of treeffn_hf.evaluation, which this process cannot import
         text = open(spec["eval_text"], encoding="utf-8").read()
         windows = tokenizer(text, return_tensors="pt").input_ids[0]
         windows = windows[: spec["eval_windows"] * 1024].view(-1, 1024)

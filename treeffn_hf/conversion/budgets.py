@@ -169,4 +169,4 @@ def calibrate_mgs(
 
 def predictor_fraction(layer) -> float:
     """The predictor's bytes as a fraction of the dense MLP's bf16 bytes."""
-    return layer.micro_gate.num_bytes() / (2 * 3 * layer.hidden_size * layer.intermediate_size)
+    return layer.micro_gate.num_bytes() / layer.cost().dense_weight_bytes
