@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="where to save the model (default: out/smollm2-135m-METHOD)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier treeffn model")
     parser.add_argument("--calibration", default=None,
-                        help=f"calibration text (default: {DATA / 'wikitext-2' / 'valid.txt'} if present, "
+                        help="calibration text (default: ../shared/data/wikitext-2/valid.txt beside the repository if present, "
                              "else text sampled from the dense model)")
     parser.add_argument("--eval-windows", type=int, default=4, help="protocol windows for the perplexity ratio")
     parser.add_argument("--max-new-tokens", type=int, default=16)
