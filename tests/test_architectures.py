@@ -31,7 +31,7 @@ LOAD_WITHOUT_PLUGIN = r"""
 import json, sys
 sys.modules["treeffn_hf"] = None  # the plugin must not be importable
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 spec = json.loads(sys.argv[1])
 prompt = torch.tensor(spec["prompt"])
 results = {}
@@ -40,7 +40,11 @@ for name, path in spec["checkpoints"].items():
     with torch.no_grad():
         logits = model(prompt).logits
         tokens = model.generate(prompt, max_new_tokens=spec["new_tokens"], do_sample=False)
-    results[name] = {"module": type(model).__module__, "logits": logits, "tokens": tokens}
+    decoder = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        hidden = decoder(prompt).last_hidden_state
+    results[name] = {"module": type(model).__module__, "logits": logits, "tokens": tokens,
+                     "decoder_class": type(decoder).__name__, "hidden": hidden}
 torch.save(results, spec["out"])
 """
 
@@ -90,6 +94,16 @@ class SparseArchitectureTesterMixin:
         with torch.no_grad():
             torch.testing.assert_close(result["logits"], sparse(PROMPT).logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(result["tokens"], generate(sparse))
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_automodel_loads_the_decoder_without_plugin(self, converted, method):
+        models, _, reloaded = converted
+        _, sparse = models[self.model_type, method]
+        result = reloaded[f"{self.model_type}/{method}"]
+        assert result["decoder_class"] == type(sparse.model).__name__
+        with torch.no_grad():
+            expected = sparse.model(PROMPT).last_hidden_state
+        torch.testing.assert_close(result["hidden"], expected, rtol=1e-5, atol=1e-5)
 
     @pytest.mark.parametrize("method", METHODS)
     def test_generate_same_with_and_without_kv_cache(self, converted, method):

@@ -27,10 +27,12 @@ LOAD_BY_ID = r"""
 import sys
 sys.modules["treeffn_hf"] = None
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+decoder = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+prompt = torch.tensor(eval(sys.argv[2]))
 with torch.no_grad():
-    torch.save(model(torch.tensor(eval(sys.argv[2]))).logits, sys.argv[3])
+    torch.save({"logits": model(prompt).logits, "hidden": decoder(prompt).last_hidden_state}, sys.argv[3])
 print(type(model).__module__)
 """
 
@@ -59,8 +61,11 @@ def assert_loads_by_id_and_matches(hub, repo: str, local_dir: Path, tmp_path: Pa
     assert result.stdout.strip().startswith("transformers_modules.")
     local = treeffn_hf.load(local_dir).eval()
     with torch.no_grad():
-        expected = local(torch.tensor(PROMPT)).logits
-    torch.testing.assert_close(torch.load(logits_file), expected, rtol=1e-6, atol=1e-6)
+        expected_logits = local(torch.tensor(PROMPT)).logits
+        expected_hidden = local.model(torch.tensor(PROMPT)).last_hidden_state
+    loaded = torch.load(logits_file)
+    torch.testing.assert_close(loaded["logits"], expected_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loaded["hidden"], expected_hidden, rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,13 @@ from .modeling.configuration_treeffn import (
 )
 from .modeling.modeling_treeffn import (
     TreeFFNLlamaForCausalLM,
+    TreeFFNLlamaModel,
     TreeFFNMistralForCausalLM,
+    TreeFFNMistralModel,
     TreeFFNQwen2ForCausalLM,
+    TreeFFNQwen2Model,
     TreeFFNQwen3ForCausalLM,
+    TreeFFNQwen3Model,
 )
 
 
@@ -32,6 +36,7 @@ class Architecture:
     model_type: str
     sparse_config_class: type
     sparse_causal_lm_class: type
+    sparse_base_model_class: type  # the decoder without the LM head, for AutoModel
     layers_path: str = "model.layers"
     mlp_attr: str = "mlp"
     gate_proj: str = "gate_proj"
@@ -55,10 +60,10 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
     for arch in (
-        Architecture("llama", TreeFFNLlamaConfig, TreeFFNLlamaForCausalLM),
-        Architecture("mistral", TreeFFNMistralConfig, TreeFFNMistralForCausalLM),
-        Architecture("qwen2", TreeFFNQwen2Config, TreeFFNQwen2ForCausalLM),
-        Architecture("qwen3", TreeFFNQwen3Config, TreeFFNQwen3ForCausalLM),
+        Architecture("llama", TreeFFNLlamaConfig, TreeFFNLlamaForCausalLM, TreeFFNLlamaModel),
+        Architecture("mistral", TreeFFNMistralConfig, TreeFFNMistralForCausalLM, TreeFFNMistralModel),
+        Architecture("qwen2", TreeFFNQwen2Config, TreeFFNQwen2ForCausalLM, TreeFFNQwen2Model),
+        Architecture("qwen3", TreeFFNQwen3Config, TreeFFNQwen3ForCausalLM, TreeFFNQwen3Model),
     )
 }
 SPARSE_ARCHITECTURES: dict[str, Architecture] = {arch.sparse_model_type: arch for arch in ARCHITECTURES.values()}

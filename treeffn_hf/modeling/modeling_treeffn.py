@@ -76,10 +76,20 @@ class SparseMLPPreTrainedMixin:
         elif method == "mgs":
             init.zeros_(module.gate_threshold)
 
+    def _decoder(self) -> PreTrainedModel:
+        return self.model if hasattr(self, "model") and isinstance(self.model, PreTrainedModel) else self
+
+    def save_pretrained(self, *args, **kwargs):
+        # transformers writes only the saved class's own auto_map entry; AutoModel must find the
+        # decoder in the same bundle (vLLM's Transformers backend loads it that way).
+        decoder = type(self._decoder())
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                "AutoModel": f"{decoder.__module__.rsplit('.', 1)[-1]}.{decoder.__name__}"}
+        return super().save_pretrained(*args, **kwargs)
+
     def sparse_mlps(self) -> Iterator[tuple[int, nn.Module]]:
         """(layer index, sparse MLP) for every decoder layer."""
-        base = self.model if hasattr(self, "model") and isinstance(self.model, PreTrainedModel) else self
-        for index, layer in enumerate(base.layers):
+        for index, layer in enumerate(self._decoder().layers):
             if is_sparse_mlp(layer.mlp):
                 yield index, layer.mlp
 
