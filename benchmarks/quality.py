@@ -5,11 +5,14 @@
     python benchmarks/quality.py --plot-only         # redraw the plot from the JSON
 
 The MGS frontier: perplexity ratio against the fraction of MLP weight bytes read per token
-(bf16, predictor included). At each density of `--mgs-densities` the default recipe runs (the
-4-bit quantized predictor, per-layer thresholds calibrated on valid.txt; greedy allocation too at
-`--greedy-densities`), and at the bytes it reads: the threshold oracle, the top-k oracle (exact
-|silu(g) * u|, read for free), a TEAL-style threshold and the CATS criterion (|silu(g)|, all of
-gate_proj read). The trained linear gate (the old default) runs at `--linear-densities`.
+(bf16, predictor included). At each density of `--nested-densities` the default recipe runs (the
+nested predictor: gate/up on an 8-bit grid whose high nibbles are the 4-bit predictor; per-layer
+thresholds calibrated on valid.txt), and at `--mgs-densities` the 4-bit predictor beside bf16
+weights (greedy allocation too at `--greedy-densities`). At the bytes each reads: the threshold
+oracle, the top-k oracle (exact |silu(g) * u|, read for free), a TEAL-style threshold and the
+CATS criterion (|silu(g)|, all of gate_proj read), unless already measured within 2 points.
+The nested rows' bytes are those of a kernel that reads the nibbles; today's kernels read the
+snapped weights in the model dtype. The trained linear gate (the old default) runs at `--linear-densities`.
 Trees near each target fraction are fitted (routing fit + layer-wise distillation).
 Protocol: ../shared/data/README.md. Results: benchmarks/results/quality_smollm2.json (+ .png),
 rewritten after every row; with `--only`, the other method's rows are carried over from the
@@ -107,26 +110,36 @@ def _wrapped_row(run, dense, layers, mlp_attr, eval_ids, progress, wrap, variant
              "weight_fraction": _mean(weights_of(w) for w in wrappers)})
 
 
+PREDICTOR_LABELS = {"quantized": "4-bit predictor", "nested": "nested 4+4-bit gate/up"}
+SAME_LEVEL = 0.02  # baselines already measured this close to a row's bytes are not run again
+
+
 def mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress) -> None:
     arch = architecture_for(dense.config)
     layers = arch.decoder_layers(dense)
     greedy = {float(v) for v in args.greedy_densities.split(",") if v}
-    for density in [float(v) for v in args.mgs_densities.split(",")]:
+    plan = [(predictor, float(v)) for predictor, values in (("quantized", args.mgs_densities),
+                                                            ("nested", args.nested_densities))
+            for v in values.split(",") if v]
+    for predictor, density in plan:
         for allocation in ["uniform"] + (["greedy"] if density in greedy else []):
-            sparse, _, budget, seconds = _calibrated_mgs(dense, captured, MGSSpec(density=density), allocation,
-                                                         loss_ids)
+            spec = MGSSpec(density=density, predictor=predictor)
+            sparse, _, budget, seconds = _calibrated_mgs(dense, captured, spec, allocation, loss_ids)
             for _, mlp in sparse.sparse_mlps():
                 mlp.reset_density()
             ppl = evaluate(sparse, eval_ids, progress)
             unit, weights = _measured(sparse)
-            run.add({"variant": f"MGS 4-bit predictor, thresholds ({allocation}) {density:.0%}",
-                     "method": f"mgs-quantized-{allocation}", "target": density, "perplexity": ppl,
+            run.add({"variant": f"MGS {PREDICTOR_LABELS[predictor]}, thresholds ({allocation}) {density:.0%}",
+                     "method": f"mgs-{predictor}-{allocation}", "target": density, "perplexity": ppl,
                      "unit_fraction": unit, "weight_fraction": weights, "spec": sparse.config.sparse_mlp,
                      "layer_densities": budget["layer_densities"], "fit_seconds": seconds})
             del sparse
             if allocation == "greedy":
                 continue
             level = weights  # the baselines read as many bytes as this MGS model
+            if any(r["method"] == "oracle-threshold" and abs(r["weight_fraction"] - level) < SAME_LEVEL
+                   for r in run.payload["rows"]):
+                continue
             _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
                          lambda i, mlp, d=level: OracleThresholdMLP.calibrated(mlp, captured.inputs[i], d, seed=i),
                          f"oracle threshold @ {level:.1%} bytes", "oracle-threshold", level, lambda w: w.unit_fraction())
@@ -185,7 +198,9 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--window", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
-    parser.add_argument("--mgs-densities", default="0.5,0.35,0.25,0.15,0.1")
+    parser.add_argument("--mgs-densities", default="0.5,0.35,0.25,0.15,0.1", help="densities of the 4-bit predictor")
+    parser.add_argument("--nested-densities", default="0.8,0.5,0.35,0.25,0.15,0.1",
+                        help="densities of the nested predictor (the default)")
     parser.add_argument("--greedy-densities", default="0.25,0.1", help="densities that also run greedy allocation")
     parser.add_argument("--linear-densities", default="0.5,0.25", help="densities of the trained linear gate")
     parser.add_argument("--tree-fractions", default="0.25,0.12,0.04")
@@ -237,7 +252,8 @@ def main() -> None:
                        "window": int(eval_ids.shape[1])},
         "calibration": calibration, "settings": {k: v for k, v in vars(args).items() if k != "plot_only"},
         "bytes": "MLP weight bytes read per token as a fraction of the dense MLP's, all weights in bf16, "
-                 "the MGS predictor at 4 bits + bf16 scales and zeros",
+                 "the MGS predictor at 4 bits + bf16 scales and zeros; nested: a selected neuron reads the "
+                 "low nibbles of its gate and up rows and its bf16 down row (modelled: no kernel reads them yet)",
         "rows": [],
     })
 
@@ -259,6 +275,7 @@ STYLES = {
     "oracle-top-k": ("top-k oracle", "k:", "o"),
     "mgs-quantized-uniform": ("MGS, 4-bit predictor + thresholds", "C0-", "s"),
     "mgs-quantized-greedy": ("MGS, same, greedy allocation", "C0--", "x"),
+    "mgs-nested-uniform": ("MGS, nested 4+4-bit gate/up + thresholds (bytes modelled)", "C5-", "P"),
     "mgs-linear": ("MGS, trained rank-64 gate + thresholds", "C4-", "v"),
     "teal": ("TEAL-style threshold", "C1-", "^"),
     "cats": ("CATS (|silu(g)|)", "C3-", "<"),

@@ -22,7 +22,8 @@ METHODS = {
     "tree": TreeSpec(depth=3, node_width=2),
     "tree_hyperplane_after_sum": TreeSpec(num_trees=2, depth=2, node_width=11, routing="hyperplane", activation="after_sum"),
     "mgs": MGSSpec(density=0.25, predictor="linear", rank=8),
-    "mgs_quantized": MGSSpec(density=0.25),
+    "mgs_quantized": MGSSpec(density=0.25, predictor="quantized"),
+    "mgs_nested": MGSSpec(density=0.25),
 }
 PROMPT = torch.tensor([[5, 17, 33, 8, 60, 41, 12], [9, 9, 70, 3, 22, 88, 14]])
 NEW_TOKENS = 6

@@ -121,7 +121,8 @@ def dirs(tmp_path_factory):
     tiny_dense_model("llama").save_pretrained(root / "dense")
     dense, tokenizer = treeffn_hf.load_dense(str(root / "dense"))
     for name, spec in {"tree": TreeSpec(depth=3, node_width=2, routing="hyperplane"),
-                       "mgs": MGSSpec(density=0.25, predictor="linear", rank=8)}.items():
+                       "mgs": MGSSpec(density=0.25, predictor="linear", rank=8),
+                       "mgs_nested": MGSSpec(density=0.25)}.items():
         treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), root / name, tokenizer=tokenizer)
     return root
 
@@ -145,6 +146,17 @@ def test_finetune_lowers_the_distillation_loss(dirs, tmp_path, method):
     if method == "tree":
         assert [h["step"] for h in recorded["tree_dynamics"]] == [0, 8, 16, 24]
     assert not list(tmp_path.glob(".out.finetune-work"))
+
+
+def test_finetuned_nested_weights_are_back_on_the_grid_of_their_predictor(dirs, tmp_path):
+    finetune_checkpoint(dirs / "mgs_nested", tmp_path / "out", dense=str(dirs / "dense"), steps=4,
+                        **{**OPTIONS, "save_steps": 100})
+    before, after = treeffn_hf.load(dirs / "mgs_nested"), treeffn_hf.load(tmp_path / "out")
+    for (_, old), (_, new) in zip(before.sparse_mlps(), after.sparse_mlps()):
+        assert not torch.equal(old.gate_proj.weight, new.gate_proj.weight)  # training moved them
+        snapped = torch.cat([new.gate_proj.weight, new.up_proj.weight]).clone()
+        new.snap_to_predictor_grid()
+        torch.testing.assert_close(torch.cat([new.gate_proj.weight, new.up_proj.weight]), snapped, rtol=0, atol=1e-6)
 
 
 def test_killed_finetune_resumes_from_its_checkpoint(dirs, tmp_path, monkeypatch):

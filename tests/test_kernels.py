@@ -333,6 +333,7 @@ def test_large_mgs_batches_hand_over_to_the_union_gemm_and_say_so():
     close(got, want, torch.float32)
 
 
+@torch.no_grad()
 def test_forcing_triton_where_it_cannot_run_is_an_error_not_a_fallback(monkeypatch):
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU(), bias=True), torch.float32)
     layer.force_path = "triton"
@@ -348,6 +349,20 @@ def test_forcing_triton_where_it_cannot_run_is_an_error_not_a_fallback(monkeypat
         plain.force_path = "triton"
         with pytest.raises(RuntimeError, match="CUDA"):
             plain(torch.randn(1, HIDDEN))
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["tree", "mgs"])
+def test_forcing_a_forward_only_path_where_gradients_are_needed_is_an_error(path, kind):
+    layer = (TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()) if kind == "tree"
+             else MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()))
+    layer = random_layer(layer, torch.float32)
+    layer.force_path = path
+    with pytest.raises(RuntimeError, match="forward-only"):
+        layer(torch.randn(2, HIDDEN, device=DEVICE))
+    layer.force_path = "reference"
+    layer(torch.randn(2, HIDDEN, device=DEVICE)).sum().backward()
+    assert layer.down_proj.weight.grad is not None if kind == "mgs" else layer.down_rows.grad is not None
 
 
 def test_auto_dispatch_uses_the_kernels_only_on_cuda():

@@ -30,14 +30,60 @@ def test_int4_quantization_is_within_half_a_step_and_packs_losslessly():
     assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
 
 
-def make_layer(hidden=64, intermediate=96, group_size=32, selection="top_k", density=0.3) -> MicroGatedMLP:
+def dense_projections(hidden: int, intermediate: int) -> list[torch.nn.Linear]:
     torch.manual_seed(0)
-    dense = [torch.nn.Linear(hidden, intermediate, bias=False), torch.nn.Linear(hidden, intermediate, bias=False),
-             torch.nn.Linear(intermediate, hidden, bias=False)]
-    spec = MGSSpec(density=density, group_size=group_size, selection=selection).resolve(hidden, intermediate)
+    return [torch.nn.Linear(hidden, intermediate, bias=False), torch.nn.Linear(hidden, intermediate, bias=False),
+            torch.nn.Linear(intermediate, hidden, bias=False)]
+
+
+def make_layer(hidden=64, intermediate=96, group_size=32, selection="top_k", density=0.3,
+               predictor="quantized") -> MicroGatedMLP:
+    spec = MGSSpec(density=density, group_size=group_size, selection=selection,
+                   predictor=predictor).resolve(hidden, intermediate)
     layer = MicroGatedMLP(hidden, intermediate, spec, torch.nn.SiLU())
-    layer.load_state_dict(sparse_mlp_state(spec, *dense))
+    layer.load_state_dict(sparse_mlp_state(spec, *dense_projections(hidden, intermediate)))
     return layer.requires_grad_(False)
+
+
+def on_nested_grid(layer: MicroGatedMLP) -> torch.Tensor:
+    """The residual of gate/up over the predictor's 4-bit values, in steps of scale / 16."""
+    predictor = layer.micro_gate
+    step = (predictor.scales.float() / 16).repeat_interleave(predictor.group_size, dim=1)
+    weight = torch.cat([layer.gate_proj.weight, layer.up_proj.weight]).float()
+    return (weight - predictor.dequantized()) / step
+
+
+def test_nested_weights_are_the_predictor_codes_plus_a_4bit_residual():
+    layer = make_layer(predictor="nested")
+    residual = on_nested_grid(layer)
+    torch.testing.assert_close(residual, residual.round(), rtol=0, atol=1e-3)
+    assert residual.min() >= -8 and residual.max() <= 7
+    original = torch.cat([p.weight for p in dense_projections(64, 96)[:2]])
+    step = (layer.micro_gate.scales.float() / 16).repeat_interleave(32, dim=1)
+    error = (torch.cat([layer.gate_proj.weight, layer.up_proj.weight]) - original).abs() / step
+    assert error.max() <= 1.0 + 1e-4 and error.mean() < 0.3  # half a step, one where the residual is clamped
+    quantized = make_layer(predictor="quantized")  # same codes: the predictor is the high nibbles
+    assert torch.equal(layer.micro_gate.codes, quantized.micro_gate.codes)
+
+
+def test_nested_neurons_read_low_nibbles_and_a_down_row():
+    layer = make_layer(predictor="nested", density=0.25)
+    cost, units = layer.cost(), layer.spec.top_k(96)
+    assert cost.active_weight_bytes == layer.micro_gate.num_bytes() + units * (64 + 2 * 64)
+    assert cost.dense_weight_bytes == 2 * 3 * 64 * 96
+    bf16 = make_layer(predictor="quantized", density=0.25).cost()
+    assert bf16.active_weight_bytes == layer.micro_gate.num_bytes() + units * 2 * 3 * 64
+
+
+def test_requantize_follows_moved_weights_back_onto_the_grid():
+    layer = make_layer(predictor="nested")
+    with torch.no_grad():
+        layer.up_proj.weight.mul_(1.5)
+    moved = torch.cat([layer.gate_proj.weight, layer.up_proj.weight]).clone()
+    layer.requantize()
+    assert torch.equal(unpack_nibbles(layer.micro_gate.codes), quantize_int4(moved, 32)[0])
+    residual = on_nested_grid(layer)
+    torch.testing.assert_close(residual, residual.round(), rtol=0, atol=1e-3)
 
 
 def test_predictor_scores_the_oracle_criterion_on_its_dequantized_weights():
@@ -75,10 +121,11 @@ def test_predictor_keeps_its_format_through_dtype_moves():
         assert value.dtype == before[name].dtype and torch.equal(value, before[name])
 
 
+@pytest.mark.parametrize("predictor", ["quantized", "nested"])
 @pytest.mark.parametrize("selection", ["top_k", "threshold"])
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_fast_path_equals_reference_with_the_quantized_predictor(selection, tokens):
-    layer = make_layer(selection=selection, density=0.1).double()
+def test_fast_path_equals_reference_with_the_quantized_predictor(predictor, selection, tokens):
+    layer = make_layer(selection=selection, density=0.1, predictor=predictor).double()
     x = torch.randn(tokens, 64, dtype=torch.float64)
     layer.gate_threshold.fill_(float(layer.micro_gate(x).float().quantile(0.9)))
     assert_fast_path_matches_reference(layer, x)
@@ -116,7 +163,7 @@ def measured_density(model, windows: torch.Tensor) -> float:
     return sum(m.measured_units() / m.intermediate_size for _, m in model.sparse_mlps()) / 2
 
 
-@pytest.mark.parametrize("predictor", ["quantized", "linear"])
+@pytest.mark.parametrize("predictor", ["nested", "quantized", "linear"])
 def test_thresholds_hit_the_target_density_on_held_out_text(predictor):
     dense = tiny_dense_model("llama")
     sparse = treeffn_hf.convert(dense, MGSSpec(density=0.3, predictor=predictor, rank=8), progress=False).eval()
@@ -136,15 +183,17 @@ def test_greedy_allocation_meets_the_budget_exactly_and_spares_the_sensitive_lay
         allocate_greedy(costs, densities, target=0.2)
 
 
-def test_greedy_calibration_on_a_weight_budget(tmp_path):
+@pytest.mark.parametrize("predictor, neuron_share", [("quantized", 1.0), ("nested", 0.5)])
+def test_greedy_calibration_on_a_weight_budget(tmp_path, predictor, neuron_share):
     dense = tiny_dense_model("llama")
-    sparse = treeffn_hf.convert(dense, MGSSpec(density=0.5), progress=False).eval()
+    sparse = treeffn_hf.convert(dense, MGSSpec(density=0.5, predictor=predictor), progress=False).eval()
     captured = capture_mlp_inputs(dense, text_windows(0, 8), progress=False)
     budget = calibrate_mgs(sparse, captured.inputs, weight_fraction=0.6, allocation="greedy",
                            loss_ids=text_windows(20, 2), progress=False)
     layers = [m for _, m in sparse.sparse_mlps()]
-    predictor = layers[0].micro_gate.num_bytes() / (2 * 3 * 48 * 166)
-    assert sum(budget["layer_densities"]) / 2 + predictor == pytest.approx(0.6, abs=1e-12)
+    predictor_share = layers[0].micro_gate.num_bytes() / (2 * 3 * 48 * 166)
+    mean_density = sum(budget["layer_densities"]) / 2
+    assert mean_density * neuron_share + predictor_share == pytest.approx(0.6, abs=1e-12)
     assert [m.spec.density for m in layers] == budget["layer_densities"]
     assert all(v >= 0 for row in budget["sensitivities"] for v in row)
     treeffn_hf.save(sparse, tmp_path / "m")

@@ -145,7 +145,8 @@ def calibrate_mgs(
     if density is not None and weight_fraction is not None:
         raise ValueError("give a target density or a target weight fraction, not both")
     if weight_fraction is not None:
-        density = weight_fraction - predictor_fraction(layers[0][1])  # every layer reads its predictor
+        first = layers[0][1]  # every layer reads its predictor, then bytes_per_neuron per neuron
+        density = (weight_fraction - predictor_fraction(first)) / neuron_fraction(first)
         if not 0.0 < density <= 1.0:
             raise ValueError(f"weight fraction {weight_fraction} leaves density {density:.3f} once the "
                              f"predictor's {predictor_fraction(layers[0][1]):.3f} is read")
@@ -170,3 +171,9 @@ def calibrate_mgs(
 def predictor_fraction(layer) -> float:
     """The predictor's bytes as a fraction of the dense MLP's bf16 bytes."""
     return layer.micro_gate.num_bytes() / layer.cost().dense_weight_bytes
+
+
+def neuron_fraction(layer) -> float:
+    """The bytes of computing every neuron (beyond the predictor), as a fraction of the dense MLP's:
+    1 for bf16 rows, 1/2 for the nested predictor (low nibbles of gate and up, bf16 down)."""
+    return layer.bytes_per_neuron() * layer.intermediate_size / layer.cost().dense_weight_bytes

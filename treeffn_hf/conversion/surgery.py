@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import Architecture, architecture_for
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
-from ..modeling.predictors import QuantizedPredictor
+from ..modeling.predictors import QuantizedPredictor, snap_to_nested_grid, unpack_nibbles
 from .partition import partition_neurons
 
 
@@ -105,9 +105,16 @@ def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -
         if linear.bias is not None:
             state[f"{name}.bias"] = linear.bias.detach().clone()
     dtype = gate.weight.dtype
-    if spec.predictor == "quantized":
+    if spec.predictor in ("nested", "quantized"):
         predictor = QuantizedPredictor.state_from(gate.weight, up.weight, spec.group_size)
         state.update({f"micro_gate.{k}": v for k, v in predictor.items()})
+        if spec.predictor == "nested":
+            both = torch.cat([gate.weight, up.weight]).detach()
+            snapped = snap_to_nested_grid(both.float().cpu(), unpack_nibbles(predictor["codes"].cpu()),
+                                          predictor["scales"].cpu(), predictor["zeros"].cpu())
+            snapped = snapped.to(device=both.device, dtype=both.dtype)
+            state["gate_proj.weight"], state["up_proj.weight"] = (
+                part.clone() for part in snapped.split(gate.weight.shape[0]))
     else:
         # Start the linear gate as the best rank-r approximation of gate_proj: its top-k then
         # picks the neurons with the largest gate pre-activation, a far better start than random.

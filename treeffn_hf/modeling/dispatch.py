@@ -7,7 +7,8 @@
 `auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
 support the layer, and `torch` otherwise. `TREEFFN_PATH=reference|torch|triton|auto` forces one
 for the whole process, a layer's `force_path` attribute for that layer; forcing `triton` where
-the kernels cannot run is an error, never a silent fallback. Each layer records what it last ran
+the kernels cannot run, or a forward-only path where gradients are needed, is an error, never a
+silent fallback. Each layer records what it last ran
 in `last_path` (`triton:<kernels>` when the kernels did), so benchmarks and `treeffn info` never
 mistake one path for another.
 """
@@ -44,17 +45,21 @@ def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> O
 
 def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
     forced = getattr(layer, "force_path", None) or os.environ.get("TREEFFN_PATH", "auto")
+    if forced != "auto" and forced not in PATHS:
+        raise ValueError(f"TREEFFN_PATH / force_path must be one of {PATHS} or 'auto', got {forced!r}")
+    # Training goes through the reference path, whose gradients (straight-through terms included)
+    # the tests pin down; the other paths are forward-only, so forcing one would drop gradients.
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
+        if forced not in ("auto", "reference"):
+            raise RuntimeError(f"the {forced} path was forced, but it is forward-only and gradients are needed: "
+                               "train on the reference path, or run under torch.no_grad()")
+        return "reference"
     if forced != "auto":
-        if forced not in PATHS:
-            raise ValueError(f"TREEFFN_PATH / force_path must be one of {PATHS} or 'auto', got {forced!r}")
         if forced == "triton":
             reason = triton_unavailable_reason(layer, x.device)
             if reason is not None:
                 raise RuntimeError(f"the triton path was forced, but {reason}")
         return forced
-    # Training goes through the reference path, whose gradients the tests pin down.
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
-        return "reference"
     if x.is_cuda and triton_unavailable_reason(layer, x.device) is None:
         return "triton"
     return "torch"

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 ROUTING_MODES = ("self", "hyperplane")
 ACTIVATION_PLACEMENTS = ("per_node", "after_sum")
 MGS_SELECTIONS = ("top_k", "threshold")
-MGS_PREDICTORS = ("quantized", "linear")
+MGS_PREDICTORS = ("nested", "quantized", "linear")
 MAX_DEPTH = 20
 
 
@@ -225,6 +225,9 @@ class MGSSpec:
     `predictor='quantized'` scores each neuron by |silu(g~) * u~| on group-wise 4-bit copies of
     gate_proj and up_proj (`group_size` weights per bf16 scale and zero; resolved to the largest
     power of two up to it that divides the hidden size); it needs no training.
+    `predictor='nested'` (the default) uses the same 4-bit codes as the high nibbles of gate_proj
+    and up_proj themselves, which are snapped to the 8-bit grid around them: a selected neuron
+    then reads only its low nibbles and its down_proj row, and the predictor is no extra copy.
     `predictor='linear'` is a trained gate: `Linear(hidden, rank) -> Linear(rank, intermediate)`,
     or a full `Linear(hidden, intermediate)` with `rank=None`, as in the MGS paper.
 
@@ -234,7 +237,7 @@ class MGSSpec:
     """
 
     density: float = 0.5  # ratio 1.03 on SmolLM2 (README); 0.4 reads <= 60% of the bytes at about 1.07
-    predictor: Literal["quantized", "linear"] = "quantized"
+    predictor: Literal["nested", "quantized", "linear"] = "nested"
     rank: Optional[int] = 64
     group_size: int = 64
     selection: Literal["top_k", "threshold"] = "top_k"
@@ -251,7 +254,7 @@ class MGSSpec:
                 )
             return self
         if hidden_size % 2:
-            raise InvalidSpecError(f"the quantized predictor packs two 4-bit codes a byte: hidden size "
+            raise InvalidSpecError(f"the {self.predictor} predictor packs two 4-bit codes a byte: hidden size "
                                    f"{hidden_size} must be even; use predictor='linear'")
         group = 1 << (self.group_size.bit_length() - 1)
         while hidden_size % group:

@@ -2,7 +2,8 @@
 
 `gate_proj` / `up_proj` / `down_proj` keep the Hugging Face names and shapes, so dense weights load
 unchanged. The predictor (`micro_gate`: a 4-bit view of gate/up, or a trained linear gate; predictors.py)
-scores every intermediate neuron; only the selected ones are computed.
+scores every intermediate neuron; only the selected ones are computed. With the nested predictor
+gate/up are snapped to an 8-bit grid whose high nibbles are the predictor's codes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from torch import nn
 from .dispatch import choose_path
 from .layer_spec import MGSSpec
 from .mgs_torch import mgs_fast
-from .predictors import LinearGate, QuantizedPredictor
+from .predictors import LinearGate, QuantizedPredictor, snap_to_nested_grid, unpack_nibbles
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
 
 def build_predictor(spec: MGSSpec, hidden_size: int, intermediate_size: int, act_fn: nn.Module) -> nn.Module:
     """The neuron predictor `spec.predictor` names (see predictors.py)."""
-    if spec.predictor == "quantized":
+    if spec.predictor in ("nested", "quantized"):
         return QuantizedPredictor(hidden_size, intermediate_size, spec.group_size, act_fn)
     return LinearGate(hidden_size, intermediate_size, spec.rank)
 
@@ -111,17 +112,52 @@ class MicroGatedMLP(nn.Module):
         else:
             measured = self.measured_units()
             units = measured if measured is not None else self.spec.density * self.intermediate_size
-        predictor_bytes = 0 if self.computes_everything else self.micro_gate.num_bytes()
+        if self.computes_everything:
+            active = SERVED_BYTES_PER_WEIGHT * 3 * units * self.hidden_size  # the plain MLP, as stored
+        else:
+            active = self.micro_gate.num_bytes() + units * self.bytes_per_neuron()
         return SparseCost(
             active_units=units,
             total_units=self.intermediate_size,
-            active_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * units * self.hidden_size + predictor_bytes,
+            active_weight_bytes=active,
             dense_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * self.intermediate_size * self.hidden_size,
         )
+
+    def bytes_per_neuron(self) -> int:
+        """Weight bytes a selected neuron reads beyond the predictor: its gate, up and down rows in
+        bf16, or with the nested predictor the low nibbles of its gate and up rows (the high ones
+        were read as the predictor) and its down row."""
+        if self.spec.predictor == "nested":
+            return self.hidden_size + SERVED_BYTES_PER_WEIGHT * self.hidden_size
+        return SERVED_BYTES_PER_WEIGHT * 3 * self.hidden_size
+
+    @torch.no_grad()
+    def requantize(self) -> None:
+        """Rebuild the 4-bit predictor from the current gate/up weights (after training moved
+        them) and, for the nested predictor, snap those weights back onto its 8-bit grid."""
+        if self.spec.predictor == "linear":
+            return
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        for name, value in QuantizedPredictor.state_from(gate, up, self.spec.group_size).items():
+            getattr(self.micro_gate, name).copy_(value)
+        if self.spec.predictor == "nested":
+            self.snap_to_predictor_grid()
+
+    @torch.no_grad()
+    def snap_to_predictor_grid(self) -> None:
+        """Round gate_proj/up_proj onto the nested 8-bit grid of the predictor's codes."""
+        predictor = self.micro_gate
+        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        snapped = snap_to_nested_grid(weight, unpack_nibbles(predictor.codes), predictor.scales, predictor.zeros)
+        gate, up = snapped.to(weight.dtype).split(self.intermediate_size)
+        self.gate_proj.weight.copy_(gate)
+        self.up_proj.weight.copy_(up)
 
     def extra_repr(self) -> str:
         s = self.spec
         predictor = f"rank={s.rank}" if s.predictor == "linear" else f"4-bit, groups of {s.group_size}"
+        if s.predictor == "nested":
+            predictor += ", the high nibbles of 8-bit gate/up"
         return f"density={s.density}, predictor={s.predictor} ({predictor}), selection={s.selection}"
 
 

@@ -1,9 +1,11 @@
 """Neuron predictors of the micro-gated MLP: a score per intermediate neuron, before any is computed.
 
-- `QuantizedPredictor` (`predictor="quantized"`, the default): group-wise 4-bit copies of
-  `gate_proj` and `up_proj`. The score is |silu(g~) * u~|, the oracle's own criterion on the
-  quantised weights; it needs no training. On this CPU the copies are read by torch's packed
-  int4 matmul; elsewhere they are dequantised per call.
+- `QuantizedPredictor` (`predictor="nested"`, the default, and `"quantized"`): group-wise 4-bit
+  copies of `gate_proj` and `up_proj`. The score is |silu(g~) * u~|, the oracle's own criterion
+  on the quantised weights; it needs no training. On this CPU the copies are read by torch's
+  packed int4 matmul; elsewhere they are dequantised per call. With `"nested"` the layer's
+  gate/up weights are snapped to an 8-bit grid whose high nibbles are these codes
+  (`snap_to_nested_grid`), so the predictor is half of the weights rather than an extra copy.
 - `LinearGate` (`predictor="linear"`): a trained gate, `scorer(encoder(x))` (low rank) or
   `scorer(x)` (`rank=None`); the score is a logit. Kept as the baseline.
 
@@ -54,11 +56,20 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     chosen, so the codes are the nearest for the stored grid."""
     rows, width = weight.shape
     groups = weight.detach().float().reshape(rows, width // group_size, group_size)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp_min(1e-8).to(torch.bfloat16)
-    zero = (low + CODE_OFFSET * scale.float()).to(torch.bfloat16)
-    codes = ((groups - zero.float()[..., None]) / scale.float()[..., None] + CODE_OFFSET).round().clamp(0, 15)
+    scale, zero = int4_grid(groups.amin(-1), groups.amax(-1))
+    codes = int4_codes(groups, scale[..., None], zero[..., None])
     return codes.to(torch.uint8).reshape(rows, width), scale, zero
+
+
+def int4_grid(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 (scale, zero) of the 16-level grid spanning [low, high], elementwise."""
+    scale = ((high - low) / 15).clamp_min(1e-8).to(torch.bfloat16)
+    return scale, (low + CODE_OFFSET * scale.float()).to(torch.bfloat16)
+
+
+def int4_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The nearest grid codes (float, 0..15) of `values` on (scale, zero), broadcast."""
+    return ((values - zero.float()) / scale.float() + CODE_OFFSET).round().clamp(0, 15)
 
 
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -66,6 +77,16 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     rows, width = codes.shape
     groups = codes.reshape(rows, scale.shape[1], -1).float() - CODE_OFFSET
     return (groups * scale.float()[..., None] + zero.float()[..., None]).reshape(rows, width)
+
+
+def snap_to_nested_grid(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor) -> torch.Tensor:
+    """`weight` (N, K) rounded onto the 8-bit grid nested in a 4-bit one: the 4-bit value of
+    `codes` (N, K) plus a 4-bit residual in [-8, 7] steps of scale / 16. A kernel can then read
+    the high nibbles alone (the predictor) and add the low nibbles of the rows it computes."""
+    high = dequantize_int4(codes, scale, zero)
+    step = (scale.float() / 16).repeat_interleave(codes.shape[1] // scale.shape[1], dim=1)
+    return high + ((weight.float() - high) / step).round().clamp(-8, 7) * step
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,9 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
         adapter = {"lora_adapter": work / "lora_adapter"}
         final = model.merge_and_unload()
     final.requires_grad_(True)
+    for _, mlp in final.sparse_mlps():
+        if mlp.sparse_method == "mgs":
+            mlp.requantize()  # the 4-bit predictor (and the nested grid) follow the trained weights
     summary = {
         "data": training_data.describe(), "setup": setup, "run": run, "resumed": resume,
         "steps": int(result.global_step), "tokens_seen": int(result.global_step) * per_step,
