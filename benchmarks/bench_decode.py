@@ -9,8 +9,8 @@ MLPs replaced by a no-op: `1 / (1 - share)` is the Amdahl ceiling of any MLP spe
     python benchmarks/bench_decode.py --model llama-1b  # ~1B random-weight Llama: speed needs no training
 
 The tree is freshly converted (not distilled): its speed is what it will be after training, its
-text is not. The MGS model is the default recipe (4-bit predictor, thresholds calibrated on
-valid.txt, or on random tokens for the random-weight model).
+text is not. The MGS model is the default recipe (the nested 4-bit predictor, thresholds
+calibrated on valid.txt, or on random tokens for the random-weight model).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def load_models(args: argparse.Namespace):
     dense = dense.eval()
     models = {"dense": dense}
     for name, spec in (("tree", TreeSpec(depth=args.tree_depth, node_width=args.tree_node_width)),
-                       ("mgs", MGSSpec(density=args.mgs_density))):
+                       ("mgs", MGSSpec() if args.mgs_density is None else MGSSpec(density=args.mgs_density))):
         if name in args.methods:
             models[name] = treeffn_hf.convert(dense, spec, progress=False).eval()
     if "mgs" in args.methods:  # the default recipe: per-layer thresholds calibrated on text
@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["tree", "mgs"], choices=("tree", "mgs"))
     parser.add_argument("--tree-depth", type=int, default=6)
     parser.add_argument("--tree-node-width", type=int, default=2)
-    parser.add_argument("--mgs-density", type=float, default=0.4,
-                        help="mean density of the MGS recipe (0.4: about 59%% of the MLP weight bytes)")
+    parser.add_argument("--mgs-density", type=float, default=None,
+                        help="mean density of the MGS recipe (default: MGSSpec's, 59%% of the MLP weight bytes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

