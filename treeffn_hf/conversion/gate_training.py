@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..modeling.mgs_selection import top_k_mask
 from ..modeling.predictors import neuron_scores
 from .fitting import fit_keeping_best, holdout_split
 
@@ -30,11 +31,6 @@ class GateReport:
 def activation_magnitude(layer, x: torch.Tensor) -> torch.Tensor:
     """|act(gate_proj x) * up_proj x| per neuron: how much each neuron contributes, (N, H)."""
     return neuron_scores(layer.gate_proj(x), layer.up_proj(x), layer.act_fn)
-
-
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    index = values.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(values, dtype=torch.bool).scatter_(-1, index, True)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 
 from .kernels_gather import gathered_swiglu, gathered_swiglu_streamed
 from .kernels_topk import MAX_ROW, topk_rows_triton
+from .mgs_selection import padded_rows
 from .mgs_torch import down_rows, mgs_fast
 
 # Per-token gathers read (tokens x selected) rows; the union GEMM reads the union once but waits
@@ -58,12 +59,7 @@ def selected_rows(layer, scores: torch.Tensor) -> torch.Tensor:
     """(N, R) indices of each token's selected neurons; -1 pads rows of `threshold` selection."""
     if uses_topk_kernel(layer):
         return topk_rows_triton(scores, layer.spec.top_k(scores.shape[-1]))
-    if layer.spec.selection == "top_k":
-        return scores.topk(layer.spec.top_k(scores.shape[-1]), dim=-1, sorted=False).indices
-    chosen = scores > layer.gate_threshold
-    width = max(1, int(chosen.sum(dim=1).max()))  # one host sync: the padded width
-    top = chosen.to(torch.int8).topk(width, dim=-1, sorted=False)
-    return torch.where(top.values.bool(), top.indices, -1)
+    return padded_rows(scores, layer.spec, layer.gate_threshold)
 
 
 def mgs_triton(layer, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, str]:

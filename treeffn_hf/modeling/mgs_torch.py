@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .mgs_selection import selection_mask, token_rows
+
 # Above this fraction of neurons, gathering rows is slower than the dense matmuls
 # (benchmarks/results/bench_mlp_cpu.json: at batch 1 the gather wins at 10%, loses at 25%; at 42%
 # it runs at 0.46x (SmolLM2 shape) and 0.62x (1B shape) of the fp32 dense MLP: index_select copies
@@ -31,14 +33,6 @@ def down_rows(layer) -> torch.Tensor:
         cached = (key, weight.detach().t().contiguous())
         layer._down_rows_cache = cached
     return cached[1]
-
-
-def _select(layer, scores: torch.Tensor) -> torch.Tensor:
-    """Boolean (N, H) selection, matching `select_neurons`."""
-    if layer.spec.selection == "threshold":
-        return scores > layer.gate_threshold
-    index = scores.topk(layer.spec.top_k(scores.shape[-1]), dim=-1, sorted=False).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
 
 
 def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,19 +52,12 @@ def _union_expected_too_large(layer, tokens: int, width: int) -> bool:
     return expected > 2 * GATHER_MAX_FRACTION
 
 
-def _token_rows(layer, scores: torch.Tensor) -> torch.Tensor:
-    """Ascending indices of one token's selected neurons, matching `select_neurons`."""
-    if layer.spec.selection == "top_k":
-        return scores[0].topk(layer.spec.top_k(scores.shape[-1]), sorted=False).indices.sort().values
-    return (scores[0] > layer.gate_threshold).nonzero().squeeze(1)
-
-
 def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a MicroGatedMLP) for x: (N, hidden) and its gate scores (N, H)."""
     bias = layer.down_proj.bias
     width = scores.shape[-1]
     if x.shape[0] == 1:
-        rows = _token_rows(layer, scores)
+        rows = token_rows(scores[0], layer.spec, layer.gate_threshold)
         layer._record_count(rows.numel(), tokens=1)
         if rows.numel() == 0:  # a threshold can select nothing: the MLP adds only its bias
             out = torch.zeros_like(x)
@@ -82,7 +69,7 @@ def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         selected = torch.zeros_like(scores, dtype=torch.bool)
         selected[0, rows] = True
     else:
-        selected = _select(layer, scores)
+        selected = selection_mask(scores, layer.spec, layer.gate_threshold)
         layer._record_density(selected)
         too_dense = layer.spec.selection == "top_k" and layer.spec.top_k(width) > GATHER_MAX_FRACTION * width
         if not (too_dense or _union_expected_too_large(layer, x.shape[0], width)):

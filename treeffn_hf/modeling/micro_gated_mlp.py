@@ -15,6 +15,7 @@ from torch import nn
 
 from .dispatch import choose_path
 from .layer_spec import MGSSpec
+from .mgs_selection import selection_mask
 from .mgs_torch import mgs_fast
 from .predictors import LinearGate, QuantizedPredictor, snap_to_nested_grid, unpack_nibbles
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
@@ -27,13 +28,6 @@ def build_predictor(spec: MGSSpec, hidden_size: int, intermediate_size: int, act
     return LinearGate(hidden_size, intermediate_size, spec.rank)
 
 
-def select_neurons(scores: torch.Tensor, spec: MGSSpec, threshold: torch.Tensor) -> torch.Tensor:
-    """0/1 mask (same dtype as `scores`) of the neurons to compute, one row per token."""
-    if spec.selection == "threshold":
-        return (scores > threshold).to(scores.dtype)
-    k = spec.top_k(scores.shape[-1])
-    index = scores.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(scores).scatter_(-1, index, 1.0)
 
 
 class MicroGatedMLP(nn.Module):
@@ -81,7 +75,7 @@ class MicroGatedMLP(nn.Module):
             return out.reshape(shape)
         if self.last_path == "torch":
             return mgs_fast(self, x, scores).reshape(shape)
-        mask = select_neurons(scores, self.spec, self.gate_threshold)
+        mask = selection_mask(scores, self.spec, self.gate_threshold).to(scores.dtype)
         self._record_density(mask)
         if self.gate_gradient == "straight_through" and torch.is_grad_enabled():
             soft = torch.sigmoid(scores)
