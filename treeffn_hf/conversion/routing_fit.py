@@ -11,8 +11,8 @@ mass:
   split in two equal halves together with a token split, chosen to maximise the mass the tokens
   find on their side. With `routing='self'` the split is the sign of one of the node's own
   neurons (the best of the most-used candidates; it goes first in the block). With
-  `routing='hyperplane'` it alternates between a logistic-regression router on x and the
-  neuron halves.
+  `routing='hyperplane'` it alternates between a router on x (weighted ridge regression of the
+  side labels, a linear classifier in one solve) and the neuron halves.
 
 Only rows are permuted (and routers set): the layer computes exactly the same neurons, and the
 captured-mass fraction (on held-out tokens) measures how much of the dense MLP the paths keep.
