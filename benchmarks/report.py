@@ -60,7 +60,9 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
         f"torch {m['torch']}; file `benchmarks/results/{name}.json`, plot `{name}.png`). "
         "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process; "
         "weights read = fraction of the dense MLP's weight bytes each token reads (in bf16; the MGS predictor "
-        "included: a linear gate in bf16, the 4-bit predictor at its 4.5 bits a weight).",
+        "included: a linear gate in bf16, the 4-bit predictor at its 4.5 bits a weight; with the nested "
+        "predictor a selected neuron counts the low nibbles of its gate/up rows, modelled: these CPU paths "
+        "compute from the snapped weights in fp32).",
         "",
     ] + speedup_tables(data, lambda row: f"{row['speedup']:.2f}x")
 
@@ -119,8 +121,8 @@ def decode_section(data: dict) -> list[str]:
 QUALITY_NOTES = {
     "mgs-quantized-uniform": "training-free: 4-bit predictor, the same density in every layer",
     "mgs-quantized-greedy": "training-free: 4-bit predictor, densities allocated greedily on calibration KL",
-    "mgs-nested-uniform": "training-free, the default: gate/up snapped to 8 bits whose high nibbles are the "
-                          "4-bit predictor; bytes modelled for a nibble-reading kernel (not built yet)",
+    "mgs-nested-uniform": "training-free (the default recipe at 80%): gate/up snapped to 8 bits whose high "
+                          "nibbles are the 4-bit predictor; bytes modelled for a nibble-reading kernel (not built)",
     "mgs-linear": "rank-64 gate trained on top-k labels (the old default), thresholds",
     "oracle-threshold": "exact act(g)·u above a per-layer threshold, read for free: the ceiling",
     "oracle-top-k": "exact top-k by act(g)·u, read for free",
