@@ -85,7 +85,7 @@ def test_cost_counts_the_linear_gate_in_bf16_bytes_whatever_the_storage_dtype():
 
 
 def test_cost_counts_the_quantized_predictor_at_four_bits_plus_bf16_scales():
-    layer = MicroGatedMLP(64, 150, MGSSpec(density=0.1, group_size=32), torch.nn.SiLU())
+    layer = MicroGatedMLP(64, 150, MGSSpec(density=0.1, group_size=32, predictor="quantized"), torch.nn.SiLU())
     predictor_bytes = 2 * 150 * 64 // 2 + 2 * (2 * 150 * 64 // 32) * 2  # codes + scales and zeros
     assert layer.micro_gate.num_bytes() == predictor_bytes
     assert layer.cost().active_weight_bytes == 2 * 3 * 15 * 64 + predictor_bytes
