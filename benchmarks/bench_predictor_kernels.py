@@ -6,7 +6,9 @@ by each matmul torch offers, against the dense MLP's three projections, in one p
 The MGS layer must score every neuron before it computes any, so the predictor's matmul is a
 floor under its time. Rows: fp32 and bf16 dense GEMV of [gate; up] (the dense work it replaces),
 torch's packed int4 matmul with groups of 64 (the 4-bit predictor's CPU path), the packed int8
-matmul (per-row scales) and a dequantise-then-GEMV. Each row's `vs_dense_mlp` is the share of the
+matmul (per-row scales) and a dequantise-then-GEMV; then down_proj dense and 80% of its rows read in
+place, and a whole nested layer at 80% computed from two int4 planes (the high and low nibbles) with
+its down rows read in place. Each row's `vs_dense_mlp` is the share of the
 dense fp32 MLP's time it takes: a predictor that takes 0.5 of it caps the MLP speed-up at 2x even
 if the selected neurons cost nothing. Results: benchmarks/results/bench_predictor_kernels_cpu.json.
 """
@@ -47,6 +49,25 @@ def kernels(hidden: int, intermediate: int) -> dict:
         gate, up = F.linear(x, gate_up).split(intermediate, dim=-1)
         return F.linear(F.silu(gate) * up, down)
 
+    # The nested layer on two int4 planes: every neuron's gate/up from the high and the low nibbles
+    # (the low plane's codes are random here: only its time matters), then the selected 80% of the
+    # down_proj rows read in place. Timed to see whether a CPU path could run the nested format.
+    low_codes = torch.randint(0, 16, codes.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    packed_low = torch.ops.aten._convert_weight_to_int4pack_for_cpu(low_codes, 1)
+    scale_zero_low = torch.stack([(scales.float() / 16).to(torch.bfloat16).t(), torch.zeros_like(zeros).t()],
+                                 dim=-1).contiguous()
+    down_rows = down.t().contiguous()
+    rows = torch.randperm(intermediate, generator=torch.Generator().manual_seed(2))[: int(0.8 * intermediate)]
+    rows = rows.sort().values
+    weights_80 = torch.randn(1, rows.numel())
+
+    def nested_two_planes():
+        high = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed4, GROUP, scale_zero)
+        low = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed_low, GROUP, scale_zero_low)
+        gate, up = (high.float() + low.float()).split(intermediate, dim=-1)
+        hidden_80 = (F.silu(gate) * up)[:, rows]
+        return F.embedding_bag(rows[None], down_rows, per_sample_weights=hidden_80, mode="sum")
+
     return {
         "dense MLP, fp32 (the baseline)": dense_mlp,
         "[gate; up] GEMV, fp32": lambda: F.linear(x, gate_up),
@@ -55,6 +76,10 @@ def kernels(hidden: int, intermediate: int) -> dict:
             x16, packed4, GROUP, scale_zero),
         "int8 packed matmul, per-row scales": lambda: torch.ops.aten._weight_int8pack_mm(x16, int8, row_scale16),
         "dequantise int4 + GEMV, fp32": lambda: F.linear(x, dequantize_int4(codes, scales, zeros)),
+        "down_proj GEMV, fp32 (all rows)": lambda: F.linear(torch.ones(1, intermediate), down),
+        "down_proj: 80% of the rows in place (embedding_bag)": lambda: F.embedding_bag(
+            rows[None], down_rows, per_sample_weights=weights_80, mode="sum"),
+        "nested MLP at 80% on two int4 planes + embedding_bag down": nested_two_planes,
     }
 
 
