@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import Architecture, architecture_for
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
-from ..modeling.predictors import QuantizedPredictor, snap_to_nested_grid, unpack_nibbles
+from ..modeling.predictors import QuantizedPredictor, snap_gate_up
 from .partition import partition_neurons
 
 
@@ -109,12 +109,7 @@ def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -
         predictor = QuantizedPredictor.state_from(gate.weight, up.weight, spec.group_size)
         state.update({f"micro_gate.{k}": v for k, v in predictor.items()})
         if spec.predictor == "nested":
-            both = torch.cat([gate.weight, up.weight]).detach()
-            snapped = snap_to_nested_grid(both.float().cpu(), unpack_nibbles(predictor["codes"].cpu()),
-                                          predictor["scales"].cpu(), predictor["zeros"].cpu())
-            snapped = snapped.to(device=both.device, dtype=both.dtype)
-            state["gate_proj.weight"], state["up_proj.weight"] = (
-                part.clone() for part in snapped.split(gate.weight.shape[0]))
+            state["gate_proj.weight"], state["up_proj.weight"] = snap_gate_up(gate.weight, up.weight, predictor)
     else:
         # Start the linear gate as the best rank-r approximation of gate_proj: its top-k then
         # picks the neurons with the largest gate pre-activation, a far better start than random.

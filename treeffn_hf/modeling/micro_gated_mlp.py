@@ -17,7 +17,7 @@ from .dispatch import choose_path
 from .layer_spec import MGSSpec
 from .mgs_selection import selection_mask
 from .mgs_torch import mgs_fast
-from .predictors import LinearGate, QuantizedPredictor, snap_to_nested_grid, unpack_nibbles
+from .predictors import LinearGate, QuantizedPredictor, snap_gate_up
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
 
@@ -140,10 +140,8 @@ class MicroGatedMLP(nn.Module):
     @torch.no_grad()
     def snap_to_predictor_grid(self) -> None:
         """Round gate_proj/up_proj onto the nested 8-bit grid of the predictor's codes."""
-        predictor = self.micro_gate
-        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        snapped = snap_to_nested_grid(weight, unpack_nibbles(predictor.codes), predictor.scales, predictor.zeros)
-        gate, up = snapped.to(weight.dtype).split(self.intermediate_size)
+        buffers = {name: getattr(self.micro_gate, name) for name in ("codes", "scales", "zeros")}
+        gate, up = snap_gate_up(self.gate_proj.weight, self.up_proj.weight, buffers)
         self.gate_proj.weight.copy_(gate)
         self.up_proj.weight.copy_(up)
 

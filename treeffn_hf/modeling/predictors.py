@@ -89,6 +89,18 @@ def snap_to_nested_grid(weight: torch.Tensor, codes: torch.Tensor, scale: torch.
     return high + ((weight.float() - high) / step).round().clamp(-8, 7) * step
 
 
+def snap_gate_up(gate: torch.Tensor, up: torch.Tensor, predictor_state: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_proj and up_proj weights snapped onto the nested grid of a predictor's buffers
+    (`codes`, `scales`, `zeros`, as `QuantizedPredictor.state_from` returns them), in their own
+    dtype and device, as separate tensors."""
+    both = torch.cat([gate, up]).detach()
+    codes, scales, zeros = (predictor_state[name].cpu() for name in ("codes", "scales", "zeros"))
+    snapped = snap_to_nested_grid(both.float().cpu(), unpack_nibbles(codes), scales, zeros)
+    snapped = snapped.to(device=both.device, dtype=both.dtype)
+    return tuple(part.clone() for part in snapped.split(gate.shape[0]))
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes in [0, 15] -> (N, K / 2) bytes, the even column in the low nibble."""
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
