@@ -77,7 +77,8 @@ class MicroGatedMLP(nn.Module):
             return mgs_fast(self, x, scores).reshape(shape)
         mask = selection_mask(scores, self.spec, self.gate_threshold).to(scores.dtype)
         self._record_density(mask)
-        if self.gate_gradient == "straight_through" and torch.is_grad_enabled():
+        # A quantised predictor has no parameters: its scores carry no gradient, nor would the term.
+        if self.gate_gradient == "straight_through" and scores.requires_grad:
             soft = torch.sigmoid(scores)
             mask = mask + soft - soft.detach()
         elif self.gate_gradient not in (None, "straight_through"):

@@ -135,6 +135,7 @@ class QuantizedPredictor(nn.Module):
         self.register_buffer("scales", torch.zeros(2 * intermediate_size, groups, dtype=torch.bfloat16))
         self.register_buffer("zeros", torch.zeros(2 * intermediate_size, groups, dtype=torch.bfloat16))
         self._packed_cache = None
+        self._dequantized_cache = None
 
     @staticmethod
     def state_from(gate_weight: torch.Tensor, up_weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
@@ -145,6 +146,21 @@ class QuantizedPredictor(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """[gate_proj; up_proj] as the predictor sees them, float32 (2H, hidden)."""
         return dequantize_int4(unpack_nibbles(self.codes), self.scales, self.zeros)
+
+    def _dequantized_operand(self) -> torch.Tensor:
+        # Training rescores every batch with fixed codes: keep the float copy while in train mode
+        # (eval drops it, so inference holds no float32 duplicate of the predictor).
+        if not self.training:
+            return self.dequantized()
+        key = (self.codes.data_ptr(), self.codes._version, self.scales._version, self.zeros._version)
+        if self._dequantized_cache is None or self._dequantized_cache[0] != key:
+            self._dequantized_cache = (key, self.dequantized())
+        return self._dequantized_cache[1]
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self._dequantized_cache = None
+        return super().train(mode)
 
     def uses_int4_matmul(self, x: torch.Tensor) -> bool:
         """Whether `x` is scored by torch's packed int4 CPU matmul (else dequantise and matmul)."""
@@ -168,7 +184,7 @@ class QuantizedPredictor(nn.Module):
             both = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.to(torch.bfloat16), packed, self.group_size, scale_zero).float()
         else:
-            both = F.linear(x.float(), self.dequantized().to(x.device))
+            both = F.linear(x.float(), self._dequantized_operand().to(x.device))
         gate, up = both.split(self.intermediate_size, dim=-1)
         return neuron_scores(gate, up, self.act_fn)
 
@@ -178,7 +194,7 @@ class QuantizedPredictor(nn.Module):
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` must not touch the quantised format (a round trip through fp16 would
         # lose scales): a buffer whose dtype changed is moved to the new device instead.
-        self._packed_cache = None
+        self._packed_cache = self._dequantized_cache = None
         saved = {name: getattr(self, name) for name in ("codes", "scales", "zeros")}
         result = super()._apply(fn, recurse)
         for name, before in saved.items():

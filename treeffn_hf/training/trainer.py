@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from ..evaluation import perplexity
 from ..tree_stats import collect_tree_stats, summary, tree_layers
+from .kl import chunked_kl
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -20,10 +20,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) on temperature-softened distributions, times T^2."""
-    vocab = student_logits.shape[-1]
-    student = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+    return chunked_kl(student_logits, teacher_logits, temperature)
 
 
 class DistillationTrainer(Trainer):

