@@ -3,6 +3,10 @@ resumption, the NaN stop, LoRA round trips, teacher-sampled data."""
 
 import copy
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +282,24 @@ def test_a_failed_start_leaves_no_work_directory(dirs, tmp_path, capsys):
                  "--data", str(tmp_path / "missing.txt"), "--no-progress"])
     assert code == 1 and "unusable training data" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_process_finetune_counts_every_process_and_writes_once(dirs, tmp_path):
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # `--multi_gpu` is accelerate's multi-process launcher (gloo on CPUs); `--cpu` would start one process.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "treeffn_hf.cli.main", "finetune", str(dirs / "mgs_nested"),
+               str(tmp_path / "out"), "--dense", str(dirs / "dense"), "--data", TEXT, "--window", "32",
+               "--max-windows", "16", "--steps", "4", "--batch-size", "1", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(reports) == 1 and "4 steps, 256 tokens seen" in reports[0]  # 4 x 1 x 32 tokens x 2 processes
+    summary = json.loads((tmp_path / "out" / "treeffn_finetune.json").read_text())
+    assert summary["tokens_seen"] == 256 and summary["main_process"]
+    treeffn_hf.load(tmp_path / "out")
+    assert not [p for p in tmp_path.iterdir() if "finetune-work" in p.name]

@@ -1,5 +1,8 @@
 """End-to-end fine-tuning of a converted checkpoint, distilled from its dense teacher on the HF
-Trainer (`accelerate launch -m treeffn_hf.cli.main finetune ...` scales it to several GPUs).
+Trainer (`accelerate launch -m treeffn_hf.cli.main finetune ...` scales it to several GPUs; on
+CPUs, `accelerate launch --multi_gpu --num_processes N` starts N gloo processes, while `--cpu`
+starts one, whatever --num_processes says). The main process writes OUT and reports the tokens
+seen by all processes.
 
 Loss: --kl-weight x KL(teacher || student) + --lm-weight x next-token cross-entropy. The sparse
 layers train by default (--trainable all: everything); --lora-rank adds LoRA on attention via peft
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         lora_targets=args.lora_targets, stats_every=args.stats_every, save_steps=args.save_steps, seed=args.seed,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
+    if not summary["main_process"]:  # under `accelerate launch`, the main process reports
+        return 0
     log = summary["log"]
     if log:
         print(f"loss {log[0]['loss']:.4f} (step {log[0]['step']}) -> {log[-1]['loss']:.4f} (step {log[-1]['step']})")

@@ -63,7 +63,10 @@ def finetune_checkpoint(
         "lora_rank", "seed")}
     run["sparse"] = str(Path(sparse_dir).resolve())
     run["lora_targets"] = list(lora_targets)
-    claim_work_dir(work, run)
+    processes = _processes()
+    if processes.is_main_process:  # under `accelerate launch`, one process owns the files
+        claim_work_dir(work, run)
+    processes.wait_for_everyone()
     try:
         summary = _train(sparse_dir, out, work, run, start, dense=dense, gguf_file=gguf_file, data=data,
                          teacher_samples=teacher_samples, window=window, max_windows=max_windows, steps=steps,
@@ -74,11 +77,20 @@ def finetune_checkpoint(
                          eval_every=eval_every, stats_every=stats_every, save_steps=save_steps, seed=seed,
                          overwrite=overwrite, progress=progress)
     except BaseException:
-        if not any(work.glob("checkpoint-*")):  # nothing worth resuming: leave no trace
+        if processes.is_main_process and not any(work.glob("checkpoint-*")):  # nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    processes.wait_for_everyone()  # every process is past the work directory before it goes
+    if processes.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _processes():
+    """The processes of this run (one, or those `accelerate launch` started)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples, window,
@@ -150,9 +162,11 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
         "log": [e for e in trainer.state.log_history if "loss" in e],
         **{cb.name: cb.history for cb in callbacks},
     }
-    extra = {"treeffn_finetune.json": json.dumps(summary, indent=2)}
-    save(final, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense), extra_files=extra,
-         extra_dirs=adapter)
+    summary["main_process"] = trainer.is_world_process_zero()
+    if summary["main_process"]:
+        extra = {"treeffn_finetune.json": json.dumps(summary, indent=2)}
+        save(final, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense), extra_files=extra,
+             extra_dirs=adapter)
     return summary
 
 
