@@ -5,10 +5,12 @@ Tree (`--method tree`, the default): convert SmolLM2-135M (GGUF from `llm-smollm
 fine-tune copies of that checkpoint against the dense teacher (KL, as `treeffn finetune`) with
 learned and with frozen routing, the same data and steps each.
 
-MGS (`--method mgs --density D`): convert to a micro-gated MLP, train the gates on the dense
-top-k labels (as `treeffn distill`), then fine-tune through the top-k mask: `straight_through`
-(gate and dense weights trained, the gate through the mask) and `fixed_gate` (dense weights only,
-the mask as the trained gate picks it).
+MGS (`--method mgs --density D`): convert to the default micro-gated MLP, recover it with
+`treeffn distill`'s function and defaults (thresholds calibrated on valid.txt, down_proj refitted;
+a linear predictor's gate trained first), then fine-tune through the selection mask:
+`straight_through` (a linear gate through the mask, and the dense weights) and `fixed_gate` (the
+dense weights only). The 4-bit predictors have no parameters, so for them the two are the same
+run: pass `--variants straight_through`.
 
 Perplexity on the project protocol (wiki.test.raw), the ratio to dense, tokens seen, wall time,
 and the ratio-against-tokens curve of each fine-tune.
@@ -33,13 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, distilled_tree, finetuned_checkpoint, machine, write_json  # noqa: E402
 
-from treeffn_hf.checkpoint import load_dense, save  # noqa: E402
+from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
-from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
+from treeffn_hf.workflows import distill_checkpoint  # noqa: E402
 
 # Each fine-tune variant: its table label and what it passes to `finetune_checkpoint`.
 VARIANTS = {
@@ -48,7 +50,7 @@ VARIANTS = {
     "mgs": {"straight_through": ("fine-tuned, gate straight-through", {"gate_gradient": "straight_through"}),
             "fixed_gate": ("fine-tuned, gate fixed", {"gate_gradient": None})},
 }
-RECOVERY_LABEL = {"tree": "distill only", "mgs": "gate training only"}
+RECOVERY_LABEL = {"tree": "distill only", "mgs": "treeffn distill only"}
 
 
 def output_path(method: str, density: float, tag: str = "") -> Path:
@@ -106,23 +108,30 @@ def main() -> None:
     try:
         start = time.perf_counter()
         calib = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 32)
-        captured = capture_mlp_inputs(dense, calib, tokens_per_layer=args.tokens_per_layer)
         if args.method == "tree":
+            captured = capture_mlp_inputs(dense, calib, tokens_per_layer=args.tokens_per_layer)
             sparse, spec = distilled_tree(dense, captured.inputs, args.fraction, steps=args.distill_steps,
                                           lr=args.distill_lr)
             recovery = f"routing fit + {args.distill_steps} distillation steps per layer"
-        else:
+            del captured
+        else:  # `treeffn distill`'s recipe, through its function, with the CLI's defaults
             spec = MGSSpec(density=args.density)
-            sparse = convert(dense, spec)
-            train_gates(sparse, captured.inputs, steps=args.gate_steps)
-            recovery = f"{args.gate_steps} gate training steps per layer"
-        del captured
-        cost = sparse.sparse_cost()
-        payload["sparse"] = {"method": args.method, "spec": spec.to_dict(), "unit_fraction": cost.unit_fraction,
-                             "weight_fraction": cost.weight_fraction, "recovery": recovery}
-        add({"variant": RECOVERY_LABEL[args.method], "perplexity": perplexity(sparse, eval_ids).perplexity,
+            save(convert(dense, spec), work / "converted", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
+            distill_checkpoint(work / "converted", work / "distilled", dense=directory, gguf_file=gguf,
+                               calibration=DATA / "wikitext-2" / "valid.txt", gate_steps=args.gate_steps,
+                               progress=False)
+            sparse = load(work / "distilled")
+            recovery = ("treeffn distill defaults: thresholds calibrated on valid.txt, down_proj refitted"
+                        + (f", {args.gate_steps} gate training steps per layer" if spec.predictor == "linear" else ""))
+        recovered_ppl = perplexity(sparse, eval_ids).perplexity
+        cost = sparse.sparse_cost()  # after the evaluation: thresholds count the units they measured
+        payload["sparse"] = {"method": args.method, "spec": dict(sparse.config.sparse_mlp),
+                             "unit_fraction": cost.unit_fraction, "weight_fraction": cost.weight_fraction,
+                             "recovery": recovery}
+        add({"variant": RECOVERY_LABEL[args.method], "perplexity": recovered_ppl,
              "tokens_seen": int(calib.numel()), "seconds": time.perf_counter() - start})
-        save(sparse, work / "distilled", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
+        if args.method == "tree":
+            save(sparse, work / "distilled", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
         del sparse
 
         for variant in variants:

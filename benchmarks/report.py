@@ -296,6 +296,50 @@ def predictor_kernels_section(data: dict) -> list[str]:
     return lines
 
 
+def train_throughput_section(data: dict) -> list[str]:
+    m, b = data["machine"], data["batch"]
+    bf16 = "has" if data["cpu_bf16_instructions"] else "has no"
+    lines = [
+        f"**Training throughput** (`{data['command'].strip()}`; {m['cpu']}, {m['torch_threads']} threads, "
+        f"{m['torch']}; {data['dtype']}; file `benchmarks/results/train_throughput_cpu.json`). One distillation "
+        f"step of {data['student']['spec']['predictor']} MGS at {data['student']['spec']['density']:.0%} "
+        f"({data['student']['trainable']}) on {b['batch_size']} x {b['window']} tokens of valid.txt: teacher "
+        "forward, student forward, KL, backward, AdamW; median of "
+        f"{data['rounds']} rounds in alternation, beside the dense model's batched fp32 forward "
+        f"({data['dense_forward_tokens_per_s']:.0f} tokens/s). This CPU {bf16} bf16 dot-product instructions.",
+        "",
+        "| step | tokens/s | vs before | share of the dense forward rate |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['step']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_before']:.2f}x | "
+                     f"{r['fraction_of_dense_forward_rate']:.2f} |")
+    phases = data["phases_seconds"]
+    lines += ["", "Where a step's seconds go: " + "; ".join(
+        f"{name}: " + ", ".join(f"{p} {t:.2f}" for p, t in split.items()) for name, split in phases.items())
+        + f". Matrix multiplications take {data['matmul_share_of_now_step']:.0%} of a `now` step's CPU time.", ""]
+    return lines
+
+
+def refit_study_section(data: dict) -> list[str]:
+    m, ev, cal = data["machine"], data["evaluation"], data["calibration"]
+    lines = [
+        f"**MGS down_proj refit** (`{data['command'].strip()}`; {m['cpu']}, {m['torch_threads']} threads; "
+        f"{ev['windows']} windows of {ev['window']} tokens, dense perplexity {data['dense_perplexity']:.3f}; "
+        f"calibration {cal['windows']} x {cal['window']} tokens of {cal['source']}; nested predictor, thresholds "
+        "calibrated as `treeffn distill` does; "
+        "file `benchmarks/results/refit_study_smollm2.json`). The refit changes no byte read.",
+        "",
+        "| density | refit | MLP weight bytes | ppl ratio | refit time |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['density']:.0%} | {r['mode']} | {r['weight_fraction']:.1%} | {r['ppl_ratio']:.3f} | "
+                     f"{r['refit_seconds']:.0f} s |")
+    lines.append("")
+    return lines
+
+
 def render() -> str:
     lines = [START, ""]
     for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs"):
@@ -318,6 +362,12 @@ def render() -> str:
     kernels = _load("bench_predictor_kernels_cpu.json")
     if kernels:
         lines += predictor_kernels_section(kernels)
+    refit = _load("refit_study_smollm2.json")
+    if refit:
+        lines += refit_study_section(refit)
+    throughput = _load("train_throughput_cpu.json")
+    if throughput:
+        lines += train_throughput_section(throughput)
     for path in sorted(RESULTS.glob("finetune_smollm2*.json")):
         finetune = _load(path.name)
         if finetune and finetune.get("sparse"):

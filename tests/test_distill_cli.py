@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
@@ -56,7 +57,25 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
         assert distilled.config.sparse_mlp["layer_densities"] == pytest.approx([spec.density] * 2)
     elif spec.method == "mgs":
         assert distilled.config.sparse_mlp["selection"] == "top_k" and summary["budget"] is None
+    refits = summary["down_proj_refit"]
+    assert [r["layer"] for r in refits] == ([0, 1] if spec.method == "mgs" else [])
+    assert all(r["mse_after"] <= r["mse_before"] for r in refits)
+    if refits:
+        assert "down_proj refitted in" in stdout
     assert not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+
+
+def test_distill_without_refit_keeps_the_dense_down_proj(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", MGSSpec(density=0.3))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--windows", "4", "--window", "64",
+                 "--no-refit-down", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
+    assert summary["down_proj_refit"] == []
+    converted, distilled = treeffn_hf.load(tmp_path / "sparse"), treeffn_hf.load(tmp_path / "out")
+    for (_, before), (_, after) in zip(converted.sparse_mlps(), distilled.sparse_mlps()):
+        assert torch.equal(before.down_proj.weight, after.down_proj.weight)
 
 
 def test_distill_refuses_a_dense_model_of_another_shape(dense_dir, tmp_path, capsys):

@@ -78,6 +78,12 @@ def supported_model_types() -> str:
     return ", ".join(sorted(ARCHITECTURES)) + " (SmolLM2 is a llama)"
 
 
+def layout_of(config: PreTrainedConfig) -> Architecture:
+    """The declaration of a dense or an already converted config: where its layers and MLPs live."""
+    sparse = SPARSE_ARCHITECTURES.get(getattr(config, "model_type", None))
+    return sparse if sparse is not None else architecture_for(config)
+
+
 def architecture_for(config: PreTrainedConfig) -> Architecture:
     """The declaration for a dense config; a clear error naming what is supported otherwise."""
     model_type = getattr(config, "model_type", None)

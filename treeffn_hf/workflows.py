@@ -152,6 +152,7 @@ def distill_checkpoint(
     density: Optional[float] = None,
     weight_fraction: Optional[float] = None,
     allocation: str = "uniform",
+    refit_down: bool = True,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -160,7 +161,9 @@ def distill_checkpoint(
     dense-activation labels (the quantized predictor needs no training) and, unless
     `selection='top_k'`, give every layer a threshold calibrated to its density. The densities
     average `density` (default: the checkpoint's), or `weight_fraction` of the MLP weight bytes,
-    shared out `uniform`ly or `greedy` on a calibration loss (conversion/budgets.py).
+    shared out `uniform`ly or `greedy` on a calibration loss (conversion/budgets.py). Then, with
+    `refit_down`, each MGS layer's down_proj is refitted by least squares so the computed neurons
+    make up for the skipped ones (conversion/compensation.py).
 
     Per-layer results are kept in a work directory beside OUT, so a killed run resumes from the
     last finished layer; it is removed once OUT is written.
@@ -172,6 +175,7 @@ def distill_checkpoint(
     from .checkpoint import load
     from .conversion.budgets import calibrate_mgs
     from .conversion.calibration import capture_mlp_inputs, read_texts, token_windows
+    from .conversion.compensation import refit_mgs_layers
     from .conversion.distillation import distill_layers
     from .conversion.gate_training import train_gates
 
@@ -188,6 +192,7 @@ def distill_checkpoint(
         "calibration": str(calibration), "windows": windows, "window": window,
         "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,
         "selection": selection, "density": density, "weight_fraction": weight_fraction, "allocation": allocation,
+        "refit_down": refit_down,
     })
     try:
         sparse = load(sparse_dir)
@@ -205,12 +210,14 @@ def distill_checkpoint(
         ids = token_windows(texts, tokenizer, window, windows)
         captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
         method = sparse.config.sparse_mlp["method"]
-        budget = None
+        budget, refits = None, []
         if method == "mgs":
             reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
             if selection != "top_k":  # thresholds are the best selection we know
                 budget = calibrate_mgs(sparse, captured.inputs, density=density, weight_fraction=weight_fraction,
                                        allocation=allocation, loss_ids=ids[-LOSS_WINDOWS:], progress=progress)
+            if refit_down:  # after the selection is final: the refit is fitted under it
+                refits = refit_mgs_layers(sparse, dense_model, ids, progress=progress)
         else:
             for param in sparse.parameters():
                 param.requires_grad_(False)
@@ -231,6 +238,7 @@ def distill_checkpoint(
                         "tokens": captured.tokens_seen, "tokens_per_layer": tokens_per_layer},
         "layers": [asdict(r) for r in reports],
         "budget": budget,
+        "down_proj_refit": [asdict(r) for r in refits],
         "seconds": time.perf_counter() - start,
     }
     save(sparse, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense),

@@ -3,7 +3,8 @@
 The dense model runs once over the calibration text; each MLP's inputs are sampled (bounded
 memory). MGS models get per-layer thresholds on their predictor's scores, calibrated to the
 density (the 4-bit predictor needs nothing else; a linear gate is first trained to predict the
-dense model's top-k neurons); tree MLPs first get their neuron partition and routing fitted to
+dense model's top-k neurons), then their down_proj is refitted by least squares under that
+selection; tree MLPs first get their neuron partition and routing fitted to
 where the tokens' dense activation mass is, then are regressed on the dense MLP outputs. Layers are done one
 at a time and saved as they finish: rerunning the same command after a kill resumes.
 """
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform",
                         help="MGS: the same density in every layer, or greedy on a calibration loss (TEAL-style; "
                              "measured no better on SmolLM2, see README)")
+    parser.add_argument("--no-refit-down", dest="refit_down", action="store_false",
+                        help="MGS: keep the dense down_proj (default: refit it by least squares under the selection)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
         gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, selection=args.selection,
         density=args.density, weight_fraction=args.weight_fraction, allocation=args.allocation,
-        overwrite=args.overwrite,
+        refit_down=args.refit_down, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     layers = summary["layers"]
@@ -63,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
             densities = summary["budget"]["layer_densities"]
             print(f"thresholds calibrated ({summary['budget']['allocation']}): mean density "
                   f"{sum(densities) / len(densities):.2%}, layers from {min(densities):.2%} to {max(densities):.2%}")
+        refits = summary["down_proj_refit"]
+        if refits:
+            kept = sum(r["damping"] is None for r in refits)
+            ratio = sum(r["mse_after"] / max(r["mse_before"], 1e-30) for r in refits) / len(refits)
+            print(f"down_proj refitted in {len(refits) - kept} of {len(refits)} layers: held-out MSE x{ratio:.2f} "
+                  "(mean over layers)")
     else:
         improved = sum(r["mse_after"] < r["mse_before"] for r in layers)
         fitted = [r for r in layers if r.get("captured_mass_after") is not None]

@@ -1,0 +1,128 @@
+"""Refit each micro-gated MLP's `down_proj` so the neurons it computes make up for the ones it skips.
+
+With the selection fixed, the layer's output is linear in `down_proj`: y = W (h * mask). The
+weight that best reproduces the dense output on calibration tokens is a ridge regression,
+solved in closed form, W^T = (H^T H + lam I)^-1 (H^T Y + lam W0^T), shrunk towards the dense
+weight W0 (lam = damping x the mean of diag(H^T H), as GPTQ damps its Hessian). The damping is
+chosen on held-out tokens among a few values, and the dense weight is kept when no value
+beats it, so the refit never makes a layer worse on held-out data. `gate_proj`, `up_proj` and
+the predictor are untouched, so the selection and the byte count stay exactly as calibrated.
+
+Inputs and targets (`refit_mgs_layers`):
+- `inputs="dense"` (the default): each layer is fitted on the dense model's MLP inputs, against
+  the dense MLP's outputs on them; layers are independent.
+- `inputs="sparse"`: layer i is fitted on the MLP inputs that the model with its already-refitted
+  layers 0..i-1 produces (as GPTQ quantises on the inputs of the quantised predecessors),
+  against `target="dense_mlp"`, the dense MLP on those same inputs (GPTQ), or
+  `target="dense_output"`, the dense model's MLP output at layer i (the layer then also tries
+  to absorb the error that reached it). `benchmarks/refit_study.py` measures the three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..modeling.mgs_selection import selection_mask
+from ..modeling.micro_gated_mlp import mgs_hidden
+from .fitting import holdout_split
+from .replay import LayerReplay
+
+DAMPINGS = (1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass
+class DownRefitReport:
+    layer: int
+    mse_before: float  # held-out MSE against the dense output, dense down_proj
+    mse_after: float
+    damping: Optional[float]  # the chosen relative damping; None: the dense weight was kept
+
+
+@torch.no_grad()
+def selected_hidden(mlp, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    """act(g) * u of the neurons `mlp` selects for each row of `x`, zero elsewhere, (N, H) float32."""
+    parts = []
+    for start in range(0, x.shape[0], batch):
+        rows = x[start : start + batch]
+        mask = selection_mask(mlp.micro_gate(rows), mlp.spec, mlp.gate_threshold)
+        parts.append((mgs_hidden(mlp, rows) * mask).float())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def refit_down_proj(mlp, inputs: torch.Tensor, targets: torch.Tensor, *, holdout: float = 0.1,
+                    dampings: Sequence[float] = DAMPINGS, seed: int = 0, layer_index: int = 0) -> DownRefitReport:
+    """Refit `mlp.down_proj.weight` in place on (inputs, targets) rows; see the module doc."""
+    weight = mlp.down_proj.weight
+    x = inputs.to(device=weight.device, dtype=weight.dtype)
+    y = targets.to(device=weight.device, dtype=torch.float64)
+    hidden = selected_hidden(mlp, x).double()
+    eval_index, train_index = holdout_split(x.shape[0], holdout, torch.Generator().manual_seed(seed))
+    h_train, h_eval = hidden[train_index], hidden[eval_index]
+    gram = h_train.T @ h_train
+    cross = h_train.T @ y[train_index]
+    dense = weight.detach().double().T  # (H, hidden)
+    bias = mlp.down_proj.bias.detach().double() if mlp.down_proj.bias is not None else 0.0
+    if mlp.down_proj.bias is not None:
+        cross -= h_train.sum(0, keepdim=True).T * bias
+
+    def held_out_mse(w_t: torch.Tensor) -> float:
+        return float(F.mse_loss(h_eval @ w_t + bias, y[eval_index]))
+
+    before = best = held_out_mse(dense)
+    chosen, best_weight = None, None
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for damping in dampings:
+        lam = damping * scale
+        candidate = torch.linalg.solve(gram + lam * eye, cross + lam * dense)
+        mse = held_out_mse(candidate)
+        if mse < best:
+            best, chosen, best_weight = mse, damping, candidate
+    if best_weight is not None:
+        weight.copy_(best_weight.T.to(weight.dtype))
+    return DownRefitReport(layer=layer_index, mse_before=before, mse_after=best, damping=chosen)
+
+
+INPUTS = ("dense", "sparse")
+TARGETS = ("dense_mlp", "dense_output")
+
+
+@torch.no_grad()
+def refit_mgs_layers(sparse_model: torch.nn.Module, dense_model: torch.nn.Module, windows: torch.Tensor, *,
+                     inputs: str = "dense", target: str = "dense_mlp", seed: int = 0, progress: bool = True,
+                     **options) -> list[DownRefitReport]:
+    """`refit_down_proj` on every micro-gated MLP of `sparse_model`, calibration `windows`
+    (sequences, tokens) walked through both models layer by layer; see the module doc."""
+    if inputs not in INPUTS or target not in TARGETS:
+        raise ValueError(f"inputs must be one of {INPUTS} and target one of {TARGETS}, got {inputs!r}, {target!r}")
+    dense_replay = LayerReplay(dense_model.eval(), windows)
+    sparse_replay = LayerReplay(sparse_model.eval(), windows) if inputs == "sparse" else None
+    dense_mlps = [getattr(layer, dense_replay.mlp_attr) for layer in dense_replay.layers]
+    sparse_mlps = dict(sparse_model.sparse_mlps())
+    reports = []
+    for index in tqdm(range(len(dense_mlps)), desc="refitting down_proj", disable=not progress):
+        dense_inputs, dense_outputs = dense_replay.run_layer()
+        mlp = sparse_mlps.get(index)
+        if mlp is not None and mlp.sparse_method == "mgs" and not mlp.computes_everything:
+            x, y = dense_inputs, dense_outputs
+            if sparse_replay is not None:
+                x = sparse_replay.run_layer(advance=False)[0]
+                y = _batched(dense_mlps[index], x) if target == "dense_mlp" else dense_outputs
+            reports.append(refit_down_proj(mlp, x, y, seed=seed + index, layer_index=index, **options))
+        if sparse_replay is not None:
+            sparse_replay.run_layer()
+    for mlp in sparse_mlps.values():
+        if mlp.sparse_method == "mgs":
+            mlp.reset_density()
+    return reports
+
+
+def _batched(module: torch.nn.Module, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    param = next(module.parameters())
+    return torch.cat([module(x[i : i + batch].to(param.dtype)).float() for i in range(0, x.shape[0], batch)])
