@@ -170,13 +170,18 @@ def finetune_section(data: dict, name: str) -> list[str]:
         layer = (f"tree: depth {spec['depth']}, node width {spec['node_width']}, leaf {spec['leaf_width']}, shared "
                  f"{spec['shared_width']}")
     else:
-        layer = f"MGS: top-{spec['density']:.0%} of neurons, gate rank {spec['rank']}"
+        selection = "top" if spec.get("selection", "top_k") == "top_k" else "thresholds at"
+        predictor = (f"gate rank {spec['rank']}" if spec.get("predictor", "linear") == "linear"
+                     else f"{spec['predictor']} 4-bit predictor")
+        layer = f"MGS: {selection} {spec['density']:.0%} of neurons, {predictor}"
     lines = [
         f"**End-to-end fine-tuning, SmolLM2-135M {sparse['method']}** (`{data['command']}`; {m['cpu']}, "
         f"{m['torch_threads']} threads; file `benchmarks/results/{name}`, curve `{Path(name).stem}.png`). {layer} "
         f"= {sparse['unit_fraction']:.2%} of MLP units, {sparse['weight_fraction']:.2%} of MLP weight bytes; "
         f"{sparse['recovery']} first, then {settings['steps']} steps of KL to the dense teacher (batch "
-        f"{settings['batch_size']} x {settings['window']} tokens, lr {settings['lr']:g}) on `valid.txt`, the same data "
+        f"{settings['batch_size']} x {settings['window']} tokens, lr {settings['lr']:g}"
+        f"{', ' + settings['lr_schedule'] + ' schedule' if settings.get('lr_schedule') else ''}"
+        f"{', warmup ' + str(settings['warmup_steps']) if settings.get('warmup_steps') else ''}) on `valid.txt`, the same data "
         f"and steps for each variant. Perplexity on the first {data['evaluation']['windows']} protocol windows "
         f"(dense {data['dense_perplexity']:.2f}).",
         "",

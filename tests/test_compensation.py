@@ -108,8 +108,17 @@ def test_sequential_refit_fits_on_the_refitted_predecessors_inputs(monkeypatch):
 
 def test_independent_refit_uses_dense_inputs_and_records_no_density(monkeypatch):
     dense, sparse = sparse_model()
-    reports = refit_mgs_layers(sparse, dense, WINDOWS, progress=False)
+    fitted_on = {}
+    real = compensation.refit_down_proj
+
+    def spy(mlp, inputs, targets, **kwargs):
+        fitted_on[kwargs["layer_index"]] = inputs.clone()
+        return real(mlp, inputs, targets, **kwargs)
+
+    monkeypatch.setattr(compensation, "refit_down_proj", spy)
+    reports = refit_mgs_layers(sparse, dense, WINDOWS, inputs="dense", progress=False)
     assert [r.layer for r in reports] == [0, 1]
+    torch.testing.assert_close(fitted_on[1], mlp_inputs_by_hooks(dense, WINDOWS)[1], rtol=1e-5, atol=1e-5)
     assert all(m.measured_units() is None for _, m in sparse.sparse_mlps())
     with pytest.raises(ValueError, match="inputs must be one of"):
         refit_mgs_layers(sparse, dense, WINDOWS, inputs="both", progress=False)

@@ -14,6 +14,7 @@ from torch import nn
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
+from treeffn_hf.checkpoint import CheckpointError
 from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP
 from treeffn_hf.modeling.tree_ffn import TreeFFN
 from treeffn_hf.training import trainer as trainer_module
@@ -303,3 +304,40 @@ def test_two_process_finetune_counts_every_process_and_writes_once(dirs, tmp_pat
     assert summary["tokens_seen"] == 256 and summary["main_process"]
     treeffn_hf.load(tmp_path / "out")
     assert not [p for p in tmp_path.iterdir() if "finetune-work" in p.name]
+
+
+def test_selection_ramp_goes_from_every_neuron_to_the_calibrated_selection():
+    from treeffn_hf.modeling.mgs_selection import selection_mask
+
+    scores = torch.rand(20, 40) + 0.01
+    for spec in (MGSSpec(density=0.25), MGSSpec(density=0.25, selection="threshold")):
+        threshold = torch.tensor(0.75)
+        counts = [int(selection_mask(scores, spec, threshold, ramp).sum()) for ramp in (0.0, 0.5, 1.0)]
+        assert counts[0] == scores.numel() and counts[0] > counts[1] > counts[2]
+        assert torch.equal(selection_mask(scores, spec, threshold, 1.0), selection_mask(scores, spec, threshold))
+
+
+def test_progressive_sparsity_reaches_the_final_selection_exactly(dirs, tmp_path, monkeypatch):
+    seen = []
+    real_forward = MicroGatedMLP.forward
+
+    def spy(self, hidden_states):
+        if torch.is_grad_enabled() and self is first_layer[0]:
+            seen.append(self.selection_ramp)
+        return real_forward(self, hidden_states)
+
+    first_layer = []
+    real_configure = trainer_module.DistillationTrainer.__init__
+
+    def remember_first_layer(self, *args, **kwargs):
+        real_configure(self, *args, **kwargs)
+        first_layer.append(next(m for _, m in self.model.sparse_mlps()))
+
+    monkeypatch.setattr(MicroGatedMLP, "forward", spy)
+    monkeypatch.setattr(trainer_module.DistillationTrainer, "__init__", remember_first_layer)
+    finetune_checkpoint(dirs / "mgs_nested", tmp_path / "out", dense=str(dirs / "dense"), steps=6,
+                        sparsity_ramp_steps=4, **{**OPTIONS, "save_steps": 100})
+    assert seen == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]  # the ramp ends on the calibrated selection
+    with pytest.raises(CheckpointError, match="MGS models only"):
+        finetune_checkpoint(dirs / "tree", tmp_path / "tree", dense=str(dirs / "dense"), steps=2,
+                            sparsity_ramp_steps=1, **OPTIONS)

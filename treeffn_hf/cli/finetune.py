@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--sparsity-ramp", type=int, default=0, metavar="STEPS",
+                        help="MGS: start from every neuron and reach the calibrated selection at this step "
+                             "(progressive sparsity; 0: sparse from the start)")
+    parser.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                        help="after the warmup: decay to zero by the last step, or hold the learning rate")
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--lm-weight", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
@@ -59,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.sparse, args.out, dense=args.dense, gguf_file=args.gguf_file, data=args.data,
         teacher_samples=args.teacher_samples, window=args.window, max_windows=args.max_windows, steps=args.steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule, sparsity_ramp_steps=args.sparsity_ramp,
         kl_weight=args.kl_weight, lm_weight=args.lm_weight, temperature=args.temperature, trainable=args.trainable,
         routing=args.routing, routing_gradient=gradient, gate_gradient=gradient, lora_rank=args.lora_rank,
         lora_targets=args.lora_targets, stats_every=args.stats_every, save_steps=args.save_steps, seed=args.seed,

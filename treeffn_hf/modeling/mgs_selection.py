@@ -17,11 +17,15 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
 
 
-def selection_mask(scores: torch.Tensor, spec, threshold: torch.Tensor) -> torch.Tensor:
-    """Boolean (N, H) mask of the neurons each token computes."""
+def selection_mask(scores: torch.Tensor, spec, threshold: torch.Tensor, ramp: float = 1.0) -> torch.Tensor:
+    """Boolean (N, H) mask of the neurons each token computes. `ramp` < 1 (progressive sparsity
+    in training) selects more: the threshold scaled by `ramp`, or k moved towards H; 0 selects
+    every neuron with a positive score (top-k: every neuron), 1 the calibrated selection."""
     if spec.selection == "threshold":
-        return scores > threshold
-    return top_k_mask(scores, spec.top_k(scores.shape[-1]))
+        return scores > (threshold if ramp >= 1 else threshold * ramp)
+    width = scores.shape[-1]
+    k = spec.top_k(width)
+    return top_k_mask(scores, k if ramp >= 1 else round(width - ramp * (width - k)))
 
 
 def token_rows(scores: torch.Tensor, spec, threshold: torch.Tensor) -> torch.Tensor:

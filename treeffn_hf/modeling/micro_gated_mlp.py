@@ -54,6 +54,9 @@ class MicroGatedMLP(nn.Module):
         # Fine-tuning through the top-k mask: "straight_through" adds sigmoid(s) - stop_grad(sigmoid(s))
         # to the 0/1 mask (same forward value), so the gate learns from every neuron's contribution.
         self.gate_gradient: Optional[str] = None
+        # Progressive sparsity, on the training (reference) path only: 0 computes every neuron, 1
+        # the calibrated selection; inference paths always use the calibrated selection.
+        self.selection_ramp = 1.0
         self.force_path: Optional[str] = None
         self.last_path: Optional[str] = None
 
@@ -75,7 +78,7 @@ class MicroGatedMLP(nn.Module):
             return out.reshape(shape)
         if self.last_path == "torch":
             return mgs_fast(self, x, scores).reshape(shape)
-        mask = selection_mask(scores, self.spec, self.gate_threshold).to(scores.dtype)
+        mask = selection_mask(scores, self.spec, self.gate_threshold, self.selection_ramp).to(scores.dtype)
         self._record_density(mask)
         # A quantised predictor has no parameters: its scores carry no gradient, nor would the term.
         if self.gate_gradient == "straight_through" and scores.requires_grad:

@@ -20,6 +20,8 @@ from ..checkpoint import CheckpointError, claim_work_dir, load, load_dense, prep
 from .data import TrainingData, combine, teacher_data, text_data
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# After `warmup_steps` of linear warmup: held, or decayed to zero by the last step.
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
 def finetune_checkpoint(
@@ -37,6 +39,8 @@ def finetune_checkpoint(
     grad_accum: int = 1,
     lr: float = 1e-4,
     warmup_steps: int = 0,
+    lr_schedule: str = "cosine",
+    sparsity_ramp_steps: int = 0,
     kl_weight: float = 1.0,
     lm_weight: float = 0.0,
     temperature: float = 1.0,
@@ -55,12 +59,14 @@ def finetune_checkpoint(
     progress: bool = True,
 ) -> dict:
     start = time.perf_counter()
+    options = {k: v for k, v in locals().items() if k not in ("sparse_dir", "out", "start")}
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {tuple(LR_SCHEDULES)}, got {lr_schedule!r}")
     out = prepare_output(out, overwrite, source=sparse_dir)
     work = out.parent / f".{out.name}.finetune-work"
-    run = {k: v for k, v in locals().items() if k in (
-        "dense", "gguf_file", "data", "teacher_samples", "window", "max_windows", "steps", "batch_size", "grad_accum",
-        "lr", "kl_weight", "lm_weight", "temperature", "trainable", "routing", "routing_gradient", "gate_gradient",
-        "lora_rank", "seed")}
+    # What a resumed run must share with the run that made the work directory.
+    run = {k: v for k, v in options.items() if k not in (
+        "warmup_steps", "eval_windows", "eval_every", "stats_every", "save_steps", "overwrite", "progress")}
     run["sparse"] = str(Path(sparse_dir).resolve())
     run["lora_targets"] = list(lora_targets)
     processes = _processes()
@@ -68,14 +74,7 @@ def finetune_checkpoint(
         claim_work_dir(work, run)
     processes.wait_for_everyone()
     try:
-        summary = _train(sparse_dir, out, work, run, start, dense=dense, gguf_file=gguf_file, data=data,
-                         teacher_samples=teacher_samples, window=window, max_windows=max_windows, steps=steps,
-                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                         kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature, trainable=trainable,
-                         routing=routing, routing_gradient=routing_gradient, gate_gradient=gate_gradient,
-                         lora_rank=lora_rank, lora_targets=lora_targets, eval_windows=eval_windows,
-                         eval_every=eval_every, stats_every=stats_every, save_steps=save_steps, seed=seed,
-                         overwrite=overwrite, progress=progress)
+        summary = _train(sparse_dir, out, work, run, start, **options)
     except BaseException:
         if processes.is_main_process and not any(work.glob("checkpoint-*")):  # nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
@@ -93,10 +92,11 @@ def _processes():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples, window,
-           max_windows, steps, batch_size, grad_accum, lr, warmup_steps, kl_weight, lm_weight, temperature, trainable,
-           routing, routing_gradient, gate_gradient, lora_rank, lora_targets, eval_windows, eval_every, stats_every,
-           save_steps, seed, overwrite, progress) -> dict:
+def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples,
+           window, max_windows, steps, batch_size, grad_accum, lr, warmup_steps, lr_schedule, sparsity_ramp_steps,
+           kl_weight, lm_weight,
+           temperature, trainable, routing, routing_gradient, gate_gradient, lora_rank, lora_targets, eval_windows,
+           eval_every, stats_every, save_steps, seed, overwrite, progress) -> dict:
     """The run itself; writes OUT and returns the summary (the caller owns the work directory)."""
     from transformers import AutoTokenizer, TrainingArguments
 
@@ -104,13 +104,17 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
     from .setup import configure_training
     from .trainer import (
         DistillationTrainer,
+        HistoryCallback,
         PerplexityCurveCallback,
+        SparsityRampCallback,
         TreeDynamicsCallback,
         has_tree_layers,
         tokens_per_step,
     )
 
     student = load(sparse_dir)
+    if sparsity_ramp_steps and not any(m.sparse_method == "mgs" for _, m in student.sparse_mlps()):
+        raise CheckpointError(f"{sparse_dir}: progressive sparsity (--sparsity-ramp) applies to MGS models only")
     tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
     teacher, _ = load_dense(dense, gguf_file=gguf_file, load_tokenizer=False)
     if teacher.config.vocab_size != student.config.vocab_size:
@@ -129,7 +133,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
     args = TrainingArguments(
         output_dir=str(work), max_steps=steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, learning_rate=lr, warmup_steps=warmup_steps,
-        lr_scheduler_type="constant_with_warmup", weight_decay=0.0, logging_steps=max(1, min(10, steps)),
+        lr_scheduler_type=LR_SCHEDULES[lr_schedule], weight_decay=0.0, logging_steps=max(1, min(10, steps)),
         save_steps=save_steps, save_total_limit=2, report_to=[], seed=seed, disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
     )
@@ -139,6 +143,8 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
         callbacks.append(TreeDynamicsCallback(training_data.windows[:2], stats_every, per_step))
     if eval_every and eval_windows is not None:
         callbacks.append(PerplexityCurveCallback(eval_windows, eval_every, per_step))
+    if sparsity_ramp_steps:
+        callbacks.append(SparsityRampCallback(sparsity_ramp_steps))
 
     trainer = DistillationTrainer(model=model, args=args, train_dataset=WindowDataset(training_data.windows),
                                   teacher=teacher, kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature,
@@ -160,7 +166,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
         "steps": int(result.global_step), "tokens_seen": int(result.global_step) * per_step,
         "train_loss": float(result.training_loss), "seconds": time.perf_counter() - start,
         "log": [e for e in trainer.state.log_history if "loss" in e],
-        **{cb.name: cb.history for cb in callbacks},
+        **{cb.name: cb.history for cb in callbacks if isinstance(cb, HistoryCallback)},
     }
     summary["main_process"] = trainer.is_world_process_zero()
     if summary["main_process"]:

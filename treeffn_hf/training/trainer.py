@@ -114,6 +114,28 @@ class PerplexityCurveCallback(HistoryCallback):
         return {"perplexity": perplexity(model, self.windows, progress=False).perplexity}
 
 
+class SparsityRampCallback(TrainerCallback):
+    """Progressive sparsity: MGS layers go from every neuron at step 0 to their calibrated selection
+    at step `ramp_steps` (linearly in the threshold, or in k), and stay there."""
+
+    def __init__(self, ramp_steps: int) -> None:
+        self.ramp_steps = ramp_steps
+
+    def ramp_at(self, step: int) -> float:
+        return min(1.0, step / self.ramp_steps) if self.ramp_steps > 0 else 1.0
+
+    def _set(self, model, ramp: float) -> None:
+        for _, mlp in _unwrap(model).sparse_mlps():
+            if mlp.sparse_method == "mgs":
+                mlp.selection_ramp = ramp
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._set(model, self.ramp_at(state.global_step))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._set(model, 1.0)
+
+
 def _unwrap(model):
     # peft wraps the model; the tree layers are found on the base model.
     base = getattr(model, "get_base_model", None)
