@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..modeling.mgs_selection import selection_mask
 from ..modeling.micro_gated_mlp import mgs_hidden
+from .distillation import batched
 from .fitting import holdout_split
 from .replay import LayerReplay
 
@@ -115,7 +116,11 @@ def refit_mgs_layers(sparse_model: torch.nn.Module, dense_model: torch.nn.Module
             x, y = dense_inputs, dense_outputs
             if sparse_replay is not None:
                 x = sparse_replay.run_layer(advance=False)[0]
-                y = _batched(dense_mlps[index], x) if target == "dense_mlp" else dense_outputs
+                if target == "dense_mlp":
+                    dense_mlp = dense_mlps[index]
+                    y = batched(dense_mlp, x.to(next(dense_mlp.parameters()).dtype)).float()
+                else:
+                    y = dense_outputs
             reports.append(refit_down_proj(mlp, x, y, seed=seed + index, layer_index=index, **options))
         if sparse_replay is not None:
             sparse_replay.run_layer()
@@ -124,7 +129,3 @@ def refit_mgs_layers(sparse_model: torch.nn.Module, dense_model: torch.nn.Module
             mlp.reset_density()
     return reports
 
-
-def _batched(module: torch.nn.Module, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
-    param = next(module.parameters())
-    return torch.cat([module(x[i : i + batch].to(param.dtype)).float() for i in range(0, x.shape[0], batch)])

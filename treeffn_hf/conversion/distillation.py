@@ -36,12 +36,13 @@ class LayerDistillReport:
 
 
 @torch.no_grad()
-def _batched(fn, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+def batched(fn, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """`fn` over the rows of `x` in batches, without gradients (bounded activation memory)."""
     return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
 
 
 def _mse(sparse_mlp, x: torch.Tensor, target: torch.Tensor) -> float:
-    return float(F.mse_loss(_batched(sparse_mlp, x), target))
+    return float(F.mse_loss(batched(sparse_mlp, x), target))
 
 
 def distill_layer(
@@ -62,7 +63,7 @@ def distill_layer(
     generator = torch.Generator().manual_seed(seed)
     param = next(sparse_mlp.parameters())
     x = inputs.to(device=param.device, dtype=param.dtype)
-    target = _batched(dense_mlp, x)
+    target = batched(dense_mlp, x)
     eval_index, train_index = holdout_split(x.shape[0], holdout, generator)
     x_eval, y_eval = x[eval_index], target[eval_index]
 
