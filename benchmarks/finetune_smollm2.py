@@ -146,7 +146,10 @@ def main() -> None:
                 sparsity_ramp_steps=args.sparsity_ramp, eval_windows=eval_ids[: args.curve_windows],
                 eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2), **options,
             )
-            add({"variant": label, "perplexity": perplexity(model, eval_ids).perplexity,
+            tuned_ppl = perplexity(model, eval_ids).perplexity
+            tuned_cost = model.sparse_cost()  # thresholds on the re-quantised predictor: measured units
+            add({"variant": label, "perplexity": tuned_ppl, "unit_fraction": tuned_cost.unit_fraction,
+                 "weight_fraction": tuned_cost.weight_fraction,
                  "tokens_seen": summary["tokens_seen"], "seconds": time.perf_counter() - start,
                  "data": summary["data"], "curve": summary.get("perplexity_curve", []),
                  "loss": [(e["step"], e["loss"]) for e in summary["log"]]})

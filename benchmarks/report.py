@@ -185,13 +185,19 @@ def finetune_section(data: dict, name: str) -> list[str]:
         f"and steps for each variant. Perplexity on the first {data['evaluation']['windows']} protocol windows "
         f"(dense {data['dense_perplexity']:.2f}).",
         "",
-        "| variant | perplexity | ratio | tokens seen | wall time |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | perplexity | ratio | MLP weight bytes | tokens seen | wall time |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for r in data["rows"]:
+    for i, r in enumerate(data["rows"]):
         ratio = f"{r['ppl_ratio']:.3f}" if r["ppl_ratio"] < 100 else f"{r['ppl_ratio']:.3g}"
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] < 1e4 else f"{r['perplexity']:.3g}"
-        lines.append(f"| {r['variant']} | {ppl} | {ratio} | {r['tokens_seen']:,} | {r['seconds'] / 60:.1f} min |")
+        # Trees and top-k read fixed bytes; thresholds read what they measured, which older files
+        # did not record for the fine-tuned model (the first row is the section's model).
+        fixed = sparse["method"] == "tree" or spec.get("selection", "top_k") == "top_k"
+        fraction = r.get("weight_fraction", sparse["weight_fraction"] if fixed or i == 0 else None)
+        shown = f"{fraction:.1%}" if fraction is not None else "not recorded"
+        lines.append(f"| {r['variant']} | {ppl} | {ratio} | {shown} | {r['tokens_seen']:,} | "
+                     f"{r['seconds'] / 60:.1f} min |")
     lines.append("")
     return lines
 
