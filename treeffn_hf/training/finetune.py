@@ -94,9 +94,8 @@ def _processes():
 
 def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples,
            window, max_windows, steps, batch_size, grad_accum, lr, warmup_steps, lr_schedule, sparsity_ramp_steps,
-           kl_weight, lm_weight,
-           temperature, trainable, routing, routing_gradient, gate_gradient, lora_rank, lora_targets, eval_windows,
-           eval_every, stats_every, save_steps, seed, overwrite, progress) -> dict:
+           kl_weight, lm_weight, temperature, trainable, routing, routing_gradient, gate_gradient, lora_rank,
+           lora_targets, eval_windows, eval_every, stats_every, save_steps, seed, overwrite, progress) -> dict:
     """The run itself; writes OUT and returns the summary (the caller owns the work directory)."""
     from transformers import AutoTokenizer, TrainingArguments
 
