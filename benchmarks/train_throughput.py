@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, machine, write_json  # noqa: E402
+from common import DATA, interleaved_median, machine, write_json  # noqa: E402
 
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
 from treeffn_hf.conversion.calibration import read_texts, token_windows  # noqa: E402
@@ -87,19 +87,6 @@ class Step:
             loss = self._clock("loss", lambda: self.loss(student, teacher, 1.0))
         self._clock("backward", loss.backward)
         self._clock("optimizer", lambda: (self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)))
-
-
-def timed(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call, the functions in alternation (one warm-up call each first)."""
-    samples = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def matmul_share(step: Step) -> float:
@@ -155,7 +142,7 @@ def main() -> None:
         with torch.no_grad():
             teacher(input_ids=windows, use_cache=False)
 
-    seconds = timed({"dense fp32 forward": dense_forward, **steps}, args.rounds)
+    seconds = interleaved_median({"dense fp32 forward": dense_forward, **steps}, args.rounds, calls=1)
     forward_rate = tokens / seconds["dense fp32 forward"]
     rows = []
     for name in steps:
