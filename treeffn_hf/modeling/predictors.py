@@ -147,12 +147,16 @@ class QuantizedPredictor(nn.Module):
         """[gate_proj; up_proj] as the predictor sees them, float32 (2H, hidden)."""
         return dequantize_int4(unpack_nibbles(self.codes), self.scales, self.zeros)
 
+    def _state_key(self) -> tuple:
+        # Changes whenever the buffers are replaced or written in place: the caches' validity.
+        return (self.codes.data_ptr(), self.codes._version, self.scales._version, self.zeros._version)
+
     def _dequantized_operand(self) -> torch.Tensor:
         # Training rescores every batch with fixed codes: keep the float copy while in train mode
         # (eval drops it, so inference holds no float32 duplicate of the predictor).
         if not self.training:
             return self.dequantized()
-        key = (self.codes.data_ptr(), self.codes._version, self.scales._version, self.zeros._version)
+        key = self._state_key()
         if self._dequantized_cache is None or self._dequantized_cache[0] != key:
             self._dequantized_cache = (key, self.dequantized())
         return self._dequantized_cache[1]
@@ -169,7 +173,7 @@ class QuantizedPredictor(nn.Module):
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
     def _int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.codes.data_ptr(), self.codes._version, self.scales._version, self.zeros._version)
+        key = self._state_key()
         if self._packed_cache is None or self._packed_cache[0] != key:
             codes = unpack_nibbles(self.codes).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
