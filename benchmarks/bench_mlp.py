@@ -43,6 +43,7 @@ from common import RESULTS, cuda_graph_replay, interleaved_median, machine, writ
 from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_threshold  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
+from treeffn_hf.modeling import kernels_cpu  # noqa: E402
 from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.modeling.sparse_cost import SERVED_BYTES_PER_WEIGHT  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeUsage  # noqa: E402
@@ -53,7 +54,7 @@ MGS_DENSITIES = (0.8, 0.5, 0.1)  # 0.8: the default recipe (nested predictor, 59
 MAX_RELATIVE_ERROR = 3e-2  # bf16 operands land near 1e-2 at most
 STACK_MEMORY_BYTES = 16 << 30  # per side, for the GPU's stacks of layer copies
 DEVICE_DEFAULTS = {  # what each device's published run uses
-    "cpu": {"shapes": ["smollm2-135m", "llama-1b"], "tokens": [1, 4, 16, 512], "dtype": "float32"},
+    "cpu": {"shapes": ["smollm2-135m", "llama-1b"], "tokens": [1, 4, 16, 64, 512], "dtype": "float32"},
     "cuda": {"shapes": ["llama-1b", "llama-8b"], "tokens": [1, 4, 16, 64, 2048], "dtype": "bfloat16"},
 }
 
@@ -134,16 +135,41 @@ def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype)
     return layer.to(dtype).eval()
 
 
-def error_vs_reference(layer: torch.nn.Module, x: torch.Tensor, fast: torch.Tensor) -> tuple[float, float]:
-    """(median over tokens of ||fast - ref|| / ||ref||, fraction of tokens off by more than 5%),
-    ref = the layer's reference path on the same input. A token whose near-zero routing score
-    or gate score falls the other way in the two paths' rounding is off as a whole; the median
-    ignores those few, the fraction counts them."""
-    forced, layer.force_path = layer.force_path, "reference"
+def other_cpu_path(stack: list, x: torch.Tensor, ran: str, dense_seconds: float, rounds: int,
+                   calls: int) -> dict:
+    """The stack of MGS layers forced onto the CPU path it did not take (the C kernel or the
+    PyTorch path), timed alone: where the dispatch's token limit (kernels_cpu.MAX_TOKENS) comes
+    from. `dense_seconds` is the dense stack's time, so the speed-up compares like with like."""
+    other = "torch" if ran == "cpu" else "cpu"
+    row = {"settings": {"force_path": other}, "path": other}
+    reason = kernels_cpu.cpu_kernel_unavailable_reason(stack[0], x) if other == "cpu" else None
+    if reason is not None:
+        return {**row, "error": reason}
+    for layer in stack:
+        layer.force_path = other
     try:
-        reference = layer(x).float()
+        seconds = interleaved_median({"other": partial(run_stack, stack, x)}, rounds=rounds, calls=calls)["other"]
     finally:
-        layer.force_path = forced
+        for layer in stack:
+            layer.force_path = None
+    return {**row, "ms": 1e3 * seconds / len(stack), "speedup": dense_seconds / seconds}
+
+
+def error_vs_reference(layer: torch.nn.Module, x: torch.Tensor, fast: torch.Tensor,
+                       oracle: str = "reference") -> tuple[float, float]:
+    """(median over tokens of ||fast - ref|| / ||ref||, fraction of tokens off by more than 5%),
+    ref = the layer's reference path on the same input, or with oracle="naive_cpu" the CPU
+    kernel's naive twin (its int8-rounded inputs included). A token whose near-zero routing
+    score or gate score falls the other way in the two paths' rounding is off as a whole; the
+    median ignores those few, the fraction counts them."""
+    if oracle == "naive_cpu":
+        reference = kernels_cpu.mgs_nested_naive(layer, x)[0].float()
+    else:
+        forced, layer.force_path = layer.force_path, "reference"
+        try:
+            reference = layer(x).float()
+        finally:
+            layer.force_path = forced
     per_token = (fast.float() - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-30)
     return float(per_token.median()), float((per_token > 0.05).float().mean())
 
@@ -159,17 +185,29 @@ def leaf_entropy(layer: TreeFFN, x: torch.Tensor) -> float:
     return float(-(p * p.log()).sum() / math.log(counts.numel()))
 
 
-def stack_copies(device: str, shape_name: str, densities, dtype: torch.dtype) -> int:
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs), or 32 MiB where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def stack_copies(device: str, shape_name: str, densities, dtype: torch.dtype, stack_cpu: bool = False) -> int:
     """How many copies of each layer a timed call runs, one after the other, like a model's layers.
 
     On a GPU a 3%-active layer touches a few MB, which the L2 cache would keep between repeated
     calls on one layer, and a decode step never reuses a layer's rows that way (every layer has
     its own weights). So both sides run a stack of distinct copies whose sparse rows touched per
-    token add up to 4x the L2 size (within a memory budget); times are per layer."""
-    if device != "cuda":
-        return 1
+    token add up to 4x the L2 size (within a memory budget); times are per layer. On the CPU
+    (`--stack`) the copies' dense weights add up to 4x the last-level cache, so that neither side
+    runs from a cache that a model's other layers would have evicted (without it one layer is
+    timed again and again: the SmolLM2 MLP, 10.6 MB in fp32, then sits in a 48 MB L3)."""
     hidden, width = SHAPES[shape_name]
     element = torch.empty((), dtype=dtype).element_size()
+    if device != "cuda":
+        return math.ceil(4 * last_level_cache_bytes() / (3 * hidden * width * element)) if stack_cpu else 1
     sparsest = 3 * hidden * width * min(densities) * element
     copies = math.ceil(4 * torch.cuda.get_device_properties(0).L2_cache_size / sparsest)
     return max(1, min(copies, int(STACK_MEMORY_BYTES // (2 * 3 * hidden * width * element))))
@@ -211,6 +249,7 @@ def run(args: argparse.Namespace) -> dict:
     payload = {"benchmark": "bench_mlp", "device": device, "dtype": args.dtype, "machine": machine(),
                "copy_bandwidth_gb_s": peak / 1e9 if peak else None,
                "l2_cache_bytes": torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else None,
+               "last_level_cache_bytes": last_level_cache_bytes() if device == "cpu" else None,
                "command": " ".join(["python", "benchmarks/bench_mlp.py", *sys.argv[1:]]), "results": []}
     existing = RESULTS / f"{args.out}.json"
     if args.resume and existing.exists():
@@ -225,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.nn.init.normal_(dense.up_proj.weight, std=hidden**-0.5)
         torch.nn.init.normal_(dense.down_proj.weight, std=width**-0.5)
         dense = dense.to(device, dtype).eval()
-        copies = stack_copies(device, shape_name, args.densities + args.mgs_densities, dtype)
+        copies = stack_copies(device, shape_name, args.densities + args.mgs_densities, dtype, args.stack)
         dense_stack = [dense] + [copy.deepcopy(dense) for _ in range(copies - 1)]
         for tokens in args.tokens:
             x = torch.randn(tokens, hidden, dtype=dtype, device=device)
@@ -237,8 +276,12 @@ def run(args: argparse.Namespace) -> dict:
                     with torch.no_grad():
                         fast = layer(x)
                         path = layer.last_path
-                        error, tokens_off = error_vs_reference(layer, x, fast)
-                    expected = ("triton:", "torch") if device == "cuda" else ("torch",)  # never the reference
+                        # The C kernel rounds its inputs to int8: its oracle is its naive twin;
+                        # the distance to the layer's reference path is recorded beside it.
+                        oracle = "naive_cpu" if path == "cpu" else "reference"
+                        error, tokens_off = error_vs_reference(layer, x, fast, oracle)
+                        reference_error = error_vs_reference(layer, x, fast)
+                    expected = ("triton:", "torch") if device == "cuda" else ("torch", "cpu")  # never the reference
                     if not path.startswith(expected):
                         raise RuntimeError(f"{kind} ran the {path} path, not a fast one")
                     if not error < MAX_RELATIVE_ERROR:  # a wrong kernel is off on most tokens
@@ -250,6 +293,8 @@ def run(args: argparse.Namespace) -> dict:
                     with torch.no_grad():
                         eager, graph = timed(fns, capturable(device, path), args.rounds, calls, sync)
                         others = []
+                        if device == "cpu" and kind == "mgs":  # the other CPU path: the switch point
+                            others.append(other_cpu_path(sparse_stack, x, path, eager["dense"], args.rounds, calls))
                         if device == "cuda":  # the other variants: switch points and decode kernels
                             time_stack = partial(time_side_stack, sparse_stack, x, device, args.rounds, calls, sync)
                             for settings in other_variants(layer, tokens):
@@ -268,7 +313,9 @@ def run(args: argparse.Namespace) -> dict:
                         "graph_dense_ms": graph["dense"] * 1e3 / copies if graph else None,
                         "graph_sparse_ms": graph["sparse"] * 1e3 / copies if graph else None,
                         "graph_speedup": graph["dense"] / graph["sparse"] if graph else None,
-                        "median_token_rel_error": error, "fraction_tokens_off": tokens_off,
+                        "median_token_rel_error": error, "fraction_tokens_off": tokens_off, "oracle": oracle,
+                        "median_token_rel_error_vs_reference": reference_error[0],
+                        "fraction_tokens_off_vs_reference": reference_error[1],
                         "leaf_entropy": leaf_entropy(layer, x) if kind == "tree" and tokens > 1 else None,
                         "path": path, "other_variants": others,
                     }
@@ -342,6 +389,9 @@ def main() -> None:
     parser.add_argument("--out", help="result name (default: bench_mlp_<device>)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the existing JSON")
     parser.add_argument("--resume", action="store_true", help="keep the cases already in the result file")
+    parser.add_argument("--stack", action="store_true",
+                        help="CPU: time stacks of distinct layer copies whose dense weights exceed 4x the last-level "
+                             "cache, as a model's layers are (default: one layer, cache-hot)")
     args = parser.parse_args()
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None:

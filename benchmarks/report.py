@@ -55,16 +55,32 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
 
 def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
     m = data["machine"]
+    kernel = any(r.get("path") == "cpu" for r in data["results"])
+    paths = (" MGS cells ran the C kernel (path `cpu`: it reads the nested format, so the weights-read "
+             "column is what it reads; its inputs are rounded to int8), except those marked `t`, which ran "
+             "the PyTorch path (above the kernel's token limit; it computes from the snapped weights in "
+             "fp32); the file also times each MGS case on the other path." if kernel else
+             " With the nested predictor a selected neuron counts the low nibbles of its gate/up rows, "
+             "modelled: these CPU paths compute from the snapped weights in fp32.")
+    copies = sorted({r.get("layers_per_call", 1) for r in data["results"]})
+    stack = (f" Each timed call runs a stack of {'/'.join(map(str, copies))} distinct copies of the layer (both sides), "
+             f"whose dense weights add up to 4x the {data['last_level_cache_bytes'] >> 20} MiB last-level cache, as a "
+             "model's layers do; times are per layer." if copies != [1] else
+             " One layer is timed again and again: its weights stay in the caches, which a model's other layers "
+             "would have evicted (see the stacked table).")
     return [
         f"**MLP block, CPU** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, {data['dtype']}, "
         f"torch {m['torch']}; file `benchmarks/results/{name}.json`, plot `{name}.png`). "
-        "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process; "
+        "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process;" + stack + " "
         "weights read = fraction of the dense MLP's weight bytes each token reads (in bf16; the MGS predictor "
-        "included: a linear gate in bf16, the 4-bit predictor at its 4.5 bits a weight; with the nested "
-        "predictor a selected neuron counts the low nibbles of its gate/up rows, modelled: these CPU paths "
-        "compute from the snapped weights in fp32).",
+        "included: a linear gate in bf16, the 4-bit predictor at its 4.5 bits a weight)." + paths,
         "",
-    ] + speedup_tables(data, lambda row: f"{row['speedup']:.2f}x")
+    ] + speedup_tables(data, _cpu_speedup)
+
+
+def _cpu_speedup(row: dict) -> str:
+    marker = " t" if row["method"] == "mgs" and row.get("path") == "torch" else ""
+    return f"{row['speedup']:.2f}x{marker}"
 
 
 def mlp_cuda_section(data: dict) -> list[str]:
@@ -102,7 +118,8 @@ def decode_section(data: dict) -> list[str]:
     lines = [
         f"**End-to-end greedy decode, {data['model']}** (`{data['command']}`; weights: {data['weights']}; "
         f"{m['cpu']}, {m['torch_threads']} threads, {data['dtype']}; prompt {shape['prompt_tokens']} tokens, "
-        f"{shape['new_tokens']} new tokens, median of {data['rounds']} interleaved rounds; "
+        f"{shape['new_tokens']} new tokens, {data['rounds']} interleaved rounds: tokens/s medians, speed-up the "
+        "median of the per-round ratios; "
         f"file `benchmarks/results/bench_decode_{data['model']}.json`).",
         "",
         f"The MLP takes {data['mlp_share_of_dense_decode']:.1%} of dense decode time, so no MLP speed-up can "
@@ -113,7 +130,14 @@ def decode_section(data: dict) -> list[str]:
         f"| dense | 100% | {data['tokens_per_second']['dense']:.2f} | 1.00x |",
     ]
     for r in data["results"]:
-        lines.append(f"| {r['method']} | {r['active_unit_fraction']:.2%} | {r['sparse_tok_s']:.2f} | {r['speedup']:.2f}x |")
+        spread = r.get("speedup_per_round")
+        spread = f" (rounds {min(spread):.2f}-{max(spread):.2f}x)" if spread else ""
+        lines.append(f"| {r['method']} | {r['active_unit_fraction']:.2%} | {r['sparse_tok_s']:.2f} | "
+                     f"{r['speedup']:.2f}x{spread} |")
+    paths = {r["method"]: r["decode_path"] for r in data["results"] if r.get("decode_path")}
+    if paths:
+        lines += ["", "Decode steps ran on: " + "; ".join(f"{m} `{'`, `'.join(p)}`" for m, p in paths.items())
+                  + " (prompts above the C kernel's token limit prefill on the PyTorch path)."]
     lines.append("")
     return lines
 
@@ -122,7 +146,8 @@ QUALITY_NOTES = {
     "mgs-quantized-uniform": "training-free: 4-bit predictor, the same density in every layer",
     "mgs-quantized-greedy": "training-free: 4-bit predictor, densities allocated greedily on calibration KL",
     "mgs-nested-uniform": "training-free (the default recipe at 80%): gate/up snapped to 8 bits whose high "
-                          "nibbles are the 4-bit predictor; bytes modelled for a nibble-reading kernel (not built)",
+                          "nibbles are the 4-bit predictor, down_proj in fp32 (the recipe now rounds it to bf16: "
+                          "see the CPU-kernel quality table); bytes as the CPU kernel reads them",
     "mgs-linear": "rank-64 gate trained on top-k labels (the old default), thresholds",
     "oracle-threshold": "exact act(g)·u above a per-layer threshold, read for free: the ceiling",
     "oracle-top-k": "exact top-k by act(g)·u, read for free",
@@ -351,9 +376,29 @@ def refit_study_section(data: dict) -> list[str]:
     return lines
 
 
+def cpu_kernel_quality_section(data: dict) -> list[str]:
+    m, ev = data["machine"], data["evaluation"]
+    lines = [
+        f"**Quality as the CPU kernel computes it** (`{data['command']}`; {m['cpu']}; file "
+        "`benchmarks/results/cpu_kernel_quality_smollm2.json`). SmolLM2-135M converted to the default MGS "
+        "recipe (nested predictor, down_proj rounded to bf16, thresholds calibrated on valid.txt; no refit), "
+        f"perplexity on the first {ev['windows']} protocol windows (dense {data['dense_perplexity']:.3f}) with "
+        "every MLP on the PyTorch path (`torch`, float32) and on the C kernel (`cpu`: int8-rounded inputs, as "
+        "in decode); top-1 = how often the next-token argmax agrees with the dense model's.",
+        "",
+        "| density | path | active MLP units | MLP weight bytes read | ratio | top-1 agreement |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        lines.append(f"| {r['density']:.0%} | {r['path']} | {r['unit_fraction']:.1%} | {r['weight_fraction']:.1%} | "
+                     f"{r['ppl_ratio']:.4f} | {r['top1_agreement_with_dense']:.2%} |")
+    lines.append("")
+    return lines
+
+
 def render() -> str:
     lines = [START, ""]
-    for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs"):
+    for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs", "bench_mlp_cpu_mgs_stack"):
         mlp = _load(f"{name}.json")
         if mlp:
             lines += mlp_section(mlp, name)
@@ -367,6 +412,9 @@ def render() -> str:
     quality = _load("quality_smollm2.json")
     if quality:
         lines += quality_section(quality)
+    kernel_quality = _load("cpu_kernel_quality_smollm2.json")
+    if kernel_quality:
+        lines += cpu_kernel_quality_section(kernel_quality)
     study = _load("predictor_study_smollm2.json")
     if study:
         lines += predictor_study_section(study)

@@ -89,7 +89,7 @@ def test_convert_then_info(dense_dir, tmp_path, capsys):
     assert info["parameters"]["total"] == sum(
         p.numel() for p in tiny_dense_model("llama").parameters()
     )  # a tree re-lays out the dense neurons: same parameter count (tied lm_head counted once)
-    assert info["inference_paths"]["cpu"] == "PyTorch sparse path"
+    assert info["inference_paths"]["cpu"] == "PyTorch sparse path (there is no CPU kernel for TreeFFN)"
     assert info["inference_paths"]["cuda"] == "triton kernels"  # triton is a dev dependency
     code, stdout, _ = run_cli(capsys, "info", out)
     assert "active units" in stdout and "tree" in stdout and "runs on CUDA    triton kernels" in stdout
@@ -131,6 +131,9 @@ def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "default" / "config.json").read_text())
     # the default: the 4-bit predictor (groups fitted to the tiny hidden size of 48)
     assert config["sparse_mlp"] == {**MGSSpec().to_dict(), "group_size": 16}
+    code, stdout, _ = run_cli(capsys, "info", tmp_path / "default", "--json")
+    assert json.loads(stdout)["inference_paths"]["cpu"] == ("PyTorch sparse path (the CPU kernel implements the "
+                                                            "nested predictor with threshold selection, not nested/top_k)")
 
 
 def test_unsupported_architecture(tmp_path, capsys):

@@ -10,6 +10,7 @@ from treeffn_hf import MGSSpec, TreeSpec
 from treeffn_hf.conversion.budgets import calibrate_mgs
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
 from treeffn_hf.evaluation import perplexity, protocol_windows
+from treeffn_hf.modeling import kernels_cpu
 from treeffn_hf.offline_models import smollm2_gguf
 
 from .conftest import DATA_DIR as DATA
@@ -29,8 +30,9 @@ for path in json.loads(sys.argv[1]):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=20, do_sample=False)
+    mlp_paths = sorted({m.last_path for m in model.modules() if getattr(m, "last_path", None)})
     print(json.dumps({"path": path, "new_tokens": out.shape[1] - ids.shape[1],
-                      "text": tokenizer.decode(out[0, ids.shape[1]:])}))
+                      "text": tokenizer.decode(out[0, ids.shape[1]:]), "mlp_paths": mlp_paths}))
 """
 
 
@@ -70,5 +72,8 @@ def test_convert_save_reload_generate_real_smollm2(tmp_path):
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [line["new_tokens"] for line in lines] == [20, 20], result.stdout + result.stderr[-3000:]
     for line in lines:
-        print(f"{line['path']}: {line['text']!r}")
+        print(f"{line['path']}: {line['text']!r} (MLPs last ran on {line['mlp_paths']})")
         assert line["text"].strip()
+    # Decode steps of the reloaded MGS model (remote code, no treeffn_hf) run the C kernel where it builds.
+    assert lines[1]["mlp_paths"] == (["cpu"] if kernels_cpu.library_error() is None else ["torch"])
+    assert lines[0]["mlp_paths"] == ["torch"]

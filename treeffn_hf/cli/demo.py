@@ -49,11 +49,14 @@ def generate(model, ids, new_tokens):
 with torch.no_grad():
     for prompt in spec["prompts"]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        row = {"prompt": prompt}
+        row, new = {"prompt": prompt}, {}
         for name, model in models.items():
-            row[name] = tokenizer.decode(generate(model, ids, spec["new_tokens"])[0, ids.shape[1]:],
-                                         skip_special_tokens=True)
+            new[name] = generate(model, ids, spec["new_tokens"])[0, ids.shape[1]:]
+            row[name] = tokenizer.decode(new[name], skip_special_tokens=True)
+        differ = (new["dense"] != new["sparse"]).nonzero()
+        row["agreeing_tokens"] = int(differ[0]) if len(differ) else len(new["dense"])
         result["answers"].append(row)
+    result["paths"] = sorted({m.last_path for m in sparse.modules() if getattr(m, "last_path", None)})
     ids = tokenizer(spec["prompts"][0], return_tensors="pt").input_ids
     times = {name: [] for name in models}
     for _ in range(spec["rounds"]):  # interleaved, so both see the same machine
@@ -154,10 +157,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"per token:     {cost.unit_fraction:.1%} of MLP neurons, {cost.weight_fraction:.1%} of MLP weight bytes "
           f"(bf16, predictor included)")
     for row in shown["answers"]:
-        same = "same" if row["dense"].strip() == row["sparse"].strip() else "differs"
+        agree = row["agreeing_tokens"]
+        same = "same" if agree == args.max_new_tokens else f"same for {agree} of {args.max_new_tokens} tokens"
         print(f"\n{row['prompt']!r} ({same})\n  dense:  {row['dense'].strip()!r}\n  sparse: {row['sparse'].strip()!r}")
-    matches = sum(r["dense"].strip() == r["sparse"].strip() for r in shown["answers"])
-    print(f"\nidentical greedy answers: {matches} of {len(shown['answers'])}")
+    answers = shown["answers"]
+    head = min(8, args.max_new_tokens)
+    print(f"\nidentical greedy answers: {sum(r['agreeing_tokens'] == args.max_new_tokens for r in answers)} of "
+          f"{len(answers)}; identical first {head} tokens: {sum(r['agreeing_tokens'] >= head for r in answers)} of "
+          f"{len(answers)}; the sparse MLPs last ran on: {', '.join(shown['paths'])}")
     if "perplexity" in shown:
         ppl = shown["perplexity"]
         print(f"perplexity on {shown['eval_windows']} WikiText-2 test windows: dense {ppl['dense']:.2f}, "

@@ -89,6 +89,8 @@ def refit_down_proj(mlp, inputs: torch.Tensor, targets: torch.Tensor, *, holdout
             best, chosen, best_weight = mse, damping, candidate
     if best_weight is not None:
         weight.copy_(best_weight.T.to(weight.dtype))
+        if mlp.spec.predictor == "nested":  # back onto the layer's stored grids (bf16 down_proj)
+            mlp.snap_to_predictor_grid()
     return DownRefitReport(layer=layer_index, mse_before=before, mse_after=best, damping=chosen)
 
 

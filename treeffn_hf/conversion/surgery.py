@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import Architecture, architecture_for
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
-from ..modeling.predictors import QuantizedPredictor, snap_gate_up
+from ..modeling.predictors import QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .partition import partition_neurons
 
 
@@ -108,8 +108,9 @@ def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -
     if spec.predictor in ("nested", "quantized"):
         predictor = QuantizedPredictor.state_from(gate.weight, up.weight, spec.group_size)
         state.update({f"micro_gate.{k}": v for k, v in predictor.items()})
-        if spec.predictor == "nested":
+        if spec.predictor == "nested":  # the stored grids: 8-bit gate/up around the codes, bf16 down
             state["gate_proj.weight"], state["up_proj.weight"] = snap_gate_up(gate.weight, up.weight, predictor)
+            state["down_proj.weight"] = snap_to_bf16(down.weight).clone()
     else:
         # Start the linear gate as the best rank-r approximation of gate_proj: its top-k then
         # picks the neurons with the largest gate pre-activation, a far better start than random.

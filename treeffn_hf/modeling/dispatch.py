@@ -2,13 +2,16 @@
 
 - `reference`: masked dense, differentiable, the oracle (and the training path);
 - `torch`: the sparse PyTorch path (CPU, and any device without the kernels);
+- `cpu`: the C kernel of the nested micro-gated MLP (kernels_cpu.py: float32 CPU tensors, x86
+  AVX-512 VNNI, a compiler at first use);
 - `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
 
 `auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
-support the layer, and `torch` otherwise. `TREEFFN_PATH=reference|torch|triton|auto` forces one
-for the whole process, a layer's `force_path` attribute for that layer; forcing `triton` where
-the kernels cannot run, or a forward-only path where gradients are needed, is an error, never a
-silent fallback. Each layer records what it last ran
+support the layer, `cpu` for batches of up to `kernels_cpu.MAX_TOKENS` CPU tokens when the C
+kernel supports the layer, and `torch` otherwise. `TREEFFN_PATH=reference|torch|cpu|triton|auto` forces one
+for the whole process, a layer's `force_path` attribute for that layer; forcing `triton` or `cpu`
+where its kernel cannot run, or a forward-only path where gradients are needed, is an error,
+never a silent fallback. Each layer records what it last ran
 in `last_path` (`triton:<kernels>` when the kernels did), so benchmarks and `treeffn info` never
 mistake one path for another.
 """
@@ -22,7 +25,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-PATHS = ("reference", "torch", "triton")
+from .kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
+from .kernels_cpu import cpu_kernel_unavailable_reason
+
+PATHS = ("reference", "torch", "cpu", "triton")
 
 
 def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> Optional[str]:
@@ -59,16 +65,24 @@ def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
             reason = triton_unavailable_reason(layer, x.device)
             if reason is not None:
                 raise RuntimeError(f"the triton path was forced, but {reason}")
+        elif forced == "cpu":
+            reason = cpu_kernel_unavailable_reason(layer, x)
+            if reason is not None:
+                raise RuntimeError(f"the cpu path was forced, but {reason}")
         return forced
-    if x.is_cuda and triton_unavailable_reason(layer, x.device) is None:
-        return "triton"
+    if x.is_cuda:
+        return "triton" if triton_unavailable_reason(layer, x.device) is None else "torch"
+    if x.shape[0] <= CPU_KERNEL_MAX_TOKENS and cpu_kernel_unavailable_reason(layer, x) is None:
+        return "cpu"
     return "torch"
 
 
 def inference_paths(layer: torch.nn.Module) -> dict[str, str]:
     """What inference (no gradients, no forcing) runs on each kind of device, and why."""
     cuda = triton_unavailable_reason(layer, torch.device("cuda"))
+    cpu = cpu_kernel_unavailable_reason(layer)
     return {
         "cuda": "triton kernels" if cuda is None else f"PyTorch sparse path ({cuda})",
-        "cpu": "PyTorch sparse path",
+        "cpu": (f"C kernel up to {CPU_KERNEL_MAX_TOKENS} tokens, PyTorch sparse path beyond" if cpu is None
+                else f"PyTorch sparse path ({cpu})"),
     }

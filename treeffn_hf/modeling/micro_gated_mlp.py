@@ -3,7 +3,8 @@
 `gate_proj` / `up_proj` / `down_proj` keep the Hugging Face names and shapes, so dense weights load
 unchanged. The predictor (`micro_gate`: a 4-bit view of gate/up, or a trained linear gate; predictors.py)
 scores every intermediate neuron; only the selected ones are computed. With the nested predictor
-gate/up are snapped to an 8-bit grid whose high nibbles are the predictor's codes.
+gate/up are snapped to an 8-bit grid whose high nibbles are the predictor's codes and down_proj
+to bf16; on the CPU the C kernel (kernels_cpu.py) reads that format directly.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch
 from torch import nn
 
 from .dispatch import choose_path
+from .kernels_cpu import mgs_nested_cpu
 from .layer_spec import MGSSpec
 from .mgs_selection import selection_mask
 from .mgs_torch import mgs_fast
-from .predictors import LinearGate, QuantizedPredictor, snap_gate_up
+from .predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
 
@@ -50,7 +52,8 @@ class MicroGatedMLP(nn.Module):
         # Calibrated per layer for selection='threshold'; saved with the checkpoint.
         self.register_buffer("gate_threshold", torch.zeros(()))
         self._tokens_seen = 0
-        self._units_selected = 0.0
+        self._units_selected = 0.0  # a tensor once a batched path adds to it (no host sync)
+        self._units_counted = 0  # what the CPU kernel reports, a Python int
         # Fine-tuning through the top-k mask: "straight_through" adds sigmoid(s) - stop_grad(sigmoid(s))
         # to the 0/1 mask (same forward value), so the gate learns from every neuron's contribution.
         self.gate_gradient: Optional[str] = None
@@ -69,14 +72,23 @@ class MicroGatedMLP(nn.Module):
             return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        path = choose_path(self, x)
+        # Plain attributes set through __dict__: nn.Module.__setattr__ costs ~15 us a call, and a
+        # decode step on the CPU kernel makes three of them per layer (measured in generate()).
+        state = self.__dict__
+        state["last_path"] = path
+        if path == "cpu":  # the kernel scores, selects and computes in one call
+            out, selected = mgs_nested_cpu(self, x)
+            state["_tokens_seen"] += x.shape[0]
+            state["_units_counted"] += selected
+            return out.reshape(shape)
         scores = self.micro_gate(x)
-        self.last_path = choose_path(self, x)
-        if self.last_path == "triton":
+        if path == "triton":
             from .kernels_mgs import mgs_triton  # imports triton only when the kernels run
 
             out, self.last_path = mgs_triton(self, x, scores)
             return out.reshape(shape)
-        if self.last_path == "torch":
+        if path == "torch":
             return mgs_fast(self, x, scores).reshape(shape)
         mask = selection_mask(scores, self.spec, self.gate_threshold, self.selection_ramp).to(scores.dtype)
         self._record_density(mask)
@@ -98,11 +110,11 @@ class MicroGatedMLP(nn.Module):
         self._units_selected = self._units_selected + units
 
     def reset_density(self) -> None:
-        self._tokens_seen, self._units_selected = 0, 0.0
+        self._tokens_seen, self._units_selected, self._units_counted = 0, 0.0, 0
 
     def measured_units(self) -> Optional[float]:
         """Mean neurons selected per token since the last reset, or None before any token."""
-        return float(self._units_selected) / self._tokens_seen if self._tokens_seen else None
+        return (float(self._units_selected) + self._units_counted) / self._tokens_seen if self._tokens_seen else None
 
     def cost(self) -> SparseCost:
         if self.spec.selection == "top_k":
@@ -132,7 +144,7 @@ class MicroGatedMLP(nn.Module):
     @torch.no_grad()
     def requantize(self) -> None:
         """Rebuild the 4-bit predictor from the current gate/up weights (after training moved
-        them) and, for the nested predictor, snap those weights back onto its 8-bit grid."""
+        them) and, for the nested predictor, snap the weights back onto its grids."""
         if self.spec.predictor == "linear":
             return
         gate, up = self.gate_proj.weight, self.up_proj.weight
@@ -143,11 +155,13 @@ class MicroGatedMLP(nn.Module):
 
     @torch.no_grad()
     def snap_to_predictor_grid(self) -> None:
-        """Round gate_proj/up_proj onto the nested 8-bit grid of the predictor's codes."""
+        """Round gate_proj/up_proj onto the nested 8-bit grid of the predictor's codes, and
+        down_proj onto bf16: the values the nested layer stores (and its CPU kernel reads)."""
         buffers = {name: getattr(self.micro_gate, name) for name in ("codes", "scales", "zeros")}
         gate, up = snap_gate_up(self.gate_proj.weight, self.up_proj.weight, buffers)
         self.gate_proj.weight.copy_(gate)
         self.up_proj.weight.copy_(up)
+        self.down_proj.weight.copy_(snap_to_bf16(self.down_proj.weight))
 
     def extra_repr(self) -> str:
         s = self.spec

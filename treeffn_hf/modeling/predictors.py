@@ -2,10 +2,12 @@
 
 - `QuantizedPredictor` (`predictor="nested"`, the default, and `"quantized"`): group-wise 4-bit
   copies of `gate_proj` and `up_proj`. The score is |silu(g~) * u~|, the oracle's own criterion
-  on the quantised weights; it needs no training. On this CPU the copies are read by torch's
-  packed int4 matmul; elsewhere they are dequantised per call. With `"nested"` the layer's
-  gate/up weights are snapped to an 8-bit grid whose high nibbles are these codes
-  (`snap_to_nested_grid`), so the predictor is half of the weights rather than an extra copy.
+  on the quantised weights; it needs no training. With `"nested"` the layer's gate/up weights
+  are snapped to an 8-bit grid whose high nibbles are these codes (`snap_to_nested_grid`, and
+  down_proj to bf16), so the predictor is half of the weights rather than an extra copy; the CPU
+  kernel (kernels_cpu.py) reads the codes itself. Elsewhere (the PyTorch and reference paths)
+  small CPU batches are scored by torch's packed int4 matmul (bf16 inputs) and the rest
+  dequantise per call.
 - `LinearGate` (`predictor="linear"`): a trained gate, `scorer(encoder(x))` (low rank) or
   `scorer(x)` (`rank=None`); the score is a logit. Kept as the baseline.
 
@@ -99,6 +101,11 @@ def snap_gate_up(gate: torch.Tensor, up: torch.Tensor, predictor_state: dict[str
     snapped = snap_to_nested_grid(both.float().cpu(), unpack_nibbles(codes), scales, zeros)
     snapped = snapped.to(device=both.device, dtype=both.dtype)
     return tuple(part.clone() for part in snapped.split(gate.shape[0]))
+
+
+def snap_to_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` rounded to the nearest bf16 values, in its own dtype (the nested recipe's down_proj)."""
+    return weight.detach().to(torch.bfloat16).to(weight.dtype)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

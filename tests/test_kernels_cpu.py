@@ -1,0 +1,210 @@
+"""The C kernel of the nested micro-gated MLP against its naive PyTorch twin and the layer's own
+reference.
+
+`mgs_nested_naive` rounds the tokens to int8 as the kernel does, so the kernel is held to it at
+float32 accumulation tolerances (scores and outputs within 1e-5 of the largest). Against the
+layer's exact float32 reference the int8 rounding shows: scores within 3% of the largest, and
+most tokens' outputs within 3%. A wrong index or scale is off by far more.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from treeffn_hf import MGSSpec, MicroGatedMLP
+from treeffn_hf.conversion.budgets import calibrate_threshold
+from treeffn_hf.conversion.surgery import sparse_mlp_state
+from treeffn_hf.modeling import kernels_cpu
+from treeffn_hf.modeling.dispatch import choose_path
+
+from .conftest import run_python
+
+pytestmark = pytest.mark.skipif(
+    kernels_cpu.library_error() is not None, reason=f"CPU kernel unavailable: {kernels_cpu.library_error()}")
+
+
+def nested_layer(hidden=128, intermediate=200, group_size=64, density=0.5, seed=0, bf16_down=True) -> MicroGatedMLP:
+    generator = torch.Generator().manual_seed(seed)
+    dense = [torch.nn.Linear(a, b, bias=False) for a, b in ((hidden, intermediate),) * 2 + ((intermediate, hidden),)]
+    with torch.no_grad():
+        for linear in dense:
+            linear.weight.normal_(0, 0.3, generator=generator)
+    spec = MGSSpec(density=density, predictor="nested", group_size=group_size, selection="threshold")
+    layer = MicroGatedMLP(hidden, intermediate, spec, torch.nn.SiLU())
+    layer.load_state_dict(sparse_mlp_state(layer.spec, *dense), strict=False)
+    layer.requires_grad_(False).eval()
+    if not bf16_down:  # off the bf16 grid the conversion puts down_proj on: the kernel reads float32
+        layer.down_proj.weight.add_(1e-6 * torch.randn(layer.down_proj.weight.shape, generator=generator))
+    calibrate_threshold(layer, torch.randn(512, hidden, generator=generator), density)
+    return layer
+
+
+def reads_bf16_down(layer: MicroGatedMLP) -> bool:
+    return bool(kernels_cpu._operands(layer)[0][1][0].down_bf16)
+
+
+def masked_dense(layer: MicroGatedMLP, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return layer.down_proj(F.silu(layer.gate_proj(x)) * layer.up_proj(x) * mask)
+
+
+SHAPES = [(64, 96, 64), (128, 200, 64), (192, 333, 64), (256, 160, 128), (576, 1536, 64)]
+
+
+def relative_to_largest(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got - want).abs() / want.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)).max())
+
+
+@pytest.mark.parametrize("hidden,intermediate,group_size", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("bf16_down", [True, False], ids=["bf16_down", "f32_down"])
+def test_kernel_equals_its_naive_twin(hidden, intermediate, group_size, tokens, bf16_down):
+    layer = nested_layer(hidden, intermediate, group_size, bf16_down=bf16_down)
+    assert reads_bf16_down(layer) == bf16_down
+    x = torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 4  # tokens of different scales
+    scores, counts = torch.empty(tokens, intermediate), torch.empty(tokens, dtype=torch.int32)
+    out, selected = kernels_cpu.mgs_nested_cpu(layer, x, counts, scores)
+    chosen = scores > layer.gate_threshold
+    want_out, want_scores = kernels_cpu.mgs_nested_naive(layer, x, selected=chosen)
+
+    assert relative_to_largest(scores, want_scores) < 1e-5
+    assert torch.equal(counts, chosen.sum(dim=1, dtype=torch.int32)) and selected == chosen.sum()
+    assert 0 < chosen.float().mean() < 1
+    clear = (want_scores - layer.gate_threshold).abs() > 1e-4 * want_scores.abs().amax(dim=1, keepdim=True)
+    assert torch.equal(chosen[clear], (want_scores > layer.gate_threshold)[clear])
+    assert relative_to_largest(out, want_out) < 1e-5
+
+
+@pytest.mark.parametrize("hidden,intermediate,group_size", SHAPES[1:], ids=lambda v: str(v))
+def test_kernel_stays_close_to_the_exact_reference(hidden, intermediate, group_size):
+    layer = nested_layer(hidden, intermediate, group_size, density=0.8)
+    x = torch.randn(64, hidden)
+    scores = torch.empty(64, intermediate)
+    out, _ = kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
+    exact_scores = (F.silu(F.linear(x, layer.micro_gate.dequantized()[:intermediate]))
+                    * F.linear(x, layer.micro_gate.dequantized()[intermediate:])).abs()
+    assert relative_to_largest(scores, exact_scores) < 3e-2
+    with torch.no_grad():
+        layer.force_path = "reference"
+        exact = layer(x)
+    error = (out - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert error.median() < 3e-2 and (error < 0.1).float().mean() > 0.9
+
+
+def test_layer_dispatches_small_cpu_batches_to_the_kernel_and_matches_the_reference():
+    layer = nested_layer()
+    for tokens, path in ((1, "cpu"), (kernels_cpu.MAX_TOKENS, "cpu"), (kernels_cpu.MAX_TOKENS + 1, "torch")):
+        x = torch.randn(1, tokens, 256)[..., ::2]  # a strided view: the kernel must copy it
+        with torch.no_grad():
+            got = layer(x)
+            assert layer.last_path == path
+            twin = kernels_cpu.mgs_nested_naive(layer, x.reshape(tokens, 128))[0].reshape(x.shape)
+            layer.force_path = "reference"
+            exact = layer(x)
+            layer.force_path = None
+        if path == "cpu":
+            assert relative_to_largest(got, twin) < 1e-5
+        else:
+            torch.testing.assert_close(got, exact)
+    layer.reset_density()
+    with torch.no_grad():
+        x = torch.randn(3, 128)
+        layer(x[:1]), layer(x[1:])
+        assert layer.last_path == "cpu"
+        scores = kernels_cpu.mgs_nested_naive(layer, x)[1]
+    assert layer.measured_units() == pytest.approx((scores > layer.gate_threshold).sum().item() / 3, abs=0.34)
+
+
+def test_training_takes_the_reference_path_and_forcing_the_kernel_there_is_an_error():
+    layer = nested_layer().train().requires_grad_(True)
+    x = torch.randn(2, 128)
+    layer(x).sum().backward()
+    assert layer.last_path == "reference" and layer.down_proj.weight.grad is not None
+    layer.force_path = "cpu"
+    with pytest.raises(RuntimeError, match="forward-only"):
+        layer(x)
+
+
+def test_changed_weights_or_threshold_are_picked_up():
+    layer = nested_layer()
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        before, *_ = kernels_cpu.mgs_nested_cpu(layer, x)
+        layer.down_proj.weight.mul_(2)
+        doubled, *_ = kernels_cpu.mgs_nested_cpu(layer, x)
+        torch.testing.assert_close(doubled, 2 * before)
+        layer.gate_threshold.fill_(float("inf"))
+        nothing, count = kernels_cpu.mgs_nested_cpu(layer, x)
+        assert count == 0 and torch.count_nonzero(nothing) == 0
+        layer.gate_threshold.fill_(0.0)
+        everything, count = kernels_cpu.mgs_nested_cpu(layer, x)
+        scores = kernels_cpu.mgs_nested_naive(layer, x)[1]
+        assert count == (scores > 0).sum().item()
+        layer.up_proj.weight.mul_(-1)
+        layer.requantize()  # new codes and low nibbles
+        scores = torch.empty(1, 200)
+        flipped, _ = kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
+        assert relative_to_largest(flipped, kernels_cpu.mgs_nested_naive(layer, x, selected=scores > 0)[0]) < 1e-5
+        assert (flipped - everything).abs().max() > 0.1
+
+
+def test_a_layer_that_ran_the_kernel_deep_copies_and_pickles():
+    import copy
+    import io
+
+    layer = nested_layer()
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        want, _ = kernels_cpu.mgs_nested_cpu(layer, x)
+        twin = copy.deepcopy(layer)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for other in (twin, loaded):
+            torch.testing.assert_close(other(x), want)
+            assert other.last_path == "cpu"
+
+
+def test_weights_off_the_nested_grid_are_refused_with_a_reason():
+    layer = nested_layer()
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        layer.gate_proj.weight.add_(1e-3)  # as training without requantize() would leave them
+        assert "nested 8-bit grid" in kernels_cpu.cpu_kernel_unavailable_reason(layer, x)
+        assert choose_path(layer, x) == "torch"
+        layer.force_path = "cpu"
+        with pytest.raises(RuntimeError, match="nested 8-bit grid"):
+            layer(x)
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda layer: layer.to(torch.bfloat16), "float32"),
+    (lambda layer: setattr(layer, "act_fn", torch.nn.GELU()), "SiLU"),
+])
+def test_unsupported_layers_take_the_torch_path(change, reason):
+    layer = nested_layer()
+    change(layer)
+    x = torch.randn(1, 128, dtype=layer.gate_proj.weight.dtype)
+    assert reason in kernels_cpu.cpu_kernel_unavailable_reason(layer, x)
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_path == "torch"
+    for spec in (MGSSpec(density=0.5, predictor="linear"), MGSSpec(density=0.5, selection="top_k"),
+                 MGSSpec(density=0.5, predictor="quantized", selection="threshold")):
+        other = MicroGatedMLP(128, 200, spec, torch.nn.SiLU()).eval()
+        assert "nested predictor with threshold" in kernels_cpu.cpu_kernel_unavailable_reason(other)
+
+
+def test_a_compiler_failure_is_reported_and_the_torch_path_runs(tmp_path):
+    code = """
+import torch
+from treeffn_hf.modeling import kernels_cpu
+from tests.test_kernels_cpu import nested_layer
+layer = nested_layer()
+with torch.no_grad():
+    layer(torch.randn(1, 128))
+print(layer.last_path, '|', kernels_cpu.cpu_kernel_unavailable_reason(layer))
+"""
+    result = run_python(code, env={"CC": "false", "TREEFFN_KERNEL_CACHE": str(tmp_path)})
+    path, reason = result.stdout.strip().split(" | ")
+    assert path == "torch" and reason.startswith("the C kernel did not compile")

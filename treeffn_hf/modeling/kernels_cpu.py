@@ -1,0 +1,569 @@
+"""CPU kernel of the nested micro-gated MLP: one fused C function for a few fp32 tokens.
+
+On a CPU a decode step is bound by the bytes it reads, and the nested layer reads half of them
+in 4-bit: the predictor's codes (the high nibbles of the 8-bit gate/up grid) for every neuron,
+the low nibbles for the neurons it keeps, then their down_proj columns. PyTorch has no op that
+reads selected rows in place, and its int4 matmul rounds the input to bf16, so this path is a
+small C library, compiled on first use with the system compiler (`-march=native`, OpenMP),
+cached, and called through ctypes. Per call:
+
+1. the tokens are rounded to int8 per group of `group_size` columns (as llama.cpp's Q8 inputs;
+   an error of the order of the bf16 rounding of torch's int4 path), so the 4-bit codes meet them
+   in AVX-512 VNNI integer dot products, 64 products an instruction;
+2. the high-nibble pass scores every neuron (|silu(g~) u~|, the predictor) and a per-layer
+   threshold selects;
+3. the low-nibble pass adds the residual of the selected neurons only (the union over tokens);
+4. down_proj, in its stock layout, is read once against the masked activations, from a cached
+   bf16 copy when its weights are bf16 values (as the nested recipe stores them, and as any bf16
+   checkpoint loads): half the bytes, the same products.
+
+`mgs_nested_naive` is the kernel's math in plain PyTorch, int8 rounding included (the tests hold
+the kernel to it tightly, and to the layer's exact reference path loosely). The kernel needs x86 AVX-512 (F, BW, VNNI): where the compiler
+or the CPU lacks them `cpu_kernel_unavailable_reason` says so, and the PyTorch path runs,
+recorded in `last_path`. This file is part of the remote-code bundle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .predictors import dequantize_int4, pack_nibbles, unpack_nibbles
+
+# Above this many tokens the layer takes the PyTorch path: its GEMMs amortise the weights over
+# the batch better than the kernel's integer dot products (benchmarks/results/bench_mlp_cpu_mgs.json
+# times both paths: at 64 tokens the kernel still wins, at 512 the GEMMs do).
+MAX_TOKENS = 64
+MAX_GROUPS = 512  # as in SOURCE
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
+#error "needs AVX-512 F, BW, VL and VNNI"
+#endif
+
+#define MAX_GROUPS 512 /* hidden sizes up to 512 groups (32768 columns in groups of 64) */
+
+/* Tokens padded to a multiple of 4, quantised to int8 per group of G columns and split into
+   even (xe) and odd (xo) columns, so that packed byte b of a row (column 2b in its low nibble,
+   2b + 1 in its high one) meets xe[b] and xo[b]. */
+typedef struct {
+    int n, padded, K, G, groups, half;
+    int8_t *xe, *xo;
+    /* per token and group: the quantisation step, the sum of x, and that of the int8 codes times
+       the step (the offset -8 of the weight codes meets the same rounded x as the codes do, so
+       the error is that of (code - 8), centred, not of code) */
+    float *step, *sum, *qsum;
+} Tokens;
+
+static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x) {
+    T->n = n; T->padded = n == 1 ? 1 : (n + 3) / 4 * 4; T->K = K; T->G = G;
+    T->groups = K / G; T->half = K / 2;
+    T->xe = calloc((size_t)T->padded * T->half, 1);
+    T->xo = calloc((size_t)T->padded * T->half, 1);
+    T->step = calloc((size_t)T->padded * T->groups, sizeof(float));
+    T->sum = calloc((size_t)T->padded * T->groups, sizeof(float));
+    T->qsum = calloc((size_t)T->padded * T->groups, sizeof(float));
+    for (int t = 0; t < n; ++t)
+        for (int g = 0; g < T->groups; ++g) {
+            const float *xg = x + (size_t)t * K + (size_t)g * G;
+            float total = 0.f, peak = 0.f;
+            for (int k = 0; k < G; ++k) { total += xg[k]; peak = fmaxf(peak, fabsf(xg[k])); }
+            const float step = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / step;
+            const size_t at = (size_t)t * T->groups + g, base = (size_t)t * T->half + (size_t)g * (G / 2);
+            int codes = 0;
+            for (int k = 0; k < G / 2; ++k) {
+                T->xe[base + k] = (int8_t)lrintf(xg[2 * k] * inverse);
+                T->xo[base + k] = (int8_t)lrintf(xg[2 * k + 1] * inverse);
+                codes += T->xe[base + k] + T->xo[base + k];
+            }
+            T->step[at] = step; T->sum[at] = total; T->qsum[at] = step * (float)codes;
+        }
+}
+
+static void tokens_free(Tokens *T) { free(T->xe); free(T->xo); free(T->step); free(T->sum); free(T->qsum); }
+
+static inline __m512 bf16_load(__mmask16 m, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __mmask16 first_lanes(int count) {
+    return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+}
+
+/* Groups of 64 columns fill 32 bytes, so a 64-byte vector holds two: its int32 lanes 0-7 sum
+   the first, 8-15 the second. Wider groups fill whole vectors. */
+static inline __m512i lane_groups(int G) {
+    return G == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1) : _mm512_setzero_si512();
+}
+
+/* NR rows times NT tokens of a 4-bit matrix whose weight is ((code - 8) * scale + zero) per group
+   (scale times `factor`; zeros may be NULL): dst[r * NT + t]. The codes meet the int8 tokens in
+   VNNI dot products (u8 x s8, four products a lane), scaled per group in float32; the constant
+   terms use the tokens' exact float32 sums. cs: scratch of NR * NT * groups floats. */
+#define DEFINE_BLOCK(NR, NT)                                                                           \
+static inline void block_##NR##x##NT(const Tokens *T, int t0, const uint8_t *const *p,                 \
+                                     const uint8_t *const *next, const uint16_t *const *s,             \
+                                     const uint16_t *const *z, float factor, float *cs, float *dst) {  \
+    const int gb = T->G / 2, half = T->half, groups = T->groups;                                       \
+    const __m512i low = _mm512_set1_epi8(15), lanes = lane_groups(T->G);                               \
+    for (int r = 0; r < NR; ++r) /* scale * factor * step, per group */                                \
+        for (int t = 0; t < NT; ++t)                                                                   \
+            for (int g0 = 0; g0 < groups; g0 += 16) {                                                  \
+                const __mmask16 m = first_lanes(groups - g0);                                          \
+                const __m512 step = _mm512_maskz_loadu_ps(m, T->step + (size_t)(t0 + t) * groups + g0); \
+                _mm512_mask_storeu_ps(cs + (size_t)(r * NT + t) * groups + g0, m,                      \
+                    _mm512_mul_ps(_mm512_mul_ps(bf16_load(m, s[r] + g0), step), _mm512_set1_ps(factor))); \
+            }                                                                                          \
+    __m512 acc[NR][NT];                                                                                \
+    for (int r = 0; r < NR; ++r)                                                                       \
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();                                  \
+    for (int b = 0; b < half; b += 64) {                                                               \
+        const __mmask64 m = half - b >= 64 ? ~0ULL : (1ULL << (half - b)) - 1;                        \
+        const int g0 = b / gb;                                                                         \
+        const __mmask16 gm = first_lanes(groups - g0);                                                 \
+        __m512i xl[NT], xh[NT];                                                                        \
+        for (int t = 0; t < NT; ++t) {                                                                 \
+            xl[t] = _mm512_maskz_loadu_epi8(m, T->xe + (size_t)(t0 + t) * half + b);                  \
+            xh[t] = _mm512_maskz_loadu_epi8(m, T->xo + (size_t)(t0 + t) * half + b);                  \
+        }                                                                                              \
+        for (int r = 0; r < NR; ++r) {                                                                 \
+            _mm_prefetch((const char *)(next[r] + b), _MM_HINT_T0);                                    \
+            const __m512i v = _mm512_maskz_loadu_epi8(m, p[r] + b);                                    \
+            const __m512i wl = _mm512_and_si512(v, low);                                               \
+            const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                         \
+            for (int t = 0; t < NT; ++t) {                                                             \
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, xl[t]);                    \
+                d = _mm512_dpbusd_epi32(d, wh, xh[t]);                                                 \
+                const __m512 scale = _mm512_permutexvar_ps(                                            \
+                    lanes, _mm512_maskz_loadu_ps(gm, cs + (size_t)(r * NT + t) * groups + g0));        \
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][t]);                  \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+    /* the constant terms, sixteen groups a step: scale * (-8 * sum x~) + zero * sum x */             \
+    for (int g0 = 0; g0 < groups; g0 += 16) {                                                          \
+        const __mmask16 m = first_lanes(groups - g0);                                                  \
+        for (int t = 0; t < NT; ++t) {                                                                 \
+            const size_t at = (size_t)(t0 + t) * groups + g0;                                          \
+            const __m512 sum = _mm512_maskz_loadu_ps(m, T->sum + at);                                  \
+            const __m512 shifted = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, T->qsum + at), _mm512_set1_ps(-8.f * factor)); \
+            for (int r = 0; r < NR; ++r) {                                                             \
+                acc[r][t] = _mm512_fmadd_ps(bf16_load(m, s[r] + g0), shifted, acc[r][t]);              \
+                if (z) acc[r][t] = _mm512_fmadd_ps(bf16_load(m, z[r] + g0), sum, acc[r][t]);           \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int r = 0; r < NR; ++r)                                                                       \
+        for (int t = 0; t < NT; ++t) dst[r * NT + t] = _mm512_reduce_add_ps(acc[r][t]);                \
+}
+DEFINE_BLOCK(4, 1)
+DEFINE_BLOCK(1, 4)
+
+/* out[t * stride + q] (q = rows[q] when scatter) = row rows[q] (every row when rows is NULL) of
+   the 4-bit matrix times token t; R rows. One token: four rows a block (four streams); more:
+   four tokens a block. */
+static void int4_rows(const Tokens *T, const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
+                      float factor, const int32_t *rows, int R, float *out, int stride, int scatter, int threads) {
+    const int half = T->half, groups = T->groups;
+    const int NR = T->n == 1 ? 4 : 1;
+    /* prefetch about 4 KB ahead, in whole blocks: short rows need several blocks to cover DRAM latency */
+    const int ahead = NR * (4096 / (half * NR) > 1 ? 4096 / (half * NR) : 1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int q0 = 0; q0 < R; q0 += NR) {
+        const uint8_t *p[4], *next[4];
+        const uint16_t *s[4], *z[4];
+        float dst[16], cs[4 * MAX_GROUPS];
+        for (int j = 0; j < NR; ++j) {
+            const int q = q0 + j < R ? q0 + j : R - 1, r = rows ? rows[q] : q;
+            const int qn = q + ahead < R ? q + ahead : q, rn = rows ? rows[qn] : qn;
+            p[j] = codes + (size_t)r * half; next[j] = codes + (size_t)rn * half;
+            s[j] = scales + (size_t)r * groups; z[j] = zeros ? zeros + (size_t)r * groups : NULL;
+        }
+        if (NR == 4) {
+            block_4x1(T, 0, p, next, s, zeros ? z : NULL, factor, cs, dst);
+            for (int j = 0; j < 4 && q0 + j < R; ++j) out[scatter ? rows[q0 + j] : q0 + j] = dst[j];
+        } else {
+            for (int t0 = 0; t0 < T->padded; t0 += 4) {
+                block_1x4(T, t0, p, next, s, zeros ? z : NULL, factor, cs, dst);
+                for (int t = t0; t < t0 + 4 && t < T->n; ++t) out[(size_t)t * stride + (scatter ? rows[q0] : q0)] = dst[t - t0];
+            }
+        }
+    }
+}
+
+/* e^v in float32: 2^r * e^f with r = round(v / ln 2), |f| <= ln 2 / 2, e^f by its degree-6
+   Taylor polynomial (relative error ~1e-7). */
+static inline __m512 exp_ps(__m512 v) {
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fmadd_ps(r, _mm512_set1_ps(-0.693145751953125f), v); /* ln 2 in two parts */
+    f = _mm512_fmadd_ps(r, _mm512_set1_ps(-1.428606765330187045e-06f), f);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, r);
+}
+
+static inline __m512 silu_ps(__m512 v) {
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
+/* Four rows of down (H2, I), float32 or bf16 (WEIGHT, LOAD), times NT tokens of h (padded, I):
+   four rows a block so that the prefetcher follows four streams; each weight vector is loaded once
+   for the block's tokens. */
+#define DEFINE_DOWN_BLOCK(NAME, NT, WEIGHT, LOAD)                                                      \
+static inline void NAME(int k0, int I, const void *down, const float *h, float *dst) {                \
+    __m512 acc[4][NT];                                                                                 \
+    for (int j = 0; j < 4; ++j)                                                                        \
+        for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_setzero_ps();                                  \
+    for (int i = 0; i < I; i += 16) {                                                                  \
+        const __mmask16 m = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1);      \
+        __m512 hv[NT];                                                                                 \
+        for (int t = 0; t < NT; ++t) hv[t] = _mm512_maskz_loadu_ps(m, h + (size_t)t * I + i);         \
+        for (int j = 0; j < 4; ++j) {                                                                  \
+            const WEIGHT *d = (const WEIGHT *)down + (size_t)(k0 + j) * I + i;                         \
+            _mm_prefetch((const char *)(d + 4 * (size_t)I), _MM_HINT_T0);                              \
+            const __m512 w = LOAD(m, d);                                                               \
+            for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_fmadd_ps(w, hv[t], acc[j][t]);             \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int j = 0; j < 4; ++j)                                                                        \
+        for (int t = 0; t < NT; ++t) dst[j * NT + t] = _mm512_reduce_add_ps(acc[j][t]);                \
+}
+DEFINE_DOWN_BLOCK(down_f32_1, 1, float, _mm512_maskz_loadu_ps)
+DEFINE_DOWN_BLOCK(down_f32_4, 4, float, _mm512_maskz_loadu_ps)
+DEFINE_DOWN_BLOCK(down_bf16_1, 1, uint16_t, bf16_load)
+DEFINE_DOWN_BLOCK(down_bf16_4, 4, uint16_t, bf16_load)
+
+/* out (n, H2) = h (n, I) @ down (H2, I)^T, h padded to `padded` rows (1, or a multiple of 4).
+   The last block of rows overlaps the one before when H2 is not a multiple of 4. */
+static void down_project(int n, int padded, int H2, int I, const void *down, int bf16, const float *h, float *out,
+                         int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < (H2 + 3) / 4; ++b) {
+        const int k0 = 4 * b + 4 <= H2 ? 4 * b : H2 - 4, NT = padded == 1 ? 1 : 4;
+        float dst[16];
+        for (int t0 = 0; t0 < padded; t0 += 4) {
+            if (NT == 1) (bf16 ? down_bf16_1 : down_f32_1)(k0, I, down, h, dst);
+            else (bf16 ? down_bf16_4 : down_f32_4)(k0, I, down, h + (size_t)t0 * I, dst);
+            for (int j = 0; j < 4; ++j)
+                for (int t = 0; t < NT && t0 + t < n; ++t) out[(size_t)(t0 + t) * H2 + k0 + j] = dst[j * NT + t];
+        }
+    }
+}
+
+/* One nested micro-gated MLP layer, as the Python side prepares it once.
+   hi, lo: (2I, K/2) packed codes of [gate; up]; a weight is (hi - 8) * scale + zero + (lo - 8) * scale / 16
+   with bf16 scales, zeros (2I, K/G). down: (K, I) in the stock layout, float32, or bf16 when
+   down_bf16 (the weights are bf16 values: half the bytes, the same result). */
+typedef struct {
+    int64_t K, I, G;
+    const uint8_t *hi, *lo;
+    const uint16_t *scales, *zeros;
+    const void *down;
+    int64_t down_bf16;
+    float threshold;
+} Layer;
+
+/* The layer on n fp32 tokens x (n, K), threshold selection: writes out (n, K) and, when not
+   NULL, counts[t] (neurons token t computes) and scores (n, I). Returns the neurons computed,
+   summed over tokens. */
+int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_t *counts, float *scores,
+                       int threads) {
+    const int K = (int)L->K, I = (int)L->I, G = (int)L->G;
+    const uint8_t *hi = L->hi, *lo = L->lo;
+    const uint16_t *scales = L->scales, *zeros = L->zeros;
+    const float threshold = L->threshold;
+    Tokens T;
+    tokens_prepare(&T, n, K, G, x);
+    float *coarse = malloc(sizeof(float) * (size_t)n * 2 * I);
+    int4_rows(&T, hi, scales, zeros, 1.f, NULL, 2 * I, coarse, 2 * I, 0, threads);
+
+    /* scores and selection, sixteen neurons a step; the union of the tokens' selections */
+    const int blocks = (I + 15) / 16;
+    __mmask16 *chosen = calloc((size_t)n * blocks, sizeof(__mmask16));
+    int32_t *rows = malloc(sizeof(int32_t) * 2 * (size_t)(blocks * 16));
+    int U = 0, selected = 0;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int k = 0; k < blocks; ++k) {
+        const int i = 16 * k;
+        const __mmask16 valid = first_lanes(I - i);
+        __mmask16 any = 0;
+        for (int t = 0; t < n; ++t) {
+            const float *c = coarse + (size_t)t * 2 * I;
+            const __m512 g = _mm512_maskz_loadu_ps(valid, c + i), u = _mm512_maskz_loadu_ps(valid, c + I + i);
+            const __m512 score = _mm512_abs_ps(_mm512_mul_ps(silu_ps(g), u));
+            if (scores) _mm512_mask_storeu_ps(scores + (size_t)t * I + i, valid, score);
+            const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, score, _mm512_set1_ps(threshold), _CMP_GT_OQ);
+            chosen[(size_t)t * blocks + k] = m;
+            selected += __builtin_popcount(m);
+            any |= m;
+        }
+        _mm512_mask_compressstoreu_epi32(rows + U, any, _mm512_add_epi32(lane, _mm512_set1_epi32(i)));
+        U += __builtin_popcount(any);
+    }
+    for (int q = 0; q < U; ++q) rows[U + q] = rows[q] + I; /* their up_proj rows */
+
+    /* the low nibbles of the union's rows, written in place: fine[t, row] */
+    float *fine = calloc((size_t)n * 2 * I, sizeof(float));
+    if (U) int4_rows(&T, lo, scales, NULL, 1.f / 16.f, rows, 2 * U, fine, 2 * I, 1, threads);
+    float *h = calloc((size_t)T.padded * I, sizeof(float));
+    for (int t = 0; t < n; ++t) {
+        const float *c = coarse + (size_t)t * 2 * I, *f = fine + (size_t)t * 2 * I;
+        for (int k = 0; k < blocks; ++k) {
+            const int i = 16 * k;
+            const __mmask16 m = chosen[(size_t)t * blocks + k];
+            if (!m) continue;
+            const __m512 g = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c + i), _mm512_maskz_loadu_ps(m, f + i));
+            const __m512 u = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c + I + i), _mm512_maskz_loadu_ps(m, f + I + i));
+            _mm512_mask_storeu_ps(h + (size_t)t * I + i, m, _mm512_mul_ps(silu_ps(g), u));
+        }
+    }
+    down_project(n, T.padded, K, I, L->down, (int)L->down_bf16, h, out, threads);
+    if (counts)
+        for (int t = 0; t < n; ++t) {
+            counts[t] = 0;
+            for (int k = 0; k < blocks; ++k) counts[t] += __builtin_popcount(chosen[(size_t)t * blocks + k]);
+        }
+    free(coarse); free(chosen); free(rows); free(fine); free(h);
+    tokens_free(&T);
+    return selected;
+}
+"""
+
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_library: Optional[ctypes.CDLL] = None
+_library_error: Optional[str] = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TREEFFN_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "treeffn_hf", "kernels")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    # -march=native compiles for this CPU: a cache shared between machines must not mix them.
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    key = hashlib.sha256("\0".join((SOURCE, compiler, *_FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"treeffn_cpu_{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            source = Path(work) / "kernels.c"
+            source.write_text(SOURCE)
+            built = Path(work) / target.name
+            result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                errors = [line for line in result.stderr.splitlines() if "error" in line]
+                raise RuntimeError(f"the C kernel did not compile: {(errors or [result.stderr.strip()])[0][:200]}")
+            os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
+    library = ctypes.CDLL(str(target))
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    library.mgs_nested_forward.argtypes = [ctypes.POINTER(LayerStruct), integer] + [pointer] * 4 + [integer]
+    library.mgs_nested_forward.restype = integer
+    return library
+
+
+class LayerStruct(ctypes.Structure):
+    """The C `Layer`: shapes, pointers to the tensors it reads, the threshold."""
+
+    _fields_ = [("K", ctypes.c_int64), ("I", ctypes.c_int64), ("G", ctypes.c_int64),
+                ("hi", ctypes.c_void_p), ("lo", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("zeros", ctypes.c_void_p), ("down", ctypes.c_void_p), ("down_bf16", ctypes.c_int64),
+                ("threshold", ctypes.c_float)]
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel library, built once per process; None when it cannot be (see
+    `library_error`)."""
+    global _library, _library_error
+    if _library is None and _library_error is None:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            _library_error = f"the CPU kernel is written for x86-64 AVX-512, not {platform.machine()}"
+        else:
+            try:
+                _library = _build()
+            except (RuntimeError, OSError) as error:
+                _library_error = str(error).splitlines()[0]
+    return _library
+
+
+def library_error() -> Optional[str]:
+    library()
+    return _library_error
+
+
+def _static_reason(layer: torch.nn.Module) -> Optional[str]:
+    spec = getattr(layer, "spec", None)
+    if getattr(layer, "sparse_method", None) != "mgs":
+        return f"there is no CPU kernel for {type(layer).__name__}"
+    if spec.predictor != "nested" or spec.selection != "threshold":
+        return ("the CPU kernel implements the nested predictor with threshold selection, "
+                f"not {spec.predictor}/{spec.selection}")
+    if spec.group_size % 64 or layer.hidden_size % spec.group_size:
+        return f"the CPU kernel needs groups of a multiple of 64 columns, not {spec.group_size}"
+    if layer.hidden_size // spec.group_size > MAX_GROUPS:
+        return f"the CPU kernel takes up to {MAX_GROUPS} groups a row, not {layer.hidden_size // spec.group_size}"
+    weights = [getattr(layer, name).weight for name in ("gate_proj", "up_proj", "down_proj")]
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+        return "the CPU kernel reads float32 CPU weights"
+    if any(getattr(layer, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
+        return "the CPU kernel does not implement MLP biases"
+    probe = torch.linspace(-4, 4, 9)
+    if not torch.allclose(layer.act_fn(probe), F.silu(probe)):
+        return f"the CPU kernel implements SiLU only, not {type(layer.act_fn).__name__}"
+    return library_error()
+
+
+# Per layer: (key, operands, reason, the tensors the key names). Kept beside the layers, not in
+# them, so that deepcopy, pickling and state dicts never meet the ctypes objects.
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _operand_key(layer) -> tuple:
+    # The identity and version of every tensor the kernel reads: a replaced or edited weight,
+    # predictor or threshold changes it. The cache holds the tensors, so no identity is reused.
+    # Read through the modules' dicts: this runs on every forward of every layer.
+    modules = layer._modules
+    predictor = modules["micro_gate"]._buffers
+    tensors = (modules["gate_proj"]._parameters["weight"], modules["up_proj"]._parameters["weight"],
+               modules["down_proj"]._parameters["weight"], predictor["codes"], predictor["scales"],
+               predictor["zeros"], layer._buffers["gate_threshold"])
+    return tuple(map(id, tensors)) + tuple(t._version for t in tensors)
+
+
+def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
+    """(the kernel's tensor arguments, None) or (None, why it cannot run), cached until a weight,
+    the predictor or the threshold changes."""
+    key = _operand_key(layer)
+    cached = _CACHE.get(layer)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    operands, reason = None, _static_reason(layer)
+    if reason is None:
+        try:
+            lo = low_nibbles(layer)
+        except ValueError as error:
+            reason = str(error)
+        else:
+            predictor = layer.micro_gate
+            codes, scales, zeros = (t.contiguous() for t in (predictor.codes, predictor.scales, predictor.zeros))
+            down = layer.down_proj.weight.detach().contiguous()
+            as_bf16 = down.bfloat16()
+            if torch.equal(as_bf16.float(), down):  # bf16 values (a bf16 checkpoint, the nested recipe)
+                down = as_bf16
+            struct = LayerStruct(layer.hidden_size, layer.intermediate_size, predictor.group_size, codes.data_ptr(),
+                                 lo.data_ptr(), scales.data_ptr(), zeros.data_ptr(), down.data_ptr(),
+                                 down.dtype == torch.bfloat16, float(layer.gate_threshold))
+            operands = (ctypes.byref(struct), (struct, codes, lo, scales, zeros, down))  # the tensors stay alive
+    held = (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight, layer.micro_gate.codes,
+            layer.micro_gate.scales, layer.micro_gate.zeros, layer.gate_threshold)
+    _CACHE[layer] = (key, operands, reason, held)
+    return operands, reason
+
+
+def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why the CPU kernel cannot run `layer` (on `x`, when given), or None when it can."""
+    if x is not None and (x.device.type != "cpu" or x.dtype != torch.float32):
+        return f"the CPU kernel takes float32 CPU tensors, not {x.dtype} on {x.device}"
+    if getattr(layer, "sparse_method", None) != "mgs" or layer.spec.predictor != "nested":
+        return _static_reason(layer)
+    return _operands(layer)[1]
+
+
+def low_nibbles(layer) -> torch.Tensor:
+    """The packed low nibbles of [gate_proj; up_proj] on the predictor's nested grid, (2I, K/2)
+    uint8. Raises ValueError when the weights are not on that grid (trained without
+    `requantize()`)."""
+    predictor = layer.micro_gate
+    with torch.no_grad():
+        codes, scales = unpack_nibbles(predictor.codes), predictor.scales
+        high = dequantize_int4(codes, scales, predictor.zeros)
+        step = (scales.float() / 16).repeat_interleave(predictor.group_size, dim=1)
+        weight = torch.cat([layer.gate_proj.weight, layer.up_proj.weight]).float()
+        residual = ((weight - high) / step).round()
+        off_grid = (residual < -8) | (residual > 7) | ((high + residual * step - weight).abs() > 1e-3 * step)
+        if bool(off_grid.any()):
+            raise ValueError("gate_proj/up_proj are not on the predictor's nested 8-bit grid "
+                             "(call requantize() after training them)")
+        return pack_nibbles((residual + 8).to(torch.uint8))
+
+
+def mgs_nested_cpu(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None,
+                   scores: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+    """The layer on x (N, hidden) float32 through the C kernel: (output (N, hidden), neurons
+    computed, summed over tokens). When given, `counts` ((N,) int32) receives each token's
+    count and `scores` ((N, intermediate) float32) the predictor's scores."""
+    operands, reason = _operands(layer)
+    if operands is None:
+        raise RuntimeError(f"the CPU kernel cannot run this layer: {reason}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    selected = library().mgs_nested_forward(
+        operands[0], x.shape[0], x.data_ptr(), out.data_ptr(), None if counts is None else counts.data_ptr(),
+        None if scores is None else scores.data_ptr(), torch.get_num_threads())
+    return out, selected
+
+
+def quantize_tokens(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x (N, K) rounded as the kernel rounds it: int8 codes per group of `group_size` columns on a
+    step of the group's largest magnitude / 127, returned dequantised (float32)."""
+    groups = x.float().reshape(x.shape[0], -1, group_size)
+    step = groups.abs().amax(-1, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return ((groups / step).round() * step).reshape(x.shape)
+
+
+def mgs_nested_naive(layer, x: torch.Tensor, selected: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel computes, in plain PyTorch: (output, scores). The weight codes meet the
+    int8-rounded tokens (`quantize_tokens`), the group zeros the exact ones; scores come from the
+    high nibbles, the selection (unless `selected` is given) from the layer's threshold, and the
+    selected neurons add their low nibbles, as the layer stores gate/up."""
+    predictor = layer.micro_gate
+    width, group = layer.intermediate_size, predictor.group_size
+    codes, scales, zeros = unpack_nibbles(predictor.codes).float(), predictor.scales.float(), predictor.zeros.float()
+    expand = lambda per_group: per_group.repeat_interleave(group, dim=1)  # noqa: E731
+    rounded = quantize_tokens(x, group)
+    coarse = F.linear(rounded, (codes - 8) * expand(scales)) + F.linear(x.float(), expand(zeros))
+    fine = F.linear(rounded, (unpack_nibbles(low_nibbles(layer)).float() - 8) * expand(scales / 16))
+    gate, up = coarse.split(width, dim=-1)
+    scores = (F.silu(gate) * up).abs()
+    gate_fine, up_fine = (coarse + fine).split(width, dim=-1)
+    hidden = F.silu(gate_fine) * up_fine * (scores > layer.gate_threshold if selected is None else selected)
+    return layer.down_proj(hidden), scores
