@@ -71,8 +71,8 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
     return [
         f"**MLP block, CPU** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, {data['dtype']}, "
         f"torch {m['torch']}; file `benchmarks/results/{name}.json`, plot `{name}.png`). "
-        "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process;" + stack + " "
-        "weights read = fraction of the dense MLP's weight bytes each token reads (in bf16; the MGS predictor "
+        "Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process." + stack + " "
+        "Weights read = fraction of the dense MLP's weight bytes each token reads (in bf16; the MGS predictor "
         "included: a linear gate in bf16, the 4-bit predictor at its 4.5 bits a weight)." + paths,
         "",
     ] + speedup_tables(data, _cpu_speedup)
@@ -383,8 +383,8 @@ def cpu_kernel_quality_section(data: dict) -> list[str]:
         "`benchmarks/results/cpu_kernel_quality_smollm2.json`). SmolLM2-135M converted to the default MGS "
         "recipe (nested predictor, down_proj rounded to bf16, thresholds calibrated on valid.txt; no refit), "
         f"perplexity on the first {ev['windows']} protocol windows (dense {data['dense_perplexity']:.3f}) with "
-        "every MLP on the PyTorch path (`torch`, float32) and on the C kernel (`cpu`: int8-rounded inputs, as "
-        "in decode); top-1 = how often the next-token argmax agrees with the dense model's.",
+        "every MLP on the PyTorch path (`torch`, float32) and on the C kernel (`cpu`: inputs rounded to two int8 "
+        "planes, as in decode); top-1 = how often the next-token argmax agrees with the dense model's.",
         "",
         "| density | path | active MLP units | MLP weight bytes read | ratio | top-1 agreement |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -1,10 +1,10 @@
 """The C kernel of the nested micro-gated MLP against its naive PyTorch twin and the layer's own
 reference.
 
-`mgs_nested_naive` rounds the tokens to int8 as the kernel does, so the kernel is held to it at
-float32 accumulation tolerances (scores and outputs within 1e-5 of the largest). Against the
-layer's exact float32 reference the int8 rounding shows: scores within 3% of the largest, and
-most tokens' outputs within 3%. A wrong index or scale is off by far more.
+`mgs_nested_naive` rounds the tokens to two int8 planes as the kernel does, so the kernel is held
+to it at float32 accumulation tolerances (scores and outputs within 5e-5 of the largest). Against
+the layer's exact float32 reference the rounding shows as scores within 1e-3 of the largest and
+most tokens' outputs within 1e-3. A wrong index or scale is off by far more.
 """
 
 import pytest
@@ -66,12 +66,12 @@ def test_kernel_equals_its_naive_twin(hidden, intermediate, group_size, tokens, 
     chosen = scores > layer.gate_threshold
     want_out, want_scores = kernels_cpu.mgs_nested_naive(layer, x, selected=chosen)
 
-    assert relative_to_largest(scores, want_scores) < 1e-5
+    assert relative_to_largest(scores, want_scores) < 5e-5
     assert torch.equal(counts, chosen.sum(dim=1, dtype=torch.int32)) and selected == chosen.sum()
     assert 0 < chosen.float().mean() < 1
     clear = (want_scores - layer.gate_threshold).abs() > 1e-4 * want_scores.abs().amax(dim=1, keepdim=True)
     assert torch.equal(chosen[clear], (want_scores > layer.gate_threshold)[clear])
-    assert relative_to_largest(out, want_out) < 1e-5
+    assert relative_to_largest(out, want_out) < 5e-5
 
 
 @pytest.mark.parametrize("hidden,intermediate,group_size", SHAPES[1:], ids=lambda v: str(v))
@@ -82,12 +82,12 @@ def test_kernel_stays_close_to_the_exact_reference(hidden, intermediate, group_s
     out, _ = kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
     exact_scores = (F.silu(F.linear(x, layer.micro_gate.dequantized()[:intermediate]))
                     * F.linear(x, layer.micro_gate.dequantized()[intermediate:])).abs()
-    assert relative_to_largest(scores, exact_scores) < 3e-2
+    assert relative_to_largest(scores, exact_scores) < 1e-3
     with torch.no_grad():
         layer.force_path = "reference"
         exact = layer(x)
     error = (out - exact).norm(dim=-1) / exact.norm(dim=-1)
-    assert error.median() < 3e-2 and (error < 0.1).float().mean() > 0.9
+    assert error.median() < 1e-3 and (error < 1e-2).float().mean() > 0.9
 
 
 def test_layer_dispatches_small_cpu_batches_to_the_kernel_and_matches_the_reference():
@@ -102,7 +102,7 @@ def test_layer_dispatches_small_cpu_batches_to_the_kernel_and_matches_the_refere
             exact = layer(x)
             layer.force_path = None
         if path == "cpu":
-            assert relative_to_largest(got, twin) < 1e-5
+            assert relative_to_largest(got, twin) < 5e-5
         else:
             torch.testing.assert_close(got, exact)
     layer.reset_density()
@@ -143,7 +143,7 @@ def test_changed_weights_or_threshold_are_picked_up():
         layer.requantize()  # new codes and low nibbles
         scores = torch.empty(1, 200)
         flipped, _ = kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
-        assert relative_to_largest(flipped, kernels_cpu.mgs_nested_naive(layer, x, selected=scores > 0)[0]) < 1e-5
+        assert relative_to_largest(flipped, kernels_cpu.mgs_nested_naive(layer, x, selected=scores > 0)[0]) < 5e-5
         assert (flipped - everything).abs().max() > 0.1
 
 
