@@ -67,7 +67,7 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
              f"whose dense weights add up to 4x the {data['last_level_cache_bytes'] >> 20} MiB last-level cache, as a "
              "model's layers do; times are per layer." if copies != [1] else
              " One layer is timed again and again: its weights stay in the caches, which a model's other layers "
-             "would have evicted (see the stacked table).")
+             "would have evicted (`--stack` times stacks of distinct copies instead).")
     return [
         f"**MLP block, CPU** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, {data['dtype']}, "
         f"torch {m['torch']}; file `benchmarks/results/{name}.json`, plot `{name}.png`). "
