@@ -468,27 +468,27 @@ def _static_reason(layer: torch.nn.Module) -> Optional[str]:
     return library_error()
 
 
-# Per layer: (key, operands, reason, the tensors the key names). Kept beside the layers, not in
+# Per layer: (key, operands, reason, the tensors the key names, held so no identity is reused). Kept beside the layers, not in
 # them, so that deepcopy, pickling and state dicts never meet the ctypes objects.
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _operand_key(layer) -> tuple:
-    # The identity and version of every tensor the kernel reads: a replaced or edited weight,
-    # predictor or threshold changes it. The cache holds the tensors, so no identity is reused.
-    # Read through the modules' dicts: this runs on every forward of every layer.
+def _operand_key(layer) -> tuple[tuple, tuple]:
+    """(key, tensors): every tensor the kernel reads, and their identities and versions, which a
+    replaced or edited weight, predictor or threshold changes. The cache holds the tensors, so no
+    identity is reused. Read through the modules' dicts: this runs on every forward of every layer."""
     modules = layer._modules
     predictor = modules["micro_gate"]._buffers
     tensors = (modules["gate_proj"]._parameters["weight"], modules["up_proj"]._parameters["weight"],
                modules["down_proj"]._parameters["weight"], predictor["codes"], predictor["scales"],
                predictor["zeros"], layer._buffers["gate_threshold"])
-    return tuple(map(id, tensors)) + tuple(t._version for t in tensors)
+    return tuple(map(id, tensors)) + tuple(t._version for t in tensors), tensors
 
 
 def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
     """(the kernel's tensor arguments, None) or (None, why it cannot run), cached until a weight,
     the predictor or the threshold changes."""
-    key = _operand_key(layer)
+    key, tensors = _operand_key(layer)
     cached = _CACHE.get(layer)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
@@ -509,9 +509,7 @@ def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
                                  lo.data_ptr(), scales.data_ptr(), zeros.data_ptr(), down.data_ptr(),
                                  down.dtype == torch.bfloat16, float(layer.gate_threshold))
             operands = (ctypes.byref(struct), (struct, codes, lo, scales, zeros, down))  # the tensors stay alive
-    held = (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight, layer.micro_gate.codes,
-            layer.micro_gate.scales, layer.micro_gate.zeros, layer.gate_threshold)
-    _CACHE[layer] = (key, operands, reason, held)
+    _CACHE[layer] = (key, operands, reason, tensors)
     return operands, reason
 
 
