@@ -1,10 +1,14 @@
 """End-to-end greedy decode speed: dense vs converted models, side by side in one process.
 
-Each round times `generate` (greedy, fixed number of new tokens) for every model in turn, so the
-ratio is measured under the same machine conditions; tokens/s are medians over the rounds, the
-speed-up is the median of the per-round ratios (all of them are recorded). The
-MLP share of dense decode time is measured in the same run, by timing the dense model with its
-MLPs replaced by a no-op: `1 / (1 - share)` is the Amdahl ceiling of any MLP speed-up.
+Every model decodes the same prompt greedily with its KV cache, and the models take turns step by
+step (the order flips every step), so a slow spell of this shared machine hits all of them
+alike; at whole-`generate()` granularity the machine's drift moved single rounds by up to 1.5x.
+A round is one prefill and `--new-tokens` steps per model; its time is the end-to-end time,
+prefill included. Tokens/s are medians over the rounds, the speed-up is the median of the
+per-round ratios (all recorded, with the prefill and the decode steps also apart). The loop is
+`generate()`'s greedy loop (warm-up checks that it yields `generate()`'s tokens). The MLP share
+of dense decode time is measured in the same run, by timing the dense model with its MLPs
+replaced by a no-op: `1 / (1 - share)` is the Amdahl ceiling of any MLP speed-up.
 
     python benchmarks/bench_decode.py                   # real SmolLM2-135M (pretrained, GGUF) on CPU
     python benchmarks/bench_decode.py --model llama-1b  # ~1B random-weight Llama: speed needs no training
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, machine, write_json  # noqa: E402
@@ -82,6 +87,30 @@ def load_models(args: argparse.Namespace):
     return models, ids, weights
 
 
+@torch.no_grad()
+def greedy_interleaved(models: dict, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy decode of `ids` by every model, taking turns step by step: per model, the prefill
+    time, each step's time and the tokens."""
+    state, result = {}, {}
+    for name, model in models.items():
+        cache = DynamicCache(config=model.config)
+        start = time.perf_counter()
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        result[name] = {"prefill_s": time.perf_counter() - start, "step_s": [], "tokens": [token]}
+        state[name] = cache
+    names = list(models)
+    for step in range(new_tokens - 1):
+        for name in names if step % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            logits = models[name](result[name]["tokens"][-1], past_key_values=state[name], use_cache=True).logits[:, -1]
+            result[name]["tokens"].append(logits.argmax(-1, keepdim=True))
+            result[name]["step_s"].append(time.perf_counter() - start)
+    for timing in result.values():
+        timing["tokens"] = torch.cat(timing["tokens"], dim=1)[0]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("smollm2-135m", "llama-1b"), default="smollm2-135m")
@@ -100,25 +129,29 @@ def main() -> None:
     models, ids, weights = load_models(args)
     mask = torch.ones_like(ids)
 
-    def generate(model):
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, do_sample=False)
-
     samples = {name: [] for name in models}
+    parts = {name: {"prefill_s": [], "decode_s": []} for name in models}
     decode_paths = {}
-    for name, model in models.items():  # warm-up, and a check that a fast path is the one timed
-        generate(model)
-        if name in args.methods:
+    first = greedy_interleaved(models, ids, args.new_tokens)  # warm-up, and two checks:
+    for name, model in models.items():
+        if name == "dense_without_mlp":
+            continue
+        with torch.no_grad():  # the loop decodes what generate() decodes
+            expected = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, do_sample=False)[0, ids.shape[1]:]
+        if not torch.equal(first[name]["tokens"], expected):
+            raise RuntimeError(f"{name}: the timed loop decodes other tokens than generate()")
+        if name in args.methods:  # a fast path is the one timed
             paths = {mlp.last_path for _, mlp in model.sparse_mlps()}  # those of the last decode step
             if not paths <= {"torch", "cpu"}:
                 raise RuntimeError(f"{name} decoded on the {paths} path(s), not only fast ones")
             decode_paths[name] = sorted(paths)
     for round_index in range(args.rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            generate(model)
-            samples[name].append(args.new_tokens / (time.perf_counter() - start))
+        timings = greedy_interleaved(models, ids, args.new_tokens)
+        for name, timing in timings.items():
+            parts[name]["prefill_s"].append(timing["prefill_s"])
+            parts[name]["decode_s"].append(sum(timing["step_s"]))
+            samples[name].append(args.new_tokens / (timing["prefill_s"] + sum(timing["step_s"])))
         print(f"round {round_index + 1}: " + ", ".join(f"{n} {s[-1]:.2f} tok/s" for n, s in samples.items()), flush=True)
 
     tok_s = {name: statistics.median(values) for name, values in samples.items()}
@@ -133,6 +166,10 @@ def main() -> None:
             # paired: each round times both models back to back, so a slow spell hits both
             "speedup": statistics.median(s / d for s, d in zip(samples[name], samples["dense"])),
             "speedup_per_round": [s / d for s, d in zip(samples[name], samples["dense"])],
+            "prefill_speedup": statistics.median(
+                d / s for s, d in zip(parts[name]["prefill_s"], parts["dense"]["prefill_s"])),
+            "decode_steps_speedup": statistics.median(
+                d / s for s, d in zip(parts[name]["decode_s"], parts["dense"]["decode_s"])),
             "decode_path": decode_paths[name],
         })
         print(f"{name}: {tok_s[name]:.2f} tok/s vs dense {tok_s['dense']:.2f} tok/s -> {rows[-1]['speedup']:.2f}x "
@@ -145,7 +182,7 @@ def main() -> None:
         "shape": {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
                   "layers": config.num_hidden_layers, "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens},
         "rounds": args.rounds, "machine": machine(), "tokens_per_second": tok_s, "samples": samples,
-        "mlp_share_of_dense_decode": mlp_share, "amdahl_ceiling": ceiling, "results": rows,
+        "seconds": parts, "mlp_share_of_dense_decode": mlp_share, "amdahl_ceiling": ceiling, "results": rows,
         "command": " ".join(["python", "benchmarks/bench_decode.py", *sys.argv[1:]]),
     }
     print(f"wrote {write_json(f'bench_decode_{args.model}.json', payload)}")

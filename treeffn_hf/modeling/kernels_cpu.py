@@ -47,7 +47,6 @@ from .predictors import dequantize_int4, pack_nibbles, unpack_nibbles
 # the batch better than the kernel's integer dot products (benchmarks/results/bench_mlp_cpu_mgs.json
 # times both paths: at 64 tokens the kernel still wins, at 512 the GEMMs do).
 MAX_TOKENS = 64
-MAX_GROUPS = 512  # as in SOURCE
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -60,8 +59,6 @@ SOURCE = r"""
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
 #error "needs AVX-512 F, BW, VL and VNNI"
 #endif
-
-#define MAX_GROUPS 512 /* hidden sizes up to 512 groups (32768 columns in groups of 64) */
 
 /* Tokens padded to a multiple of 4, each as two int8 planes per group of G columns: x ~ step *
    (q + r / 256), q = round(x / step) with step = the group's largest magnitude / 127, r the
@@ -77,11 +74,6 @@ typedef struct {
     float *step, *sum, *qsum;
 } Tokens;
 
-static inline int8_t clamp127(float v) {
-    const long r = lrintf(v);
-    return (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
-}
-
 static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x) {
     T->n = n; T->padded = n == 1 ? 1 : (n + 3) / 4 * 4; T->K = K; T->G = G;
     T->groups = K / G; T->half = K / 2;
@@ -89,23 +81,40 @@ static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x) {
     T->xe = calloc(codes, 1); T->xo = calloc(codes, 1); T->re = calloc(codes, 1); T->ro = calloc(codes, 1);
     T->step = calloc(groups, sizeof(float)); T->sum = calloc(groups, sizeof(float));
     T->qsum = calloc(groups, sizeof(float));
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
     for (int t = 0; t < n; ++t)
         for (int g = 0; g < T->groups; ++g) {
             const float *xg = x + (size_t)t * K + (size_t)g * G;
-            float total = 0.f, peak = 0.f;
-            for (int k = 0; k < G; ++k) { total += xg[k]; peak = fmaxf(peak, fabsf(xg[k])); }
-            const float step = peak > 0.f ? peak / 127.f : 1.f, inverse = 1.f / step;
-            const size_t at = (size_t)t * T->groups + g, base = (size_t)t * T->half + (size_t)g * (G / 2);
-            int whole = 0, fine = 0;
-            for (int k = 0; k < G; ++k) {
-                const int8_t q = clamp127(xg[k] * inverse);
-                const int8_t r = clamp127((xg[k] - step * q) * inverse * 256.f);
-                int8_t *qs = k % 2 ? T->xo : T->xe, *rs = k % 2 ? T->ro : T->re;
-                qs[base + k / 2] = q; rs[base + k / 2] = r;
-                whole += q; fine += r;
+            __m512 total = _mm512_setzero_ps(), peak = _mm512_setzero_ps();
+            for (int k = 0; k < G; k += 16) {
+                const __m512 v = _mm512_loadu_ps(xg + k);
+                total = _mm512_add_ps(total, v);
+                peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
             }
-            T->step[at] = step; T->sum[at] = total;
-            T->qsum[at] = step * ((float)whole + (float)fine / 256.f);
+            const float largest = _mm512_reduce_max_ps(peak);
+            const float step = largest > 0.f ? largest / 127.f : 1.f, inverse = 1.f / step;
+            const __m512 steps = _mm512_set1_ps(step), inverses = _mm512_set1_ps(inverse);
+            const size_t at = (size_t)t * T->groups + g, base = (size_t)t * T->half + (size_t)g * (G / 2);
+            __m512i whole = _mm512_setzero_si512(), fine = _mm512_setzero_si512();
+            for (int k = 0; k < G; k += 32) { /* 32 columns: 16 even, 16 odd */
+                const __m512 lo = _mm512_loadu_ps(xg + k), hi = _mm512_loadu_ps(xg + k + 16);
+                for (int parity = 0; parity < 2; ++parity) {
+                    const __m512 v = _mm512_permutex2var_ps(lo, parity ? odd : even, hi);
+                    const __m512i q = _mm512_max_epi32(_mm512_min_epi32(
+                        _mm512_cvtps_epi32(_mm512_mul_ps(v, inverses)), top), bottom);
+                    const __m512 rest = _mm512_sub_ps(v, _mm512_mul_ps(steps, _mm512_cvtepi32_ps(q)));
+                    const __m512i r = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(
+                        _mm512_mul_ps(_mm512_mul_ps(rest, inverses), _mm512_set1_ps(256.f))), top), bottom);
+                    _mm_storeu_si128((__m128i *)((parity ? T->xo : T->xe) + base + k / 2), _mm512_cvtepi32_epi8(q));
+                    _mm_storeu_si128((__m128i *)((parity ? T->ro : T->re) + base + k / 2), _mm512_cvtepi32_epi8(r));
+                    whole = _mm512_add_epi32(whole, q); fine = _mm512_add_epi32(fine, r);
+                }
+            }
+            const float q_sum = (float)_mm512_reduce_add_epi32(whole), r_sum = (float)_mm512_reduce_add_epi32(fine);
+            T->step[at] = step; T->sum[at] = _mm512_reduce_add_ps(total);
+            T->qsum[at] = step * (q_sum + r_sum / 256.f);
         }
 }
 
@@ -121,38 +130,31 @@ static inline __mmask16 first_lanes(int count) {
     return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
 }
 
-/* Groups of 64 columns fill 32 bytes, so a 64-byte vector holds two: its int32 lanes 0-7 sum
-   the first, 8-15 the second. Wider groups fill whole vectors. */
-static inline __m512i lane_groups(int G) {
-    return G == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1) : _mm512_setzero_si512();
+static inline float bf16_scalar(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
 /* NR rows times NT tokens of a 4-bit matrix whose weight is ((code - 8) * scale + zero) per group
    (scale times `factor`; zeros may be NULL): dst[r * NT + t]. The codes meet both int8 planes of
    the tokens in VNNI dot products (u8 x s8, four products a lane), combined exactly in int32 and
-   scaled per group in float32; the zero points meet the tokens' exact float32 sums. cs: scratch
-   of NR * NT * groups floats. */
+   scaled per group in float32; the zero points meet the tokens' exact float32 sums. */
 #define DEFINE_BLOCK(NR, NT)                                                                           \
 static inline void block_##NR##x##NT(const Tokens *T, int t0, const uint8_t *const *p,                 \
                                      const uint8_t *const *next, const uint16_t *const *s,             \
-                                     const uint16_t *const *z, float factor, float *cs, float *dst) {  \
+                                     const uint16_t *const *z, float factor, float *dst) {             \
     const int gb = T->G / 2, half = T->half, groups = T->groups;                                       \
-    const __m512i low = _mm512_set1_epi8(15), lanes = lane_groups(T->G);                               \
-    for (int r = 0; r < NR; ++r) /* scale * factor * step, per group */                                \
-        for (int t = 0; t < NT; ++t)                                                                   \
-            for (int g0 = 0; g0 < groups; g0 += 16) {                                                  \
-                const __mmask16 m = first_lanes(groups - g0);                                          \
-                const __m512 step = _mm512_maskz_loadu_ps(m, T->step + (size_t)(t0 + t) * groups + g0); \
-                _mm512_mask_storeu_ps(cs + (size_t)(r * NT + t) * groups + g0, m,                      \
-                    _mm512_mul_ps(_mm512_mul_ps(bf16_load(m, s[r] + g0), step), _mm512_set1_ps(factor / 256.f))); \
-            }                                                                                          \
+    const __m512i low = _mm512_set1_epi8(15);                                                          \
+    const __mmask16 halves = T->G == 64 ? 0xFF00 : 0; /* groups of 64 fill half a vector each */      \
+    const float unit = factor / 256.f; /* d counts steps / 256 */                                     \
     __m512 acc[NR][NT];                                                                                \
     for (int r = 0; r < NR; ++r)                                                                       \
         for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();                                  \
     for (int b = 0; b < half; b += 64) {                                                               \
         const __mmask64 m = half - b >= 64 ? ~0ULL : (1ULL << (half - b)) - 1;                        \
-        const int g0 = b / gb;                                                                         \
-        const __mmask16 gm = first_lanes(groups - g0);                                                 \
+        const int g0 = b / gb, g1 = gb == 32 && g0 + 1 < groups ? g0 + 1 : g0; /* the vector's groups */ \
         __m512i xl[NT], xh[NT], rl[NT], rh[NT];                                                        \
         for (int t = 0; t < NT; ++t) {                                                                 \
             const size_t at = (size_t)(t0 + t) * half + b;                                             \
@@ -164,14 +166,18 @@ static inline void block_##NR##x##NT(const Tokens *T, int t0, const uint8_t *con
             const __m512i v = _mm512_maskz_loadu_epi8(m, p[r] + b);                                    \
             const __m512i wl = _mm512_and_si512(v, low);                                               \
             const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                         \
+            const float s0 = bf16_scalar(s[r][g0]) * unit, s1 = bf16_scalar(s[r][g1]) * unit;          \
             for (int t = 0; t < NT; ++t) {                                                             \
                 __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, xl[t]);                    \
                 d = _mm512_dpbusd_epi32(d, wh, xh[t]);                                                 \
                 __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, rl[t]);                    \
                 e = _mm512_dpbusd_epi32(e, wh, rh[t]);                                                 \
                 d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), e); /* 256 q + r, exact in int32 */     \
-                const __m512 scale = _mm512_permutexvar_ps(                                            \
-                    lanes, _mm512_maskz_loadu_ps(gm, cs + (size_t)(r * NT + t) * groups + g0));        \
+                /* scale * step of the vector's groups, from scalars: a scratch row written and read  \
+                   back with masks would defeat store forwarding */                                   \
+                const float *step = T->step + (size_t)(t0 + t) * groups;                               \
+                const __m512 scale = _mm512_mask_blend_ps(halves, _mm512_set1_ps(s0 * step[g0]),       \
+                                                          _mm512_set1_ps(s1 * step[g1]));              \
                 acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][t]);                  \
             }                                                                                          \
         }                                                                                              \
@@ -208,7 +214,7 @@ static void int4_rows(const Tokens *T, const uint8_t *codes, const uint16_t *sca
     for (int q0 = 0; q0 < R; q0 += NR) {
         const uint8_t *p[4], *next[4];
         const uint16_t *s[4], *z[4];
-        float dst[16], cs[4 * MAX_GROUPS];
+        float dst[16];
         for (int j = 0; j < NR; ++j) {
             const int q = q0 + j < R ? q0 + j : R - 1, r = rows ? rows[q] : q;
             const int qn = q + ahead < R ? q + ahead : q, rn = rows ? rows[qn] : qn;
@@ -216,11 +222,11 @@ static void int4_rows(const Tokens *T, const uint8_t *codes, const uint16_t *sca
             s[j] = scales + (size_t)r * groups; z[j] = zeros ? zeros + (size_t)r * groups : NULL;
         }
         if (NR == 4) {
-            block_4x1(T, 0, p, next, s, zeros ? z : NULL, factor, cs, dst);
+            block_4x1(T, 0, p, next, s, zeros ? z : NULL, factor, dst);
             for (int j = 0; j < 4 && q0 + j < R; ++j) out[scatter ? rows[q0 + j] : q0 + j] = dst[j];
         } else {
             for (int t0 = 0; t0 < T->padded; t0 += 4) {
-                block_1x4(T, t0, p, next, s, zeros ? z : NULL, factor, cs, dst);
+                block_1x4(T, t0, p, next, s, zeros ? z : NULL, factor, dst);
                 for (int t = t0; t < t0 + 4 && t < T->n; ++t) out[(size_t)t * stride + (scatter ? rows[q0] : q0)] = dst[t - t0];
             }
         }
@@ -455,8 +461,6 @@ def _static_reason(layer: torch.nn.Module) -> Optional[str]:
                 f"not {spec.predictor}/{spec.selection}")
     if spec.group_size % 64 or layer.hidden_size % spec.group_size:
         return f"the CPU kernel needs groups of a multiple of 64 columns, not {spec.group_size}"
-    if layer.hidden_size // spec.group_size > MAX_GROUPS:
-        return f"the CPU kernel takes up to {MAX_GROUPS} groups a row, not {layer.hidden_size // spec.group_size}"
     weights = [getattr(layer, name).weight for name in ("gate_proj", "up_proj", "down_proj")]
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
         return "the CPU kernel reads float32 CPU weights"
