@@ -23,6 +23,12 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def table(caption: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A captioned markdown table, and the blank line after it."""
+    return [caption, "", "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
 def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) -> list[str]:
     """One table per shape: a row per (method, target density), a column per batch size whose
     cells `cell(row)` fills; `extra` = (header, function of the row's cells by batch) adds a column."""
@@ -118,22 +124,24 @@ def decode_section(data: dict) -> list[str]:
     lines = [
         f"**End-to-end greedy decode, {data['model']}** (`{data['command']}`; weights: {data['weights']}; "
         f"{m['cpu']}, {m['torch_threads']} threads, {data['dtype']}; prompt {shape['prompt_tokens']} tokens, "
-        f"{shape['new_tokens']} new tokens, {data['rounds']} interleaved rounds: tokens/s medians, speed-up the "
-        "median of the per-round ratios; "
+        f"{shape['new_tokens']} new tokens, {data['rounds']} rounds"
+        + (", the models taking turns step by step" if "seconds" in data else ", interleaved") +
+        ": tokens/s medians, end to end (prefill included), speed-up the median of the per-round ratios; "
         f"file `benchmarks/results/bench_decode_{data['model']}.json`).",
         "",
         f"The MLP takes {data['mlp_share_of_dense_decode']:.1%} of dense decode time, so no MLP speed-up can "
         f"exceed {data['amdahl_ceiling']:.2f}x end to end.",
         "",
-        "| model | active MLP units | tokens/s | speed-up vs dense |",
-        "| --- | --- | --- | --- |",
-        f"| dense | 100% | {data['tokens_per_second']['dense']:.2f} | 1.00x |",
+        "| model | active MLP units | tokens/s | speed-up vs dense | prefill | decode steps |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| dense | 100% | {data['tokens_per_second']['dense']:.2f} | 1.00x | | |",
     ]
     for r in data["results"]:
         spread = r.get("speedup_per_round")
         spread = f" (rounds {min(spread):.2f}-{max(spread):.2f}x)" if spread else ""
+        parts = [f"{r[key]:.2f}x" if key in r else "" for key in ("prefill_speedup", "decode_steps_speedup")]
         lines.append(f"| {r['method']} | {r['active_unit_fraction']:.2%} | {r['sparse_tok_s']:.2f} | "
-                     f"{r['speedup']:.2f}x{spread} |")
+                     f"{r['speedup']:.2f}x{spread} | {parts[0]} | {parts[1]} |")
     paths = {r["method"]: r["decode_path"] for r in data["results"] if r.get("decode_path")}
     if paths:
         lines += ["", "Decode steps ran on: " + "; ".join(f"{m} `{'`, `'.join(p)}`" for m, p in paths.items())
@@ -316,20 +324,14 @@ def predictor_study_section(data: dict) -> list[str]:
 
 def predictor_kernels_section(data: dict) -> list[str]:
     m = data["machine"]
-    lines = [
+    caption = (
         f"**What the predictor's matmul costs on this CPU** (`{data['command'].strip()}`; {m['cpu']}, "
         f"{m['torch_threads']} threads, {m['torch']}; file `benchmarks/results/bench_predictor_kernels_cpu.json`). "
         "One token through [gate_proj; up_proj], by each matmul torch offers, as a share of the dense fp32 MLP's "
-        f"time in the same process ({data['activations']}).",
-        "",
-        "| shape | kernel | ms | share of the dense MLP | gate/up weights per second |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in data["rows"]:
-        lines.append(f"| {r['shape']} | {r['kernel']} | {r['ms']:.3f} | {r['vs_dense_mlp']:.2f} | "
-                     f"{r['gate_up_weights_per_second'] / 1e9:.1f} G |")
-    lines.append("")
-    return lines
+        f"time in the same process ({data['activations']}).")
+    return table(caption, ["shape", "kernel", "ms", "share of the dense MLP", "gate/up weights per second"], [
+        [r["shape"], r["kernel"], f"{r['ms']:.3f}", f"{r['vs_dense_mlp']:.2f}",
+         f"{r['gate_up_weights_per_second'] / 1e9:.1f} G"] for r in data["rows"]])
 
 
 def train_throughput_section(data: dict) -> list[str]:
@@ -359,41 +361,29 @@ def train_throughput_section(data: dict) -> list[str]:
 
 def refit_study_section(data: dict) -> list[str]:
     m, ev, cal = data["machine"], data["evaluation"], data["calibration"]
-    lines = [
+    caption = (
         f"**MGS down_proj refit** (`{data['command'].strip()}`; {m['cpu']}, {m['torch_threads']} threads; "
         f"{ev['windows']} windows of {ev['window']} tokens, dense perplexity {data['dense_perplexity']:.3f}; "
         f"calibration {cal['windows']} x {cal['window']} tokens of {cal['source']}; nested predictor, thresholds "
         "calibrated as `treeffn distill` does; "
-        "file `benchmarks/results/refit_study_smollm2.json`). The refit changes no byte read.",
-        "",
-        "| density | refit | MLP weight bytes | ppl ratio | refit time |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in data["rows"]:
-        lines.append(f"| {r['density']:.0%} | {r['mode']} | {r['weight_fraction']:.1%} | {r['ppl_ratio']:.3f} | "
-                     f"{r['refit_seconds']:.0f} s |")
-    lines.append("")
-    return lines
+        "file `benchmarks/results/refit_study_smollm2.json`). The refit changes no byte read.")
+    return table(caption, ["density", "refit", "MLP weight bytes", "ppl ratio", "refit time"], [
+        [f"{r['density']:.0%}", r["mode"], f"{r['weight_fraction']:.1%}", f"{r['ppl_ratio']:.3f}",
+         f"{r['refit_seconds']:.0f} s"] for r in data["rows"]])
 
 
 def cpu_kernel_quality_section(data: dict) -> list[str]:
     m, ev = data["machine"], data["evaluation"]
-    lines = [
+    caption = (
         f"**Quality as the CPU kernel computes it** (`{data['command']}`; {m['cpu']}; file "
         "`benchmarks/results/cpu_kernel_quality_smollm2.json`). SmolLM2-135M converted to the default MGS "
         "recipe (nested predictor, down_proj rounded to bf16, thresholds calibrated on valid.txt; no refit), "
         f"perplexity on the first {ev['windows']} protocol windows (dense {data['dense_perplexity']:.3f}) with "
         "every MLP on the PyTorch path (`torch`, float32) and on the C kernel (`cpu`: inputs rounded to two int8 "
-        "planes, as in decode); top-1 = how often the next-token argmax agrees with the dense model's.",
-        "",
-        "| density | path | active MLP units | MLP weight bytes read | ratio | top-1 agreement |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in data["rows"]:
-        lines.append(f"| {r['density']:.0%} | {r['path']} | {r['unit_fraction']:.1%} | {r['weight_fraction']:.1%} | "
-                     f"{r['ppl_ratio']:.4f} | {r['top1_agreement_with_dense']:.2%} |")
-    lines.append("")
-    return lines
+        "planes, as in decode); top-1 = how often the next-token argmax agrees with the dense model's.")
+    return table(caption, ["density", "path", "active MLP units", "MLP weight bytes read", "ratio", "top-1 agreement"], [
+        [f"{r['density']:.0%}", r["path"], f"{r['unit_fraction']:.1%}", f"{r['weight_fraction']:.1%}",
+         f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement_with_dense']:.2%}"] for r in data["rows"]])
 
 
 def render() -> str:

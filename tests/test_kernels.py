@@ -372,9 +372,9 @@ def test_auto_dispatch_uses_the_kernels_only_on_cuda():
     assert layer.last_path == ("triton:route+gather" if DEVICE == "cuda" else "torch")
 
 
-def test_saved_checkpoints_carry_the_kernels(tmp_path):
+def test_saved_checkpoints_carry_the_kernels_and_nothing_else(tmp_path):
     """transformers copies the files a model file imports, also lazily imported ones: the kernels
-    travel with every checkpoint, so trust_remote_code users get them."""
+    travel with every checkpoint, so trust_remote_code users get them, and no other file does."""
     import treeffn_hf
 
     from .conftest import tiny_dense_model
@@ -382,8 +382,17 @@ def test_saved_checkpoints_carry_the_kernels(tmp_path):
     for spec in (TreeSpec(depth=2, node_width=1), MGSSpec(density=0.1, predictor="linear", rank=8)):
         out = tmp_path / spec.method
         treeffn_hf.save(treeffn_hf.convert(tiny_dense_model("llama"), spec, progress=False), out)
-        assert {"kernels_gather.py", "kernels_tree.py", "kernels_mgs.py", "kernels_topk.py", "grouped_mm.py"} <= {
-            p.name for p in out.glob("*.py")}
+        assert {p.name for p in out.glob("*.py")} == BUNDLE_FILES
+
+
+# Every file a checkpoint ships for trust_remote_code: the modeling package but its __init__.
+# Listed so that a new module (or a deleted one) is a visible change to what users download.
+BUNDLE_FILES = {
+    "activations.py", "configuration_treeffn.py", "dispatch.py", "grouped_mm.py", "kernels_cpu.py",
+    "kernels_gather.py", "kernels_mgs.py", "kernels_topk.py", "kernels_tree.py", "layer_spec.py",
+    "mgs_selection.py", "mgs_torch.py", "micro_gated_mlp.py", "modeling_treeffn.py", "predictors.py",
+    "sparse_cost.py", "tree_ffn.py", "tree_ffn_torch.py",
+}
 
 
 KERNELS_FROM_REMOTE_CODE = r"""

@@ -23,8 +23,8 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from .activations import computes_silu
 from .kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
 from .kernels_cpu import cpu_kernel_unavailable_reason
 
@@ -39,8 +39,7 @@ def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> O
         return f"the input is on {device}; the kernels need CUDA (or TRITON_INTERPRET=1)"
     supported = getattr(layer, "_kernel_support", None)
     if supported is None:
-        probe = torch.linspace(-4, 4, 9)
-        supported = torch.allclose(layer.act_fn(probe), F.silu(probe))
+        supported = computes_silu(layer.act_fn)
         layer._kernel_support = supported
     if not supported:
         return f"the kernels implement SiLU only, not {type(layer.act_fn).__name__}"

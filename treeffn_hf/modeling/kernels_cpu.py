@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .activations import computes_silu
 from .predictors import dequantize_int4, pack_nibbles, unpack_nibbles
 
 # Above this many tokens the layer takes the PyTorch path: its GEMMs amortise the weights over
@@ -466,8 +467,7 @@ def _static_reason(layer: torch.nn.Module) -> Optional[str]:
         return "the CPU kernel reads float32 CPU weights"
     if any(getattr(layer, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
         return "the CPU kernel does not implement MLP biases"
-    probe = torch.linspace(-4, 4, 9)
-    if not torch.allclose(layer.act_fn(probe), F.silu(probe)):
+    if not computes_silu(layer.act_fn):
         return f"the CPU kernel implements SiLU only, not {type(layer.act_fn).__name__}"
     return library_error()
 
