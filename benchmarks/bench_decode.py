@@ -163,7 +163,7 @@ def main() -> None:
             "method": name, "spec": dict(models[name].config.sparse_mlp),
             "active_unit_fraction": cost.unit_fraction, "active_weight_fraction": cost.weight_fraction,
             "dense_tok_s": tok_s["dense"], "sparse_tok_s": tok_s[name],
-            # paired: each round times both models back to back, so a slow spell hits both
+            # paired: within a round the models take turns step by step, so a slow spell hits both
             "speedup": statistics.median(s / d for s, d in zip(samples[name], samples["dense"])),
             "speedup_per_round": [s / d for s, d in zip(samples[name], samples["dense"])],
             "prefill_speedup": statistics.median(
