@@ -3,12 +3,13 @@
 - `reference`: masked dense, differentiable, the oracle (and the training path);
 - `torch`: the sparse PyTorch path (CPU, and any device without the kernels);
 - `cpu`: the C kernel of the nested micro-gated MLP (kernels_cpu.py: float32 CPU tensors, x86
-  AVX-512 VNNI, a compiler at first use);
+  AVX-512 VNNI, a compiler at first use): fused up to `kernels_cpu.MAX_TOKENS` tokens, beyond
+  that the kernel's scores and the PyTorch path's GEMMs (`last_path` says `cpu:scores`);
 - `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
 
 `auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
-support the layer, `cpu` for batches of up to `kernels_cpu.MAX_TOKENS` CPU tokens when the C
-kernel supports the layer, and `torch` otherwise. `TREEFFN_PATH=reference|torch|cpu|triton|auto` forces one
+support the layer, `cpu` for CPU tokens when the C kernel supports the layer, and `torch`
+otherwise. `TREEFFN_PATH=reference|torch|cpu|triton|auto` forces one
 for the whole process, a layer's `force_path` attribute for that layer; forcing `triton` or `cpu`
 where its kernel cannot run, or a forward-only path where gradients are needed, is an error,
 never a silent fallback. Each layer records what it last ran
@@ -71,7 +72,7 @@ def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
         return forced
     if x.is_cuda:
         return "triton" if triton_unavailable_reason(layer, x.device) is None else "torch"
-    if x.shape[0] <= CPU_KERNEL_MAX_TOKENS and cpu_kernel_unavailable_reason(layer, x) is None:
+    if cpu_kernel_unavailable_reason(layer, x) is None:
         return "cpu"
     return "torch"
 
@@ -82,6 +83,7 @@ def inference_paths(layer: torch.nn.Module) -> dict[str, str]:
     cpu = cpu_kernel_unavailable_reason(layer)
     return {
         "cuda": "triton kernels" if cuda is None else f"PyTorch sparse path ({cuda})",
-        "cpu": (f"C kernel up to {CPU_KERNEL_MAX_TOKENS} tokens, PyTorch sparse path beyond" if cpu is None
+        "cpu": (f"C kernel up to {CPU_KERNEL_MAX_TOKENS} tokens; beyond, its scores and the PyTorch path's GEMMs"
+                if cpu is None
                 else f"PyTorch sparse path ({cpu})"),
     }

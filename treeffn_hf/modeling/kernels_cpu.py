@@ -5,7 +5,7 @@ in 4-bit: the predictor's codes (the high nibbles of the 8-bit gate/up grid) for
 the low nibbles for the neurons it keeps, then their down_proj columns. PyTorch has no op that
 reads selected rows in place, and its int4 matmul rounds the input to bf16, so this path is a
 small C library, compiled on first use with the system compiler (`-march=native`, OpenMP),
-cached, and called through ctypes. Per call:
+cached, and called through ctypes. Up to `MAX_TOKENS` tokens one fused call does the layer:
 
 1. the tokens are rounded per group of `group_size` columns to two int8 planes, a coarse one and
    its residual at 1/256 of the step (about 16 bits: scores within ~1e-4 of float32, where one
@@ -18,6 +18,12 @@ cached, and called through ctypes. Per call:
 4. down_proj, in its stock layout, is read once against the masked activations, from a cached
    bf16 copy when its weights are bf16 values (as the nested recipe stores them, and as any bf16
    checkpoint loads): half the bytes, the same products.
+
+More tokens (a prefill) go through `nested_scores_cpu`: the same rounding of the tokens, the
+high nibbles in a GEMM without horizontal sums (a copy of the codes in blocks of 16 rows,
+`scoring_operands`), and the scores go back to the layer, whose GEMMs compute the selected neurons
+from the float32 weights as its PyTorch path does. It replaces the PyTorch path's scoring, which
+dequantises the codes and runs a GEMM as large as gate/up's.
 
 `mgs_nested_naive` is the kernel's math in plain PyTorch, int8 rounding included (the tests hold
 the kernel to it tightly, and to the layer's exact reference path loosely). The kernel needs x86 AVX-512 (F, BW, VNNI): where the compiler
@@ -44,9 +50,11 @@ import torch.nn.functional as F
 from .activations import computes_silu
 from .predictors import dequantize_int4, pack_nibbles, unpack_nibbles
 
-# Above this many tokens the layer takes the PyTorch path: its GEMMs amortise the weights over
-# the batch better than the kernel's integer dot products (benchmarks/results/bench_mlp_cpu_mgs.json
-# times both paths: at 64 tokens the kernel still wins, at 512 the GEMMs do).
+# Up to this many tokens the fused kernel computes the layer; beyond, the kernel only scores (its
+# scoring GEMM) and the layer's float32 GEMMs compute the selection, which amortise the weights over
+# the batch better than the fused kernel's gathered rows (one SmolLM2- and one 1B-shaped layer,
+# cache-hot, informal: the fused kernel is faster up to 32 tokens on both, within 15% either way at
+# 64, and 1.3x slower at 128).
 MAX_TOKENS = 64
 
 SOURCE = r"""
@@ -61,11 +69,15 @@ SOURCE = r"""
 #error "needs AVX-512 F, BW, VL and VNNI"
 #endif
 
-/* Tokens padded to a multiple of 4, each as two int8 planes per group of G columns: x ~ step *
-   (q + r / 256), q = round(x / step) with step = the group's largest magnitude / 127, r the
-   rounded residual in steps of step / 256 (about 16 bits in all). Split into even (xe, re) and
-   odd (xo, ro) columns, so that packed byte b of a row (column 2b in its low nibble, 2b + 1 in its
-   high one) meets xe[b] and xo[b]. */
+/* Tokens as two int8 planes per group of G columns: x ~ step * (q + r / 256), q = round(x / step)
+   with step = the group's largest magnitude / 127, r the rounded residual in steps of step / 256
+   (about 16 bits in all). Two layouts:
+   - split (the fused kernel; padded to a multiple of 4 tokens): even (xe, re) and odd (xo, ro)
+     columns, so that packed byte b of a row (column 2b in its low nibble, 2b + 1 in its high one)
+     meets xe[b] and xo[b];
+   - tiled (the scoring GEMM; padded to a multiple of GEMM_TOKENS): in xe, per tile and chunk of
+     8 columns, 16 bytes a token, its 8 q then its 8 r, so that one pointer reaches the whole tile. */
+#define GEMM_TOKENS 8
 typedef struct {
     int n, padded, K, G, groups, half;
     int8_t *xe, *xo, *re, *ro;
@@ -75,16 +87,27 @@ typedef struct {
     float *step, *sum, *qsum;
 } Tokens;
 
-static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x) {
-    T->n = n; T->padded = n == 1 ? 1 : (n + 3) / 4 * 4; T->K = K; T->G = G;
-    T->groups = K / G; T->half = K / 2;
+/* The two planes of 16 values v (the float32 operations of `quantize_tokens`, in its order). */
+static inline void round_planes(__m512 v, __m512 steps, __m512 inverses, __m512i *q, __m512i *r) {
+    const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
+    *q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverses)), top), bottom);
+    const __m512 rest = _mm512_sub_ps(v, _mm512_mul_ps(steps, _mm512_cvtepi32_ps(*q)));
+    *r = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(
+        _mm512_mul_ps(_mm512_mul_ps(rest, inverses), _mm512_set1_ps(256.f))), top), bottom);
+}
+
+static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x, int tiled) {
+    const int tile = GEMM_TOKENS;
+    T->n = n; T->K = K; T->G = G; T->groups = K / G; T->half = K / 2;
+    T->padded = tiled ? (n + tile - 1) / tile * tile : n == 1 ? 1 : (n + 3) / 4 * 4;
     const size_t codes = (size_t)T->padded * T->half, groups = (size_t)T->padded * T->groups;
-    T->xe = calloc(codes, 1); T->xo = calloc(codes, 1); T->re = calloc(codes, 1); T->ro = calloc(codes, 1);
+    T->xe = calloc(tiled ? 4 * codes : codes, 1);
+    T->xo = tiled ? NULL : calloc(codes, 1); T->re = tiled ? NULL : calloc(codes, 1);
+    T->ro = tiled ? NULL : calloc(codes, 1);
     T->step = calloc(groups, sizeof(float)); T->sum = calloc(groups, sizeof(float));
     T->qsum = calloc(groups, sizeof(float));
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
     for (int t = 0; t < n; ++t)
         for (int g = 0; g < T->groups; ++g) {
             const float *xg = x + (size_t)t * K + (size_t)g * G;
@@ -98,21 +121,27 @@ static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x) {
             const float step = largest > 0.f ? largest / 127.f : 1.f, inverse = 1.f / step;
             const __m512 steps = _mm512_set1_ps(step), inverses = _mm512_set1_ps(inverse);
             const size_t at = (size_t)t * T->groups + g, base = (size_t)t * T->half + (size_t)g * (G / 2);
-            __m512i whole = _mm512_setzero_si512(), fine = _mm512_setzero_si512();
-            for (int k = 0; k < G; k += 32) { /* 32 columns: 16 even, 16 odd */
-                const __m512 lo = _mm512_loadu_ps(xg + k), hi = _mm512_loadu_ps(xg + k + 16);
-                for (int parity = 0; parity < 2; ++parity) {
-                    const __m512 v = _mm512_permutex2var_ps(lo, parity ? odd : even, hi);
-                    const __m512i q = _mm512_max_epi32(_mm512_min_epi32(
-                        _mm512_cvtps_epi32(_mm512_mul_ps(v, inverses)), top), bottom);
-                    const __m512 rest = _mm512_sub_ps(v, _mm512_mul_ps(steps, _mm512_cvtepi32_ps(q)));
-                    const __m512i r = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(
-                        _mm512_mul_ps(_mm512_mul_ps(rest, inverses), _mm512_set1_ps(256.f))), top), bottom);
-                    _mm_storeu_si128((__m128i *)((parity ? T->xo : T->xe) + base + k / 2), _mm512_cvtepi32_epi8(q));
-                    _mm_storeu_si128((__m128i *)((parity ? T->ro : T->re) + base + k / 2), _mm512_cvtepi32_epi8(r));
+            __m512i whole = _mm512_setzero_si512(), fine = _mm512_setzero_si512(), q, r;
+            if (tiled)
+                for (int k = 0; k < G; k += 16) {
+                    round_planes(_mm512_loadu_ps(xg + k), steps, inverses, &q, &r);
+                    const __m128i q8 = _mm512_cvtepi32_epi8(q), r8 = _mm512_cvtepi32_epi8(r);
+                    const int c = (g * G + k) / 8; /* the first of the two chunks */
+                    int8_t *dst = T->xe + (((size_t)(t / tile) * (K / 8) + c) * tile + t % tile) * 16;
+                    _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi64(q8, r8));
+                    _mm_storeu_si128((__m128i *)(dst + 16 * tile), _mm_unpackhi_epi64(q8, r8));
                     whole = _mm512_add_epi32(whole, q); fine = _mm512_add_epi32(fine, r);
                 }
-            }
+            else
+                for (int k = 0; k < G; k += 32) { /* 32 columns: 16 even, 16 odd */
+                    const __m512 lo = _mm512_loadu_ps(xg + k), hi = _mm512_loadu_ps(xg + k + 16);
+                    for (int parity = 0; parity < 2; ++parity) {
+                        round_planes(_mm512_permutex2var_ps(lo, parity ? odd : even, hi), steps, inverses, &q, &r);
+                        _mm_storeu_si128((__m128i *)((parity ? T->xo : T->xe) + base + k / 2), _mm512_cvtepi32_epi8(q));
+                        _mm_storeu_si128((__m128i *)((parity ? T->ro : T->re) + base + k / 2), _mm512_cvtepi32_epi8(r));
+                        whole = _mm512_add_epi32(whole, q); fine = _mm512_add_epi32(fine, r);
+                    }
+                }
             const float q_sum = (float)_mm512_reduce_add_epi32(whole), r_sum = (float)_mm512_reduce_add_epi32(fine);
             T->step[at] = step; T->sum[at] = _mm512_reduce_add_ps(total);
             T->qsum[at] = step * (q_sum + r_sum / 256.f);
@@ -300,6 +329,9 @@ static void down_project(int n, int padded, int H2, int I, const void *down, int
     }
 }
 
+static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *scales, const float *zeros, int R,
+                        float *coarse, int threads);
+
 /* One nested micro-gated MLP layer, as the Python side prepares it once.
    hi, lo: (2I, K/2) packed codes of [gate; up]; a weight is (hi - 8) * scale + zero + (lo - 8) * scale / 16
    with bf16 scales, zeros (2I, K/G). down: (K, I) in the stock layout, float32, or bf16 when
@@ -311,6 +343,11 @@ typedef struct {
     const void *down;
     int64_t down_bf16;
     float threshold;
+    /* for the scoring GEMM: hi repacked in blocks of 16 rows (`coarse_gemm`), rows padded to R, a
+       multiple of 16; scales and zeros as float32 (groups, R) */
+    const uint8_t *hi_blocks;
+    const float *scales_t, *zeros_t;
+    int64_t R;
 } Layer;
 
 /* The layer on n fp32 tokens x (n, K), threshold selection: writes out (n, K) and, when not
@@ -322,10 +359,17 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
     const uint8_t *hi = L->hi, *lo = L->lo;
     const uint16_t *scales = L->scales, *zeros = L->zeros;
     const float threshold = L->threshold;
+    const int R = (int)L->R;
     Tokens T;
-    tokens_prepare(&T, n, K, G, x);
-    float *coarse = malloc(sizeof(float) * (size_t)n * 2 * I);
-    int4_rows(&T, hi, scales, zeros, 1.f, NULL, 2 * I, coarse, 2 * I, 0, threads);
+    tokens_prepare(&T, n, K, G, x, 0);
+    float *coarse = malloc(sizeof(float) * (size_t)n * R);
+    if (n >= GEMM_TOKENS) { /* the scoring GEMM; fewer tokens read the rows in four streams, faster there */
+        Tokens tiles;
+        tokens_prepare(&tiles, n, K, G, x, 1);
+        coarse_gemm(&tiles, L->hi_blocks, L->scales_t, L->zeros_t, R, coarse, threads);
+        tokens_free(&tiles);
+    } else
+        int4_rows(&T, hi, scales, zeros, 1.f, NULL, 2 * I, coarse, R, 0, threads);
 
     /* scores and selection, sixteen neurons a step; the union of the tokens' selections */
     const int blocks = (I + 15) / 16;
@@ -338,7 +382,7 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
         const __mmask16 valid = first_lanes(I - i);
         __mmask16 any = 0;
         for (int t = 0; t < n; ++t) {
-            const float *c = coarse + (size_t)t * 2 * I;
+            const float *c = coarse + (size_t)t * R;
             const __m512 g = _mm512_maskz_loadu_ps(valid, c + i), u = _mm512_maskz_loadu_ps(valid, c + I + i);
             const __m512 score = _mm512_abs_ps(_mm512_mul_ps(silu_ps(g), u));
             if (scores) _mm512_mask_storeu_ps(scores + (size_t)t * I + i, valid, score);
@@ -357,7 +401,7 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
     if (U) int4_rows(&T, lo, scales, NULL, 1.f / 16.f, rows, 2 * U, fine, 2 * I, 1, threads);
     float *h = calloc((size_t)T.padded * I, sizeof(float));
     for (int t = 0; t < n; ++t) {
-        const float *c = coarse + (size_t)t * 2 * I, *f = fine + (size_t)t * 2 * I;
+        const float *c = coarse + (size_t)t * R, *f = fine + (size_t)t * 2 * I;
         for (int k = 0; k < blocks; ++k) {
             const int i = 16 * k;
             const __mmask16 m = chosen[(size_t)t * blocks + k];
@@ -376,6 +420,87 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
     free(coarse); free(chosen); free(rows); free(fine); free(h);
     tokens_free(&T);
     return selected;
+}
+
+/* coarse (n, R) = the high-nibble matrix (R rows, a multiple of 16) times the tokens (the
+   tiled layout), without horizontal sums: the lanes are 16 rows and the tokens' four-byte groups are
+   broadcast. `blocks` holds 64 bytes per 16 rows and 8 columns: byte 4j + b has column 8c + b of
+   row j in its low nibble and column 8c + 4 + b in its high one. Per group of G columns the
+   int32 sums of both planes are combined exactly, then scaled in float32. Tiles of GEMM_TOKENS
+   tokens (fewer pad them with zeros). */
+typedef int32_t __attribute__((may_alias)) word; /* four int8 read as one, for broadcasts */
+static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *scales, const float *zeros, int R,
+                        float *coarse, int threads) {
+    const int G = T->G, groups = T->groups, chunks = T->K / 8;
+    const int row_blocks = R / 16, token_tiles = T->padded / GEMM_TOKENS;
+    const __m512i low = _mm512_set1_epi8(15);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int task = 0; task < row_blocks * token_tiles; ++task) {
+        const int rb = task / token_tiles, t0 = task % token_tiles * GEMM_TOKENS;
+        const uint8_t *w = blocks + (size_t)rb * chunks * 64;
+        const int8_t *tile = T->xe + (size_t)(t0 / GEMM_TOKENS) * chunks * GEMM_TOKENS * 16;
+        __m512 acc[GEMM_TOKENS];
+        #pragma GCC unroll 8
+        for (int t = 0; t < GEMM_TOKENS; ++t) acc[t] = _mm512_setzero_ps();
+        for (int g = 0; g < groups; ++g) {
+            __m512i dq[GEMM_TOKENS], dr[GEMM_TOKENS];
+            #pragma GCC unroll 8
+            for (int t = 0; t < GEMM_TOKENS; ++t) dq[t] = dr[t] = _mm512_setzero_si512();
+            for (int c = g * G / 8; c < (g + 1) * G / 8; ++c) {
+                const __m512i v = _mm512_loadu_si512(w + (size_t)c * 64);
+                const __m512i wl = _mm512_and_si512(v, low);
+                const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                #pragma GCC unroll 8
+                for (int t = 0; t < GEMM_TOKENS; ++t) {
+                    const word *qr = (const word *)(tile + ((size_t)c * GEMM_TOKENS + t) * 16);
+                    dq[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dq[t], wl, _mm512_set1_epi32(qr[0])),
+                                                wh, _mm512_set1_epi32(qr[1]));
+                    dr[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dr[t], wl, _mm512_set1_epi32(qr[2])),
+                                                wh, _mm512_set1_epi32(qr[3]));
+                }
+            }
+            const __m512 s = _mm512_loadu_ps(scales + (size_t)g * R + 16 * rb);
+            #pragma GCC unroll 8
+            for (int t = 0; t < GEMM_TOKENS; ++t) {
+                const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dq[t], 8), dr[t]));
+                const float unit = T->step[(size_t)(t0 + t) * groups + g] / 256.f;
+                acc[t] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(unit)), acc[t]);
+            }
+        }
+        for (int g = 0; g < groups; ++g) { /* the constant terms: scale * (-8 * sum x~) + zero * sum x */
+            const __m512 s = _mm512_loadu_ps(scales + (size_t)g * R + 16 * rb);
+            const __m512 z = _mm512_loadu_ps(zeros + (size_t)g * R + 16 * rb);
+            #pragma GCC unroll 8
+            for (int t = 0; t < GEMM_TOKENS; ++t) {
+                const size_t at = (size_t)(t0 + t) * groups + g;
+                acc[t] = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.f * T->qsum[at]), acc[t]);
+                acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(T->sum[at]), acc[t]);
+            }
+        }
+        for (int t = 0; t < GEMM_TOKENS && t0 + t < T->n; ++t)
+            _mm512_storeu_ps(coarse + (size_t)(t0 + t) * R + 16 * rb, acc[t]);
+    }
+}
+
+/* The predictor's scores |silu(g~) u~| of n fp32 tokens x (n, K) into scores (n, I), through
+   the scoring GEMM (the layer's other work is left to the caller's GEMMs). */
+void mgs_nested_scores(const Layer *L, int n, const float *x, float *scores, int threads) {
+    const int K = (int)L->K, I = (int)L->I, R = (int)L->R;
+    Tokens T;
+    tokens_prepare(&T, n, K, (int)L->G, x, 1);
+    float *coarse = malloc(sizeof(float) * (size_t)n * R);
+    coarse_gemm(&T, L->hi_blocks, L->scales_t, L->zeros_t, R, coarse, threads);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < n; ++t) {
+        const float *c = coarse + (size_t)t * R;
+        for (int i = 0; i < I; i += 16) {
+            const __mmask16 valid = first_lanes(I - i);
+            const __m512 g = _mm512_maskz_loadu_ps(valid, c + i), u = _mm512_maskz_loadu_ps(valid, c + I + i);
+            _mm512_mask_storeu_ps(scores + (size_t)t * I + i, valid, _mm512_abs_ps(_mm512_mul_ps(silu_ps(g), u)));
+        }
+    }
+    free(coarse);
+    tokens_free(&T);
 }
 """
 
@@ -421,6 +546,8 @@ def _build() -> ctypes.CDLL:
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     library.mgs_nested_forward.argtypes = [ctypes.POINTER(LayerStruct), integer] + [pointer] * 4 + [integer]
     library.mgs_nested_forward.restype = integer
+    library.mgs_nested_scores.argtypes = [ctypes.POINTER(LayerStruct), integer, pointer, pointer, integer]
+    library.mgs_nested_scores.restype = None
     return library
 
 
@@ -430,7 +557,8 @@ class LayerStruct(ctypes.Structure):
     _fields_ = [("K", ctypes.c_int64), ("I", ctypes.c_int64), ("G", ctypes.c_int64),
                 ("hi", ctypes.c_void_p), ("lo", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("zeros", ctypes.c_void_p), ("down", ctypes.c_void_p), ("down_bf16", ctypes.c_int64),
-                ("threshold", ctypes.c_float)]
+                ("threshold", ctypes.c_float), ("hi_blocks", ctypes.c_void_p), ("scales_t", ctypes.c_void_p),
+                ("zeros_t", ctypes.c_void_p), ("R", ctypes.c_int64)]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -509,10 +637,13 @@ def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
             as_bf16 = down.bfloat16()
             if torch.equal(as_bf16.float(), down):  # bf16 values (a bf16 checkpoint, the nested recipe)
                 down = as_bf16
+            blocks, scales_t, zeros_t = scoring_operands(predictor)
             struct = LayerStruct(layer.hidden_size, layer.intermediate_size, predictor.group_size, codes.data_ptr(),
                                  lo.data_ptr(), scales.data_ptr(), zeros.data_ptr(), down.data_ptr(),
-                                 down.dtype == torch.bfloat16, float(layer.gate_threshold))
-            operands = (ctypes.byref(struct), (struct, codes, lo, scales, zeros, down))  # the tensors stay alive
+                                 down.dtype == torch.bfloat16, float(layer.gate_threshold), blocks.data_ptr(),
+                                 scales_t.data_ptr(), zeros_t.data_ptr(), scales_t.shape[1])
+            # the tensors stay alive as long as the struct that points at them
+            operands = (ctypes.byref(struct), (struct, codes, lo, scales, zeros, down, blocks, scales_t, zeros_t))
     _CACHE[layer] = (key, operands, reason, tensors)
     return operands, reason
 
@@ -524,6 +655,22 @@ def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tens
     if getattr(layer, "sparse_method", None) != "mgs" or layer.spec.predictor != "nested":
         return _static_reason(layer)
     return _operands(layer)[1]
+
+
+def scoring_operands(predictor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the scoring GEMM reads: the predictor's codes in blocks of 16 rows and 8 columns
+    (64 bytes: byte 4j + b holds column 8c + b of row j in its low nibble, 8c + 4 + b in its high
+    one; rows padded to R, a multiple of 16), and the scales and zeros as float32 (groups, R).
+    A copy of the codes: 1/4 of the nested gate/up bytes, kept beside the layer."""
+    codes = unpack_nibbles(predictor.codes)
+    rows, width = codes.shape
+    padded_rows = -(-rows // 16) * 16
+    codes = F.pad(codes, (0, 0, 0, padded_rows - rows)).reshape(padded_rows // 16, 16, width // 8, 2, 4)
+    codes = codes.permute(0, 2, 1, 3, 4)  # (row block, column chunk, row, half, byte)
+    blocks = (codes[..., 0, :] | (codes[..., 1, :] << 4)).contiguous()
+    per_group = [F.pad(t.float(), (0, 0, 0, padded_rows - rows)).t().contiguous()
+                 for t in (predictor.scales, predictor.zeros)]
+    return blocks, per_group[0], per_group[1]
 
 
 def low_nibbles(layer) -> torch.Tensor:
@@ -558,6 +705,19 @@ def mgs_nested_cpu(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None
         operands[0], x.shape[0], x.data_ptr(), out.data_ptr(), None if counts is None else counts.data_ptr(),
         None if scores is None else scores.data_ptr(), torch.get_num_threads())
     return out, selected
+
+
+def nested_scores_cpu(layer, x: torch.Tensor) -> torch.Tensor:
+    """The predictor's scores (N, intermediate) of x (N, hidden) float32, from the kernel's scoring
+    GEMM: the tokens rounded as `quantize_tokens` rounds them, every neuron's high nibbles, no
+    horizontal sums (the many-token path: the layer computes the selection with its GEMMs)."""
+    operands, reason = _operands(layer)
+    if operands is None:
+        raise RuntimeError(f"the CPU kernel cannot run this layer: {reason}")
+    x = x.contiguous()
+    scores = torch.empty(x.shape[0], layer.intermediate_size)
+    library().mgs_nested_scores(operands[0], x.shape[0], x.data_ptr(), scores.data_ptr(), torch.get_num_threads())
+    return scores
 
 
 def quantize_tokens(x: torch.Tensor, group_size: int) -> torch.Tensor:

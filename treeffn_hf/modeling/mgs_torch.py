@@ -42,13 +42,12 @@ def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
     return layer.act_fn(g), u
 
 
-def _union_expected_too_large(layer, tokens: int, width: int) -> bool:
-    """Whether top-k selections of this many tokens are all but sure to cover more than
-    GATHER_MAX_FRACTION of the neurons (independent selections: 1 - (1 - k/H)^N), so that
-    measuring the union (a host sync) is not worth it."""
-    if layer.spec.selection != "top_k":
-        return False
-    expected = 1.0 - (1.0 - layer.spec.top_k(width) / width) ** tokens
+def _union_expected_too_large(layer, tokens: int) -> bool:
+    """Whether the selections of this many tokens are all but sure to cover more than
+    GATHER_MAX_FRACTION of the neurons (independent selections at the layer's density, the
+    top-k fraction or a threshold's calibrated mean: 1 - (1 - d)^N), so that measuring the union
+    (a host sync) is not worth it."""
+    expected = 1.0 - (1.0 - layer.spec.density) ** tokens
     return expected > 2 * GATHER_MAX_FRACTION
 
 
@@ -71,8 +70,7 @@ def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     else:
         selected = selection_mask(scores, layer.spec, layer.gate_threshold)
         layer._record_density(selected)
-        too_dense = layer.spec.selection == "top_k" and layer.spec.top_k(width) > GATHER_MAX_FRACTION * width
-        if not (too_dense or _union_expected_too_large(layer, x.shape[0], width)):
+        if not _union_expected_too_large(layer, x.shape[0]):
             union = selected.any(dim=0).nonzero().squeeze(1)  # one host sync: the union's size
             if union.numel() <= GATHER_MAX_FRACTION * layer.intermediate_size:
                 g, u = _gathered(layer, x, union)
