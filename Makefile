@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh Linux machine with Python 3.11:
-#   make demo   convert the real SmolLM2-135M to a tree model, reload it, generate
+#   make demo   the default MGS recipe on the real SmolLM2-135M: dense and sparse answers side by side
 #   make test   run the test suite
 PYTHON ?= python3
 VENV ?= .venv

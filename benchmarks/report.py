@@ -63,9 +63,10 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
     m = data["machine"]
     kernel = any(r.get("path") == "cpu" for r in data["results"])
     paths = (" MGS cells ran the C kernel (path `cpu`: it reads the nested format, so the weights-read "
-             "column is what it reads; its inputs are rounded to int8), except those marked `t`, which ran "
-             "the PyTorch path (above the kernel's token limit; it computes from the snapped weights in "
-             "fp32); the file also times each MGS case on the other path." if kernel else
+             "column is what it reads; its inputs are rounded to int8), except those marked `s`, past the "
+             "fused kernel's token limit (path `cpu:scores`: the kernel's scoring GEMM, then the PyTorch "
+             "path's fp32 GEMMs of the snapped weights), and `t`, the PyTorch path alone; the file also "
+             "times each MGS case on the PyTorch path." if kernel else
              " With the nested predictor a selected neuron counts the low nibbles of its gate/up rows, "
              "modelled: these CPU paths compute from the snapped weights in fp32.")
     copies = sorted({r.get("layers_per_call", 1) for r in data["results"]})
@@ -85,7 +86,7 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
 
 
 def _cpu_speedup(row: dict) -> str:
-    marker = " t" if row["method"] == "mgs" and row.get("path") == "torch" else ""
+    marker = {"torch": " t", "cpu:scores": " s"}.get(row.get("path"), "") if row["method"] == "mgs" else ""
     return f"{row['speedup']:.2f}x{marker}"
 
 
@@ -145,7 +146,8 @@ def decode_section(data: dict) -> list[str]:
     paths = {r["method"]: r["decode_path"] for r in data["results"] if r.get("decode_path")}
     if paths:
         lines += ["", "Decode steps ran on: " + "; ".join(f"{m} `{'`, `'.join(p)}`" for m, p in paths.items())
-                  + " (prompts above the C kernel's token limit prefill on the PyTorch path)."]
+                  + " (prompts past the fused C kernel's token limit prefill through its scoring GEMM and the "
+                  "PyTorch path's GEMMs, `cpu:scores`)."]
     lines.append("")
     return lines
 

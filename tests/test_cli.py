@@ -71,6 +71,15 @@ def test_help_on_every_subcommand(argv, capsys):
     assert "usage: treeffn" in capsys.readouterr().out
 
 
+def test_the_demo_compares_answers_up_to_their_first_sentence_end():
+    from treeffn_hf.cli.demo import first_sentence
+
+    assert first_sentence(" Paris.\n\nThe answer is: 2018") == "Paris."
+    assert first_sentence(' "Hamlet" (1609). The play') == '"Hamlet" (1609).'
+    assert first_sentence(" 2.5 kg of it, and") == "2.5 kg of it, and"  # no sentence end: all of it
+    assert first_sentence("red\nblue") == "red"
+
+
 def test_convert_then_info(dense_dir, tmp_path, capsys):
     before = tree_hash(dense_dir)
     out = tmp_path / "tree"

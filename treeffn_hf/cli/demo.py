@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 NAME = "demo"
@@ -28,6 +29,18 @@ PROMPTS = (
     "The three primary colors are",
     "A famous play by William Shakespeare is",
 )
+
+# The answer to a completion prompt: its continuation up to the first sentence end or line break
+# (greedy decoding then runs on for the fixed token count, and both models ramble past it).
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def first_sentence(text: str) -> str:
+    """`text` (leading whitespace dropped) up to and including its first sentence end, or all of it."""
+    text = text.lstrip()
+    end = _SENTENCE_END.search(text)
+    return text if end is None else text[: end.end()].rstrip()
+
 
 _COMPARE = r"""
 import json, statistics, sys, time
@@ -156,15 +169,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded class:  {shown['class']}")
     print(f"per token:     {cost.unit_fraction:.1%} of MLP neurons, {cost.weight_fraction:.1%} of MLP weight bytes "
           f"(bf16, predictor included)")
-    for row in shown["answers"]:
-        agree = row["agreeing_tokens"]
-        same = "same" if agree == args.max_new_tokens else f"same for {agree} of {args.max_new_tokens} tokens"
-        print(f"\n{row['prompt']!r} ({same})\n  dense:  {row['dense'].strip()!r}\n  sparse: {row['sparse'].strip()!r}")
     answers = shown["answers"]
-    head = min(8, args.max_new_tokens)
-    print(f"\nidentical greedy answers: {sum(r['agreeing_tokens'] == args.max_new_tokens for r in answers)} of "
-          f"{len(answers)}; identical first {head} tokens: {sum(r['agreeing_tokens'] >= head for r in answers)} of "
-          f"{len(answers)}; the sparse MLPs last ran on: {', '.join(shown['paths'])}")
+    for row in answers:
+        agree = row["agreeing_tokens"]
+        answer = "same answer" if first_sentence(row["dense"]) == first_sentence(row["sparse"]) else "other answer"
+        tokens = "all" if agree == args.max_new_tokens else f"{agree}"
+        print(f"\n{row['prompt']!r} ({answer}; {tokens} of {args.max_new_tokens} tokens the same)\n"
+              f"  dense:  {row['dense'].strip()!r}\n  sparse: {row['sparse'].strip()!r}")
+    same_answers = sum(first_sentence(r["dense"]) == first_sentence(r["sparse"]) for r in answers)
+    print(f"\nidentical answers (up to the first sentence end): {same_answers} of {len(answers)}; identical "
+          f"{args.max_new_tokens}-token continuations: {sum(r['agreeing_tokens'] == args.max_new_tokens for r in answers)} "
+          f"of {len(answers)}; the sparse MLPs last ran on: {', '.join(shown['paths'])}")
     if "perplexity" in shown:
         ppl = shown["perplexity"]
         print(f"perplexity on {shown['eval_windows']} WikiText-2 test windows: dense {ppl['dense']:.2f}, "

@@ -661,7 +661,7 @@ def scoring_operands(predictor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """What the scoring GEMM reads: the predictor's codes in blocks of 16 rows and 8 columns
     (64 bytes: byte 4j + b holds column 8c + b of row j in its low nibble, 8c + 4 + b in its high
     one; rows padded to R, a multiple of 16), and the scales and zeros as float32 (groups, R).
-    A copy of the codes: 1/4 of the nested gate/up bytes, kept beside the layer."""
+    A copy of the codes (as many bytes as the predictor), kept beside the layer."""
     codes = unpack_nibbles(predictor.codes)
     rows, width = codes.shape
     padded_rows = -(-rows // 16) * 16
