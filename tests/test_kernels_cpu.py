@@ -130,6 +130,16 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference():
             torch.testing.assert_close(got, want.reshape(x.shape))
             error = relative_error(got[0], exact[0])
             assert error.median() < 1e-3 and (error < 1e-2).float().mean() > 0.9
+    layer.force_path = "cpu"  # forced, the fused kernel takes any batch: each token as in decode
+    x = torch.randn(kernels_cpu.MAX_TOKENS + 9, 128)
+    scores = torch.empty(x.shape[0], 200)
+    with torch.no_grad():
+        got = layer(x)
+        assert layer.last_path == "cpu"
+        torch.testing.assert_close(got, kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)[0])
+    twin = kernels_cpu.mgs_nested_naive(layer, x, selected=scores > layer.gate_threshold)[0]
+    assert relative_to_largest(got, twin) < 5e-5
+    layer.force_path = None
     layer.reset_density()
     with torch.no_grad():
         x = torch.randn(3, 128)

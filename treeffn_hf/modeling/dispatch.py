@@ -2,14 +2,14 @@
 
 - `reference`: masked dense, differentiable, the oracle (and the training path);
 - `torch`: the sparse PyTorch path (CPU, and any device without the kernels);
-- `cpu`: the C kernel of the nested micro-gated MLP (kernels_cpu.py: float32 CPU tensors, x86
-  AVX-512 VNNI, a compiler at first use): fused up to `kernels_cpu.MAX_TOKENS` tokens, beyond
-  that the kernel's scores and the PyTorch path's GEMMs (`last_path` says `cpu:scores`);
+- `cpu`: the fused C kernel of the nested micro-gated MLP (kernels_cpu.py: float32 CPU tensors,
+  x86 AVX-512 VNNI, a compiler at first use), which computes each token as in decode;
+- `cpu:scores`: that kernel's scoring GEMM, then the `torch` path's GEMMs (prefill);
 - `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
 
 `auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
-support the layer, `cpu` for CPU tokens when the C kernel supports the layer, and `torch`
-otherwise. `TREEFFN_PATH=reference|torch|cpu|triton|auto` forces one
+support the layer, `cpu` for up to `kernels_cpu.MAX_TOKENS` CPU tokens and `cpu:scores` for
+more when the C kernel supports the layer, and `torch` otherwise. `TREEFFN_PATH=reference|torch|cpu|cpu:scores|triton|auto` forces one
 for the whole process, a layer's `force_path` attribute for that layer; forcing `triton` or `cpu`
 where its kernel cannot run, or a forward-only path where gradients are needed, is an error,
 never a silent fallback. Each layer records what it last ran
@@ -29,7 +29,7 @@ from .activations import computes_silu
 from .kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
 from .kernels_cpu import cpu_kernel_unavailable_reason
 
-PATHS = ("reference", "torch", "cpu", "triton")
+PATHS = ("reference", "torch", "cpu", "cpu:scores", "triton")
 
 
 def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> Optional[str]:
@@ -65,15 +65,15 @@ def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
             reason = triton_unavailable_reason(layer, x.device)
             if reason is not None:
                 raise RuntimeError(f"the triton path was forced, but {reason}")
-        elif forced == "cpu":
+        elif forced in ("cpu", "cpu:scores"):
             reason = cpu_kernel_unavailable_reason(layer, x)
             if reason is not None:
-                raise RuntimeError(f"the cpu path was forced, but {reason}")
+                raise RuntimeError(f"the {forced} path was forced, but {reason}")
         return forced
     if x.is_cuda:
         return "triton" if triton_unavailable_reason(layer, x.device) is None else "torch"
     if cpu_kernel_unavailable_reason(layer, x) is None:
-        return "cpu"
+        return "cpu" if x.shape[0] <= CPU_KERNEL_MAX_TOKENS else "cpu:scores"
     return "torch"
 
 

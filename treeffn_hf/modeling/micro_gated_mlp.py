@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from .dispatch import choose_path
-from .kernels_cpu import MAX_TOKENS as FUSED_MAX_TOKENS
 from .kernels_cpu import mgs_nested_cpu, nested_scores_cpu
 from .layer_spec import MGSSpec
 from .mgs_selection import selection_mask
@@ -78,13 +77,12 @@ class MicroGatedMLP(nn.Module):
         # decode step on the CPU kernel makes three of them per layer (measured in generate()).
         state = self.__dict__
         state["last_path"] = path
-        if path == "cpu" and x.shape[0] <= FUSED_MAX_TOKENS:  # the kernel scores, selects and computes
+        if path == "cpu":  # the kernel scores, selects and computes in one call
             out, selected = mgs_nested_cpu(self, x)
             state["_tokens_seen"] += x.shape[0]
             state["_units_counted"] += selected
             return out.reshape(shape)
-        if path == "cpu":  # many tokens: the kernel scores, the PyTorch path's GEMMs compute
-            state["last_path"] = "cpu:scores"
+        if path == "cpu:scores":  # the kernel scores, the PyTorch path's GEMMs compute (many tokens)
             return mgs_fast(self, x, nested_scores_cpu(self, x)).reshape(shape)
         scores = self.micro_gate(x)
         if path == "triton":
