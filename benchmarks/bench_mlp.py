@@ -16,11 +16,9 @@ matters for batched (grouped-by-leaf) cases; the recorded leaf-usage entropy sho
 On a GPU the sparse layers run their Triton kernels (the row records which: `path`), batch-1
 rows report the achieved weight-read bandwidth as a fraction of the device-to-device copy
 bandwidth measured in the same process (the practical peak), and every tree / MGS case is also
-timed on the other kernel variants (`other_variants`: per-token gather, streamed gather, grouped
-GEMM and masked dense GEMMs for the tree; for MGS, split-K or streamed gathers after `torch.topk`
-or the top-k kernel, and the union GEMM),
-which is how the dispatch's switch points (`GATHER_MAX_ROW_MULTIPLE` in kernels_tree /
-kernels_mgs) and its decode kernels are chosen.
+timed on the other kernel variants (`other_variants`: per-token gathers or masked dense GEMMs for
+the tree; for MGS, per-token gathers or the union GEMM), which is how the dispatch's switch points
+(`GATHER_MAX_ROW_MULTIPLE` in kernels_tree / kernels_mgs) are chosen.
 """
 
 from __future__ import annotations
@@ -74,17 +72,14 @@ def other_variants(layer: torch.nn.Module, tokens: int) -> list[list[tuple[objec
         from treeffn_hf.modeling import kernels_tree as module
 
         now = module.kernel_variant(layer, tokens)
-        return [[(module, "FORCED_VARIANT", v)] for v in module.layer_variants(layer) if v != now]
+        return [[(module, "FORCED_VARIANT", v)] for v in module.VARIANTS if v != now]
     from treeffn_hf.modeling import kernels_mgs as module
 
     if tokens >= 1024:  # per-token gathers of a whole prefill: known to lose, and slow to time
         return []
     if not module.uses_gather(layer, tokens):
         return [[(module, "GATHER_MAX_ROW_MULTIPLE", math.inf)]]
-    kernel_choices = [[(module, "GATHER_KERNELS", gather), (module, "TOPK_KERNEL", topk)]
-                      for gather in module.GATHER_KERNEL_CHOICES for topk in module.TOPK_KERNEL_CHOICES
-                      if (gather, topk) != (module.GATHER_KERNELS, module.TOPK_KERNEL)]
-    return kernel_choices + [[(module, "GATHER_MAX_ROW_MULTIPLE", 0.0)]]
+    return [[(module, "GATHER_MAX_ROW_MULTIPLE", 0.0)]]
 
 
 def time_side_stack(stack: list, x: torch.Tensor, device: str, rounds: int, calls: int, sync,
@@ -295,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
                         others = []
                         if device == "cpu" and kind == "mgs":  # the other CPU path: the switch point
                             others.append(other_cpu_path(sparse_stack, x, path, eager["dense"], args.rounds, calls))
-                        if device == "cuda":  # the other variants: switch points and decode kernels
+                        if device == "cuda":  # the other variants: the switch points
                             time_stack = partial(time_side_stack, sparse_stack, x, device, args.rounds, calls, sync)
                             for settings in other_variants(layer, tokens):
                                 others.append(side_variant(layer, x, settings, time_stack, copies))

@@ -1,11 +1,10 @@
 """Tile sizes of the Triton kernels, measured on this GPU.
 
-The constants `kernels_gather.GATE_UP_BLOCK` / `DOWN_BLOCK` (decode: per-token gathered rows),
-`kernels_gather.STREAMED_TARGET_PROGRAMS` (the streamed gathers' tile sizes follow from it) and
-`kernels_tree.GROUPED_BLOCK` (large batches, when forced: grouped GEMM over tree blocks) are set from this script's
-output. Each candidate is checked against the kernel's naive reference, then timed as CUDA-graph
-replays over enough copies of the weight tables that the rows touched exceed 4x the L2 cache
-(so the cache cannot hold them between calls, as in a real model with many layers).
+The constants `kernels_gather.GATE_UP_BLOCK` / `DOWN_BLOCK` (decode: the split-K tiles of the
+per-token gathered rows, in both layers) are set from this script's output. Each candidate is
+checked against the kernel's naive reference, then timed as CUDA-graph replays over enough
+copies of the weight tables that the rows touched exceed 4x the L2 cache (so the cache cannot
+hold them between calls, as in a real model with many layers).
 
     python benchmarks/tune_kernels.py          # writes benchmarks/results/tune_kernels_cuda.json
 """
@@ -23,14 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cuda_graph_replay, interleaved_median, machine, write_json  # noqa: E402
 
-from treeffn_hf.modeling import kernels_gather, kernels_tree  # noqa: E402
+from treeffn_hf.modeling import kernels_gather  # noqa: E402
 
 SHAPES = {"llama-1b": (2048, 8192), "llama-8b": (4096, 14336)}
 GATE_UP_CANDIDATES = [(8, 512), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128)]
 DOWN_CANDIDATES = [(16, 256), (16, 512), (32, 128), (32, 256), (64, 64), (64, 128)]
-STREAMED_CANDIDATES = [64, 128, 256, 512, 1024]
-GROUPED_CANDIDATES = [(16, 64, 64, 4), (32, 64, 64, 4), (64, 64, 64, 4), (32, 32, 64, 4), (32, 128, 64, 4),
-                      (32, 64, 128, 4), (64, 128, 64, 8), (64, 64, 128, 8), (128, 64, 64, 8), (32, 64, 64, 8)]
 
 
 def tables(hidden: int, width: int, touched_bytes: float, dtype) -> list[tuple[torch.Tensor, ...]]:
@@ -51,17 +47,6 @@ def graph_ms(fn, copies: int, rounds: int) -> float:
 def run_gather(tabs, x, rows, kwargs) -> None:
     for tab in tabs:
         kernels_gather.gathered_swiglu(x, rows, *tab, **kwargs)
-
-
-def run_streamed(tabs, x, rows) -> None:
-    for tab in tabs:
-        kernels_gather.gathered_swiglu_streamed(x, rows, *tab)
-
-
-def run_grouped(tabs, x, items, item_blocks, blocks: int, width: int, block) -> None:
-    for tab in tabs:
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        kernels_tree.grouped_block_swiglu(x, items, item_blocks, blocks, 0, width, *tab, out, block=block)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -90,59 +75,6 @@ def tune_gather(dtype, rounds: int) -> list[dict]:
                                          "tokens": tokens, "density": density, "ms": ms, "rel_error": error})
                         print(f"gather {part:7s} {block!s:10s} {shape} N={tokens:<3d} {density:4.0%}: {ms * 1e3:8.1f} us",
                               flush=True)
-                saved = kernels_gather.STREAMED_TARGET_PROGRAMS
-                try:
-                    for target in STREAMED_CANDIDATES:
-                        kernels_gather.STREAMED_TARGET_PROGRAMS = target
-                        error = relative_error(kernels_gather.gathered_swiglu_streamed(x, rows, *tabs[0]), want)
-                        if not error < 2e-2:
-                            raise RuntimeError(f"streamed gather, {target} programs: relative error {error:.3g}")
-                        ms = graph_ms(partial(run_streamed, tabs, x, rows), len(tabs), rounds)
-                        rows_out.append({"kernel": "streamed", "block": [target], "shape": shape, "tokens": tokens,
-                                         "density": density, "ms": ms, "rel_error": error})
-                        print(f"streamed {target:<5d} programs {shape} N={tokens:<3d} {density:4.0%}: "
-                              f"{ms * 1e3:8.1f} us", flush=True)
-                finally:
-                    kernels_gather.STREAMED_TARGET_PROGRAMS = saved
-    return rows_out
-
-
-def grouped_reference(x, item_blocks, width: int, gate, up, down) -> torch.Tensor:
-    """One item per token: each token's block as a small dense GEMM, in fp32 (the naive reference
-    materialises (N, width, hidden) gathers, too large at these shapes)."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for block in item_blocks.unique().tolist():
-        tokens = (item_blocks == block).nonzero().squeeze(1)
-        rows = slice(block * width, (block + 1) * width)
-        xb = x[tokens].float()
-        out[tokens] = (torch.nn.functional.silu(xb @ gate[rows].float().T) * (xb @ up[rows].float().T)) @ down[rows].float()
-    return out
-
-
-def tune_grouped(dtype, rounds: int) -> list[dict]:
-    rows_out = []
-    for shape, (hidden, width) in SHAPES.items():
-        for tokens in (512, 2048):
-            for density in (0.03, 0.1):
-                block_width = max(16, round(density * width))
-                blocks = width // block_width
-                tabs = tables(hidden, width, 3 * hidden * width * 2, dtype)
-                x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
-                items = torch.arange(tokens, device="cuda")
-                item_blocks = torch.randint(0, blocks, (tokens,), device="cuda")
-                want = grouped_reference(x, item_blocks, block_width, *tabs[0])
-                for block in GROUPED_CANDIDATES:
-                    out = torch.zeros(tokens, hidden, device="cuda")
-                    kernels_tree.grouped_block_swiglu(x, items, item_blocks, blocks, 0, block_width, *tabs[0], out,
-                                                      block=block)
-                    error = relative_error(out, want)
-                    if not error < 2e-2:
-                        raise RuntimeError(f"grouped {block}: relative error {error:.3g}")
-                    call = partial(run_grouped, tabs, x, items, item_blocks, blocks, block_width, block)
-                    ms = graph_ms(call, len(tabs), rounds)
-                    rows_out.append({"kernel": "grouped", "block": list(block), "shape": shape, "tokens": tokens,
-                                     "density": density, "block_width": block_width, "ms": ms, "rel_error": error})
-                    print(f"grouped {block!s:18s} {shape} N={tokens:<5d} {density:4.0%}: {ms * 1e3:8.1f} us", flush=True)
     return rows_out
 
 
@@ -165,22 +97,16 @@ def best(rows: list[dict], kernel: str, part: str | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--skip-grouped", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    rows = tune_gather(dtype, args.rounds) + ([] if args.skip_grouped else tune_grouped(dtype, args.rounds))
-    summary = {"gate_up": best(rows, "gather", "gate_up"), "down": best(rows, "gather", "down"),
-               "streamed": best(rows, "streamed")}
-    if not args.skip_grouped:
-        summary["grouped"] = best(rows, "grouped")
+    rows = tune_gather(dtype, args.rounds)
+    summary = {"gate_up": best(rows, "gather", "gate_up"), "down": best(rows, "gather", "down")}
     path = write_json("tune_kernels_cuda.json", {
         "benchmark": "tune_kernels", "dtype": "bfloat16", "machine": machine(),
-        "current": {"GATE_UP_BLOCK": kernels_gather.GATE_UP_BLOCK, "DOWN_BLOCK": kernels_gather.DOWN_BLOCK,
-                    "STREAMED_TARGET_PROGRAMS": kernels_gather.STREAMED_TARGET_PROGRAMS,
-                    "GROUPED_BLOCK": kernels_tree.GROUPED_BLOCK},
+        "current": {"GATE_UP_BLOCK": kernels_gather.GATE_UP_BLOCK, "DOWN_BLOCK": kernels_gather.DOWN_BLOCK},
         "summary": summary, "results": rows})
     for name, result in summary.items():
         print(name, "best", result["best"], {k: round(v, 3) for k, v in result["slowdown_vs_case_best"].items()})

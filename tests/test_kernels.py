@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
-from treeffn_hf.modeling import grouped_mm, kernels_gather, kernels_mgs, kernels_topk, kernels_tree  # noqa: E402
+from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_tree  # noqa: E402
 from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
 from treeffn_hf.modeling.predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
@@ -47,20 +47,26 @@ def test_gathered_swiglu_matches_naive(dtype, tokens, selected):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens,selected,hidden", [(1, 1, HIDDEN), (1, 13, HIDDEN), (7, 40, HIDDEN), (33, 5, HIDDEN),
-                                                    (2, 70, 600)])  # 600: several steps of every loop
-def test_streamed_gathered_swiglu_matches_naive(dtype, tokens, selected, hidden):
-    gate, up, down = tables(dtype, hidden=hidden)
+def test_split_k_with_several_atomic_adds_per_output_matches_naive(dtype):
+    """A hidden size of several gate/up blocks (several partial g and u per row) and row lists
+    longer than the down block (several partial sums per output element), padded inside the list:
+    every tile's atomic add lands once, also into an `out` that already holds a sum."""
+    gate_up_rows, gate_up_hidden = kernels_gather.GATE_UP_BLOCK
+    down_rows, _ = kernels_gather.DOWN_BLOCK
+    hidden = 2 * gate_up_hidden + 88  # three gate/up blocks over hidden, the last masked at its edge
+    selected = max(2 * down_rows, 4 * gate_up_rows) + 22  # three down blocks over rows, the last partial
+    assert triton.cdiv(hidden, gate_up_hidden) >= 3 and triton.cdiv(selected, down_rows) >= 3
+    tokens, stored = 3, selected + 50
+    gate, up, down = tables(dtype, rows=stored, hidden=hidden)
     x = torch.randn(tokens, hidden).to(DEVICE, dtype)
-    rows = torch.stack([torch.randperm(INTER)[:selected] for _ in range(tokens)]).to(DEVICE)
-    rows[0, -1] = -1
+    rows = torch.stack([torch.randperm(stored)[:selected] for _ in range(tokens)]).to(DEVICE)
+    rows[0, [5, down_rows + 1, -1]] = -1  # padding in the first, second and last down block
     want = kernels_gather.gathered_swiglu_naive(x.float(), rows, gate.float(), up.float(), down.float())
-    got = kernels_gather.gathered_swiglu_streamed(x, rows, gate, up, down)
-    assert got.dtype == dtype  # written by the down launch itself, no cast afterwards
+    got = kernels_gather.gathered_swiglu(x, rows, gate, up, down)
+    assert got.dtype == dtype
     close(got, want, dtype)
-    # With `out` it adds into an fp32 buffer (no atomics: one owner per element).
     start = torch.randn(tokens, hidden, device=DEVICE)
-    summed = kernels_gather.gathered_swiglu_streamed(x, rows, gate, up, down, out=start.clone())
+    summed = kernels_gather.gathered_swiglu(x, rows, gate, up, down, out=start.clone())
     close(summed, start + want, dtype)
 
 
@@ -84,29 +90,6 @@ def test_route_kernel_walks_the_same_path(depth, trees, bias):
     leaf, path = kernels_tree.tree_route_triton(x, vectors, bias_t, trees, depth)
     want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias_t, trees, depth)
     assert torch.equal(leaf, want_leaf) and torch.equal(path, want_path)
-
-
-# The Triton grouped GEMM at an odd hidden size (edge masks); grouped_mm needs 16-byte aligned rows.
-GROUPED_BLOCKS = {"triton": (kernels_tree.grouped_block_swiglu, HIDDEN),
-                  "grouped_mm": (grouped_mm.grouped_block_swiglu_mm, 48)}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("items,blocks,width", [(1, 3, 5), (40, 7, 16), (97, 5, 70)])
-@pytest.mark.parametrize("kind", GROUPED_BLOCKS)
-def test_grouped_blocks_match_naive(kind, dtype, items, blocks, width):
-    grouped_blocks, hidden = GROUPED_BLOCKS[kind]
-    reason = grouped_mm.grouped_mm_unavailable_reason(hidden, dtype, torch.device(DEVICE)) if kind == "grouped_mm" else None
-    if reason is not None:
-        pytest.skip(reason)
-    gate, up, down = tables(dtype, rows=3 + blocks * width, hidden=hidden)
-    x = torch.randn(23, hidden).to(DEVICE, dtype)
-    item_tokens = torch.randint(0, 23, (items,), device=DEVICE)
-    item_blocks = torch.randint(0, blocks, (items,), device=DEVICE)
-    out = torch.zeros(23, hidden, device=DEVICE)
-    grouped_blocks(x, item_tokens, item_blocks, blocks, 3, width, gate, up, down, out)
-    want = kernels_tree.grouped_block_swiglu_naive(x, item_tokens, item_blocks, 3, width, gate, up, down)
-    close(out, want, dtype)
 
 
 TREE_SPECS = {
@@ -142,17 +125,15 @@ def run_both(layer, x):
     return got, want
 
 
-@pytest.mark.parametrize("all_nodes", [False, True], ids=["walk", "all-nodes"])
 @pytest.mark.parametrize("name", [n for n in TREE_SPECS if TREE_SPECS[n].activation == "per_node"])
-def test_fused_route_rows_kernel_lists_the_path_rows(name, all_nodes):
+def test_fused_route_rows_kernel_lists_the_path_rows(name):
     """Decode routing writes each token's row list itself: the same leaf, path and rows (node
-    blocks, leaf block, shared rows) as the walker plus `path_rows`, whether it dots one node per
-    level or scores every node first."""
+    blocks, leaf block, shared rows) as the walker plus `path_rows`."""
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), torch.float32)
     x = torch.randn(6, HIDDEN, device=DEVICE)
     bias = routing_bias(layer)
     vectors = routing_matrix(layer)
-    rows, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias, all_nodes=all_nodes)
+    rows, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias)
     want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias, layer.spec.num_trees, layer.spec.depth)
     assert torch.equal(leaf.long(), want_leaf) and torch.equal(path.long(), want_path)
     want_rows = kernels_tree.path_rows(layer, want_leaf, want_path)
@@ -161,56 +142,13 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name, all_nodes):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", [n for n in TREE_SPECS if TREE_SPECS[n].activation == "per_node"])
-def test_tree_layer_grouped_mm_variant_matches_reference(name, dtype, monkeypatch):
-    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "grouped_mm")
-    layer = random_layer(TreeFFN(48, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
-    reason = kernels_tree.variant_unavailable_reason(layer, "grouped_mm")
-    if reason is not None:
-        pytest.skip(reason)
-    x = torch.randn(33, 48).to(DEVICE, dtype)
-    got, _ = run_both(layer, x)
-    assert layer.last_path == "triton:route+grouped_mm"
-    reference = copy.deepcopy(layer).float()
-    reference.force_path = "reference"
-    with torch.no_grad():
-        close(got, reference(x.float()), dtype)
-
-
-def test_grouped_mm_variant_refuses_an_unaligned_hidden_size(monkeypatch):
-    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "grouped_mm")
-    layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
-    assert "grouped_mm" not in kernels_tree.layer_variants(layer)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        kernels_tree.kernel_variant(layer, 33)
-
-
-def test_all_node_routing_over_several_hidden_steps():
-    """A deep tree on a wide layer: the all-node scoring loops over hidden in several tiles."""
-    layer = random_layer(TreeFFN(300, 630, TreeSpec(depth=6, node_width=1), nn.SiLU()), torch.float32)
-    x = torch.randn(5, 300, device=DEVICE)
-    vectors, bias = routing_matrix(layer), routing_bias(layer)
-    _, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias, all_nodes=True)
-    want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias, 1, 6)
-    assert torch.equal(leaf.long(), want_leaf) and torch.equal(path.long(), want_path)
-    assert len(set(want_leaf.flatten().tolist())) > 1  # the tokens do not all take one path
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens,variant", [(1, None), (7, None), (33, None), (33, "gather"), (1, "streamed"),
-                                            (7, "streamed"), (33, "grouped_gemm"), (33, "masked_dense")],
-                         ids=["1", "7", "33", "33-gather", "1-streamed", "7-streamed", "33-grouped",
-                              "33-masked-dense"])
+@pytest.mark.parametrize("tokens,variant", [(1, None), (7, None), (33, None), (33, "gather"), (33, "masked_dense")],
+                         ids=["1", "7", "33", "33-gather", "33-masked-dense"])
 @pytest.mark.parametrize("name", TREE_SPECS)
 def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, monkeypatch):
     monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", variant)  # every variant on every spec
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
-    if variant is not None and variant not in kernels_tree.layer_variants(layer):
-        layer.force_path = "triton"
-        with pytest.raises(ValueError, match="per-node activation only"), torch.no_grad():
-            layer(x)
-        return
     got, _ = run_both(layer, x)
     ran = kernels_tree.kernel_variant(layer, tokens)
     assert layer.last_path.startswith("triton:route+" + ran)
@@ -222,16 +160,14 @@ def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, 
         close(got, reference(x.float()), dtype)
 
 
-@pytest.mark.parametrize("kernels,path", [("split_k", "triton:gather"), ("streamed", "triton:streamed_gather")])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("spec", [MGSSpec(density=0.1, predictor="linear", rank=16), MGSSpec(density=0.3, predictor="linear", rank=None)], ids=["r64-10%", "full-30%"])
-def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype, kernels, path, monkeypatch):
-    monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", kernels)
+def test_mgs_layer_triton_path_matches_reference(spec, tokens, dtype):
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, spec, nn.SiLU()), dtype)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
     got, want = run_both(layer, x)
-    assert layer.last_path == path
+    assert layer.last_path == "triton:gather"
     close(got, want, dtype)
     assert layer.measured_units() == spec.top_k(INTER)
 
@@ -264,52 +200,6 @@ def test_a_bad_forced_tree_variant_is_refused(monkeypatch):
     monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "dense")
     with pytest.raises(ValueError, match="FORCED_VARIANT"):
         kernels_tree.kernel_variant(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()), 1)
-
-
-@pytest.mark.parametrize("name", ["GATHER_KERNELS", "TOPK_KERNEL"])
-def test_a_bad_mgs_kernel_choice_is_refused(monkeypatch, name):
-    monkeypatch.setattr(kernels_mgs, name, "fused")
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()), torch.float32)
-    layer.force_path = "triton"
-    with pytest.raises(ValueError, match=name), torch.no_grad():
-        layer(torch.randn(1, HIDDEN, device=DEVICE))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens,width,k", [(1, INTER, 17), (7, INTER, 50), (33, 1000, 1), (2, 1000, 1000), (3, 5, 2)])
-def test_topk_kernel_matches_a_stable_sort(dtype, tokens, width, k):
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(tokens, width, generator=g)
-    scores = ((scores * 4).round() / 4).to(DEVICE, dtype)  # many ties at the k-th place
-    scores[0, :3] = torch.tensor([-0.0, 0.0, -0.0])  # signed zeros tie, as in a sort
-    scores[-1, 1:] = float("-inf")  # the lowest real scores still rank above the block's padding
-    got = kernels_topk.topk_rows_triton(scores, k)
-    assert got.dtype == torch.int32 and got.shape == (tokens, k)
-    assert torch.equal(got, kernels_topk.topk_rows_naive(scores, k))
-    # the same scores as torch.topk keeps (only the choice among tied indices may differ)
-    want = scores.float().topk(k, dim=-1).values.sort(dim=-1).values
-    assert torch.equal(scores.float().gather(1, got.long()).sort(dim=-1).values, want)
-
-
-def test_topk_kernel_refuses_what_it_cannot_do():
-    scores = torch.randn(2, 10, device=DEVICE)
-    with pytest.raises(ValueError, match="k must be"):
-        kernels_topk.topk_rows_triton(scores, 0)
-    with pytest.raises(ValueError, match="at most"):
-        kernels_topk.topk_rows_triton(torch.empty(1, kernels_topk.MAX_ROW + 1, device=DEVICE), 3)
-
-
-@pytest.mark.parametrize("kernels", kernels_mgs.GATHER_KERNEL_CHOICES)
-@pytest.mark.parametrize("tokens", [1, 7])
-def test_mgs_layer_with_the_topk_kernel_matches_reference(tokens, kernels, monkeypatch):
-    monkeypatch.setattr(kernels_mgs, "TOPK_KERNEL", "triton")
-    monkeypatch.setattr(kernels_mgs, "GATHER_KERNELS", kernels)
-    layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()), torch.float32)
-    x = torch.randn(tokens, HIDDEN, device=DEVICE)
-    got, want = run_both(layer, x)  # fp32 random scores: no ties, so the same neurons as torch.topk
-    assert layer.last_path == "triton:topk+" + ("streamed_gather" if kernels == "streamed" else "gather")
-    close(got, want, torch.float32)
-    assert layer.measured_units() == layer.spec.top_k(INTER)
 
 
 def test_mgs_threshold_selection_on_the_kernel():
@@ -388,10 +278,10 @@ def test_saved_checkpoints_carry_the_kernels_and_nothing_else(tmp_path):
 # Every file a checkpoint ships for trust_remote_code: the modeling package but its __init__.
 # Listed so that a new module (or a deleted one) is a visible change to what users download.
 BUNDLE_FILES = {
-    "activations.py", "configuration_treeffn.py", "dispatch.py", "grouped_mm.py", "kernels_cpu.py",
-    "kernels_gather.py", "kernels_mgs.py", "kernels_topk.py", "kernels_tree.py", "layer_spec.py",
-    "mgs_selection.py", "mgs_torch.py", "micro_gated_mlp.py", "modeling_treeffn.py", "predictors.py",
-    "sparse_cost.py", "tree_ffn.py", "tree_ffn_torch.py",
+    "activations.py", "configuration_treeffn.py", "dispatch.py", "kernels_cpu.py", "kernels_gather.py",
+    "kernels_mgs.py", "kernels_tree.py", "layer_spec.py", "mgs_selection.py", "mgs_torch.py",
+    "micro_gated_mlp.py", "modeling_treeffn.py", "predictors.py", "sparse_cost.py", "tree_ffn.py",
+    "tree_ffn_torch.py",
 }
 
 

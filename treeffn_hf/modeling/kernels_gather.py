@@ -17,17 +17,6 @@ the density. So the work is cut into independent tiles, each loaded once, in two
 Every sum is in fp32 (correct in fp16/bf16); the atomics make the summation order, not the
 result beyond rounding, vary from run to run.
 
-`gathered_swiglu_streamed` is the same computation without atomics, for the fewest launches:
-
-1. gate/up: one program per (token, block of rows) streams the whole hidden dimension and writes
-   its rows' activations act(g)*u (each written once: no zero-filled buffer);
-2. down: one program per (token, block of hidden) streams every row of the token and writes its
-   output elements, in the output dtype (no zero fill, no atomics, no cast afterwards).
-
-It trades the split-K's many small tiles for long per-program loops (which the compiler
-pipelines), and two launches for five. Which wins is the GPU's call: `benchmarks/bench_mlp.py`
-times both (`other_variants`).
-
 `gathered_swiglu_after_sum` is the tree's `activation='after_sum'` variant: a token's blocks of
 equal width are summed before the activation, per tree.
 
@@ -154,59 +143,6 @@ if triton is not None:
                 tl.atomic_add(out_ptr + x_base + d_off, partial, mask=d_mask)
 
 
-    @triton.jit
-    def _streamed_gate_up_kernel(
-        x_ptr, rows_ptr, gate_ptr, up_ptr, act_ptr,
-        hidden, num_rows,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        token = tl.program_id(0)
-        r_off = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        in_rows = r_off < num_rows
-        rows = tl.load(rows_ptr + token * num_rows + r_off, mask=in_rows, other=-1)
-        r_mask = rows >= 0
-        row_base = rows.to(tl.int64)[:, None] * hidden
-        x_base = token.to(tl.int64) * hidden
-        # 2-D accumulators, reduced once after the loop: no cross-thread reduction per step.
-        g = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        u = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        for d0 in range(0, hidden, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            d_mask = d_off < hidden
-            xv = tl.load(x_ptr + x_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
-            w_mask = r_mask[:, None] & d_mask[None, :]
-            g += tl.load(gate_ptr + row_base + d_off[None, :], mask=w_mask, other=0.0).to(tl.float32) * xv[None, :]
-            u += tl.load(up_ptr + row_base + d_off[None, :], mask=w_mask, other=0.0).to(tl.float32) * xv[None, :]
-        gs = tl.sum(g, axis=1)
-        act = tl.where(r_mask, gs * tl.sigmoid(gs) * tl.sum(u, axis=1), 0.0)
-        tl.store(act_ptr + token * num_rows + r_off, act, mask=in_rows)
-
-    @triton.jit
-    def _streamed_down_kernel(
-        rows_ptr, act_ptr, down_ptr, out_ptr,
-        hidden, num_rows,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ):
-        token = tl.program_id(0)
-        d_off = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = d_off < hidden
-        y = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        for r0 in range(0, num_rows, BLOCK_R):
-            r_off = r0 + tl.arange(0, BLOCK_R)
-            in_rows = r_off < num_rows
-            rows = tl.load(rows_ptr + token * num_rows + r_off, mask=in_rows, other=-1)
-            r_mask = rows >= 0
-            a = tl.load(act_ptr + token * num_rows + r_off, mask=in_rows, other=0.0)
-            dw = tl.load(down_ptr + rows.to(tl.int64)[:, None] * hidden + d_off[None, :],
-                         mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            y += a[:, None] * dw
-        out = tl.sum(y, axis=0)
-        out_off = out_ptr + token.to(tl.int64) * hidden + d_off
-        if ACCUMULATE:  # each element has one owner: a plain read-add-write, no atomics
-            out += tl.load(out_off, mask=d_mask, other=0.0)
-        tl.store(out_off, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-
-
 def _check(x: torch.Tensor, *tables: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("the Triton kernels need the `triton` package")
@@ -261,55 +197,3 @@ def gathered_swiglu_after_sum(
         )
     return acc if out is not None else acc.to(x.dtype)
 
-
-# Programs per launch the streamed kernels aim for (about two per SM on an H100; not yet tuned on
-# a GPU): fewer leave SMs idle at decode, more shorten each program's pipelined loop.
-STREAMED_TARGET_PROGRAMS = 256
-
-
-def _next_pow2(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
-
-
-def _pow2_at_most(value: float, low: int, high: int) -> int:
-    """The largest power of two <= value, clamped to [low, high]."""
-    return max(low, min(high, 1 << max(0, int(value).bit_length() - 1)))
-
-
-def streamed_blocks(tokens: int, num_rows: int, hidden: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((rows, hidden) tile of the gate/up launch, (rows, hidden) tile of the down launch)."""
-    target = STREAMED_TARGET_PROGRAMS
-    gate_rows = _pow2_at_most(tokens * num_rows / target, 2, 32)
-    gate_hidden = min(_next_pow2(hidden), 512, 4096 // gate_rows)  # bounded registers
-    down_hidden = _pow2_at_most(tokens * hidden / target, 16, 128)
-    down_rows = max(2, min(64, 4096 // down_hidden, _next_pow2(num_rows)))
-    return (gate_rows, gate_hidden), (down_rows, down_hidden)
-
-
-def gathered_swiglu_streamed(
-    x: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triton version of `gathered_swiglu_naive` in two launches without atomics (see the module
-    docstring). With `out` (fp32, (N, d)) it adds into it and returns it; otherwise it returns a
-    new tensor in x's dtype, written directly by the down launch."""
-    _check(x, rows, gate, up, down)
-    n, hidden = x.shape
-    num_rows = rows.shape[1]
-    if out is None:
-        out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
-        accumulate = False
-    else:
-        accumulate = True
-    if n == 0:
-        return out
-    if num_rows == 0:
-        return out if accumulate else out.zero_()
-    rows = rows.to(torch.int32)
-    act = torch.empty(n, num_rows, dtype=torch.float32, device=x.device)  # every element written
-    gate_tile, down_tile = streamed_blocks(n, num_rows, hidden)
-    _streamed_gate_up_kernel[(n, triton.cdiv(num_rows, gate_tile[0]))](
-        x, rows, gate, up, act, hidden, num_rows, BLOCK_R=gate_tile[0], BLOCK_D=gate_tile[1])
-    _streamed_down_kernel[(n, triton.cdiv(hidden, down_tile[1]))](
-        rows, act, down, out, hidden, num_rows, BLOCK_R=down_tile[0], BLOCK_D=down_tile[1], ACCUMULATE=accumulate)
-    return out
