@@ -18,7 +18,7 @@ rows report the achieved weight-read bandwidth as a fraction of the device-to-de
 bandwidth measured in the same process (the practical peak), and every tree / MGS case is also
 timed on the other kernel variants (`other_variants`: per-token gathers or masked dense GEMMs for
 the tree; for MGS, per-token gathers or the union GEMM), which is how the dispatch's switch points
-(`GATHER_MAX_ROW_MULTIPLE` in kernels_tree / kernels_mgs) are chosen.
+(`KernelPolicy` in treeffn_hf/modeling/dispatch.py) are chosen.
 """
 
 from __future__ import annotations
@@ -65,21 +65,19 @@ def copy_bandwidth(device: str, dtype: torch.dtype, sync) -> float:
     return 2 * src.numel() / times["copy"]
 
 
-def other_variants(layer: torch.nn.Module, tokens: int) -> list[list[tuple[object, str, object]]]:
-    """Lists of (module, attribute, value) settings, each list making the kernels take another
-    variant at this batch."""
+def other_variants(layer: torch.nn.Module, tokens: int) -> list[dict]:
+    """`KernelPolicy` fields, each dict making the kernels take another variant at this batch
+    (a switch point moved to 0 or infinity)."""
     if isinstance(layer, TreeFFN):
-        from treeffn_hf.modeling import kernels_tree as module
+        from treeffn_hf.modeling import kernels_tree
 
-        now = module.kernel_variant(layer, tokens)
-        return [[(module, "FORCED_VARIANT", v)] for v in module.VARIANTS if v != now]
-    from treeffn_hf.modeling import kernels_mgs as module
+        gathers = kernels_tree.kernel_variant(layer, tokens) == "gather"
+        return [{"tree_gather_max_row_multiple": 0.0 if gathers else math.inf}]
+    from treeffn_hf.modeling import kernels_mgs
 
     if tokens >= 1024:  # per-token gathers of a whole prefill: known to lose, and slow to time
         return []
-    if not module.uses_gather(layer, tokens):
-        return [[(module, "GATHER_MAX_ROW_MULTIPLE", math.inf)]]
-    return [[(module, "GATHER_MAX_ROW_MULTIPLE", 0.0)]]
+    return [{"mgs_gather_max_row_multiple": 0.0 if kernels_mgs.uses_gather(layer, tokens) else math.inf}]
 
 
 def time_side_stack(stack: list, x: torch.Tensor, device: str, rounds: int, calls: int, sync,
@@ -87,15 +85,16 @@ def time_side_stack(stack: list, x: torch.Tensor, device: str, rounds: int, call
     return timed({"other": partial(run_stack, stack, x)}, capturable(device, path), rounds, calls, sync)
 
 
-def side_variant(layer: torch.nn.Module, x: torch.Tensor, settings: list, time_stack, copies: int) -> dict:
-    """One `other_variants` setting: checked against the reference, then timed. A variant that
-    fails or is off is recorded with its error and not timed (the kernel tests say more); it
-    does not end the run, whose other cases still count."""
-    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
-    row = {"settings": {name: str(value) for _, name, value in settings}}
-    for module, name, value in settings:
-        setattr(module, name, value)
+def side_variant(stack: list, x: torch.Tensor, settings: dict, time_stack, copies: int) -> dict:
+    """One `other_variants` setting, given to every layer of the stack: checked against the
+    reference on the first, then timed. A variant that fails or is off is recorded with its error
+    and not timed (the kernel tests say more); it does not end the run, whose other cases still
+    count. The policies are restored afterwards."""
+    layer, saved = stack[0], [member.kernel_policy for member in stack]
+    row = {"settings": {name: str(value) for name, value in settings.items()}}
     try:
+        for member in stack:
+            member.kernel_policy = member.kernel_policy.replace(**settings)
         out = layer(x)
         row["path"] = layer.last_path  # before the reference call below
         row["median_token_rel_error"], _ = error_vs_reference(layer, x, out)
@@ -108,8 +107,8 @@ def side_variant(layer: torch.nn.Module, x: torch.Tensor, settings: list, time_s
     except Exception as failure:  # noqa: BLE001 - the failure is the finding
         row["error"] = f"{type(failure).__name__}: {failure}"
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for member, policy in zip(stack, saved):
+            member.kernel_policy = policy
     return row
 
 
@@ -293,7 +292,7 @@ def run(args: argparse.Namespace) -> dict:
                         if device == "cuda":  # the other variants: the switch points
                             time_stack = partial(time_side_stack, sparse_stack, x, device, args.rounds, calls, sync)
                             for settings in other_variants(layer, tokens):
-                                others.append(side_variant(layer, x, settings, time_stack, copies))
+                                others.append(side_variant(sparse_stack, x, settings, time_stack, copies))
                                 if "error" in others[-1]:
                                     print(f"  side variant {others[-1]['settings']}: {others[-1]['error']}", flush=True)
                     del sparse_stack

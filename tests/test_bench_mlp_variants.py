@@ -38,7 +38,7 @@ def paths_of_every_variant(bench_mlp, layer, tokens):
         layer(x)
         paths = [layer.last_path]
         for settings in bench_mlp.other_variants(layer, tokens):
-            row = bench_mlp.side_variant(layer, x, settings, untimed, copies=1)
+            row = bench_mlp.side_variant([layer], x, settings, untimed, copies=1)
             assert "error" not in row, row
             assert row["median_token_rel_error"] < 1e-4, row  # fp32: far inside the benchmark's limit
             paths.append(row["path"])
@@ -63,6 +63,7 @@ def test_a_failing_side_variant_is_recorded_and_its_setting_restored(bench_mlp):
     layer.force_path = "triton"
     x = torch.randn(1, HIDDEN, device=DEVICE)
     with torch.no_grad():
-        row = bench_mlp.side_variant(layer, x, [(kernels_tree, "FORCED_VARIANT", "bogus")], untimed, copies=1)
-    assert row["error"].startswith("ValueError") and "FORCED_VARIANT" in row["error"]
-    assert "ms" not in row and kernels_tree.FORCED_VARIANT is None
+        before = layer.kernel_policy
+        row = bench_mlp.side_variant([layer], x, {"tree_variant": "bogus"}, untimed, copies=1)
+    assert row["error"].startswith("ValueError") and "no field 'tree_variant'" in row["error"]
+    assert "ms" not in row and layer.kernel_policy is before

@@ -3,6 +3,7 @@ reference path. Without a GPU they run under TRITON_INTERPRET=1 on CPU tensors (
 with one, the same tests run on CUDA, in bf16 as well."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -145,9 +146,11 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name):
 @pytest.mark.parametrize("tokens,variant", [(1, None), (7, None), (33, None), (33, "gather"), (33, "masked_dense")],
                          ids=["1", "7", "33", "33-gather", "33-masked-dense"])
 @pytest.mark.parametrize("name", TREE_SPECS)
-def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype, monkeypatch):
-    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", variant)  # every variant on every spec
+def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype):
     layer = random_layer(TreeFFN(HIDDEN, INTER, TREE_SPECS[name], nn.SiLU()), dtype)
+    if variant is not None:  # every variant on every spec, through the layer's policy
+        forced = {"gather": math.inf, "masked_dense": 0.0}[variant]
+        layer.kernel_policy = layer.kernel_policy.replace(tree_gather_max_row_multiple=forced)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
     got, _ = run_both(layer, x)
     ran = kernels_tree.kernel_variant(layer, tokens)
@@ -190,16 +193,19 @@ def test_mgs_quantized_predictor_runs_on_the_kernels(selection, tokens):
 
 def test_tree_switches_to_the_masked_dense_gemms_once_gathers_would_read_more_than_the_layer():
     layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
-    switch = kernels_tree.GATHER_MAX_ROW_MULTIPLE * INTER / layer.spec.active_units
+    switch = layer.kernel_policy.tree_gather_max_row_multiple * INTER / layer.spec.active_units
     assert kernels_tree.kernel_variant(layer, 1) == "gather"
     assert kernels_tree.kernel_variant(layer, int(switch)) == "gather"
     assert kernels_tree.kernel_variant(layer, int(switch) + 1) == "masked_dense"
 
 
-def test_a_bad_forced_tree_variant_is_refused(monkeypatch):
-    monkeypatch.setattr(kernels_tree, "FORCED_VARIANT", "dense")
-    with pytest.raises(ValueError, match="FORCED_VARIANT"):
-        kernels_tree.kernel_variant(TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU()), 1)
+def test_a_bad_kernel_policy_is_refused_when_it_is_set():
+    layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
+    with pytest.raises(ValueError, match="no field 'tree_variant'"):
+        layer.kernel_policy.replace(tree_variant="dense")
+    with pytest.raises(ValueError, match="must be one of"):
+        layer.force_path = "fast"
+    assert layer.force_path is None and layer.kernel_policy.path == "auto"
 
 
 def test_mgs_threshold_selection_on_the_kernel():
@@ -215,7 +221,7 @@ def test_mgs_threshold_selection_on_the_kernel():
 
 def test_large_mgs_batches_hand_over_to_the_union_gemm_and_say_so():
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()), torch.float32)
-    tokens = int(kernels_mgs.GATHER_MAX_ROW_MULTIPLE * INTER / layer.spec.top_k(INTER)) + 1
+    tokens = int(layer.kernel_policy.mgs_gather_max_row_multiple * INTER / layer.spec.top_k(INTER)) + 1
     assert kernels_mgs.uses_gather(layer, tokens - 1) and not kernels_mgs.uses_gather(layer, tokens)
     x = torch.randn(tokens, HIDDEN, device=DEVICE)
     got, want = run_both(layer, x)

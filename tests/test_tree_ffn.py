@@ -170,14 +170,14 @@ def test_fast_torch_path_equals_reference(spec, tokens):
 
 
 @pytest.mark.parametrize("depth", [1, 2, 5, 6])
-def test_fast_routing_equals_level_by_level_walk(depth):
+def test_routing_from_all_scores_equals_level_by_level_walk(depth):
     from treeffn_hf.modeling.tree_ffn import tree_route
-    from treeffn_hf.modeling.tree_ffn_torch import route_fast
+    from treeffn_hf.modeling.tree_ffn_torch import route_from_scores
 
     vectors, bias = torch.randn(3, 2**depth - 1, 16), torch.randn(3, 2**depth - 1)
     x = torch.randn(200, 16)
     leaf, path = tree_route(x, vectors, bias, depth)
-    fast_leaf, fast_path = route_fast(x, vectors, bias, depth)
+    fast_leaf, fast_path = route_from_scores(torch.einsum("nd,tjd->ntj", x, vectors) + bias, depth)
     assert torch.equal(fast_leaf, leaf) and torch.equal(fast_path, path)
 
 

@@ -8,20 +8,26 @@
 - `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
 
 `auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
-support the layer, `cpu` for up to `kernels_cpu.MAX_TOKENS` CPU tokens and `cpu:scores` for
-more when the C kernel supports the layer, and `torch` otherwise. `TREEFFN_PATH=reference|torch|cpu|cpu:scores|triton|auto` forces one
-for the whole process, a layer's `force_path` attribute for that layer; forcing `triton` or `cpu`
-where its kernel cannot run, or a forward-only path where gradients are needed, is an error,
-never a silent fallback. Each layer records what it last ran
-in `last_path` (`triton:<kernels>` when the kernels did), so benchmarks and `treeffn info` never
-mistake one path for another.
+support the layer, `cpu` for up to `cpu_fused_max_tokens` CPU tokens and `cpu:scores` for more
+when the C kernel supports the layer, and `torch` otherwise.
+
+Every sparse layer carries a `KernelPolicy`, the one place these choices live: the path
+(`auto` or a forced one) and the switch points between kernel variants. A layer starts with the
+policy of its model's config (`kernel_policy`) and `TREEFFN_PATH` (read once, when the layer is
+built); `model.set_kernel_policy(...)` changes every layer of a model, loaded remote code
+included, and `layer.force_path` is the policy's path. Forcing `triton`, `cpu` or `cpu:scores`
+where its kernel cannot run, or anything but `reference` where gradients are needed, is an error,
+never a silent fallback. Each layer records what it last ran in `last_path`
+(`triton:<kernels>` when the kernels did), so benchmarks and `treeffn info` never mistake one
+path for another.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -30,6 +36,65 @@ from .kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
 from .kernels_cpu import cpu_kernel_unavailable_reason
 
 PATHS = ("reference", "torch", "cpu", "cpu:scores", "triton")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """Which implementation a sparse layer runs, and where it switches between kernel variants.
+
+    - `path`: `auto` (the rules above) or one of `PATHS`, forced;
+    - `cpu_fused_max_tokens`: up to this many tokens the fused C kernel runs, beyond it
+      `cpu:scores` (one SmolLM2- and one 1B-shaped layer, cache-hot, informal: the fused kernel
+      is faster up to 32 tokens on both, within 15% either way at 64, 1.3x slower at 128);
+    - `tree_gather_max_row_multiple`: a tree batch takes per-token gathers while tokens x active
+      units <= this x intermediate, else masked cuBLAS GEMMs over all rows (0 forces those, inf
+      the gathers). Per-token gathers read each token's rows separately, so past about one
+      layer's worth they read more bytes than the GEMMs; on the H100 run of bench_mlp.py the
+      gathers ran at 1.0-1.1x of cuBLAS at 1.0 layer's worth and 0.65-0.73x at 2;
+    - `mgs_gather_max_row_multiple`: the MGS Triton gathers run while tokens x selected <= this x
+      intermediate, else the PyTorch union path. On the H100 the gathers beat the union path at
+      4x and 6.4x as CUDA graphs and lost at 8x (that run dispatched on "<= 8 tokens": this rule
+      is not yet measured as the main path).
+    """
+
+    path: str = "auto"
+    cpu_fused_max_tokens: int = CPU_KERNEL_MAX_TOKENS
+    tree_gather_max_row_multiple: float = 1.25
+    mgs_gather_max_row_multiple: float = 7.0
+
+    def __post_init__(self) -> None:
+        if self.path != "auto" and self.path not in PATHS:
+            raise ValueError(f"the kernel policy's path (TREEFFN_PATH / force_path) must be one of {PATHS} "
+                             f"or 'auto', got {self.path!r}")
+
+    def replace(self, **fields: Any) -> "KernelPolicy":
+        unknown = set(fields) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"KernelPolicy has no field {sorted(unknown)[0]!r}")
+        return dataclasses.replace(self, **fields)
+
+
+def initial_policy(config_fields: Optional[dict] = None) -> KernelPolicy:
+    """A new layer's policy: the config's `kernel_policy` fields, its path overridden by
+    `TREEFFN_PATH` when that is set (read here, once per layer built)."""
+    policy = KernelPolicy().replace(**(config_fields or {}))
+    forced = os.environ.get("TREEFFN_PATH")
+    return policy.replace(path=forced) if forced else policy
+
+
+class KernelPolicyMixin:
+    """`kernel_policy`, set in the layer's constructor, and `force_path`: its path, None for auto."""
+
+    kernel_policy: KernelPolicy
+
+    @property
+    def force_path(self) -> Optional[str]:
+        path = self.kernel_policy.path
+        return None if path == "auto" else path
+
+    @force_path.setter
+    def force_path(self, path: Optional[str]) -> None:
+        self.kernel_policy = self.kernel_policy.replace(path=path or "auto")
 
 
 def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> Optional[str]:
@@ -50,9 +115,8 @@ def triton_unavailable_reason(layer: torch.nn.Module, device: torch.device) -> O
 
 
 def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
-    forced = getattr(layer, "force_path", None) or os.environ.get("TREEFFN_PATH", "auto")
-    if forced != "auto" and forced not in PATHS:
-        raise ValueError(f"TREEFFN_PATH / force_path must be one of {PATHS} or 'auto', got {forced!r}")
+    policy = layer.kernel_policy
+    forced = policy.path
     # Training goes through the reference path, whose gradients (straight-through terms included)
     # the tests pin down; the other paths are forward-only, so forcing one would drop gradients.
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
@@ -73,7 +137,7 @@ def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
     if x.is_cuda:
         return "triton" if triton_unavailable_reason(layer, x.device) is None else "torch"
     if cpu_kernel_unavailable_reason(layer, x) is None:
-        return "cpu" if x.shape[0] <= CPU_KERNEL_MAX_TOKENS else "cpu:scores"
+        return "cpu" if x.shape[0] <= policy.cpu_fused_max_tokens else "cpu:scores"
     return "torch"
 
 
@@ -83,7 +147,8 @@ def inference_paths(layer: torch.nn.Module) -> dict[str, str]:
     cpu = cpu_kernel_unavailable_reason(layer)
     return {
         "cuda": "triton kernels" if cuda is None else f"PyTorch sparse path ({cuda})",
-        "cpu": (f"C kernel up to {CPU_KERNEL_MAX_TOKENS} tokens; beyond, its scores and the PyTorch path's GEMMs"
+        "cpu": (f"C kernel up to {layer.kernel_policy.cpu_fused_max_tokens} tokens; beyond, its scores and the "
+                "PyTorch path's GEMMs"
                 if cpu is None
                 else f"PyTorch sparse path ({cpu})"),
     }

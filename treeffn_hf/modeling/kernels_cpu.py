@@ -50,11 +50,8 @@ import torch.nn.functional as F
 from .activations import computes_silu
 from .predictors import dequantize_int4, pack_nibbles, unpack_nibbles
 
-# Up to this many tokens the fused kernel computes the layer; beyond, the kernel only scores (its
-# scoring GEMM) and the layer's float32 GEMMs compute the selection, which amortise the weights over
-# the batch better than the fused kernel's gathered rows (one SmolLM2- and one 1B-shaped layer,
-# cache-hot, informal: the fused kernel is faster up to 32 tokens on both, within 15% either way at
-# 64, and 1.3x slower at 128).
+# The default of KernelPolicy.cpu_fused_max_tokens: up to this many tokens the fused kernel
+# computes the layer, beyond them `cpu:scores` (dispatch.py says why).
 MAX_TOKENS = 64
 
 SOURCE = r"""

@@ -16,21 +16,16 @@ import torch
 
 from .kernels_gather import gathered_swiglu
 from .mgs_selection import padded_rows
-from .mgs_torch import down_rows, mgs_fast
-
-# Per-token gathers read (tokens x selected) rows; the union GEMM reads the union once but waits
-# on the host for its size. In the H100 run of benchmarks/bench_mlp.py (its side-variant timings)
-# the gathers beat the union path at 4x and 6.4x intermediate as CUDA graphs (eagerly, launch
-# overhead ties or loses) and lost at 8x either way; the boundary sits between. That run
-# dispatched on "<= 8 tokens", so this rule is not yet measured as the main path.
-GATHER_MAX_ROW_MULTIPLE = 7.0
+from .mgs_torch import down_rows, mgs_torch_path
 
 
 def uses_gather(layer, tokens: int) -> bool:
-    """Whether `tokens` tokens go through the gather kernels (else the PyTorch union path)."""
+    """Whether `tokens` tokens go through the gather kernels (else the PyTorch union path): the
+    kernel policy's `mgs_gather_max_row_multiple`. Per-token gathers read (tokens x selected)
+    rows; the union GEMM reads the union once but waits on the host for its size."""
     per_token = layer.spec.top_k(layer.intermediate_size) if layer.spec.selection == "top_k" else (
         layer.spec.density * layer.intermediate_size)  # threshold: calibrated to this density
-    return tokens * per_token <= GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
+    return tokens * per_token <= layer.kernel_policy.mgs_gather_max_row_multiple * layer.intermediate_size
 
 
 def selected_rows(layer, scores: torch.Tensor) -> torch.Tensor:
@@ -41,7 +36,7 @@ def selected_rows(layer, scores: torch.Tensor) -> torch.Tensor:
 def mgs_triton(layer, x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Forward of a `MicroGatedMLP` on the kernels; returns (output, which path ran)."""
     if not uses_gather(layer, x.shape[0]):
-        return mgs_fast(layer, x, scores), "torch"
+        return mgs_torch_path(layer, x, scores), "torch"
     rows = selected_rows(layer, scores)
     # top-k selects a known number per token: no counting kernel on the decode path
     selected = rows.numel() if layer.spec.selection == "top_k" else (rows >= 0).sum(dtype=torch.float32)

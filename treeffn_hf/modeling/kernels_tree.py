@@ -29,18 +29,7 @@ try:
 except ImportError:
     triton = None
 
-VARIANTS = ("gather", "masked_dense")
-# Per-token gathers read each token's rows separately, so past about one layer's worth of rows per
-# batch (tokens x active units ~ intermediate) they read more weight bytes than the dense GEMMs. On
-# the H100 run of benchmarks/bench_mlp.py (results/bench_mlp_cuda.json, CUDA graphs) the gathers
-# ran at 1.0-1.1x of cuBLAS at 1.0 layer's worth, 0.65-0.73x at 2, and the grouped GEMM lost to
-# cuBLAS at every batch it ran (64 and 2048 tokens: 0.25-0.85x; since removed). So past the switch
-# point the batch runs cuBLAS over all stored rows with the off-path rows masked (`masked_dense`, a
-# little above the dense cost).
-GATHER_MAX_ROW_MULTIPLE = 1.25
-# One variant for every batch (None: by batch size, as above); the benchmark (which times the
-# other variant of each case) and the tests set it.
-FORCED_VARIANT = None
+VARIANTS = ("gather", "masked_dense")  # the switch point: KernelPolicy.tree_gather_max_row_multiple
 
 
 def tree_route_naive(x, vectors, bias, num_trees: int, depth: int):
@@ -136,7 +125,7 @@ def tree_route_rows_triton(layer, x: torch.Tensor, vectors: torch.Tensor, bias):
     path = torch.empty(n, s.num_trees, s.depth, dtype=torch.int32, device=x.device)
     if n:
         _tree_route_rows_kernel[(n, s.num_trees)](
-            x.contiguous(), vectors, bias.contiguous() if bias is not None else vectors, layer.leaf_slots(x.device),
+            x.contiguous(), vectors, bias.contiguous() if bias is not None else vectors, layer.slot_table(x.device),
             rows, leaf, path, hidden, s.num_trees, s.num_nodes, s.num_leaves, layer.node_rows,
             layer.node_rows + layer.leaf_rows,
             row_stride, DEPTH=s.depth, NODE_WIDTH=s.node_width, LEAF_WIDTH=s.leaf_width, SHARED=s.shared_width,
@@ -152,7 +141,7 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     for per-node activation (N, T * (depth * node_width + leaf_width)) rows, flattened."""
     s = layer.spec
     trees = torch.arange(s.num_trees, device=leaf.device)
-    leaf_start = layer.node_rows + layer.leaf_slots(leaf.device)[trees, leaf] * s.leaf_width  # (N, T)
+    leaf_start = layer.node_rows + layer.slot_table(leaf.device)[trees, leaf] * s.leaf_width  # (N, T)
     leaf_rows = leaf_start[:, :, None] + torch.arange(s.leaf_width, device=leaf.device)
     if not s.node_width:
         return leaf_rows.reshape(leaf.shape[0], -1)
@@ -164,13 +153,10 @@ def path_rows(layer, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_variant(layer, tokens: int) -> str:
-    """Which of `VARIANTS` runs a batch of `tokens` tokens through `layer` (see GATHER_MAX_ROW_MULTIPLE)."""
-    if FORCED_VARIANT is not None:
-        if FORCED_VARIANT not in VARIANTS:
-            raise ValueError(f"kernels_tree.FORCED_VARIANT must be one of {VARIANTS} or None, got {FORCED_VARIANT!r}")
-        return FORCED_VARIANT
-    gathers_fit = tokens * layer.spec.active_units <= GATHER_MAX_ROW_MULTIPLE * layer.intermediate_size
-    return "gather" if gathers_fit else "masked_dense"
+    """Which of `VARIANTS` runs a batch of `tokens` tokens through `layer` (its kernel policy's
+    `tree_gather_max_row_multiple`)."""
+    limit = layer.kernel_policy.tree_gather_max_row_multiple * layer.intermediate_size
+    return "gather" if tokens * layer.spec.active_units <= limit else "masked_dense"
 
 
 def tree_ffn_triton(layer, x: torch.Tensor) -> tuple[torch.Tensor, str]:

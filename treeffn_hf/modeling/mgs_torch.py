@@ -51,7 +51,7 @@ def _union_expected_too_large(layer, tokens: int) -> bool:
     return expected > 2 * GATHER_MAX_FRACTION
 
 
-def mgs_fast(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def mgs_torch_path(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a MicroGatedMLP) for x: (N, hidden) and its gate scores (N, H)."""
     bias = layer.down_proj.bias
     width = scores.shape[-1]

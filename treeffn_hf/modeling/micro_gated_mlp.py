@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dispatch import choose_path
+from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .kernels_cpu import mgs_nested_cpu, nested_scores_cpu
 from .layer_spec import MGSSpec
 from .mgs_selection import selection_mask
-from .mgs_torch import mgs_fast
+from .mgs_torch import mgs_torch_path
 from .predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
@@ -32,7 +32,7 @@ def build_predictor(spec: MGSSpec, hidden_size: int, intermediate_size: int, act
 
 
 
-class MicroGatedMLP(nn.Module):
+class MicroGatedMLP(KernelPolicyMixin, nn.Module):
     """Drop-in replacement for a gated MLP block that computes only the gate-selected neurons."""
 
     sparse_method = "mgs"
@@ -60,7 +60,7 @@ class MicroGatedMLP(nn.Module):
         # Progressive sparsity, on the training (reference) path only: 0 computes every neuron, 1
         # the calibrated selection; inference paths always use the calibrated selection.
         self.selection_ramp = 1.0
-        self.force_path: Optional[str] = None
+        self.kernel_policy = initial_policy()
         self.last_path: Optional[str] = None
 
     @property
@@ -83,7 +83,7 @@ class MicroGatedMLP(nn.Module):
             state["_units_counted"] += selected
             return out.reshape(shape)
         if path == "cpu:scores":  # the kernel scores, the PyTorch path's GEMMs compute (many tokens)
-            return mgs_fast(self, x, nested_scores_cpu(self, x)).reshape(shape)
+            return mgs_torch_path(self, x, nested_scores_cpu(self, x)).reshape(shape)
         scores = self.micro_gate(x)
         if path == "triton":
             from .kernels_mgs import mgs_triton  # imports triton only when the kernels run
@@ -91,7 +91,7 @@ class MicroGatedMLP(nn.Module):
             out, self.last_path = mgs_triton(self, x, scores)
             return out.reshape(shape)
         if path == "torch":
-            return mgs_fast(self, x, scores).reshape(shape)
+            return mgs_torch_path(self, x, scores).reshape(shape)
         mask = selection_mask(scores, self.spec, self.gate_threshold, self.selection_ramp).to(scores.dtype)
         self._record_density(mask)
         # A quantised predictor has no parameters: its scores carry no gradient, nor would the term.

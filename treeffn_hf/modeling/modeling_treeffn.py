@@ -31,6 +31,7 @@ from .configuration_treeffn import (
     TreeFFNQwen2Config,
     TreeFFNQwen3Config,
 )
+from .dispatch import initial_policy
 from .layer_spec import InvalidSpecError
 from .micro_gated_mlp import MicroGatedMLP
 from .sparse_cost import SparseCost
@@ -49,10 +50,13 @@ def build_sparse_mlp(config, layer_index: int = 0) -> nn.Module:
     if spec.method == "tree":
         if bias:
             raise InvalidSpecError("tree conversion of MLPs with biases (mlp_bias=True) is not supported")
-        return TreeFFN(config.hidden_size, config.intermediate_size, spec, act_fn)
-    if spec.method == "mgs":
-        return MicroGatedMLP(config.hidden_size, config.intermediate_size, spec, act_fn, bias=bias)
-    raise InvalidSpecError(f"unsupported sparse spec {spec!r}")
+        layer = TreeFFN(config.hidden_size, config.intermediate_size, spec, act_fn)
+    elif spec.method == "mgs":
+        layer = MicroGatedMLP(config.hidden_size, config.intermediate_size, spec, act_fn, bias=bias)
+    else:
+        raise InvalidSpecError(f"unsupported sparse spec {spec!r}")
+    layer.kernel_policy = initial_policy(getattr(config, "kernel_policy", None))
+    return layer
 
 
 def is_sparse_mlp(module: nn.Module) -> bool:
@@ -92,6 +96,14 @@ class SparseMLPPreTrainedMixin:
         for index, layer in enumerate(self._decoder().layers):
             if is_sparse_mlp(layer.mlp):
                 yield index, layer.mlp
+
+    def set_kernel_policy(self, **fields) -> None:
+        """Set these `KernelPolicy` fields (`path`, the switch points) in every sparse MLP, and in
+        the config, so that a saved model keeps them. Keywords, not a KernelPolicy, because a
+        model loaded with trust_remote_code has its own copy of that class."""
+        for _, mlp in self.sparse_mlps():
+            mlp.kernel_policy = mlp.kernel_policy.replace(**fields)
+        self.config.kernel_policy = {**(getattr(self.config, "kernel_policy", None) or {}), **fields}
 
     def sparse_cost(self) -> SparseCost:
         """Per-token active fraction of MLP units and weights, summed over all layers."""

@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dispatch import choose_path
+from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import TreeSpec
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
-from .tree_ffn_torch import tree_ffn_fast
+from .tree_ffn_torch import tree_torch_path
 
 
 def tree_route(
@@ -62,7 +62,7 @@ def tree_route(
     return position, torch.stack(path, dim=-1)
 
 
-class TreeFFN(nn.Module):
+class TreeFFN(KernelPolicyMixin, nn.Module):
     """Drop-in replacement for a gated MLP block (`LlamaMLP` and its twins)."""
 
     sparse_method = "tree"
@@ -85,7 +85,7 @@ class TreeFFN(nn.Module):
         self.usage: Optional["TreeUsage"] = None
         self.routing_gradient: Optional[str] = None  # None (stop-gradient) or "straight_through"
         self.routing_temperature: float = 1.0
-        self.force_path: Optional[str] = None
+        self.kernel_policy = initial_policy()
         self.last_path: Optional[str] = None
         self._tables: dict = {}  # leaf slots and forced-branch bias per device (derived from the spec)
 
@@ -127,7 +127,7 @@ class TreeFFN(nn.Module):
         start = self.node_rows + slot * self.spec.leaf_width
         return table[start : start + self.spec.leaf_width]
 
-    def leaf_slots(self, device: torch.device) -> torch.Tensor:
+    def slot_table(self, device: torch.device) -> torch.Tensor:
         """(trees, leaves) int64: the stored block of each leaf (a pruned leaf, which no path
         reaches, points at a live block of its tree)."""
         key = ("slots", str(device))
@@ -180,7 +180,7 @@ class TreeFFN(nn.Module):
 
             out, self.last_path = tree_ffn_triton(self, x)
         elif self.last_path == "torch":
-            out = tree_ffn_fast(self, x)
+            out = tree_torch_path(self, x)
         else:
             leaf, path = self.route(x)
             if self.usage is not None:
@@ -244,7 +244,7 @@ def tree_ffn_masked_dense(
     up = x @ layer.up_rows.T
     node_end, leaf_end = layer.node_rows, layer.node_rows + layer.leaf_rows
 
-    slot = layer.leaf_slots(x.device)[torch.arange(trees, device=x.device), leaf]  # (N, T) stored leaf blocks
+    slot = layer.slot_table(x.device)[torch.arange(trees, device=x.device), leaf]  # (N, T) stored leaf blocks
     leaf_index = slot[:, :, None].expand(n_tok, trees, spec.leaf_width)
     leaf_shape = (n_tok, spec.stored_leaves, spec.leaf_width)
     leaf_g = gate[:, node_end:leaf_end].reshape(leaf_shape).gather(1, leaf_index)

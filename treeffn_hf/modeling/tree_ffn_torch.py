@@ -82,15 +82,10 @@ def routing_matrix(layer) -> torch.Tensor:
     return cached[1]
 
 
-def route_fast(x: torch.Tensor, vectors: torch.Tensor, bias, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same result as `tree_route`, without a loop over levels. x: (N, d); vectors: (T, nodes, d)."""
-    scores = torch.einsum("nd,tjd->ntj", x, vectors)
-    if bias is not None:
-        scores = scores + bias
-    return _route_scores(scores, depth)
-
-
-def _route_scores(scores: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route_from_scores(scores: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leaf, path) of every tree from all its node scores (N, T, nodes) at once: the leaf whose
+    root-to-leaf signs agree most with the scores' signs, which is the leaf `tree_route`'s
+    level-by-level walk reaches, without a loop over levels."""
     paths, leaf_signs = _routing_tables(depth)
     signs = torch.where(scores > 0, 1.0, -1.0).to(torch.float32)
     leaf = (signs @ leaf_signs.to(scores.device).T).argmax(dim=-1)
@@ -104,7 +99,7 @@ def _walk(scores: list[float], depth: int) -> int:
     return position
 
 
-def tree_ffn_fast(layer, x: torch.Tensor) -> torch.Tensor:
+def tree_torch_path(layer, x: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a TreeFFN) for x: (N, hidden)."""
     spec = layer.spec
     bias = routing_bias(layer)
@@ -115,7 +110,7 @@ def tree_ffn_fast(layer, x: torch.Tensor) -> torch.Tensor:
         leaves = [_walk(scores[t * nodes : (t + 1) * nodes], spec.depth) for t in range(spec.num_trees)]
         return _one_token(layer, x, leaves)
     scores = F.linear(x, routing_matrix(layer), bias)
-    leaf, path = _route_scores(scores.view(-1, spec.num_trees, spec.num_nodes), spec.depth)
+    leaf, path = route_from_scores(scores.view(-1, spec.num_trees, spec.num_nodes), spec.depth)
     if layer.usage is not None:
         layer.usage.record(leaf, path)
     if x.shape[0] * layer.cost().active_units <= layer.intermediate_size:
