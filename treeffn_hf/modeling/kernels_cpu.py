@@ -282,6 +282,13 @@ static inline __m512 silu_ps(__m512 v) {
     return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v))));
 }
 
+/* The predictor's scores |silu(g~) u~| of neurons i..i+15 (`valid` lanes) from one token's coarse
+   row: its gate rows at c[i], its up rows at c[I + i]. */
+static inline __m512 neuron_scores(const float *c, int i, int I, __mmask16 valid) {
+    const __m512 g = _mm512_maskz_loadu_ps(valid, c + i), u = _mm512_maskz_loadu_ps(valid, c + I + i);
+    return _mm512_abs_ps(_mm512_mul_ps(silu_ps(g), u));
+}
+
 /* Four rows of down (H2, I), float32 or bf16 (WEIGHT, LOAD), times NT tokens of h (padded, I):
    four rows a block so that the prefetcher follows four streams; each weight vector is loaded once
    for the block's tokens. */
@@ -379,9 +386,7 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
         const __mmask16 valid = first_lanes(I - i);
         __mmask16 any = 0;
         for (int t = 0; t < n; ++t) {
-            const float *c = coarse + (size_t)t * R;
-            const __m512 g = _mm512_maskz_loadu_ps(valid, c + i), u = _mm512_maskz_loadu_ps(valid, c + I + i);
-            const __m512 score = _mm512_abs_ps(_mm512_mul_ps(silu_ps(g), u));
+            const __m512 score = neuron_scores(coarse + (size_t)t * R, i, I, valid);
             if (scores) _mm512_mask_storeu_ps(scores + (size_t)t * I + i, valid, score);
             const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, score, _mm512_set1_ps(threshold), _CMP_GT_OQ);
             chosen[(size_t)t * blocks + k] = m;
@@ -492,8 +497,7 @@ void mgs_nested_scores(const Layer *L, int n, const float *x, float *scores, int
         const float *c = coarse + (size_t)t * R;
         for (int i = 0; i < I; i += 16) {
             const __mmask16 valid = first_lanes(I - i);
-            const __m512 g = _mm512_maskz_loadu_ps(valid, c + i), u = _mm512_maskz_loadu_ps(valid, c + I + i);
-            _mm512_mask_storeu_ps(scores + (size_t)t * I + i, valid, _mm512_abs_ps(_mm512_mul_ps(silu_ps(g), u)));
+            _mm512_mask_storeu_ps(scores + (size_t)t * I + i, valid, neuron_scores(c, i, I, valid));
         }
     }
     free(coarse);
