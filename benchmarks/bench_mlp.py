@@ -41,10 +41,10 @@ from common import RESULTS, cuda_graph_replay, interleaved_median, machine, writ
 from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_threshold  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
-from treeffn_hf.modeling import kernels_cpu  # noqa: E402
+from treeffn_hf.modeling import mgs_kernels_cpu  # noqa: E402
 from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.modeling.sparse_cost import SERVED_BYTES_PER_WEIGHT  # noqa: E402
-from treeffn_hf.modeling.tree_ffn import TreeUsage  # noqa: E402
+from treeffn_hf.modeling.tree_layer import TreeUsage  # noqa: E402
 
 SHAPES = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192), "llama-8b": (4096, 14336), "tiny": (64, 256)}
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.03)
@@ -69,15 +69,15 @@ def other_variants(layer: torch.nn.Module, tokens: int) -> list[dict]:
     """`KernelPolicy` fields, each dict making the kernels take another variant at this batch
     (a switch point moved to 0 or infinity)."""
     if isinstance(layer, TreeFFN):
-        from treeffn_hf.modeling import kernels_tree
+        from treeffn_hf.modeling import tree_kernels
 
-        gathers = kernels_tree.kernel_variant(layer, tokens) == "gather"
+        gathers = tree_kernels.kernel_variant(layer, tokens) == "gather"
         return [{"tree_gather_max_row_multiple": 0.0 if gathers else math.inf}]
-    from treeffn_hf.modeling import kernels_mgs
+    from treeffn_hf.modeling import mgs_kernels
 
     if tokens >= 1024:  # per-token gathers of a whole prefill: known to lose, and slow to time
         return []
-    return [{"mgs_gather_max_row_multiple": 0.0 if kernels_mgs.uses_gather(layer, tokens) else math.inf}]
+    return [{"mgs_gather_max_row_multiple": 0.0 if mgs_kernels.uses_gather(layer, tokens) else math.inf}]
 
 
 def time_side_stack(stack: list, x: torch.Tensor, device: str, rounds: int, calls: int, sync,
@@ -132,11 +132,11 @@ def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype)
 def other_cpu_path(stack: list, x: torch.Tensor, ran: str, dense_seconds: float, rounds: int,
                    calls: int) -> dict:
     """The stack of MGS layers forced onto the CPU path it did not take (the C kernel or the
-    PyTorch path), timed alone: where the dispatch's token limit (kernels_cpu.MAX_TOKENS) comes
+    PyTorch path), timed alone: where the dispatch's token limit (mgs_kernels_cpu.MAX_TOKENS) comes
     from. `dense_seconds` is the dense stack's time, so the speed-up compares like with like."""
     other = "torch" if ran == "cpu" else "cpu"
     row = {"settings": {"force_path": other}, "path": other}
-    reason = kernels_cpu.cpu_kernel_unavailable_reason(stack[0], x) if other == "cpu" else None
+    reason = mgs_kernels_cpu.cpu_kernel_unavailable_reason(stack[0], x) if other == "cpu" else None
     if reason is not None:
         return {**row, "error": reason}
     for layer in stack:
@@ -157,7 +157,7 @@ def error_vs_reference(layer: torch.nn.Module, x: torch.Tensor, fast: torch.Tens
     score or gate score falls the other way in the two paths' rounding is off as a whole; the
     median ignores those few, the fraction counts them."""
     if oracle == "naive_cpu":
-        reference = kernels_cpu.mgs_nested_naive(layer, x)[0].float()
+        reference = mgs_kernels_cpu.mgs_nested_naive(layer, x)[0].float()
     else:
         forced, layer.force_path = layer.force_path, "reference"
         try:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_median, machine, write_json  # noqa: E402
 
-from treeffn_hf.modeling.predictors import dequantize_int4, quantize_int4  # noqa: E402
+from treeffn_hf.modeling.mgs_predictors import dequantize_int4, quantize_int4  # noqa: E402
 
 SHAPES = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192)}
 GROUP = 64

@@ -35,7 +35,7 @@ from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import protocol_windows  # noqa: E402
-from treeffn_hf.modeling import kernels_cpu  # noqa: E402
+from treeffn_hf.modeling import mgs_kernels_cpu  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--densities", default="0.8,0.5")
     parser.add_argument("--windows", type=int, default=40)
     args = parser.parse_args()
-    reason = kernels_cpu.library_error()
+    reason = mgs_kernels_cpu.library_error()
     if reason is not None:
         raise SystemExit(f"the CPU kernel cannot run here: {reason}")
     torch.set_num_threads(2)

@@ -37,6 +37,7 @@ from common import DATA, RESULTS, distilled_tree, finetuned_checkpoint, machine,
 
 from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
+from treeffn_hf.conversion.distillation import DISTILL_LR  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--curve-windows", type=int, default=2, help="windows per point of the training curve")
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
     parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--distill-lr", type=float, default=DISTILL_LR, help="tree distillation lr (treeffn distill's)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)

@@ -40,7 +40,13 @@ from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, to
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
-from treeffn_hf.modeling.predictors import dequantize_int4, int4_codes, int4_grid, neuron_scores, pack_nibbles  # noqa: E402,E501
+from treeffn_hf.modeling.mgs_predictors import (  # noqa: E402,E501
+    dequantize_int4,
+    int4_codes,
+    int4_grid,
+    neuron_scores,
+    pack_nibbles,
+)
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
 OUTPUT = "predictor_study_smollm2.json"

@@ -34,6 +34,7 @@ from common import DATA, RESULTS, distilled_tree, finetuned_checkpoint, machine,
 
 from treeffn_hf.checkpoint import load_dense, save  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
+from treeffn_hf.conversion.distillation import DISTILL_LR  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.pruning import prune_from_stats  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.04, help="target active fraction of MLP units")
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
     parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--distill-lr", type=float, default=DISTILL_LR, help="tree distillation lr (treeffn distill's)")
     parser.add_argument("--finetune-steps", type=int, default=60, help="0: prune the distill-only tree")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--finetune-window", type=int, default=256)

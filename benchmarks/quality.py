@@ -45,11 +45,11 @@ from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
-from treeffn_hf.conversion.distillation import distill_layers  # noqa: E402
+from treeffn_hf.conversion.distillation import DISTILL_LR, distill_layers  # noqa: E402
 from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
-from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.layer_spec import MGSSpec, TreeSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.workflows import LOSS_WINDOWS  # noqa: E402
 
@@ -166,9 +166,26 @@ def mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress) -> No
         del sparse
 
 
+def parse_tree_specs(text: str) -> list[TreeSpec]:
+    """`num_trees=64,depth=2,node_width=0,routing=hyperplane;...`: one TreeSpec per `;`-separated item."""
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        fields = {}
+        for pair in item.split(","):
+            key, value = pair.split("=")
+            fields[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        specs.append(TreeSpec(**fields))
+    return specs
+
+
 def tree_rows(run, args, dense, captured, eval_ids, progress) -> None:
-    for fraction in [float(v) for v in args.tree_fractions.split(",") if v]:
-        spec = tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, fraction)
+    hidden, intermediate = dense.config.hidden_size, dense.config.intermediate_size
+    specs = [(tree_spec_for_fraction(hidden, intermediate, float(v)), float(v))
+             for v in args.tree_fractions.split(",") if v]
+    for spec in parse_tree_specs(args.tree_specs):
+        spec = spec.resolve(hidden, intermediate)
+        specs.append((spec, spec.active_units / intermediate))
+    for spec, fraction in specs:
         start = time.perf_counter()
         sparse = convert(dense, spec, progress=False)
         for param in sparse.parameters():
@@ -181,8 +198,10 @@ def tree_rows(run, args, dense, captured, eval_ids, progress) -> None:
         sparse.requires_grad_(False)
         tree_ppl = evaluate(sparse, eval_ids, progress)
         cost = sparse.sparse_cost()
-        run.add({"variant": f"tree ~{fraction:.0%} (depth {spec.depth}, node {spec.node_width}, leaf {spec.leaf_width}, "
-                            f"shared {spec.shared_width})",
+        trees = f"{spec.num_trees} trees, " if spec.num_trees > 1 else ""
+        router = ", hyperplane" if spec.routing == "hyperplane" else ""
+        run.add({"variant": f"tree ~{fraction:.0%} ({trees}depth {spec.depth}, node {spec.node_width}, "
+                            f"leaf {spec.leaf_width}, shared {spec.shared_width}{router})",
                  "method": "tree", "target": fraction, "spec": spec.to_dict(), "perplexity": tree_ppl,
                  "unit_fraction": cost.unit_fraction, "weight_fraction": cost.weight_fraction,
                  "captured_mass_before": _mean(r.captured_mass_before for r in reports),
@@ -204,9 +223,11 @@ def main() -> None:
     parser.add_argument("--greedy-densities", default="0.25,0.1", help="densities that also run greedy allocation")
     parser.add_argument("--linear-densities", default="0.5,0.25", help="densities of the trained linear gate")
     parser.add_argument("--tree-fractions", default="0.25,0.12,0.04")
+    parser.add_argument("--tree-specs", default="",
+                        help="more trees, `;`-separated TreeSpec fields: num_trees=64,depth=2,node_width=0,"
+                             "routing=hyperplane;...")
     parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--distill-lr", type=float, default=1e-3,
-                        help="tree distillation lr (treeffn distill defaults to 1e-4; 1e-3 is what this table used)")
+    parser.add_argument("--distill-lr", type=float, default=DISTILL_LR, help="tree distillation lr (treeffn distill's)")
     parser.add_argument("--only", choices=("mgs", "tree"), help="run one method; carry the other's rows over")
     parser.add_argument("--append", action="store_true",
                         help="carry every row of the existing file over (dense is measured again), e.g. to add densities")

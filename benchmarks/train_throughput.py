@@ -43,7 +43,7 @@ from treeffn_hf.checkpoint import load_dense  # noqa: E402
 from treeffn_hf.conversion.calibration import read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
-from treeffn_hf.modeling.predictors import QuantizedPredictor  # noqa: E402
+from treeffn_hf.modeling.mgs_predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.training.kl import chunked_kl, kl_naive  # noqa: E402
 from treeffn_hf.training.setup import configure_training  # noqa: E402

@@ -1,6 +1,6 @@
 """Tile sizes of the Triton kernels, measured on this GPU.
 
-The constants `kernels_gather.GATE_UP_BLOCK` / `DOWN_BLOCK` (decode: the split-K tiles of the
+The constants `gather_kernels.GATE_UP_BLOCK` / `DOWN_BLOCK` (decode: the split-K tiles of the
 per-token gathered rows, in both layers) are set from this script's output. Each candidate is
 checked against the kernel's naive reference, then timed as CUDA-graph replays over enough
 copies of the weight tables that the rows touched exceed 4x the L2 cache (so the cache cannot
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cuda_graph_replay, interleaved_median, machine, write_json  # noqa: E402
 
-from treeffn_hf.modeling import kernels_gather  # noqa: E402
+from treeffn_hf.modeling import gather_kernels  # noqa: E402
 
 SHAPES = {"llama-1b": (2048, 8192), "llama-8b": (4096, 14336)}
 GATE_UP_CANDIDATES = [(8, 512), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128)]
@@ -46,7 +46,7 @@ def graph_ms(fn, copies: int, rounds: int) -> float:
 
 def run_gather(tabs, x, rows, kwargs) -> None:
     for tab in tabs:
-        kernels_gather.gathered_swiglu(x, rows, *tab, **kwargs)
+        gather_kernels.gathered_swiglu(x, rows, *tab, **kwargs)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -63,11 +63,11 @@ def tune_gather(dtype, rounds: int) -> list[dict]:
                 x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
                 rows = torch.stack([torch.randperm(width, device="cuda")[:selected] for _ in range(tokens)])
                 rows = rows.to(torch.int32).contiguous()
-                want = kernels_gather.gathered_swiglu_naive(x, rows.long(), *tabs[0])
+                want = gather_kernels.gathered_swiglu_naive(x, rows.long(), *tabs[0])
                 for part, candidates in (("gate_up", GATE_UP_CANDIDATES), ("down", DOWN_CANDIDATES)):
                     for block in candidates:
                         kwargs = {f"{part}_block": block}
-                        error = relative_error(kernels_gather.gathered_swiglu(x, rows, *tabs[0], **kwargs), want)
+                        error = relative_error(gather_kernels.gathered_swiglu(x, rows, *tabs[0], **kwargs), want)
                         if not error < 2e-2:
                             raise RuntimeError(f"gather {part} {block}: relative error {error:.3g}")
                         ms = graph_ms(partial(run_gather, tabs, x, rows, kwargs), len(tabs), rounds)
@@ -106,7 +106,7 @@ def main() -> None:
     summary = {"gate_up": best(rows, "gather", "gate_up"), "down": best(rows, "gather", "down")}
     path = write_json("tune_kernels_cuda.json", {
         "benchmark": "tune_kernels", "dtype": "bfloat16", "machine": machine(),
-        "current": {"GATE_UP_BLOCK": kernels_gather.GATE_UP_BLOCK, "DOWN_BLOCK": kernels_gather.DOWN_BLOCK},
+        "current": {"GATE_UP_BLOCK": gather_kernels.GATE_UP_BLOCK, "DOWN_BLOCK": gather_kernels.DOWN_BLOCK},
         "summary": summary, "results": rows})
     for name, result in summary.items():
         print(name, "best", result["best"], {k: round(v, 3) for k, v in result["slowdown_vs_case_best"].items()})

@@ -8,7 +8,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN, TreeSpec  # noqa: E402
-from treeffn_hf.modeling import kernels_tree  # noqa: E402
+from treeffn_hf.modeling import tree_kernels  # noqa: E402
 
 from .conftest import load_benchmark  # noqa: E402
 
@@ -49,7 +49,7 @@ def paths_of_every_variant(bench_mlp, layer, tokens):
 def test_tree_side_variants_cover_every_kernel_variant(bench_mlp, tokens):
     layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
     paths = paths_of_every_variant(bench_mlp, layer, tokens)
-    assert sorted(p.removeprefix("triton:route+") for p in paths) == sorted(kernels_tree.VARIANTS)
+    assert sorted(p.removeprefix("triton:route+") for p in paths) == sorted(tree_kernels.VARIANTS)
 
 
 def test_mgs_decode_side_variants_time_the_union_path(bench_mlp):

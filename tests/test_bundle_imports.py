@@ -57,7 +57,7 @@ def test_bundle_file_imports(path):
 
 def test_static_check_catches_bad_imports(tmp_path, monkeypatch):
     bad = tmp_path / "bad.py"
-    bad.write_text("from . import tree_ffn\n")
+    bad.write_text("from . import tree_layer\n")
     monkeypatch.setattr(sys.modules[__name__], "BUNDLE", tmp_path)
     with pytest.raises(AssertionError, match="only `from .module import name`"):
         test_bundle_file_imports(bad)

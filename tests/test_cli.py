@@ -100,6 +100,7 @@ def test_convert_then_info(dense_dir, tmp_path, capsys):
     )  # a tree re-lays out the dense neurons: same parameter count (tied lm_head counted once)
     assert info["inference_paths"]["cpu"] == "PyTorch sparse path (there is no CPU kernel for TreeFFN)"
     assert info["inference_paths"]["cuda"] == "triton kernels"  # triton is a dev dependency
+    assert info["runtime_copy_bytes"] == {"cuda": 0, "cpu": 0}  # trees store the layout their paths read
     code, stdout, _ = run_cli(capsys, "info", out)
     assert "active units" in stdout and "tree" in stdout and "runs on CUDA    triton kernels" in stdout
 
@@ -141,8 +142,16 @@ def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):
     # the default: the 4-bit predictor (groups fitted to the tiny hidden size of 48)
     assert config["sparse_mlp"] == {**MGSSpec().to_dict(), "group_size": 16}
     code, stdout, _ = run_cli(capsys, "info", tmp_path / "default", "--json")
-    assert json.loads(stdout)["inference_paths"]["cpu"] == ("PyTorch sparse path (the CPU kernel implements the "
-                                                            "nested predictor with threshold selection, not nested/top_k)")
+    info = json.loads(stdout)
+    assert info["inference_paths"]["cpu"] == ("PyTorch sparse path (the CPU kernel implements the "
+                                              "nested predictor with threshold selection, not nested/top_k)")
+    # the PyTorch gathers (and the Triton kernels) keep down_proj transposed: 2 layers of 166 x 48 float32
+    assert info["runtime_copy_bytes"] == {"cuda": 2 * 166 * 48 * 4, "cpu": 2 * 166 * 48 * 4}
+    assert 3 * 2 * 166 * 48 * 4 < info["mlp_weight_bytes"] < 3.5 * 2 * 166 * 48 * 4  # plus the 4-bit predictor
+    code, stdout, _ = run_cli(capsys, "info", tmp_path / "default")
+    assert "runtime copies  cuda 0.1 MiB (" in stdout
+    card = (tmp_path / "default" / "README.md").read_text()
+    assert "of the MLP weight bytes on CUDA (down_proj transposed)" in card
 
 
 def test_unsupported_architecture(tmp_path, capsys):

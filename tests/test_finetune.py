@@ -15,8 +15,8 @@ from torch import nn
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
 from treeffn_hf.checkpoint import CheckpointError
-from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP
-from treeffn_hf.modeling.tree_ffn import TreeFFN
+from treeffn_hf.modeling.mgs_layer import MicroGatedMLP
+from treeffn_hf.modeling.tree_layer import TreeFFN
 from treeffn_hf.training import trainer as trainer_module
 from treeffn_hf.training.data import teacher_data
 from treeffn_hf.training.finetune import finetune_checkpoint

@@ -80,7 +80,7 @@ def test_push_then_load_by_repo_id(hub, sparse_dir, tmp_path):
     result = cli(hub, "push", sparse_dir, "alice/tiny-tree")
     assert result.returncode == 0, result.stderr
     uploaded = set(hub.repos["alice/tiny-tree"])
-    assert {"model.safetensors", "config.json", "modeling_treeffn.py", "tree_ffn.py", "README.md"} <= uploaded
+    assert {"model.safetensors", "config.json", "modeling_treeffn.py", "tree_layer.py", "README.md"} <= uploaded
     assert hub.private["alice/tiny-tree"] is False
     assert_loads_by_id_and_matches(hub, "alice/tiny-tree", sparse_dir, tmp_path)
     assert hub.unhandled == []
@@ -103,7 +103,7 @@ def test_push_refuses_a_directory_that_does_not_load(hub, sparse_dir, tmp_path):
     broken.mkdir()
     for file in sparse_dir.iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
-    (broken / "tree_ffn.py").write_text("raise RuntimeError('broken bundle')\n")
+    (broken / "tree_layer.py").write_text("raise RuntimeError('broken bundle')\n")
     result = cli(hub, "push", broken, "carol/broken")
     assert result.returncode == 1
     assert "treeffn: error:" in result.stderr and "does not load with trust_remote_code" in result.stderr

@@ -8,7 +8,7 @@ from torch import nn
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
-from treeffn_hf.modeling.tree_ffn import TreeFFN
+from treeffn_hf.modeling.tree_layer import TreeFFN
 
 from .conftest import run_python, tiny_dense_model
 

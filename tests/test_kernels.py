@@ -12,11 +12,11 @@ from torch import nn
 triton = pytest.importorskip("triton")
 
 from treeffn_hf import MGSSpec, TreeSpec  # noqa: E402
-from treeffn_hf.modeling import kernels_gather, kernels_mgs, kernels_tree  # noqa: E402
-from treeffn_hf.modeling.micro_gated_mlp import MicroGatedMLP  # noqa: E402
-from treeffn_hf.modeling.predictors import QuantizedPredictor  # noqa: E402
-from treeffn_hf.modeling.tree_ffn import TreeFFN  # noqa: E402
-from treeffn_hf.modeling.tree_ffn_torch import routing_bias, routing_matrix  # noqa: E402
+from treeffn_hf.modeling import gather_kernels, mgs_kernels, tree_kernels  # noqa: E402
+from treeffn_hf.modeling.mgs_layer import MicroGatedMLP  # noqa: E402
+from treeffn_hf.modeling.mgs_predictors import QuantizedPredictor  # noqa: E402
+from treeffn_hf.modeling.tree_layer import TreeFFN  # noqa: E402
+from treeffn_hf.modeling.tree_torch import routing_bias, routing_matrix  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -43,8 +43,8 @@ def test_gathered_swiglu_matches_naive(dtype, tokens, selected):
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
     rows = torch.stack([torch.randperm(INTER)[:selected] for _ in range(tokens)]).to(DEVICE)
     rows[0, -1] = -1  # padding of threshold selection
-    want = kernels_gather.gathered_swiglu_naive(x, rows, gate, up, down)
-    close(kernels_gather.gathered_swiglu(x, rows, gate, up, down), want, dtype)
+    want = gather_kernels.gathered_swiglu_naive(x, rows, gate, up, down)
+    close(gather_kernels.gathered_swiglu(x, rows, gate, up, down), want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,8 +52,8 @@ def test_split_k_with_several_atomic_adds_per_output_matches_naive(dtype):
     """A hidden size of several gate/up blocks (several partial g and u per row) and row lists
     longer than the down block (several partial sums per output element), padded inside the list:
     every tile's atomic add lands once, also into an `out` that already holds a sum."""
-    gate_up_rows, gate_up_hidden = kernels_gather.GATE_UP_BLOCK
-    down_rows, _ = kernels_gather.DOWN_BLOCK
+    gate_up_rows, gate_up_hidden = gather_kernels.GATE_UP_BLOCK
+    down_rows, _ = gather_kernels.DOWN_BLOCK
     hidden = 2 * gate_up_hidden + 88  # three gate/up blocks over hidden, the last masked at its edge
     selected = max(2 * down_rows, 4 * gate_up_rows) + 22  # three down blocks over rows, the last partial
     assert triton.cdiv(hidden, gate_up_hidden) >= 3 and triton.cdiv(selected, down_rows) >= 3
@@ -62,12 +62,12 @@ def test_split_k_with_several_atomic_adds_per_output_matches_naive(dtype):
     x = torch.randn(tokens, hidden).to(DEVICE, dtype)
     rows = torch.stack([torch.randperm(stored)[:selected] for _ in range(tokens)]).to(DEVICE)
     rows[0, [5, down_rows + 1, -1]] = -1  # padding in the first, second and last down block
-    want = kernels_gather.gathered_swiglu_naive(x.float(), rows, gate.float(), up.float(), down.float())
-    got = kernels_gather.gathered_swiglu(x, rows, gate, up, down)
+    want = gather_kernels.gathered_swiglu_naive(x.float(), rows, gate.float(), up.float(), down.float())
+    got = gather_kernels.gathered_swiglu(x, rows, gate, up, down)
     assert got.dtype == dtype
     close(got, want, dtype)
     start = torch.randn(tokens, hidden, device=DEVICE)
-    summed = kernels_gather.gathered_swiglu(x, rows, gate, up, down, out=start.clone())
+    summed = gather_kernels.gathered_swiglu(x, rows, gate, up, down, out=start.clone())
     close(summed, start + want, dtype)
 
 
@@ -77,8 +77,8 @@ def test_gathered_swiglu_after_sum_matches_naive(dtype, tokens, trees, blocks, w
     gate, up, down = tables(dtype)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
     rows = torch.randint(0, INTER, (tokens, trees, blocks, width), device=DEVICE)
-    want = kernels_gather.gathered_swiglu_after_sum_naive(x, rows, gate, up, down)
-    close(kernels_gather.gathered_swiglu_after_sum(x, rows, gate, up, down), want, dtype)
+    want = gather_kernels.gathered_swiglu_after_sum_naive(x, rows, gate, up, down)
+    close(gather_kernels.gathered_swiglu_after_sum(x, rows, gate, up, down), want, dtype)
 
 
 @pytest.mark.parametrize("depth", range(1, 7))
@@ -88,8 +88,8 @@ def test_route_kernel_walks_the_same_path(depth, trees, bias):
     x = torch.randn(9, HIDDEN, device=DEVICE)
     vectors = torch.randn(trees * nodes, HIDDEN, device=DEVICE)
     bias_t = torch.randn(trees, nodes, device=DEVICE) if bias else None
-    leaf, path = kernels_tree.tree_route_triton(x, vectors, bias_t, trees, depth)
-    want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias_t, trees, depth)
+    leaf, path = tree_kernels.tree_route_triton(x, vectors, bias_t, trees, depth)
+    want_leaf, want_path = tree_kernels.tree_route_naive(x, vectors, bias_t, trees, depth)
     assert torch.equal(leaf, want_leaf) and torch.equal(path, want_path)
 
 
@@ -134,10 +134,10 @@ def test_fused_route_rows_kernel_lists_the_path_rows(name):
     x = torch.randn(6, HIDDEN, device=DEVICE)
     bias = routing_bias(layer)
     vectors = routing_matrix(layer)
-    rows, leaf, path = kernels_tree.tree_route_rows_triton(layer, x, vectors, bias)
-    want_leaf, want_path = kernels_tree.tree_route_naive(x, vectors, bias, layer.spec.num_trees, layer.spec.depth)
+    rows, leaf, path = tree_kernels.tree_route_rows_triton(layer, x, vectors, bias)
+    want_leaf, want_path = tree_kernels.tree_route_naive(x, vectors, bias, layer.spec.num_trees, layer.spec.depth)
     assert torch.equal(leaf.long(), want_leaf) and torch.equal(path.long(), want_path)
-    want_rows = kernels_tree.path_rows(layer, want_leaf, want_path)
+    want_rows = tree_kernels.path_rows(layer, want_leaf, want_path)
     shared = torch.arange(layer.node_rows + layer.leaf_rows, layer.spec.stored_units, device=DEVICE).expand(6, -1)
     assert torch.equal(rows.long(), torch.cat([want_rows, shared], dim=1))
 
@@ -153,7 +153,7 @@ def test_tree_layer_triton_path_matches_reference(name, tokens, variant, dtype):
         layer.kernel_policy = layer.kernel_policy.replace(tree_gather_max_row_multiple=forced)
     x = torch.randn(tokens, HIDDEN).to(DEVICE, dtype)
     got, _ = run_both(layer, x)
-    ran = kernels_tree.kernel_variant(layer, tokens)
+    ran = tree_kernels.kernel_variant(layer, tokens)
     assert layer.last_path.startswith("triton:route+" + ran)
     # Oracle: the reference path in fp32 on the same (rounded) weights; the kernels also route
     # and accumulate in fp32, so half precision cannot send a token down another path.
@@ -194,9 +194,9 @@ def test_mgs_quantized_predictor_runs_on_the_kernels(selection, tokens):
 def test_tree_switches_to_the_masked_dense_gemms_once_gathers_would_read_more_than_the_layer():
     layer = TreeFFN(HIDDEN, INTER, TreeSpec(depth=2, node_width=1), nn.SiLU())
     switch = layer.kernel_policy.tree_gather_max_row_multiple * INTER / layer.spec.active_units
-    assert kernels_tree.kernel_variant(layer, 1) == "gather"
-    assert kernels_tree.kernel_variant(layer, int(switch)) == "gather"
-    assert kernels_tree.kernel_variant(layer, int(switch) + 1) == "masked_dense"
+    assert tree_kernels.kernel_variant(layer, 1) == "gather"
+    assert tree_kernels.kernel_variant(layer, int(switch)) == "gather"
+    assert tree_kernels.kernel_variant(layer, int(switch) + 1) == "masked_dense"
 
 
 def test_a_bad_kernel_policy_is_refused_when_it_is_set():
@@ -215,14 +215,14 @@ def test_mgs_threshold_selection_on_the_kernel():
     x = torch.randn(5, HIDDEN, device=DEVICE)
     got, want = run_both(layer, x)
     close(got, want, torch.float32)
-    rows = kernels_mgs.selected_rows(layer, layer.micro_gate(x))
+    rows = mgs_kernels.selected_rows(layer, layer.micro_gate(x))
     assert ((rows >= 0).sum(1) == (layer.micro_gate(x) > 0.5).sum(1)).all()
 
 
 def test_large_mgs_batches_hand_over_to_the_union_gemm_and_say_so():
     layer = random_layer(MicroGatedMLP(HIDDEN, INTER, MGSSpec(density=0.1, predictor="linear", rank=16), nn.SiLU()), torch.float32)
     tokens = int(layer.kernel_policy.mgs_gather_max_row_multiple * INTER / layer.spec.top_k(INTER)) + 1
-    assert kernels_mgs.uses_gather(layer, tokens - 1) and not kernels_mgs.uses_gather(layer, tokens)
+    assert mgs_kernels.uses_gather(layer, tokens - 1) and not mgs_kernels.uses_gather(layer, tokens)
     x = torch.randn(tokens, HIDDEN, device=DEVICE)
     got, want = run_both(layer, x)
     assert layer.last_path == "torch"
@@ -284,10 +284,13 @@ def test_saved_checkpoints_carry_the_kernels_and_nothing_else(tmp_path):
 # Every file a checkpoint ships for trust_remote_code: the modeling package but its __init__.
 # Listed so that a new module (or a deleted one) is a visible change to what users download.
 BUNDLE_FILES = {
-    "activations.py", "configuration_treeffn.py", "dispatch.py", "kernels_cpu.py", "kernels_gather.py",
-    "kernels_mgs.py", "kernels_tree.py", "layer_spec.py", "mgs_selection.py", "mgs_torch.py",
-    "micro_gated_mlp.py", "modeling_treeffn.py", "predictors.py", "sparse_cost.py", "tree_ffn.py",
-    "tree_ffn_torch.py",
+    # shared: configs, model classes, specs, costs, dispatch, the gather kernels both methods use
+    "activations.py", "configuration_treeffn.py", "dispatch.py", "gather_kernels.py", "layer_spec.py",
+    "modeling_treeffn.py", "sparse_cost.py",
+    # the tree-structured FFN
+    "tree_layer.py", "tree_torch.py", "tree_kernels.py",
+    # the micro-gated MLP
+    "mgs_layer.py", "mgs_predictors.py", "mgs_selection.py", "mgs_torch.py", "mgs_kernels.py", "mgs_kernels_cpu.py",
 }
 
 

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from treeffn_hf import MGSSpec, MicroGatedMLP
 from treeffn_hf.conversion.budgets import calibrate_threshold
 from treeffn_hf.conversion.surgery import sparse_mlp_state
-from treeffn_hf.modeling import kernels_cpu
+from treeffn_hf.modeling import mgs_kernels_cpu
 from treeffn_hf.modeling.dispatch import choose_path
 
 from .conftest import run_python
 
 pytestmark = pytest.mark.skipif(
-    kernels_cpu.library_error() is not None, reason=f"CPU kernel unavailable: {kernels_cpu.library_error()}")
+    mgs_kernels_cpu.library_error() is not None, reason=f"CPU kernel unavailable: {mgs_kernels_cpu.library_error()}")
 
 
 def nested_layer(hidden=128, intermediate=200, group_size=64, density=0.5, seed=0, bf16_down=True) -> MicroGatedMLP:
@@ -41,7 +41,7 @@ def nested_layer(hidden=128, intermediate=200, group_size=64, density=0.5, seed=
 
 
 def reads_bf16_down(layer: MicroGatedMLP) -> bool:
-    return bool(kernels_cpu._operands(layer)[0][1][0].down_bf16)
+    return bool(mgs_kernels_cpu._operands(layer)[0][1][0].down_bf16)
 
 
 def masked_dense(layer: MicroGatedMLP, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,9 +63,9 @@ def test_kernel_equals_its_naive_twin(hidden, intermediate, group_size, tokens, 
     assert reads_bf16_down(layer) == bf16_down
     x = torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 4  # tokens of different scales
     scores, counts = torch.empty(tokens, intermediate), torch.empty(tokens, dtype=torch.int32)
-    out, selected = kernels_cpu.mgs_nested_cpu(layer, x, counts, scores)
+    out, selected = mgs_kernels_cpu.mgs_nested_cpu(layer, x, counts, scores)
     chosen = scores > layer.gate_threshold
-    want_out, want_scores = kernels_cpu.mgs_nested_naive(layer, x, selected=chosen)
+    want_out, want_scores = mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=chosen)
 
     assert relative_to_largest(scores, want_scores) < 5e-5
     assert torch.equal(counts, chosen.sum(dim=1, dtype=torch.int32)) and selected == chosen.sum()
@@ -80,7 +80,7 @@ def test_kernel_stays_close_to_the_exact_reference(hidden, intermediate, group_s
     layer = nested_layer(hidden, intermediate, group_size, density=0.8)
     x = torch.randn(64, hidden)
     scores = torch.empty(64, intermediate)
-    out, _ = kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
+    out, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
     exact_scores = (F.silu(F.linear(x, layer.micro_gate.dequantized()[:intermediate]))
                     * F.linear(x, layer.micro_gate.dequantized()[intermediate:])).abs()
     assert relative_to_largest(scores, exact_scores) < 1e-3
@@ -104,40 +104,40 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 def test_scoring_gemm_equals_the_naive_twin_and_the_fused_kernel(hidden, intermediate, group_size, tokens):
     layer = nested_layer(hidden, intermediate, group_size)
     x = torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 4
-    got = kernels_cpu.nested_scores_cpu(layer, x)
-    assert relative_to_largest(got, kernels_cpu.mgs_nested_naive(layer, x)[1]) < 5e-5
+    got = mgs_kernels_cpu.nested_scores_cpu(layer, x)
+    assert relative_to_largest(got, mgs_kernels_cpu.mgs_nested_naive(layer, x)[1]) < 5e-5
     fused = torch.empty(tokens, intermediate)
-    kernels_cpu.mgs_nested_cpu(layer, x, scores=fused)
+    mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=fused)
     assert relative_to_largest(got, fused) < 5e-6  # the same integer sums, scaled in another order
 
 
 def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference():
     layer = nested_layer()
-    for tokens, path in ((1, "cpu"), (kernels_cpu.MAX_TOKENS, "cpu"), (kernels_cpu.MAX_TOKENS + 1, "cpu:scores"),
+    for tokens, path in ((1, "cpu"), (mgs_kernels_cpu.MAX_TOKENS, "cpu"), (mgs_kernels_cpu.MAX_TOKENS + 1, "cpu:scores"),
                          (300, "cpu:scores")):
         x = torch.randn(1, tokens, 256)[..., ::2]  # a strided view: the kernel must copy it
         with torch.no_grad():
             got = layer(x)
             assert layer.last_path == path
-            twin = kernels_cpu.mgs_nested_naive(layer, x.reshape(tokens, 128))[0]
+            twin = mgs_kernels_cpu.mgs_nested_naive(layer, x.reshape(tokens, 128))[0]
             layer.force_path = "reference"
             exact = layer(x)
             layer.force_path = None
         if path == "cpu":
             assert relative_to_largest(got, twin.reshape(x.shape)) < 5e-5
         else:  # the exact GEMMs on the kernel's selection; off the exact one only at the threshold
-            want = masked_dense(layer, x.reshape(tokens, 128), kernels_cpu.nested_scores_cpu(layer, x[0]) > layer.gate_threshold)
+            want = masked_dense(layer, x.reshape(tokens, 128), mgs_kernels_cpu.nested_scores_cpu(layer, x[0]) > layer.gate_threshold)
             torch.testing.assert_close(got, want.reshape(x.shape))
             error = relative_error(got[0], exact[0])
             assert error.median() < 1e-3 and (error < 1e-2).float().mean() > 0.9
     layer.force_path = "cpu"  # forced, the fused kernel takes any batch: each token as in decode
-    x = torch.randn(kernels_cpu.MAX_TOKENS + 9, 128)
+    x = torch.randn(mgs_kernels_cpu.MAX_TOKENS + 9, 128)
     scores = torch.empty(x.shape[0], 200)
     with torch.no_grad():
         got = layer(x)
         assert layer.last_path == "cpu"
-        torch.testing.assert_close(got, kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)[0])
-    twin = kernels_cpu.mgs_nested_naive(layer, x, selected=scores > layer.gate_threshold)[0]
+        torch.testing.assert_close(got, mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)[0])
+    twin = mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=scores > layer.gate_threshold)[0]
     assert relative_to_largest(got, twin) < 5e-5
     layer.force_path = None
     layer.reset_density()
@@ -145,7 +145,7 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference():
         x = torch.randn(3, 128)
         layer(x[:1]), layer(x[1:])
         assert layer.last_path == "cpu"
-        scores = kernels_cpu.mgs_nested_naive(layer, x)[1]
+        scores = mgs_kernels_cpu.mgs_nested_naive(layer, x)[1]
     assert layer.measured_units() == pytest.approx((scores > layer.gate_threshold).sum().item() / 3, abs=0.34)
 
 
@@ -163,22 +163,22 @@ def test_changed_weights_or_threshold_are_picked_up():
     layer = nested_layer()
     x = torch.randn(1, 128)
     with torch.no_grad():
-        before, *_ = kernels_cpu.mgs_nested_cpu(layer, x)
+        before, *_ = mgs_kernels_cpu.mgs_nested_cpu(layer, x)
         layer.down_proj.weight.mul_(2)
-        doubled, *_ = kernels_cpu.mgs_nested_cpu(layer, x)
+        doubled, *_ = mgs_kernels_cpu.mgs_nested_cpu(layer, x)
         torch.testing.assert_close(doubled, 2 * before)
         layer.gate_threshold.fill_(float("inf"))
-        nothing, count = kernels_cpu.mgs_nested_cpu(layer, x)
+        nothing, count = mgs_kernels_cpu.mgs_nested_cpu(layer, x)
         assert count == 0 and torch.count_nonzero(nothing) == 0
         layer.gate_threshold.fill_(0.0)
-        everything, count = kernels_cpu.mgs_nested_cpu(layer, x)
-        scores = kernels_cpu.mgs_nested_naive(layer, x)[1]
+        everything, count = mgs_kernels_cpu.mgs_nested_cpu(layer, x)
+        scores = mgs_kernels_cpu.mgs_nested_naive(layer, x)[1]
         assert count == (scores > 0).sum().item()
         layer.up_proj.weight.mul_(-1)
         layer.requantize()  # new codes and low nibbles
         scores = torch.empty(1, 200)
-        flipped, _ = kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
-        assert relative_to_largest(flipped, kernels_cpu.mgs_nested_naive(layer, x, selected=scores > 0)[0]) < 5e-5
+        flipped, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
+        assert relative_to_largest(flipped, mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=scores > 0)[0]) < 5e-5
         assert (flipped - everything).abs().max() > 0.1
 
 
@@ -189,7 +189,7 @@ def test_a_layer_that_ran_the_kernel_deep_copies_and_pickles():
     layer = nested_layer()
     x = torch.randn(1, 128)
     with torch.no_grad():
-        want, _ = kernels_cpu.mgs_nested_cpu(layer, x)
+        want, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x)
         twin = copy.deepcopy(layer)
         buffer = io.BytesIO()
         torch.save(layer, buffer)
@@ -200,12 +200,26 @@ def test_a_layer_that_ran_the_kernel_deep_copies_and_pickles():
             assert other.last_path == "cpu"
 
 
+@pytest.mark.parametrize("hidden,intermediate,group_size", [(128, 200, 64), (256, 160, 128)], ids=str)
+def test_the_stated_runtime_copies_are_what_the_kernel_holds(hidden, intermediate, group_size):
+    from treeffn_hf.modeling.dispatch import runtime_copy_bytes
+
+    layer = nested_layer(hidden, intermediate, group_size)
+    with torch.no_grad():
+        layer(torch.randn(1, hidden))
+    assert layer.last_path == "cpu" and reads_bf16_down(layer)
+    own = {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    held = [t for t in mgs_kernels_cpu._operands(layer)[0][1][1:] if t.data_ptr() not in own]
+    assert len(held) == 5  # the low nibbles, the scoring blocks and their scales and zeros, down_proj in bf16
+    assert sum(t.numel() * t.element_size() for t in held) == runtime_copy_bytes(layer)["cpu"]
+
+
 def test_weights_off_the_nested_grid_are_refused_with_a_reason():
     layer = nested_layer()
     x = torch.randn(1, 128)
     with torch.no_grad():
         layer.gate_proj.weight.add_(1e-3)  # as training without requantize() would leave them
-        assert "nested 8-bit grid" in kernels_cpu.cpu_kernel_unavailable_reason(layer, x)
+        assert "nested 8-bit grid" in mgs_kernels_cpu.cpu_kernel_unavailable_reason(layer, x)
         assert choose_path(layer, x) == "torch"
         layer.force_path = "cpu"
         with pytest.raises(RuntimeError, match="nested 8-bit grid"):
@@ -220,25 +234,25 @@ def test_unsupported_layers_take_the_torch_path(change, reason):
     layer = nested_layer()
     change(layer)
     x = torch.randn(1, 128, dtype=layer.gate_proj.weight.dtype)
-    assert reason in kernels_cpu.cpu_kernel_unavailable_reason(layer, x)
+    assert reason in mgs_kernels_cpu.cpu_kernel_unavailable_reason(layer, x)
     with torch.no_grad():
         layer(x)
     assert layer.last_path == "torch"
     for spec in (MGSSpec(density=0.5, predictor="linear"), MGSSpec(density=0.5, selection="top_k"),
                  MGSSpec(density=0.5, predictor="quantized", selection="threshold")):
         other = MicroGatedMLP(128, 200, spec, torch.nn.SiLU()).eval()
-        assert "nested predictor with threshold" in kernels_cpu.cpu_kernel_unavailable_reason(other)
+        assert "nested predictor with threshold" in mgs_kernels_cpu.cpu_kernel_unavailable_reason(other)
 
 
 def test_a_compiler_failure_is_reported_and_the_torch_path_runs(tmp_path):
     code = """
 import torch
-from treeffn_hf.modeling import kernels_cpu
+from treeffn_hf.modeling import mgs_kernels_cpu
 from tests.test_kernels_cpu import nested_layer
 layer = nested_layer()
 with torch.no_grad():
     layer(torch.randn(1, 128))
-print(layer.last_path, '|', kernels_cpu.cpu_kernel_unavailable_reason(layer))
+print(layer.last_path, '|', mgs_kernels_cpu.cpu_kernel_unavailable_reason(layer))
 """
     result = run_python(code, env={"CC": "false", "TREEFFN_KERNEL_CACHE": str(tmp_path)})
     path, reason = result.stdout.strip().split(" | ")

@@ -8,7 +8,7 @@ from treeffn_hf import MGSSpec, MicroGatedMLP
 from treeffn_hf.conversion.budgets import allocate_greedy, calibrate_mgs, layer_sensitivities, ranked_scores
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
 from treeffn_hf.conversion.surgery import sparse_mlp_state
-from treeffn_hf.modeling.predictors import (
+from treeffn_hf.modeling.mgs_predictors import (
     dequantize_int4,
     pack_nibbles,
     quantize_int4,

@@ -6,7 +6,7 @@ from torch import nn
 
 from treeffn_hf import TreeSpec
 from treeffn_hf.conversion.routing_fit import captured_mass, fit_routing
-from treeffn_hf.modeling.tree_ffn import TreeFFN
+from treeffn_hf.modeling.tree_layer import TreeFFN
 
 HIDDEN, CLUSTERS, PER_CLUSTER = 32, 8, 12
 

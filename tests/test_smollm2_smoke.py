@@ -10,7 +10,7 @@ from treeffn_hf import MGSSpec, TreeSpec
 from treeffn_hf.conversion.budgets import calibrate_mgs
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
 from treeffn_hf.evaluation import perplexity, protocol_windows
-from treeffn_hf.modeling import kernels_cpu
+from treeffn_hf.modeling import mgs_kernels_cpu
 from treeffn_hf.offline_models import smollm2_gguf
 
 from .conftest import DATA_DIR as DATA
@@ -75,5 +75,5 @@ def test_convert_save_reload_generate_real_smollm2(tmp_path):
         print(f"{line['path']}: {line['text']!r} (MLPs last ran on {line['mlp_paths']})")
         assert line["text"].strip()
     # Decode steps of the reloaded MGS model (remote code, no treeffn_hf) run the C kernel where it builds.
-    assert lines[1]["mlp_paths"] == (["cpu"] if kernels_cpu.library_error() is None else ["torch"])
+    assert lines[1]["mlp_paths"] == (["cpu"] if mgs_kernels_cpu.library_error() is None else ["torch"])
     assert lines[0]["mlp_paths"] == ["torch"]

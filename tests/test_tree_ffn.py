@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from treeffn_hf import TreeFFN, TreeSpec
-from treeffn_hf.modeling.tree_ffn import TreeUsage
+from treeffn_hf.modeling.tree_layer import TreeUsage
 
 from .conftest import assert_fast_path_matches_reference
 
@@ -171,8 +171,8 @@ def test_fast_torch_path_equals_reference(spec, tokens):
 
 @pytest.mark.parametrize("depth", [1, 2, 5, 6])
 def test_routing_from_all_scores_equals_level_by_level_walk(depth):
-    from treeffn_hf.modeling.tree_ffn import tree_route
-    from treeffn_hf.modeling.tree_ffn_torch import route_from_scores
+    from treeffn_hf.modeling.tree_layer import tree_route
+    from treeffn_hf.modeling.tree_torch import route_from_scores
 
     vectors, bias = torch.randn(3, 2**depth - 1, 16), torch.randn(3, 2**depth - 1)
     x = torch.randn(200, 16)
@@ -193,24 +193,23 @@ def test_auto_dispatch_trains_on_the_reference_path_and_infers_on_the_fast_one()
 
 @pytest.mark.parametrize("spec", [s for s in SETTINGS if s.activation == "per_node"],
                          ids=lambda s: spec_id(s))
-def test_one_token_with_leaves_read_in_place_equals_reference(spec, monkeypatch):
-    from treeffn_hf.modeling import tree_ffn_torch
-
-    monkeypatch.setattr(tree_ffn_torch, "IN_PLACE_LEAF_ELEMS", 0)  # the big-leaf branch, on small shapes
-    assert_fast_path_matches_reference(make_layer(spec), torch.randn(1, 24, dtype=torch.float64))
+def test_one_token_with_leaves_read_in_place_equals_reference(spec):
+    layer = make_layer(spec)
+    layer.kernel_policy = layer.kernel_policy.replace(tree_in_place_leaf_elems=0)  # the big-leaf branch, small shapes
+    assert_fast_path_matches_reference(layer, torch.randn(1, 24, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("tokens", [2, 7])
 @pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: spec_id(s))
 def test_every_batched_strategy_equals_reference(spec, tokens):
     """Both batch strategies, whichever the dispatcher would pick for this shape."""
-    from treeffn_hf.modeling import tree_ffn_torch
+    from treeffn_hf.modeling import tree_torch
 
     layer = make_layer(spec)
     x = torch.randn(tokens, 24, dtype=torch.float64)
     want = assert_fast_path_matches_reference(layer, x)
     with torch.no_grad():
         leaf, path = layer.route(x)
-        for strategy in (tree_ffn_torch._per_token_gather(layer, x, leaf),
-                         tree_ffn_torch._grouped_by_leaf(layer, x, leaf, path)):
+        for strategy in (tree_torch._per_token_gather(layer, x, leaf),
+                         tree_torch._grouped_by_leaf(layer, x, leaf, path)):
             torch.testing.assert_close(strategy, want, rtol=1e-10, atol=1e-10)

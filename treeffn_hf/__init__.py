@@ -12,9 +12,9 @@ from .architectures import ARCHITECTURES, UnsupportedArchitectureError, supporte
 from .checkpoint import CheckpointError, OutputExistsError, load, load_dense, save
 from .conversion.surgery import convert
 from .modeling.layer_spec import InvalidSpecError, MGSSpec, TreeSpec, spec_from_dict
-from .modeling.micro_gated_mlp import MicroGatedMLP
+from .modeling.mgs_layer import MicroGatedMLP
 from .modeling.sparse_cost import SparseCost
-from .modeling.tree_ffn import TreeFFN
+from .modeling.tree_layer import TreeFFN
 from .registration import register_auto_classes
 
 register_auto_classes()

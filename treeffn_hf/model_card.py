@@ -38,6 +38,7 @@ def render_model_card(model: PreTrainedModel, base_model: Optional[str] = None) 
         f"| MLP weight bytes read per token | {cost.weight_fraction:.2%} of the dense MLP |",
         "",
         *_threshold_note(spec),
+        *_runtime_copies_note(model),
         "Layer spec (as stored in `config.sparse_mlp`):",
         "",
         "```json",
@@ -61,6 +62,19 @@ def _threshold_note(spec: dict) -> list[str]:
     if spec.get("method") == "mgs" and spec.get("selection") == "threshold":
         return ["Threshold selection activates an input-dependent number of units; the figures above", "are the calibrated target.", ""]
     return []
+
+
+def _runtime_copies_note(model: PreTrainedModel) -> list[str]:
+    from .modeling.dispatch import runtime_copy_bytes
+
+    mlps = [mlp for _, mlp in model.sparse_mlps()]
+    copies = {device: sum(runtime_copy_bytes(mlp)[device] for mlp in mlps) for device in ("cuda", "cpu")}
+    if not any(copies.values()):
+        return []
+    weights = sum(t.numel() * t.element_size() for mlp in mlps for t in [*mlp.parameters(), *mlp.buffers()])
+    return [f"Memory: inference keeps copies of some MLP weights in the layout its kernels read, made at first use: "
+            f"{copies['cuda'] / weights:.0%} of the MLP weight bytes on CUDA (down_proj transposed), "
+            f"{copies['cpu'] / weights:.0%} on the CPU (`treeffn info` gives the sizes).", ""]
 
 
 def write_model_card(directory: Path, model: PreTrainedModel, base_model: Optional[str] = None) -> Path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .modeling.configuration_treeffn import LAYER_LIVE_LEAVES
-from .modeling.tree_ffn import TreeFFN
+from .modeling.tree_layer import TreeFFN
 from .tree_stats import LayerTreeStats, collect_tree_stats, tree_layers
 
 

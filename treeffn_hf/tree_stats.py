@@ -21,7 +21,7 @@ from typing import Union
 import torch
 from tqdm.auto import tqdm
 
-from .modeling.tree_ffn import TreeUsage
+from .modeling.tree_layer import TreeUsage
 
 
 @dataclass

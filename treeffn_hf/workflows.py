@@ -1,4 +1,13 @@
-"""End-to-end workflows behind the CLI (and usable from Python): convert a checkpoint, describe one."""
+"""The public workflows: one Python function behind each CLI subcommand, with the CLI's defaults.
+
+- `convert_checkpoint` (`treeffn convert`), `distill_checkpoint` (`treeffn distill`),
+  `finetune_checkpoint` (`treeffn finetune`, in training/finetune.py), `prune_checkpoint`
+  (`treeffn prune`), `evaluate_checkpoint` (`treeffn eval`), `describe_checkpoint` (`treeffn info`)
+  and `hub.push` (`treeffn push`).
+
+A subcommand parses its options, calls its function and prints the result; nothing else. The
+benchmarks call the same functions, and state in their captions where they change a default.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +21,18 @@ from typing import Optional, Union
 import torch
 
 from .checkpoint import CheckpointError, claim_work_dir, load_dense, prepare_output, read_dense_config, save
+from .conversion.distillation import DISTILL_LR
 from .conversion.surgery import check_convertible, convert
 from .modeling.layer_spec import LayerSpec
 from .modeling.sparse_cost import SparseCost
+from .training.finetune import finetune_checkpoint
+
+__all__ = ["convert_checkpoint", "describe_checkpoint", "distill_checkpoint", "evaluate_checkpoint",
+           "finetune_checkpoint", "load_for_evaluation", "prune_checkpoint"]
 
 LOSS_WINDOWS = 2  # calibration windows whose KL drives greedy allocation
+PRUNE_TEXT = "../shared/data/wikitext-2/valid.txt"
+EVAL_TEXT = "../shared/data/wikitext-2-raw/wiki.test.raw"
 
 
 @dataclass
@@ -86,7 +102,7 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from .modeling.dispatch import inference_paths
+    from .modeling.dispatch import inference_paths, runtime_copy_bytes
     from .modeling.modeling_treeffn import build_sparse_mlp
 
     directory = Path(directory)
@@ -132,6 +148,11 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
         "active_weight_fraction": cost.weight_fraction,
         "parameters": {"total": total, "mlp": mlp},
         "inference_paths": inference_paths(layer),
+        # for float32 weights (the layers are built on the meta device in the default dtype)
+        "runtime_copy_bytes": {device: sum(runtime_copy_bytes(mlp)[device] for mlp in layers)
+                               for device in ("cuda", "cpu")},
+        "mlp_weight_bytes": sum(t.numel() * t.element_size() for mlp in layers
+                                for t in itertools.chain(mlp.parameters(), mlp.buffers())),
     }
 
 
@@ -147,7 +168,7 @@ def distill_checkpoint(
     tokens_per_layer: int = 8192,
     gate_steps: int = 300,
     distill_steps: int = 200,
-    lr: float = 1e-4,
+    lr: float = DISTILL_LR,
     selection: Optional[str] = None,
     density: Optional[float] = None,
     weight_fraction: Optional[float] = None,
@@ -245,3 +266,122 @@ def distill_checkpoint(
          extra_files={"treeffn_distill.json": json.dumps(summary, indent=2)})
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def prune_checkpoint(
+    model_dir: Union[str, Path],
+    out: Union[str, Path],
+    *,
+    text: Union[str, Path] = PRUNE_TEXT,
+    windows: int = 16,
+    window: int = 1024,
+    min_tokens: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Remove a tree checkpoint's dead paths: run it over `windows` windows of `window` tokens of
+    `text`, keep per layer and tree the leaves at least `min_tokens` of those tokens reached, and
+    save the smaller static tree to `out` (with `prune_report.json`, which this returns)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import is_treeffn_checkpoint, load
+    from .conversion.calibration import read_texts, token_windows
+    from .pruning import prune_dead_paths
+
+    source = Path(model_dir)
+    if not (source.is_dir() and is_treeffn_checkpoint(source)):
+        raise CheckpointError(f"{model_dir}: not a treeffn checkpoint directory")
+    if not Path(text).is_file():
+        raise CheckpointError(f"{text}: no such text (pass --text)")
+    prepare_output(out, overwrite, source=source)  # fail before the long work
+    model = load(source).eval()
+    if any(mlp.sparse_method != "tree" for _, mlp in model.sparse_mlps()):
+        raise CheckpointError(f"{model_dir}: only tree models have paths to prune")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    ids = token_windows(read_texts(text), tokenizer, window, windows)
+    pruned, report = prune_dead_paths(model, ids, min_tokens=min_tokens, progress=progress)
+    record = {"source": str(source), "text": str(text), **report.as_dict()}
+    save(pruned, out, tokenizer=tokenizer, overwrite=overwrite,
+         extra_files={"prune_report.json": json.dumps(record, indent=2)})
+    return record
+
+
+def load_for_evaluation(src: Union[str, Path], gguf_file: Optional[str] = None):
+    """(model in eval mode, tokenizer) of a treeffn checkpoint or of a dense model (dir, Hub id, GGUF)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import is_treeffn_checkpoint, load
+
+    if gguf_file is None and Path(src).is_dir() and is_treeffn_checkpoint(Path(src)):
+        return load(src).eval(), AutoTokenizer.from_pretrained(src, trust_remote_code=True)
+    model, tokenizer = load_dense(str(src), gguf_file=gguf_file)
+    return model.eval(), tokenizer
+
+
+def evaluate_checkpoint(
+    model: Union[str, Path],
+    *,
+    gguf_file: Optional[str] = None,
+    baseline: Optional[str] = None,
+    baseline_gguf_file: Optional[str] = None,
+    text: Union[str, Path] = EVAL_TEXT,
+    windows: int = 40,
+    tree_stats: Optional[Union[str, Path]] = None,
+    attribution: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity on the project protocol (`text` as one string, non-overlapping 1024-token
+    windows, the first `windows`, 0 = all); with `baseline`, the dense model's on the same windows
+    and the ratio; a sparse model's active fractions of MLP units and weight bytes. `tree_stats`
+    and `attribution` name directories for a tree model's path usage and for the per-layer
+    attention vs MLP residual contributions (JSON and a plot each)."""
+    from .evaluation import perplexity, protocol_windows
+
+    if not Path(text).is_file():
+        raise CheckpointError(f"{text}: no such evaluation text (pass --text)")
+    sparse, tokenizer = load_for_evaluation(model, gguf_file)
+    if tokenizer is None:
+        raise CheckpointError(f"{model}: no tokenizer to read the evaluation text with")
+    ids = protocol_windows(tokenizer, text, max_windows=windows)
+    result = {"model": str(model), "text": str(text), "windows": ids.shape[0]}
+    result["perplexity"] = perplexity(sparse, ids, progress=progress).perplexity
+    if hasattr(sparse, "sparse_cost"):
+        cost = sparse.sparse_cost()
+        result.update(active_unit_fraction=cost.unit_fraction, active_weight_fraction=cost.weight_fraction)
+    if tree_stats:
+        result["tree_stats"] = _write_tree_stats(sparse, ids, Path(tree_stats), progress)
+    dense = None
+    if baseline:
+        dense, _ = load_for_evaluation(baseline, baseline_gguf_file)
+        result["baseline_perplexity"] = perplexity(dense, ids, progress=progress).perplexity
+        result["perplexity_ratio"] = result["perplexity"] / result["baseline_perplexity"]
+    if attribution:
+        result["attribution"] = _write_attribution(sparse, dense, ids, Path(attribution), progress)
+    return result
+
+
+def _write_tree_stats(model, ids: torch.Tensor, out: Path, progress: bool) -> dict:
+    from .tree_stats import collect_tree_stats, plot_usage, summary
+
+    if not hasattr(model, "sparse_mlps") or not any(m.sparse_method == "tree" for _, m in model.sparse_mlps()):
+        raise CheckpointError("--tree-stats needs a model with tree layers")
+    stats = collect_tree_stats(model, ids, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tree_stats.json").write_text(json.dumps({"summary": summary(stats),
+                                                     "layers": [s.as_dict() for s in stats]}, indent=1))
+    plot_usage(stats, out / "tree_usage.png")
+    return summary(stats)
+
+
+def _write_attribution(model, baseline, ids: torch.Tensor, out: Path, progress: bool) -> dict:
+    from .attribution import as_dicts, plot_attribution, residual_attribution
+
+    results = {"model": residual_attribution(model, ids, progress=progress)}
+    if baseline is not None:
+        results["baseline"] = residual_attribution(baseline, ids, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {name: as_dicts(rows) for name, rows in results.items()}
+    (out / "attribution.json").write_text(json.dumps(payload, indent=1))
+    plot_attribution(results, out / "attribution.png")
+    return payload
+

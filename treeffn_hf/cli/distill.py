@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..conversion.distillation import DISTILL_LR
+
 NAME = "distill"
 HELP = "train gates / distill tree layers of a converted model against its dense original"
 
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-layer", type=int, default=8192, help="MLP inputs kept per layer")
     parser.add_argument("--gate-steps", type=int, default=300)
     parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of tree distillation")
+    parser.add_argument("--lr", type=float, default=DISTILL_LR, help="learning rate of tree distillation")
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
                         help="MGS: threshold (the default) calibrates per-layer thresholds; top_k keeps a fixed k")
     budget = parser.add_mutually_exclusive_group()

@@ -38,4 +38,9 @@ def description_text(d: dict) -> str:
         f"runs on CUDA    {d['inference_paths']['cuda']}",
         f"runs on CPU     {d['inference_paths']['cpu']}",
     ]
+    copies = d["runtime_copy_bytes"]
+    if any(copies.values()):
+        lines.append("runtime copies  " + "; ".join(
+            f"{device} {size / 2**20:.1f} MiB ({size / d['mlp_weight_bytes']:.0%} of the MLP weights)"
+            for device, size in copies.items()) + " for float32 weights, made at first use")
     return "\n".join(lines)

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..modeling.mgs_layer import mgs_hidden
 from ..modeling.mgs_selection import selection_mask
-from ..modeling.micro_gated_mlp import mgs_hidden
 from .distillation import batched
 from .fitting import holdout_split
 from .replay import LayerReplay

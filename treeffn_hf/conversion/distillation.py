@@ -22,6 +22,10 @@ from ..architectures import architecture_for
 from .fitting import fit_keeping_best, holdout_split
 from .routing_fit import fit_routing
 
+# The learning rate of every measured tree figure (benchmarks/quality.py and the fine-tuning
+# benchmarks distil at it); no run at another rate is measured.
+DISTILL_LR = 1e-3
+
 
 @dataclass
 class LayerDistillReport:
@@ -51,7 +55,7 @@ def distill_layer(
     inputs: torch.Tensor,
     *,
     steps: int = 200,
-    lr: float = 1e-4,
+    lr: float = DISTILL_LR,
     batch_size: int = 256,
     cosine_weight: float = 0.0,
     holdout: float = 0.1,

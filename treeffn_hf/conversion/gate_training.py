@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..modeling.mgs_predictors import neuron_scores
 from ..modeling.mgs_selection import top_k_mask
-from ..modeling.predictors import neuron_scores
 from .fitting import fit_keeping_best, holdout_split
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..modeling.tree_ffn import TreeFFN
+from ..modeling.tree_layer import TreeFFN
 from .partition import principal_direction
 
 SELF_ROUTING_CANDIDATES = 24

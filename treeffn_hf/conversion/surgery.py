@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import Architecture, architecture_for
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
-from ..modeling.predictors import QuantizedPredictor, snap_gate_up, snap_to_bf16
+from ..modeling.mgs_predictors import QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .partition import partition_neurons
 
 

@@ -2,7 +2,7 @@
 
 - `reference`: masked dense, differentiable, the oracle (and the training path);
 - `torch`: the sparse PyTorch path (CPU, and any device without the kernels);
-- `cpu`: the fused C kernel of the nested micro-gated MLP (kernels_cpu.py: float32 CPU tensors,
+- `cpu`: the fused C kernel of the nested micro-gated MLP (mgs_kernels_cpu.py: float32 CPU tensors,
   x86 AVX-512 VNNI, a compiler at first use), which computes each token as in decode;
 - `cpu:scores`: that kernel's scoring GEMM, then the `torch` path's GEMMs (prefill);
 - `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
@@ -32,8 +32,9 @@ from typing import Any, Optional
 import torch
 
 from .activations import computes_silu
-from .kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
-from .kernels_cpu import cpu_kernel_unavailable_reason
+from .mgs_kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
+from .mgs_kernels_cpu import cpu_kernel_unavailable_reason, layer_unsupported_reason, operand_copy_bytes
+from .mgs_torch import down_rows_bytes
 
 PATHS = ("reference", "torch", "cpu", "cpu:scores", "triton")
 
@@ -54,13 +55,23 @@ class KernelPolicy:
     - `mgs_gather_max_row_multiple`: the MGS Triton gathers run while tokens x selected <= this x
       intermediate, else the PyTorch union path. On the H100 the gathers beat the union path at
       4x and 6.4x as CUDA graphs and lost at 8x (that run dispatched on "<= 8 tokens": this rule
-      is not yet measured as the main path).
+      is not yet measured as the main path);
+    - `mgs_torch_gather_max_fraction`: the PyTorch path gathers the selected rows (or the batch's
+      union) while they are at most this fraction of the neurons, else it runs the dense matmuls
+      with the selection as a mask (benchmarks/results/bench_mlp_cpu.json: at batch 1 the gather
+      wins at 10%, loses at 25%; at 42% it runs at 0.46x (SmolLM2 shape) and 0.62x (1B shape) of
+      the fp32 dense MLP: index_select copies the rows before the GEMV reads them, where the dense
+      sgemv streams the weights once);
+    - `tree_in_place_leaf_elems`: a one-token tree step reads a leaf block of at least this many
+      weights in place; a smaller one is gathered with the nodes (one copy beats the extra ops).
     """
 
     path: str = "auto"
     cpu_fused_max_tokens: int = CPU_KERNEL_MAX_TOKENS
     tree_gather_max_row_multiple: float = 1.25
     mgs_gather_max_row_multiple: float = 7.0
+    mgs_torch_gather_max_fraction: float = 0.15
+    tree_in_place_leaf_elems: int = 1 << 16
 
     def __post_init__(self) -> None:
         if self.path != "auto" and self.path not in PATHS:
@@ -152,3 +163,17 @@ def inference_paths(layer: torch.nn.Module) -> dict[str, str]:
                 if cpu is None
                 else f"PyTorch sparse path ({cpu})"),
     }
+
+
+def runtime_copy_bytes(layer: torch.nn.Module) -> dict[str, int]:
+    """Memory inference adds beside `layer`'s parameters on each kind of device, made at first use:
+    an MGS layer's Triton kernels and PyTorch gathers read a transposed copy of down_proj (a third
+    of its MLP weights), its CPU kernel the copies of `operand_copy_bytes`. Trees store their
+    weights in the layout their paths read, and copy nothing."""
+    if getattr(layer, "sparse_method", None) != "mgs":
+        return {"cuda": 0, "cpu": 0}
+    # where the C kernel implements the layer it runs every CPU batch (the PyTorch gathers after its
+    # scoring pass need a union under mgs_torch_gather_max_fraction: out of reach at 65+ tokens
+    # above 1% density)
+    cpu = operand_copy_bytes(layer) if layer_unsupported_reason(layer) is None else down_rows_bytes(layer)
+    return {"cuda": down_rows_bytes(layer), "cpu": cpu}

@@ -4,8 +4,9 @@
   the stock layout) and sum the selected rows of the transposed `down_proj` with `embedding_bag`,
   which reads them in place;
 - many tokens: compute the union of the selected neurons once and mask per token;
-- once the selection (or the union) covers more than `GATHER_MAX_FRACTION` of the neurons, the
-  gather copies cost more than they save, and the dense matmuls run with the mask instead.
+- once the selection (or the union) covers more than the kernel policy's
+  `mgs_torch_gather_max_fraction` of the neurons, the gather copies cost more than they save, and
+  the dense matmuls run with the mask instead.
 
 The result equals `mgs_masked_dense` (tests hold it to that).
 """
@@ -16,12 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from .mgs_selection import selection_mask, token_rows
-
-# Above this fraction of neurons, gathering rows is slower than the dense matmuls
-# (benchmarks/results/bench_mlp_cpu.json: at batch 1 the gather wins at 10%, loses at 25%; at 42%
-# it runs at 0.46x (SmolLM2 shape) and 0.62x (1B shape) of the fp32 dense MLP: index_select copies
-# the rows before the GEMV reads them, where the dense sgemv streams the weights once).
-GATHER_MAX_FRACTION = 0.15
 
 
 def down_rows(layer) -> torch.Tensor:
@@ -35,6 +30,12 @@ def down_rows(layer) -> torch.Tensor:
     return cached[1]
 
 
+def down_rows_bytes(layer) -> int:
+    """Bytes of the `down_rows` copy (made at the first gather, kept beside the layer)."""
+    weight = layer.down_proj.weight
+    return weight.numel() * weight.element_size()
+
+
 def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gate, up = layer.gate_proj, layer.up_proj
     g = F.linear(x, gate.weight.index_select(0, rows), None if gate.bias is None else gate.bias[rows])
@@ -42,26 +43,27 @@ def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor,
     return layer.act_fn(g), u
 
 
-def _union_expected_too_large(layer, tokens: int) -> bool:
+def _union_expected_too_large(layer, tokens: int, max_fraction: float) -> bool:
     """Whether the selections of this many tokens are all but sure to cover more than
-    GATHER_MAX_FRACTION of the neurons (independent selections at the layer's density, the
+    `max_fraction` of the neurons (independent selections at the layer's density, the
     top-k fraction or a threshold's calibrated mean: 1 - (1 - d)^N), so that measuring the union
     (a host sync) is not worth it."""
     expected = 1.0 - (1.0 - layer.spec.density) ** tokens
-    return expected > 2 * GATHER_MAX_FRACTION
+    return expected > 2 * max_fraction
 
 
 def mgs_torch_path(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Sparse forward of `layer` (a MicroGatedMLP) for x: (N, hidden) and its gate scores (N, H)."""
     bias = layer.down_proj.bias
     width = scores.shape[-1]
+    max_fraction = layer.kernel_policy.mgs_torch_gather_max_fraction
     if x.shape[0] == 1:
         rows = token_rows(scores[0], layer.spec, layer.gate_threshold)
         layer._record_count(rows.numel(), tokens=1)
         if rows.numel() == 0:  # a threshold can select nothing: the MLP adds only its bias
             out = torch.zeros_like(x)
             return out if bias is None else out + bias
-        if rows.numel() <= GATHER_MAX_FRACTION * width:
+        if rows.numel() <= max_fraction * width:
             g, u = _gathered(layer, x, rows)
             out = F.embedding_bag(rows[None], down_rows(layer), per_sample_weights=g * u, mode="sum")  # in place
             return out if bias is None else out + bias
@@ -70,9 +72,9 @@ def mgs_torch_path(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
     else:
         selected = selection_mask(scores, layer.spec, layer.gate_threshold)
         layer._record_density(selected)
-        if not _union_expected_too_large(layer, x.shape[0]):
+        if not _union_expected_too_large(layer, x.shape[0], max_fraction):
             union = selected.any(dim=0).nonzero().squeeze(1)  # one host sync: the union's size
-            if union.numel() <= GATHER_MAX_FRACTION * layer.intermediate_size:
+            if union.numel() <= max_fraction * layer.intermediate_size:
                 g, u = _gathered(layer, x, union)
                 out = (g * u * selected[:, union]) @ down_rows(layer).index_select(0, union)
                 return out if bias is None else out + bias

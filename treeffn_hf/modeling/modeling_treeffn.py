@@ -33,9 +33,9 @@ from .configuration_treeffn import (
 )
 from .dispatch import initial_policy
 from .layer_spec import InvalidSpecError
-from .micro_gated_mlp import MicroGatedMLP
+from .mgs_layer import MicroGatedMLP
 from .sparse_cost import SparseCost
-from .tree_ffn import TreeFFN
+from .tree_layer import TreeFFN
 
 # Dispatch on the `method` / `sparse_method` strings, never on isinstance: with remote code,
 # transformers may execute a bundle file more than once, so the same class can exist twice.

@@ -5,7 +5,7 @@
   on the quantised weights; it needs no training. With `"nested"` the layer's gate/up weights
   are snapped to an 8-bit grid whose high nibbles are these codes (`snap_to_nested_grid`, and
   down_proj to bf16), so the predictor is half of the weights rather than an extra copy; the CPU
-  kernel (kernels_cpu.py) reads the codes itself. Elsewhere (the PyTorch and reference paths)
+  kernel (mgs_kernels_cpu.py) reads the codes itself. Elsewhere (the PyTorch and reference paths)
   small CPU batches are scored by torch's packed int4 matmul (bf16 inputs) and the rest
   dequantise per call.
 - `LinearGate` (`predictor="linear"`): a trained gate, `scorer(encoder(x))` (low rank) or

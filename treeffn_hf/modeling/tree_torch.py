@@ -118,11 +118,6 @@ def tree_torch_path(layer, x: torch.Tensor) -> torch.Tensor:
     return _grouped_by_leaf(layer, x, leaf, path)
 
 
-# Below this many weights per leaf block, gathering the leaf with the nodes (one copy) beats the
-# extra ops of reading it in place; above it, the copy's memory traffic dominates.
-IN_PLACE_LEAF_ELEMS = 1 << 16
-
-
 def _token_rows(layer, leaves: list[int], include_leaf: bool) -> torch.Tensor:
     """Row indices one token reads: each tree's path (nodes, optionally its leaf), then shared."""
     spec = layer.spec
@@ -169,7 +164,7 @@ def _per_token_gather(layer, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tenso
 
 def _one_token(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
     spec = layer.spec
-    if spec.activation == "per_node" and spec.leaf_width * layer.hidden_size >= IN_PLACE_LEAF_ELEMS:
+    if spec.activation == "per_node" and spec.leaf_width * layer.hidden_size >= layer.kernel_policy.tree_in_place_leaf_elems:
         return _one_token_leaf_in_place(layer, x, leaves)
     rows = _token_rows(layer, leaves, include_leaf=True).to(x.device)
     token = x[0]

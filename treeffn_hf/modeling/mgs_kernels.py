@@ -1,7 +1,7 @@
 """Triton path of the micro-gated MLP.
 
 The gate (two small GEMMs) and its selection (`torch.topk`, or the calibrated threshold) run on
-the device; the selected neurons of each token then go through `kernels_gather.gathered_swiglu`:
+the device; the selected neurons of each token then go through `gather_kernels.gathered_swiglu`:
 the selected rows of `gate_proj` and `up_proj` (contiguous in the stock layout) and of
 `down_proj` transposed (cached, one row per neuron) are read once, with fp32 accumulation.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels_gather import gathered_swiglu
+from .gather_kernels import gathered_swiglu
 from .mgs_selection import padded_rows
 from .mgs_torch import down_rows, mgs_torch_path
 

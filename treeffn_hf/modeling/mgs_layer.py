@@ -1,10 +1,10 @@
 """Micro-gated MLP (MGS): the dense SwiGLU weights plus a small gate that picks neurons per token.
 
 `gate_proj` / `up_proj` / `down_proj` keep the Hugging Face names and shapes, so dense weights load
-unchanged. The predictor (`micro_gate`: a 4-bit view of gate/up, or a trained linear gate; predictors.py)
+unchanged. The predictor (`micro_gate`: a 4-bit view of gate/up, or a trained linear gate; mgs_predictors.py)
 scores every intermediate neuron; only the selected ones are computed. With the nested predictor
 gate/up are snapped to an 8-bit grid whose high nibbles are the predictor's codes and down_proj
-to bf16; on the CPU the C kernel (kernels_cpu.py) reads that format directly.
+to bf16; on the CPU the C kernel (mgs_kernels_cpu.py) reads that format directly.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import torch
 from torch import nn
 
 from .dispatch import KernelPolicyMixin, choose_path, initial_policy
-from .kernels_cpu import mgs_nested_cpu, nested_scores_cpu
 from .layer_spec import MGSSpec
+from .mgs_kernels_cpu import mgs_nested_cpu, nested_scores_cpu
+from .mgs_predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .mgs_selection import selection_mask
 from .mgs_torch import mgs_torch_path
-from .predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
 
 def build_predictor(spec: MGSSpec, hidden_size: int, intermediate_size: int, act_fn: nn.Module) -> nn.Module:
-    """The neuron predictor `spec.predictor` names (see predictors.py)."""
+    """The neuron predictor `spec.predictor` names (see mgs_predictors.py)."""
     if spec.predictor in ("nested", "quantized"):
         return QuantizedPredictor(hidden_size, intermediate_size, spec.group_size, act_fn)
     return LinearGate(hidden_size, intermediate_size, spec.rank)
@@ -86,7 +86,7 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
             return mgs_torch_path(self, x, nested_scores_cpu(self, x)).reshape(shape)
         scores = self.micro_gate(x)
         if path == "triton":
-            from .kernels_mgs import mgs_triton  # imports triton only when the kernels run
+            from .mgs_kernels import mgs_triton  # imports triton only when the kernels run
 
             out, self.last_path = mgs_triton(self, x, scores)
             return out.reshape(shape)

@@ -35,7 +35,7 @@ from torch import nn
 from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import TreeSpec
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
-from .tree_ffn_torch import tree_torch_path
+from .tree_torch import tree_torch_path
 
 
 def tree_route(
@@ -176,7 +176,7 @@ class TreeFFN(KernelPolicyMixin, nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         self.last_path = choose_path(self, x)
         if self.last_path == "triton":
-            from .kernels_tree import tree_ffn_triton  # imports triton only when the kernels run
+            from .tree_kernels import tree_ffn_triton  # imports triton only when the kernels run
 
             out, self.last_path = tree_ffn_triton(self, x)
         elif self.last_path == "torch":

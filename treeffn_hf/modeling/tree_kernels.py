@@ -3,7 +3,7 @@
 - `tree_route_triton`: one program per (token, tree) walks the depth, dotting x with the node's
   routing vector, and writes the path (heap index per level) and the leaf. Equals `tree_route`.
   `tree_route_rows_triton` (decode) is the same kernel also writing each token's row list.
-- `gather` (decode, few tokens): the path's rows go to `kernels_gather.gathered_swiglu`
+- `gather` (decode, few tokens): the path's rows go to `gather_kernels.gathered_swiglu`
   (per-node activation) or `gathered_swiglu_after_sum`.
 - `masked_dense` (batches past the switch point): the routing kernel, then cuBLAS GEMMs over
   every stored row with each token's off-path rows zeroed (`tree_ffn_masked_dense`).
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels_gather import gathered_swiglu, gathered_swiglu_after_sum
-from .tree_ffn import tree_ffn_masked_dense, tree_route
-from .tree_ffn_torch import routing_bias, routing_matrix
+from .gather_kernels import gathered_swiglu, gathered_swiglu_after_sum
+from .tree_layer import tree_ffn_masked_dense, tree_route
+from .tree_torch import routing_bias, routing_matrix
 
 try:
     import triton

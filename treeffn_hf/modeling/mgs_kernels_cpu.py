@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import computes_silu
-from .predictors import dequantize_int4, pack_nibbles, unpack_nibbles
+from .mgs_predictors import dequantize_int4, pack_nibbles, unpack_nibbles
 
 # The default of KernelPolicy.cpu_fused_max_tokens: up to this many tokens the fused kernel
 # computes the layer, beyond them `cpu:scores` (dispatch.py says why).
@@ -583,6 +583,11 @@ def library_error() -> Optional[str]:
 
 
 def _static_reason(layer: torch.nn.Module) -> Optional[str]:
+    return layer_unsupported_reason(layer) or library_error()
+
+
+def layer_unsupported_reason(layer: torch.nn.Module) -> Optional[str]:
+    """Why the kernel does not implement `layer`, whatever the machine, or None when it does."""
     spec = getattr(layer, "spec", None)
     if getattr(layer, "sparse_method", None) != "mgs":
         return f"there is no CPU kernel for {type(layer).__name__}"
@@ -592,13 +597,14 @@ def _static_reason(layer: torch.nn.Module) -> Optional[str]:
     if spec.group_size % 64 or layer.hidden_size % spec.group_size:
         return f"the CPU kernel needs groups of a multiple of 64 columns, not {spec.group_size}"
     weights = [getattr(layer, name).weight for name in ("gate_proj", "up_proj", "down_proj")]
-    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+    # meta: a layer built to describe a checkpoint (`treeffn info`), as it loads on the CPU
+    if any(w.dtype != torch.float32 or w.device.type not in ("cpu", "meta") for w in weights):
         return "the CPU kernel reads float32 CPU weights"
     if any(getattr(layer, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
         return "the CPU kernel does not implement MLP biases"
     if not computes_silu(layer.act_fn):
         return f"the CPU kernel implements SiLU only, not {type(layer.act_fn).__name__}"
-    return library_error()
+    return None
 
 
 # Per layer: (key, operands, reason, the tensors the key names, held so no identity is reused). Kept beside the layers, not in
@@ -656,6 +662,17 @@ def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tens
     if getattr(layer, "sparse_method", None) != "mgs" or layer.spec.predictor != "nested":
         return _static_reason(layer)
     return _operands(layer)[1]
+
+
+def operand_copy_bytes(layer) -> int:
+    """Bytes the kernel's operands hold beside the layer's own tensors, once it has run: the low
+    nibbles and the scoring blocks (each as many bytes as the predictor's codes), the float32
+    scales and zeros, and down_proj in bf16 (made when its values are bf16, as the nested recipe
+    stores them: counted here, as the most it takes)."""
+    rows, width = 2 * layer.intermediate_size, layer.hidden_size
+    padded_rows = -(-rows // 16) * 16
+    groups = width // layer.spec.group_size
+    return rows * width // 2 + padded_rows * width // 2 + 2 * 4 * padded_rows * groups + 2 * layer.down_proj.weight.numel()
 
 
 def scoring_operands(predictor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
