@@ -357,8 +357,17 @@ def train_throughput_section(data: dict) -> list[str]:
     phases = data["phases_seconds"]
     lines += ["", "Where a step's seconds go: " + "; ".join(
         f"{name}: " + ", ".join(f"{p} {t:.2f}" for p, t in split.items()) for name, split in phases.items())
-        + f". Matrix multiplications take {data['matmul_share_of_now_step']:.0%} of a `now` step's CPU time.", ""]
-    return lines
+        + f". Matrix multiplications take {data['matmul_share_of_now_step']:.0%} of a `now` step's CPU time."]
+    top = data.get("teacher_top_k")
+    if top:
+        k = top["k"]
+        lines[-1] += (f" The cached teacher keeps {top['teacher_mass_in_top_k']:.1%} of its probability mass in its top "
+                      f"{k}; on this batch that KL is {top[f'top_{k}_kl']:.4f} where the full KL is "
+                      f"{top['full_kl']:.4f}; extracting the top {k} took {top['extraction_seconds']:.2f} s, once "
+                      "per window.")
+    if data.get("compile_seconds") is not None:
+        lines[-1] += f" Compiling the student took {data['compile_seconds']:.0f} s."
+    return lines + [""]
 
 
 def refit_study_section(data: dict) -> list[str]:

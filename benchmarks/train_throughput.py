@@ -14,6 +14,10 @@ batched fp32 forward on the same batch, the rate the issue's target is stated ag
 - `now`: the chunked KL (`training/kl.py`) and the dequantised predictor kept while training.
 - `now, bf16 autocast`: `now` under `torch.autocast("cpu", bfloat16)`.
 - `now, B x T`: the same tokens in other batch shapes.
+- `now, teacher top-64 cached`: `treeffn finetune --teacher-top-k 64` after its first epoch: the
+  teacher's top 64 tokens per position come from the trainer's cache (computed here once, before
+  timing), so the step has no teacher forward and its KL is `top_k_kl`. The first epoch costs
+  `now` plus the top-k extraction. The run also reports that loss against the full KL on the batch.
 - `now, compiled` (`--compile`): the student under `torch.compile` (compile time reported apart).
 
 Where the time of a step goes (teacher forward, student forward, loss, backward, optimizer:
@@ -45,7 +49,7 @@ from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
 from treeffn_hf.modeling.mgs_predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
-from treeffn_hf.training.kl import chunked_kl, kl_naive  # noqa: E402
+from treeffn_hf.training.kl import chunked_kl, kl_naive, teacher_top_k, top_k_kl  # noqa: E402
 from treeffn_hf.training.setup import configure_training  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
@@ -61,8 +65,10 @@ def forget_dequantized(model) -> None:
 class Step:
     """One training step of `student` against `teacher` on `ids`, with its optimizer."""
 
-    def __init__(self, student, teacher, ids: torch.Tensor, *, loss=chunked_kl, autocast: bool = False) -> None:
+    def __init__(self, student, teacher, ids: torch.Tensor, *, loss=chunked_kl, autocast: bool = False,
+                 cached_teacher: tuple | None = None) -> None:
         self.student, self.teacher, self.ids, self.loss, self.autocast = student, teacher, ids, loss, autocast
+        self.cached_teacher = cached_teacher  # (log-probs, ids) of the teacher's top k: no teacher forward
         self.optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
         self.calls: list[dict[str, float]] = []  # seconds of each phase, per call
 
@@ -81,10 +87,15 @@ class Step:
         self.calls.append({})
         precision = (torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext())
         with precision:
-            with torch.no_grad():
-                teacher = self._clock("teacher forward", lambda: self.teacher(input_ids=self.ids, use_cache=False).logits)
+            if self.cached_teacher is None:
+                with torch.no_grad():
+                    teacher = self._clock("teacher forward",
+                                          lambda: self.teacher(input_ids=self.ids, use_cache=False).logits)
             student = self._clock("student forward", lambda: self.student(input_ids=self.ids, use_cache=False).logits)
-            loss = self._clock("loss", lambda: self.loss(student, teacher, 1.0))
+            if self.cached_teacher is None:
+                loss = self._clock("loss", lambda: self.loss(student, teacher, 1.0))
+            else:
+                loss = self._clock("loss", lambda: top_k_kl(student, *self.cached_teacher, 1.0))
         self._clock("backward", loss.backward)
         self._clock("optimizer", lambda: (self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)))
 
@@ -105,6 +116,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position by the cached row")
     parser.add_argument("--compile", action="store_true", help="also time the student under torch.compile")
     args = parser.parse_args()
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
@@ -130,6 +142,17 @@ def main() -> None:
     }
     for batch, window in ((2 * args.batch_size, args.window // 2), (max(1, args.batch_size // 2), 2 * args.window)):
         steps[f"now, {batch} x {window}"] = Step(new_student, teacher, windows.reshape(batch, window))
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=windows, use_cache=False).logits
+        start = time.perf_counter()
+        cached = teacher_top_k(teacher_logits, args.top_k)
+        top_k_seconds = time.perf_counter() - start
+        student_logits = new_student(input_ids=windows, use_cache=False).logits
+        loss_agreement = {"full_kl": float(chunked_kl(student_logits, teacher_logits)),
+                          f"top_{args.top_k}_kl": float(top_k_kl(student_logits, *cached)),
+                          "teacher_mass_in_top_k": float(cached[0].exp().sum(-1).mean())}
+    del teacher_logits, student_logits
+    steps[f"now, teacher top-{args.top_k} cached"] = Step(new_student, teacher, windows, cached_teacher=cached)
     compile_seconds = None
     if args.compile:
         compiled = torch.compile(new_student)
@@ -154,11 +177,14 @@ def main() -> None:
               f"{rows[-1]['fraction_of_dense_forward_rate']:.2f} of the dense forward rate", flush=True)
     print(f"{'dense fp32 forward':>22}: {forward_rate:7.1f} tokens/s")
 
-    phases = {name: steps[name].phases() for name in ("before", "now")}
+    phases = {name: steps[name].phases() for name in ("before", "now", f"now, teacher top-{args.top_k} cached")}
     for name, split in phases.items():
         print(f"{name} step phases (s): " + ", ".join(f"{p} {t:.2f}" for p, t in split.items()))
     share = matmul_share(steps["now"])
     print(f"matrix multiplications: {share:.0%} of a `now` step's CPU time")
+    print(f"teacher top-{args.top_k}: {loss_agreement['teacher_mass_in_top_k']:.3f} of its mass; KL on the batch "
+          f"{loss_agreement[f'top_{args.top_k}_kl']:.4f} against {loss_agreement['full_kl']:.4f} in full; "
+          f"extracted in {top_k_seconds:.2f} s (once per window)")
 
     write_json("train_throughput_cpu.json", {
         "benchmark": "train_throughput", "command": command, "machine": machine(),
@@ -167,6 +193,7 @@ def main() -> None:
         "batch": {"batch_size": args.batch_size, "window": args.window, "tokens": tokens},
         "dtype": "float32", "rounds": args.rounds, "dense_forward_tokens_per_s": forward_rate, "rows": rows,
         "phases_seconds": phases, "matmul_share_of_now_step": share, "compile_seconds": compile_seconds,
+        "teacher_top_k": {"k": args.top_k, "extraction_seconds": top_k_seconds, **loss_agreement},
         "cpu_bf16_instructions": cpu_has_bf16(),
     })
 

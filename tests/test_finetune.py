@@ -153,6 +153,26 @@ def test_finetune_lowers_the_distillation_loss(dirs, tmp_path, method):
     assert not list(tmp_path.glob(".out.finetune-work"))
 
 
+def test_teacher_top_k_runs_the_teacher_once_per_window_and_is_the_full_kl_at_the_whole_vocabulary(
+        dirs, tmp_path, monkeypatch):
+    from treeffn_hf.training import trainer
+
+    computed = []
+    original = trainer.teacher_top_k
+    monkeypatch.setattr(trainer, "teacher_top_k", lambda logits, *a: computed.append(logits.shape[0]) or original(
+        logits, *a))
+    options = {**OPTIONS, "save_steps": 100}
+    full = finetune_checkpoint(dirs / "mgs", tmp_path / "full", dense=str(dirs / "dense"), steps=20, **options)
+    cached = finetune_checkpoint(dirs / "mgs", tmp_path / "cached", dense=str(dirs / "dense"), steps=20,
+                                 teacher_top_k=97, **options)  # 97: the tiny model's whole vocabulary
+    assert sum(computed) == 32  # 80 sequences seen (2.5 epochs of 32 windows), the teacher ran on each window once
+    for a, b in zip(full["log"], cached["log"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)
+    short = finetune_checkpoint(dirs / "mgs", tmp_path / "short", dense=str(dirs / "dense"), steps=20,
+                                teacher_top_k=8, **options)
+    assert short["log"][-1]["loss"] < short["log"][0]["loss"]
+
+
 def test_finetuned_nested_weights_are_back_on_the_grid_of_their_predictor(dirs, tmp_path):
     finetune_checkpoint(dirs / "mgs_nested", tmp_path / "out", dense=str(dirs / "dense"), steps=4,
                         **{**OPTIONS, "save_steps": 100})

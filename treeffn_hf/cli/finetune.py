@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--lm-weight", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    parser.add_argument("--teacher-top-k", type=int, default=0, metavar="K",
+                        help="run the teacher once per window and keep its top K tokens for later epochs "
+                             "(KL over those and one bucket for the rest; 0: full logits every step)")
     parser.add_argument("--trainable", choices=("sparse", "all"), default="sparse")
     parser.add_argument("--routing", choices=("learned", "frozen", "random"), default="learned")
     parser.add_argument("--no-straight-through", action="store_true",
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         teacher_samples=args.teacher_samples, window=args.window, max_windows=args.max_windows, steps=args.steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, sparsity_ramp_steps=args.sparsity_ramp,
-        kl_weight=args.kl_weight, lm_weight=args.lm_weight, temperature=args.temperature, trainable=args.trainable,
+        kl_weight=args.kl_weight, lm_weight=args.lm_weight, temperature=args.temperature,
+        teacher_top_k=args.teacher_top_k, trainable=args.trainable,
         routing=args.routing, routing_gradient=gradient, gate_gradient=gradient, lora_rank=args.lora_rank,
         lora_targets=args.lora_targets, stats_every=args.stats_every, save_steps=args.save_steps, seed=args.seed,
         overwrite=args.overwrite, progress=not args.no_progress,

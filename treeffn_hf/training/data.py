@@ -29,7 +29,8 @@ class TrainingData:
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """Causal-LM examples (input_ids, labels) from fixed windows."""
+    """Causal-LM examples (input_ids, labels) from fixed windows, with the window's index (the key
+    of the trainer's teacher cache)."""
 
     def __init__(self, windows: torch.Tensor) -> None:
         self.windows = windows
@@ -39,7 +40,7 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         ids = self.windows[index]
-        return {"input_ids": ids, "labels": ids.clone()}
+        return {"input_ids": ids, "labels": ids.clone(), "window_index": index}
 
 
 def text_data(source: Union[str, Path], tokenizer, window: int, max_windows: int) -> TrainingData:

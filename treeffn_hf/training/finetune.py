@@ -44,6 +44,7 @@ def finetune_checkpoint(
     kl_weight: float = 1.0,
     lm_weight: float = 0.0,
     temperature: float = 1.0,
+    teacher_top_k: int = 0,
     trainable: str = "sparse",
     routing: str = "learned",
     routing_gradient: Optional[str] = "straight_through",
@@ -94,8 +95,8 @@ def _processes():
 
 def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples,
            window, max_windows, steps, batch_size, grad_accum, lr, warmup_steps, lr_schedule, sparsity_ramp_steps,
-           kl_weight, lm_weight, temperature, trainable, routing, routing_gradient, gate_gradient, lora_rank,
-           lora_targets, eval_windows, eval_every, stats_every, save_steps, seed, overwrite, progress) -> dict:
+           kl_weight, lm_weight, temperature, teacher_top_k, trainable, routing, routing_gradient, gate_gradient,
+           lora_rank, lora_targets, eval_windows, eval_every, stats_every, save_steps, seed, overwrite, progress) -> dict:
     """The run itself; writes OUT and returns the summary (the caller owns the work directory)."""
     from transformers import AutoTokenizer, TrainingArguments
 
@@ -147,7 +148,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
 
     trainer = DistillationTrainer(model=model, args=args, train_dataset=WindowDataset(training_data.windows),
                                   teacher=teacher, kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature,
-                                  callbacks=callbacks)
+                                  teacher_top_k=teacher_top_k, callbacks=callbacks)
     resume = any(work.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 

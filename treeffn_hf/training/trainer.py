@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..evaluation import perplexity
 from ..tree_stats import collect_tree_stats, summary, tree_layers
-from .kl import chunked_kl
+from .kl import chunked_kl, teacher_top_k, top_k_kl
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -24,21 +24,43 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class DistillationTrainer(Trainer):
-    """loss = kl_weight * KL(teacher || student) + lm_weight * next-token cross-entropy."""
+    """loss = kl_weight * KL(teacher || student) + lm_weight * next-token cross-entropy.
+
+    With `teacher_top_k` = k > 0 the teacher runs once per training window: its k most likely
+    tokens per position are kept (in memory, 8k bytes a token) and later epochs reuse them; the KL
+    is then `top_k_kl`, over those k tokens and one bucket for the rest of the vocabulary."""
 
     def __init__(self, *args, teacher: torch.nn.Module, kl_weight: float = 1.0, lm_weight: float = 0.0,
-                 temperature: float = 1.0, **kwargs) -> None:
+                 temperature: float = 1.0, teacher_top_k: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.kl_weight, self.lm_weight, self.temperature = kl_weight, lm_weight, temperature
+        self.teacher_top_k = teacher_top_k
+        self.teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _cached_teacher(self, ids: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top k for each row of `ids`, computed for the windows not seen before."""
+        keys = windows.tolist()
+        missing = [row for row, key in enumerate(keys) if key not in self.teacher_cache]
+        if missing:
+            with torch.no_grad():
+                logits = self.teacher(input_ids=ids[missing], use_cache=False).logits
+            log_p, top = teacher_top_k(logits, self.teacher_top_k, self.temperature)
+            for row, values, indices in zip(missing, log_p.cpu(), top.cpu()):
+                self.teacher_cache[keys[row]] = (values, indices)
+        pairs = [self.teacher_cache[key] for key in keys]
+        return (torch.stack([p[0] for p in pairs]).to(ids.device), torch.stack([p[1] for p in pairs]).to(ids.device))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
         outputs = model(input_ids=ids, labels=inputs["labels"] if self.lm_weight else None, use_cache=False)
         loss = outputs.logits.new_zeros((), dtype=torch.float32)
-        if self.kl_weight:
+        if self.kl_weight and self.teacher_top_k:
+            log_p, top = self._cached_teacher(ids, inputs["window_index"])
+            loss = loss + self.kl_weight * top_k_kl(outputs.logits, log_p, top, self.temperature)
+        elif self.kl_weight:
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
             loss = loss + self.kl_weight * distillation_loss(outputs.logits, teacher_logits, self.temperature)
