@@ -383,6 +383,26 @@ def refit_study_section(data: dict) -> list[str]:
          f"{r['refit_seconds']:.0f} s"] for r in data["rows"]])
 
 
+def router_fit_section(data: dict) -> list[str]:
+    m, cal = data["machine"], data["calibration"]
+    caption = (
+        f"**Hyperplane routers: ridge against logistic regression** (`{data['command'].strip()}`; {m['cpu']}, "
+        f"{m['torch_threads']} threads; file `benchmarks/results/router_fit_smollm2.json`). Every SmolLM2 layer "
+        "converted to the tree below and its routing fitted (neuron partition and routers, no weight training) "
+        f"on {cal['tokens_per_layer']:,} MLP inputs per layer from valid.txt; captured mass (the share of the dense "
+        "MLP's activation mass on the tokens' paths) on the held-out tenth, mean over layers.")
+    rows = []
+    for r in data["rows"]:
+        spec = r["spec"]
+        layers = len(r["layers_ridge"])
+        rows.append([f"depth {spec['depth']}, node {spec['node_width']}, leaf {spec['leaf_width']}, shared "
+                     f"{spec['shared_width']}", f"{r['active_fraction']:.1%}", f"{r['captured_mass_initial']:.3f}",
+                     f"{r['captured_mass_ridge']:.3f}", f"{r['captured_mass_logistic']:.3f}",
+                     f"{r['logistic_wins_layers']} of {layers}"])
+    return table(caption, ["tree", "active units", "mass before the fit", "ridge", "logistic",
+                           "layers where logistic is higher"], rows)
+
+
 def cpu_kernel_quality_section(data: dict) -> list[str]:
     m, ev = data["machine"], data["evaluation"]
     caption = (
@@ -413,6 +433,9 @@ def render() -> str:
     quality = _load("quality_smollm2.json")
     if quality:
         lines += quality_section(quality)
+    routers = _load("router_fit_smollm2.json")
+    if routers:
+        lines += router_fit_section(routers)
     kernel_quality = _load("cpu_kernel_quality_smollm2.json")
     if kernel_quality:
         lines += cpu_kernel_quality_section(kernel_quality)

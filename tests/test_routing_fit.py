@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from treeffn_hf import TreeSpec
-from treeffn_hf.conversion.routing_fit import captured_mass, fit_routing
+from treeffn_hf.conversion.routing_fit import captured_mass, fit_router, fit_routing
 from treeffn_hf.modeling.tree_layer import TreeFFN
 
 HIDDEN, CLUSTERS, PER_CLUSTER = 32, 8, 12
@@ -41,11 +41,14 @@ def planted_layer(spec: TreeSpec, seed: int = 0) -> tuple[TreeFFN, torch.Tensor]
     TreeSpec(num_trees=2, depth=2, node_width=1, routing="hyperplane"),
     TreeSpec(num_trees=2, depth=2, node_width=2, routing="self"),
 ], ids=["self", "hyperplane", "fff", "two-trees-hyperplane", "two-trees-self"])
-def test_fit_raises_captured_mass_on_unseen_tokens(spec):
+@pytest.mark.parametrize("router_fit", ["ridge", "logistic"])
+def test_fit_raises_captured_mass_on_unseen_tokens(spec, router_fit):
+    if router_fit == "logistic" and spec.routing == "self":
+        pytest.skip("self routing fits no router")
     layer, tokens = planted_layer(spec)
     fit_tokens, unseen = tokens[:3000], tokens[3000:]
     before = captured_mass(layer, unseen)
-    report = fit_routing(layer, fit_tokens)
+    report = fit_routing(layer, fit_tokens, router_fit=router_fit)
     after = captured_mass(layer, unseen)
     assert report.captured_mass_after > report.captured_mass_before
     assert after > before + 0.1, (before, after)
@@ -66,3 +69,41 @@ def test_captured_mass_is_one_when_everything_is_shared():
                                            leaf_width=1))
     full = captured_mass(layer, tokens)
     assert 0.9 < full <= 1.0
+
+
+def test_logistic_routers_beat_ridge_routers_where_far_tokens_pull_the_least_squares_boundary():
+    """A known split at x0 = 0: tokens at x0 = -1 go left, tokens at x0 = +1 and x0 = +30 go right.
+    Least squares fits +1 to the far cluster too and moves its boundary into the near right
+    cluster; the logistic fit keeps the split."""
+    g = torch.Generator().manual_seed(0)
+    near_left = torch.randn(400, 2, generator=g) * 0.4 + torch.tensor([-1.0, 0.0])
+    near_right = torch.randn(400, 2, generator=g) * 0.4 + torch.tensor([1.0, 0.0])
+    far_right = torch.randn(1200, 2, generator=g) * 0.4 + torch.tensor([30.0, 0.0])
+    x = torch.cat([near_left, near_right, far_right])
+    right = torch.cat([torch.zeros(400), torch.ones(1600)]).bool()
+    accuracy = {}
+    for router_fit in ("ridge", "logistic"):
+        w, b = fit_router(x, right, torch.ones(2000), router_fit)
+        accuracy[router_fit] = float((((x @ w + b) > 0) == right)[:800].float().mean())
+    assert accuracy["logistic"] > 0.97 and accuracy["ridge"] < 0.9, accuracy
+
+
+def test_an_unknown_router_fit_is_refused():
+    layer, tokens = planted_layer(TreeSpec(depth=2, node_width=0, routing="hyperplane"))
+    with pytest.raises(ValueError, match="router_fit must be one of"):
+        fit_routing(layer, tokens, router_fit="svm")
+
+
+def test_shared_neurons_are_those_with_the_most_calibration_mass():
+    from treeffn_hf.conversion.routing_fit import neuron_mass
+
+    spec = TreeSpec(depth=2, node_width=1, leaf_width=16, shared_width=29)  # 3 + 4 x 16 + 29 = 96 neurons
+    layer, tokens = planted_layer(spec)
+    fit_tokens = tokens[torch.randperm(4000, generator=torch.Generator().manual_seed(0))[400:]]  # fit_routing's split
+    mass, _ = neuron_mass(layer, fit_tokens)
+    shared = layer.spec.shared_width
+    expected = layer.gate_rows.detach()[mass.mean(0).argsort(descending=True)[:shared]]
+    fit_routing(layer, tokens)
+    got = layer.gate_rows.detach()[-shared:]
+    assert shared == 29
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))

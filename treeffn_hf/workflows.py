@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import CheckpointError, claim_work_dir, load_dense, prepare_output, read_dense_config, save
 from .conversion.distillation import DISTILL_LR
+from .conversion.routing_fit import DEFAULT_ROUTER_FIT
 from .conversion.surgery import check_convertible, convert
 from .modeling.layer_spec import LayerSpec
 from .modeling.sparse_cost import SparseCost
@@ -174,11 +175,13 @@ def distill_checkpoint(
     weight_fraction: Optional[float] = None,
     allocation: str = "uniform",
     refit_down: bool = True,
+    router_fit: str = DEFAULT_ROUTER_FIT,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Recover quality layer by layer: capture the dense MLPs' inputs on calibration text, then
-    regress tree MLPs on the dense outputs, or calibrate MGS models: train linear gates on
+    regress tree MLPs on the dense outputs (after their routing fit, with `router_fit` routers where
+    they route by hyperplanes), or calibrate MGS models: train linear gates on
     dense-activation labels (the quantized predictor needs no training) and, unless
     `selection='top_k'`, give every layer a threshold calibrated to its density. The densities
     average `density` (default: the checkpoint's), or `weight_fraction` of the MLP weight bytes,
@@ -213,7 +216,7 @@ def distill_checkpoint(
         "calibration": str(calibration), "windows": windows, "window": window,
         "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,
         "selection": selection, "density": density, "weight_fraction": weight_fraction, "allocation": allocation,
-        "refit_down": refit_down,
+        "refit_down": refit_down, "router_fit": router_fit,
     })
     try:
         sparse = load(sparse_dir)
@@ -246,7 +249,7 @@ def distill_checkpoint(
                 for param in mlp.parameters():
                     param.requires_grad_(True)
             reports = distill_layers(sparse, dense_model, captured.inputs, steps=distill_steps, lr=lr, work_dir=work,
-                                     progress=progress)
+                                     router_fit=router_fit, progress=progress)
             for param in sparse.parameters():
                 param.requires_grad_(True)
     except BaseException:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ..conversion.distillation import DISTILL_LR
+from ..conversion.routing_fit import DEFAULT_ROUTER_FIT, ROUTER_FITS
 
 NAME = "distill"
 HELP = "train gates / distill tree layers of a converted model against its dense original"
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-steps", type=int, default=300)
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=DISTILL_LR, help="learning rate of tree distillation")
+    parser.add_argument("--router-fit", choices=ROUTER_FITS, default=DEFAULT_ROUTER_FIT,
+                        help="trees with hyperplane routing: fit each router by weighted logistic regression or "
+                             "weighted least squares (see benchmarks/router_fit.py)")
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
                         help="MGS: threshold (the default) calibrates per-layer thresholds; top_k keeps a fixed k")
     budget = parser.add_mutually_exclusive_group()
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
         gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, selection=args.selection,
         density=args.density, weight_fraction=args.weight_fraction, allocation=args.allocation,
-        refit_down=args.refit_down, overwrite=args.overwrite,
+        refit_down=args.refit_down, router_fit=args.router_fit, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     layers = summary["layers"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
 from .fitting import fit_keeping_best, holdout_split
-from .routing_fit import fit_routing
+from .routing_fit import DEFAULT_ROUTER_FIT, fit_routing
 
 # The learning rate of every measured tree figure (benchmarks/quality.py and the fine-tuning
 # benchmarks distil at it); no run at another rate is measured.
@@ -128,18 +128,21 @@ def distill_layers(
     work_dir: Optional[Union[str, Path]] = None,
     seed: int = 0,
     fit_tree_routing: bool = True,
+    router_fit: str = DEFAULT_ROUTER_FIT,
     progress: bool = True,
     **options,
 ) -> list[LayerDistillReport]:
     """Distill every sparse MLP of `sparse_model` on the captured inputs of its dense twin; tree
-    layers first get their partition and routing fitted to the same inputs (`fit_routing`)."""
+    layers first get their partition and routing fitted to the same inputs (`fit_routing`, with
+    `router_fit` for hyperplane routers)."""
     arch = architecture_for(dense_model.config)
     dense_layers = arch.decoder_layers(dense_model)
 
     def run_one(index: int, mlp: torch.nn.Module) -> LayerDistillReport:
         routing = None
         if fit_tree_routing and mlp.sparse_method == "tree":
-            routing = fit_routing(mlp, calibration_inputs[index], seed=seed + index, layer_index=index)
+            routing = fit_routing(mlp, calibration_inputs[index], router_fit=router_fit, seed=seed + index,
+                                  layer_index=index)
         report = distill_layer(mlp, getattr(dense_layers[index], arch.mlp_attr), calibration_inputs[index],
                                seed=seed + index, layer_index=index, **options)
         if routing is not None:

@@ -11,8 +11,11 @@ mass:
   split in two equal halves together with a token split, chosen to maximise the mass the tokens
   find on their side. With `routing='self'` the split is the sign of one of the node's own
   neurons (the best of the most-used candidates; it goes first in the block). With
-  `routing='hyperplane'` it alternates between a router on x (weighted ridge regression of the
-  side labels, a linear classifier in one solve) and the neuron halves.
+  `routing='hyperplane'` it alternates between a router on x and the neuron halves. The router
+  is a linear classifier of the side that holds more of each token's mass, weighted by the mass
+  at stake: `router_fit='logistic'` (weighted logistic regression, a few Newton steps from the
+  ridge solution) or `'ridge'` (weighted least squares of +-1 labels, one solve; far tokens on
+  the right side pull its boundary, see the tests).
 
 Only rows are permuted (and routers set): the layer computes exactly the same neurons, and the
 captured-mass fraction (on held-out tokens) measures how much of the dense MLP the paths keep.
@@ -32,6 +35,9 @@ from .partition import principal_direction
 SELF_ROUTING_CANDIDATES = 24
 HYPERPLANE_ROUNDS = 3
 RIDGE = 1e-3
+ROUTER_FITS = ("ridge", "logistic")
+DEFAULT_ROUTER_FIT = "ridge"
+NEWTON_STEPS = 8
 
 
 @dataclass
@@ -75,9 +81,12 @@ def captured_mass(layer: TreeFFN, x: torch.Tensor) -> float:
 
 
 def fit_routing(
-    layer: TreeFFN, inputs: torch.Tensor, *, holdout: float = 0.1, seed: int = 0, layer_index: int = 0
+    layer: TreeFFN, inputs: torch.Tensor, *, router_fit: str = DEFAULT_ROUTER_FIT, holdout: float = 0.1, seed: int = 0,
+    layer_index: int = 0,
 ) -> RoutingFitReport:
     """Re-lay `layer` (in place) so its routing sends tokens to their high-mass neurons."""
+    if router_fit not in ROUTER_FITS:
+        raise ValueError(f"router_fit must be one of {ROUTER_FITS}, got {router_fit!r}")
     generator = torch.Generator().manual_seed(seed)
     x = inputs.float()
     order = torch.randperm(x.shape[0], generator=generator)
@@ -86,7 +95,7 @@ def fit_routing(
     before = captured_mass(layer, x_eval)
 
     mass, pre = neuron_mass(layer, x_fit)
-    layout = _fit_layout(layer, x_fit, mass, pre)
+    layout = _fit_layout(layer, x_fit, mass, pre, router_fit)
     _apply_layout(layer, layout)
     return RoutingFitReport(layer=layer_index, captured_mass_before=before,
                             captured_mass_after=captured_mass(layer, x_eval))
@@ -99,7 +108,7 @@ class _Layout:
     router_bias: Optional[torch.Tensor]
 
 
-def _fit_layout(layer: TreeFFN, x: torch.Tensor, mass: torch.Tensor, pre: torch.Tensor) -> _Layout:
+def _fit_layout(layer: TreeFFN, x: torch.Tensor, mass: torch.Tensor, pre: torch.Tensor, router_fit: str) -> _Layout:
     spec = layer.spec
     by_mass = torch.argsort(mass.mean(0), descending=True)
     shared = by_mass[: spec.shared_width].sort().values
@@ -122,7 +131,7 @@ def _fit_layout(layer: TreeFFN, x: torch.Tensor, mass: torch.Tensor, pre: torch.
             node_mass = mass[tokens][:, neurons]
             if hyperplane:
                 own, left, right, go_right, (w, b) = _split_hyperplane(x[tokens], node_mass, neurons,
-                                                                       spec.node_width)
+                                                                       spec.node_width, router_fit)
                 router_w[t, heap], router_b[t, heap] = w, b
             else:
                 own, left, right, go_right = _split_self(pre[tokens][:, neurons], node_mass, neurons, spec.node_width)
@@ -170,7 +179,8 @@ def _top_excluding(values: torch.Tensor, k: int, exclude: int) -> torch.Tensor:
     return torch.argsort(masked, descending=True)[:k]
 
 
-def _split_hyperplane(x: torch.Tensor, node_mass: torch.Tensor, neurons: torch.Tensor, width: int):
+def _split_hyperplane(x: torch.Tensor, node_mass: torch.Tensor, neurons: torch.Tensor, width: int,
+                      router_fit: str = "ridge"):
     """Alternate: neuron halves given the token split, a router fitted to where each token's mass
     is, the token split given the router."""
     total = node_mass.sum(0)
@@ -190,23 +200,35 @@ def _split_hyperplane(x: torch.Tensor, node_mass: torch.Tensor, neurons: torch.T
     for _ in range(HYPERPLANE_ROUNDS):
         left_pos, right_pos, _ = _halves(_side_mass(rest_mass, go_right), torch.arange(len(rest)))
         want_right = rest_mass[:, right_pos].sum(1) - rest_mass[:, left_pos].sum(1)
-        w, b = _fit_router(x, want_right > 0, want_right.abs())
+        w, b = fit_router(x, want_right > 0, want_right.abs(), router_fit)
         go_right = (x @ w + b) > 0
     left, right, _ = _halves(_side_mass(rest_mass, go_right), rest)
     return neurons[own], left, right, go_right, (w, b)
 
 
-def _fit_router(x: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted ridge regression of +-1 labels on [x, 1] (weights: how much mass a token stands to
-    gain): a linear classifier in one solve, cheap enough for every node of a deep tree."""
+def fit_router(x: torch.Tensor, label: torch.Tensor, weight: torch.Tensor,
+               router_fit: str = "ridge") -> tuple[torch.Tensor, torch.Tensor]:
+    """A router (w, b) that sends token t right where x_t . w + b > 0, fitted to `label` (go
+    right) with per-token `weight` (the mass a token stands to gain), on [x, 1] scaled to unit
+    mean norm with the same relative ridge penalty:
+
+    - `ridge`: weighted least squares of +-1 labels, one solve;
+    - `logistic`: weighted logistic regression, `NEWTON_STEPS` Newton steps from the ridge solution.
+    """
     scale = x.norm(dim=1).mean().clamp_min(1e-6)
     design = torch.cat([x / scale, torch.ones(x.shape[0], 1)], dim=1)
     weight = weight / weight.mean().clamp_min(1e-12)
-    target = label.float() * 2 - 1
     gram = design.T @ (design * weight[:, None])
-    gram += RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0])
-    solution = torch.linalg.solve(gram, design.T @ (weight * target))
-    return solution[:-1] / scale, solution[-1]
+    penalty = RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0])
+    theta = torch.linalg.solve(gram + penalty, design.T @ (weight * (label.float() * 2 - 1)))
+    if router_fit == "logistic":
+        target = label.float()
+        for _ in range(NEWTON_STEPS):
+            p = torch.sigmoid(design @ theta)
+            grad = design.T @ (weight * (p - target)) + penalty @ theta
+            curvature = (weight * p * (1 - p)).clamp_min(1e-9)
+            theta = theta - torch.linalg.solve(design.T @ (design * curvature[:, None]) + penalty, grad)
+    return theta[:-1] / scale, theta[-1]
 
 
 @torch.no_grad()

@@ -24,7 +24,23 @@ def kl_naive(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-class _ChunkedKL(torch.autograd.Function):
+class _GradientInForward(torch.autograd.Function):
+    """A loss whose forward also computes its gradient in the student logits (its first input),
+    block by block while each block is in cache; backward only scales it."""
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        others = (None,) * ctx.other_inputs
+        return (None if grad is None else (grad * grad_output).reshape(ctx.shape), *others)
+
+
+def _keep_gradient(ctx, grad, shape: torch.Size, other_inputs: int) -> None:
+    ctx.save_for_backward(grad)
+    ctx.shape, ctx.other_inputs = shape, other_inputs
+
+
+class _ChunkedKL(_GradientInForward):
     @staticmethod
     def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                 chunk_rows: int) -> torch.Tensor:
@@ -49,16 +65,8 @@ class _ChunkedKL(torch.autograd.Function):
             if grad is not None:
                 # d/ds of T^2 * KL / rows, with s the raw logits: T * (q - p) / rows
                 grad[block] = s.exp_().sub_(p).mul_(temperature / rows)
-        ctx.save_for_backward(grad)
-        ctx.shape = student_logits.shape
+        _keep_gradient(ctx, grad, student_logits.shape, other_inputs=3)
         return total * (temperature**2 / rows)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None
-        return (grad * grad_output).reshape(ctx.shape), None, None, None
 
 
 def chunked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -110,7 +118,7 @@ def top_k_kl_naive(student_logits: torch.Tensor, teacher_log_p: torch.Tensor, te
     return kl.mean() * temperature**2
 
 
-class _ChunkedTopKKL(torch.autograd.Function):
+class _ChunkedTopKKL(_GradientInForward):
     @staticmethod
     def forward(ctx, student_logits, teacher_log_p, teacher_ids, temperature: float, chunk_rows: int):
         vocab, k = student_logits.shape[-1], teacher_ids.shape[-1]
@@ -135,16 +143,8 @@ class _ChunkedTopKKL(torch.autograd.Function):
                 q.mul_((1 - (log_p_rest - log_q_rest).exp())[:, None])  # off the top k: q (1 - p_rest / q_rest)
                 q.scatter_(1, ids, log_q_top.exp() - p)  # on it: q - p
                 grad[block] = q.mul_(temperature / rows)
-        ctx.save_for_backward(grad)
-        ctx.shape = student_logits.shape
+        _keep_gradient(ctx, grad, student_logits.shape, other_inputs=4)
         return total * (temperature**2 / rows)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None
-        return (grad * grad_output).reshape(ctx.shape), None, None, None, None
 
 
 def top_k_kl(student_logits: torch.Tensor, teacher_log_p: torch.Tensor, teacher_ids: torch.Tensor,
