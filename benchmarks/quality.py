@@ -178,7 +178,7 @@ def parse_tree_specs(text: str) -> list[TreeSpec]:
     return specs
 
 
-def tree_rows(run, args, dense, captured, eval_ids, progress) -> None:
+def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None:
     hidden, intermediate = dense.config.hidden_size, dense.config.intermediate_size
     specs = [(tree_spec_for_fraction(hidden, intermediate, float(v)), float(v))
              for v in args.tree_fractions.split(",") if v]
@@ -193,6 +193,7 @@ def tree_rows(run, args, dense, captured, eval_ids, progress) -> None:
         for _, mlp in sparse.sparse_mlps():
             mlp.requires_grad_(True)
         reports = distill_layers(sparse, dense, captured.inputs, steps=args.distill_steps, lr=args.distill_lr,
+                                 sequential_ids=calib_ids if args.sequential else None,
                                  progress=progress)
         seconds = time.perf_counter() - start
         sparse.requires_grad_(False)
@@ -201,7 +202,8 @@ def tree_rows(run, args, dense, captured, eval_ids, progress) -> None:
         trees = f"{spec.num_trees} trees, " if spec.num_trees > 1 else ""
         router = ", hyperplane" if spec.routing == "hyperplane" else ""
         run.add({"variant": f"tree ~{fraction:.0%} ({trees}depth {spec.depth}, node {spec.node_width}, "
-                            f"leaf {spec.leaf_width}, shared {spec.shared_width}{router})",
+                            f"leaf {spec.leaf_width}, shared {spec.shared_width}{router}"
+                            f"{', sequential' if args.sequential else ''})",
                  "method": "tree", "target": fraction, "spec": spec.to_dict(), "perplexity": tree_ppl,
                  "unit_fraction": cost.unit_fraction, "weight_fraction": cost.weight_fraction,
                  "captured_mass_before": _mean(r.captured_mass_before for r in reports),
@@ -226,6 +228,8 @@ def main() -> None:
     parser.add_argument("--tree-specs", default="",
                         help="more trees, `;`-separated TreeSpec fields: num_trees=64,depth=2,node_width=0,"
                              "routing=hyperplane;...")
+    parser.add_argument("--sequential", action="store_true",
+                        help="distil the trees sequentially (each layer on the sparse model's own inputs)")
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--distill-lr", type=float, default=DISTILL_LR, help="tree distillation lr (treeffn distill's)")
     parser.add_argument("--only", choices=("mgs", "tree"), help="run one method; carry the other's rows over")
@@ -287,7 +291,7 @@ def main() -> None:
     if args.only != "tree":
         mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress)
     if args.only != "mgs":
-        tree_rows(run, args, dense, captured, eval_ids, progress)
+        tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress)
     plot(RESULTS / args.output)
 
 

@@ -44,6 +44,28 @@ def test_distillation_lowers_layer_mse_on_unseen_inputs(setup):
         assert a < 0.9 * b
 
 
+def test_sequential_distillation_fits_each_layer_on_what_its_sparse_predecessors_feed_it(setup, monkeypatch):
+    dense, converted, _, _ = setup
+    sparse = copy.deepcopy(converted)
+    ids = torch.randint(3, 97, (4, 32), generator=torch.Generator().manual_seed(5))
+    dense_inputs = capture_mlp_inputs(dense, ids, tokens_per_layer=128, progress=False).inputs
+    seen = {}
+    original = distillation.distill_layer
+
+    def recording(mlp, dense_mlp, inputs, **options):
+        seen[options["layer_index"]] = inputs.clone()
+        return original(mlp, dense_mlp, inputs, **options)
+
+    monkeypatch.setattr(distillation, "distill_layer", recording)
+    reports = distill_layers(sparse, dense, dense_inputs, sequential_ids=ids, steps=40, lr=1e-3, progress=False)
+    assert [r.mse_after < r.mse_before for r in reports] == [True, True]
+    torch.testing.assert_close(seen[0], dense_inputs[0])  # nothing sparse before layer 0
+    # layer 1 saw the sparse model's inputs (layer 0 distilled, as it is now), not the dense model's
+    after_layer_0 = capture_mlp_inputs(sparse, ids, tokens_per_layer=128, progress=False, only_layer=1).inputs[1]
+    torch.testing.assert_close(seen[1], after_layer_0)
+    assert (seen[1] - dense_inputs[1]).abs().max() > 1e-2
+
+
 def test_killed_run_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
     dense, converted, inputs, _ = setup
     uninterrupted = copy.deepcopy(converted)

@@ -176,12 +176,14 @@ def distill_checkpoint(
     allocation: str = "uniform",
     refit_down: bool = True,
     router_fit: str = DEFAULT_ROUTER_FIT,
+    sequential: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Recover quality layer by layer: capture the dense MLPs' inputs on calibration text, then
     regress tree MLPs on the dense outputs (after their routing fit, with `router_fit` routers where
-    they route by hyperplanes), or calibrate MGS models: train linear gates on
+    they route by hyperplanes; with `sequential`, each on the inputs the already distilled sparse
+    layers before it produce), or calibrate MGS models: train linear gates on
     dense-activation labels (the quantized predictor needs no training) and, unless
     `selection='top_k'`, give every layer a threshold calibrated to its density. The densities
     average `density` (default: the checkpoint's), or `weight_fraction` of the MLP weight bytes,
@@ -216,7 +218,7 @@ def distill_checkpoint(
         "calibration": str(calibration), "windows": windows, "window": window,
         "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,
         "selection": selection, "density": density, "weight_fraction": weight_fraction, "allocation": allocation,
-        "refit_down": refit_down, "router_fit": router_fit,
+        "refit_down": refit_down, "router_fit": router_fit, "sequential": sequential,
     })
     try:
         sparse = load(sparse_dir)
@@ -249,7 +251,8 @@ def distill_checkpoint(
                 for param in mlp.parameters():
                     param.requires_grad_(True)
             reports = distill_layers(sparse, dense_model, captured.inputs, steps=distill_steps, lr=lr, work_dir=work,
-                                     router_fit=router_fit, progress=progress)
+                                     router_fit=router_fit, sequential_ids=ids if sequential else None,
+                                     progress=progress)
             for param in sparse.parameters():
                 param.requires_grad_(True)
     except BaseException:

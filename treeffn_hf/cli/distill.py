@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-fit", choices=ROUTER_FITS, default=DEFAULT_ROUTER_FIT,
                         help="trees with hyperplane routing: fit each router by weighted logistic regression or "
                              "weighted least squares (see benchmarks/router_fit.py)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="trees: fit each layer on the inputs the already distilled layers before it produce "
+                             "(GPTQ-style; one partial forward of the calibration text per layer)")
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
                         help="MGS: threshold (the default) calibrates per-layer thresholds; top_k keeps a fixed k")
     budget = parser.add_mutually_exclusive_group()
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
         gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, selection=args.selection,
         density=args.density, weight_fraction=args.weight_fraction, allocation=args.allocation,
-        refit_down=args.refit_down, router_fit=args.router_fit, overwrite=args.overwrite,
+        refit_down=args.refit_down, router_fit=args.router_fit, sequential=args.sequential,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     layers = summary["layers"]

@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import architecture_for
+from ..architectures import layout_of
 
 
 def read_texts(source: Union[str, Path], text_field: str = "text") -> Iterator[str]:
@@ -71,6 +71,10 @@ def token_windows(
     return torch.tensor(ids[: min(usable, needed)]).view(-1, window)
 
 
+class _StopForward(Exception):
+    """Raised by a capture hook once the layer it waits for has run: the rest of the forward is not needed."""
+
+
 @dataclass
 class MLPInputs:
     """Per decoder layer: a (tokens, hidden) sample of the inputs its MLP saw."""
@@ -87,9 +91,12 @@ def capture_mlp_inputs(
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
+    only_layer: Optional[int] = None,
 ) -> MLPInputs:
-    """Run the dense `model` over `windows` once and keep a uniform sample of each MLP's inputs."""
-    arch = architecture_for(model.config)
+    """Run `model` over `windows` once and keep a uniform sample of each MLP's inputs. With
+    `only_layer`, only that layer's (the others' entries are None), and each forward stops there.
+    `model` is dense or sparse (a sparse model's MLP inputs, for sequential distillation)."""
+    arch = layout_of(model.config)
     layers = arch.decoder_layers(model)
     generator = torch.Generator().manual_seed(seed)
     samples: list[Optional[torch.Tensor]] = [None] * len(layers)
@@ -113,18 +120,26 @@ def capture_mlp_inputs(
             held[slots[keep]] = rest[keep]
         samples[index] = held
 
+    def capture(index: int, rows: torch.Tensor) -> None:
+        reservoir(index, rows)
+        if only_layer is not None:
+            raise _StopForward
+
     hooks = [
         getattr(layer, arch.mlp_attr).register_forward_pre_hook(
-            lambda module, args, index=index: reservoir(index, args[0])
+            lambda module, args, index=index: capture(index, args[0])
         )
-        for index, layer in enumerate(layers)
+        for index, layer in enumerate(layers) if only_layer is None or index == only_layer
     ]
     try:
         was_training = model.training
         model.eval()
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibration", disable=not progress):
             batch = windows[start : start + batch_size].to(next(model.parameters()).device)
-            model(batch, use_cache=False)
+            try:
+                model(batch, use_cache=False)
+            except _StopForward:
+                pass
             seen[0] += batch.numel()
         model.train(was_training)
     finally:

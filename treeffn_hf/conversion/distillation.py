@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
+from .calibration import capture_mlp_inputs
 from .fitting import fit_keeping_best, holdout_split
 from .routing_fit import DEFAULT_ROUTER_FIT, fit_routing
 
@@ -129,21 +130,34 @@ def distill_layers(
     seed: int = 0,
     fit_tree_routing: bool = True,
     router_fit: str = DEFAULT_ROUTER_FIT,
+    sequential_ids: Optional[torch.Tensor] = None,
     progress: bool = True,
     **options,
 ) -> list[LayerDistillReport]:
-    """Distill every sparse MLP of `sparse_model` on the captured inputs of its dense twin; tree
-    layers first get their partition and routing fitted to the same inputs (`fit_routing`, with
-    `router_fit` for hyperplane routers)."""
+    """Distill every sparse MLP of `sparse_model` against the dense MLP it replaces; tree layers
+    first get their partition and routing fitted to the same inputs (`fit_routing`, with
+    `router_fit` for hyperplane routers).
+
+    The inputs of layer i are `calibration_inputs[i]`, captured on the dense model, or, given
+    `sequential_ids` (calibration windows), sampled from `sparse_model` itself after layers 0..i-1
+    were distilled (as GPTQ does): each layer is fitted to the inputs the sparse model really
+    feeds it, the target still the dense MLP's output on them. That costs one partial forward of
+    the windows per layer; `calibration_inputs` then only sets how many tokens a layer keeps."""
     arch = architecture_for(dense_model.config)
     dense_layers = arch.decoder_layers(dense_model)
 
+    def inputs_of(index: int) -> torch.Tensor:
+        if sequential_ids is None:
+            return calibration_inputs[index]
+        return capture_mlp_inputs(sparse_model, sequential_ids, tokens_per_layer=calibration_inputs[index].shape[0],
+                                  seed=seed + index, progress=False, only_layer=index).inputs[index]
+
     def run_one(index: int, mlp: torch.nn.Module) -> LayerDistillReport:
         routing = None
+        inputs = inputs_of(index)
         if fit_tree_routing and mlp.sparse_method == "tree":
-            routing = fit_routing(mlp, calibration_inputs[index], router_fit=router_fit, seed=seed + index,
-                                  layer_index=index)
-        report = distill_layer(mlp, getattr(dense_layers[index], arch.mlp_attr), calibration_inputs[index],
+            routing = fit_routing(mlp, inputs, router_fit=router_fit, seed=seed + index, layer_index=index)
+        report = distill_layer(mlp, getattr(dense_layers[index], arch.mlp_attr), inputs,
                                seed=seed + index, layer_index=index, **options)
         if routing is not None:
             report.captured_mass_before = routing.captured_mass_before
