@@ -13,7 +13,8 @@ oracle, the top-k oracle (exact |silu(g) * u|, read for free), a TEAL-style thre
 CATS criterion (|silu(g)|, all of gate_proj read), unless already measured within 2 points.
 The nested rows' bytes are those of a kernel that reads the nibbles; today's kernels read the
 snapped weights in the model dtype. The trained linear gate (the old default) runs at `--linear-densities`.
-Trees near each target fraction are fitted (routing fit + layer-wise distillation).
+Trees near each target fraction are fitted (routing fit + layer-wise distillation); `--tree-specs`
+adds any forest, `--tree-search` forests whose shape each layer chose (conversion/shape_search.py).
 Protocol: ../shared/data/README.md. Results: benchmarks/results/quality_smollm2.json (+ .png),
 rewritten after every row; with `--only`, the other method's rows are carried over from the
 existing file (marked `carried_over`).
@@ -22,6 +23,7 @@ existing file (marked `carried_over`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -47,6 +49,8 @@ from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.distillation import DISTILL_LR, distill_layers  # noqa: E402
 from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
+from treeffn_hf.conversion.routing_fit import DEFAULT_ROUTER_FIT, ROUTER_FITS  # noqa: E402
+from treeffn_hf.conversion.shape_search import search_tree_shapes  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, TreeSpec, tree_spec_for_fraction  # noqa: E402
@@ -185,31 +189,42 @@ def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None
     for spec in parse_tree_specs(args.tree_specs):
         spec = spec.resolve(hidden, intermediate)
         specs.append((spec, spec.active_units / intermediate))
+    specs += [(None, float(v)) for v in args.tree_search.split(",") if v]
     for spec, fraction in specs:
         start = time.perf_counter()
+        search = None
+        if spec is None:  # per-layer shapes chosen by the shape search
+            search = search_tree_shapes(dense, captured.inputs, fraction, router_fit=args.router_fit,
+                                        progress=progress)
+            spec = search.specs()
         sparse = convert(dense, spec, progress=False)
         for param in sparse.parameters():
             param.requires_grad_(False)
         for _, mlp in sparse.sparse_mlps():
             mlp.requires_grad_(True)
         reports = distill_layers(sparse, dense, captured.inputs, steps=args.distill_steps, lr=args.distill_lr,
-                                 sequential_ids=calib_ids if args.sequential else None,
+                                 router_fit=args.router_fit, sequential_ids=calib_ids if args.sequential else None,
                                  progress=progress)
         seconds = time.perf_counter() - start
         sparse.requires_grad_(False)
         tree_ppl = evaluate(sparse, eval_ids, progress)
         cost = sparse.sparse_cost()
-        trees = f"{spec.num_trees} trees, " if spec.num_trees > 1 else ""
-        router = ", hyperplane" if spec.routing == "hyperplane" else ""
-        run.add({"variant": f"tree ~{fraction:.0%} ({trees}depth {spec.depth}, node {spec.node_width}, "
-                            f"leaf {spec.leaf_width}, shared {spec.shared_width}{router}"
-                            f"{', sequential' if args.sequential else ''})",
-                 "method": "tree", "target": fraction, "spec": spec.to_dict(), "perplexity": tree_ppl,
+        options = (", hyperplane" if sparse.config.sparse_spec.routing == "hyperplane" else "") + (
+            f", {args.router_fit} routers" if args.router_fit != DEFAULT_ROUTER_FIT else "") + (
+            ", sequential" if args.sequential else "")
+        if search is None:
+            trees = f"{spec.num_trees} trees, " if spec.num_trees > 1 else ""
+            shape = f"{trees}depth {spec.depth}, node {spec.node_width}, leaf {spec.leaf_width}, shared {spec.shared_width}"
+        else:
+            shape = f"shapes searched per layer, <= {search.active_units} active"
+        run.add({"variant": f"tree ~{fraction:.0%} ({shape}{options})",
+                 "method": "tree", "target": fraction, "spec": sparse.config.sparse_mlp, "perplexity": tree_ppl,
                  "unit_fraction": cost.unit_fraction, "weight_fraction": cost.weight_fraction,
                  "captured_mass_before": _mean(r.captured_mass_before for r in reports),
                  "captured_mass_after": _mean(r.captured_mass_after for r in reports),
                  "layer_mse_before": _mean(r.mse_before for r in reports),
-                 "layer_mse_after": _mean(r.mse_after for r in reports), "fit_seconds": seconds})
+                 "layer_mse_after": _mean(r.mse_after for r in reports), "fit_seconds": seconds,
+                 **({"shape_search": dataclasses.asdict(search)} if search else {})})
         del sparse
 
 
@@ -228,6 +243,9 @@ def main() -> None:
     parser.add_argument("--tree-specs", default="",
                         help="more trees, `;`-separated TreeSpec fields: num_trees=64,depth=2,node_width=0,"
                              "routing=hyperplane;...")
+    parser.add_argument("--tree-search", default="",
+                        help="active fractions at which each layer's forest shape is searched (treeffn distill --active)")
+    parser.add_argument("--router-fit", choices=ROUTER_FITS, default=DEFAULT_ROUTER_FIT, help="hyperplane routers")
     parser.add_argument("--sequential", action="store_true",
                         help="distil the trees sequentially (each layer on the sparse model's own inputs)")
     parser.add_argument("--distill-steps", type=int, default=200)

@@ -403,6 +403,28 @@ def router_fit_section(data: dict) -> list[str]:
                            "layers where logistic is higher"], rows)
 
 
+def tree_mass_bound_section(data: dict) -> list[str]:
+    m, cal = data["machine"], data["calibration"]
+    caption = (
+        f"**What a tree can reach, against per-token selection** (`{data['command'].strip()}`; {m['cpu']}, "
+        f"{m['torch_threads']} threads; file `benchmarks/results/tree_mass_bound_smollm2.json`, plot "
+        f"`tree_mass_bound_smollm2.png`). SmolLM2 layers {data['shapes']['layers_measured'][0]}, "
+        f"{data['shapes']['layers_measured'][1]}, ... {data['shapes']['layers_measured'][-1]}, each converted to the "
+        f"forest below and its partition and routing fitted on {cal['tokens_per_layer']:,} MLP inputs from valid.txt "
+        "(no weight training). Share of the dense activation mass the computed neurons hold, on a held-out tenth, "
+        "mean over layers: `routed` by the fitted routers; `best paths` if every token took, in every tree, the path "
+        "holding most of its mass (no router of these leaves beats it); at the same neurons per token, `static` the "
+        "top calibration-mass neurons for every token, `top-k` each token's own top neurons (the MGS oracle).")
+    rows = []
+    for r in data["rows"]:
+        spec = r["spec"]
+        trees = f"{spec['num_trees']} trees x " if spec["num_trees"] > 1 else ""
+        rows.append([f"{trees}depth {spec['depth']}, node {spec['node_width']}, leaf {spec['leaf_width']}, shared "
+                     f"{spec['shared_width']}", f"{r['unit_fraction']:.1%}", f"{r['routed']:.3f}",
+                     f"{r['oracle_paths']:.3f}", f"{r['static']:.3f}", f"{r['top_k']:.3f}"])
+    return table(caption, ["forest", "active units", "routed", "best paths", "static", "top-k"], rows)
+
+
 def cpu_kernel_quality_section(data: dict) -> list[str]:
     m, ev = data["machine"], data["evaluation"]
     caption = (
@@ -436,6 +458,9 @@ def render() -> str:
     routers = _load("router_fit_smollm2.json")
     if routers:
         lines += router_fit_section(routers)
+    bound = _load("tree_mass_bound_smollm2.json")
+    if bound:
+        lines += tree_mass_bound_section(bound)
     kernel_quality = _load("cpu_kernel_quality_smollm2.json")
     if kernel_quality:
         lines += cpu_kernel_quality_section(kernel_quality)

@@ -127,3 +127,31 @@ def test_a_density_with_top_k_selection_is_refused(dense_dir, tmp_path, capsys):
                  "--density", "0.2", "--no-progress"])
     assert code == 1 and "not with --selection top_k" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+
+
+def test_distill_with_active_searches_a_shape_per_layer_and_info_prints_them(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=2, node_width=1))
+    args = ["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+            "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--windows", "4", "--window", "64",
+            "--distill-steps", "10", "--active", "0.3", "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "shapes at <= 49 active neurons a token" in stdout
+    summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
+    chosen = [layer["shape"] for layer in summary["shape_search"]["layers"]]
+    distilled = treeffn_hf.load(tmp_path / "out")
+    specs = [m.spec for _, m in distilled.sparse_mlps()]
+    assert [s.shape() for s in specs] == chosen and all(s.active_units <= 49 for s in specs)
+    assert main(["info", str(tmp_path / "out")]) == 0
+    info = capsys.readouterr().out
+    for index, spec in enumerate(specs):
+        assert f"layer {index:<9} {spec.num_trees} tree(s), depth {spec.depth}" in info
+        assert f"{spec.active_units} neurons a token" in info
+
+
+def test_active_is_refused_for_mgs(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", MGSSpec(density=0.3))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--active", "0.2", "--no-progress"])
+    assert code == 1 and "tree models only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from treeffn_hf import TreeSpec
-from treeffn_hf.conversion.routing_fit import captured_mass, fit_router, fit_routing
+from treeffn_hf.conversion.routing_fit import captured_mass, fit_router, fit_routing, neuron_mass
 from treeffn_hf.modeling.tree_layer import TreeFFN
 
 HIDDEN, CLUSTERS, PER_CLUSTER = 32, 8, 12
@@ -62,6 +62,40 @@ def test_fit_only_permutes_neurons():
     stacked_after = torch.cat([layer.gate_rows, layer.up_rows, layer.down_rows], dim=1).detach()
     # Same neurons (whole rows move together), each exactly once.
     assert torch.equal(stacked_after[torch.argsort(stacked_after[:, 0])], stacked_before[torch.argsort(stacked_before[:, 0])])
+
+
+@pytest.mark.parametrize("spec", [TreeSpec(num_trees=2, depth=2, node_width=2, routing="self"),
+                                  TreeSpec(depth=3, node_width=0, routing="hyperplane")], ids=["two-trees-self", "fff"])
+def test_captured_mass_is_the_mass_of_the_neurons_each_token_computes_and_the_oracle_bounds_it(spec):
+    layer, tokens = planted_layer(spec)
+    tokens = tokens[:300]
+    spec = layer.spec
+    mass, _ = neuron_mass(layer, tokens)
+    # Brute force: each token's computed rows are those its path visits; forcing a route gives a path.
+    leaf, path = layer.route(tokens)
+    rows = torch.arange(spec.num_trees * spec.num_nodes * spec.node_width,
+                        dtype=torch.long).view(spec.num_trees, spec.num_nodes, spec.node_width)
+
+    def path_rows(tree, node_path, leaf_index):
+        picked = [rows[tree, node].tolist() for node in node_path] if spec.node_width else []
+        start = layer.node_rows + (tree * spec.num_leaves + leaf_index) * spec.leaf_width
+        return [r for block in picked for r in block] + list(range(start, start + spec.leaf_width))
+    shared = list(range(layer.node_rows + layer.leaf_rows, mass.shape[1]))
+    routed = best = 0.0
+    for t in range(tokens.shape[0]):
+        for tree in range(spec.num_trees):
+            routed += float(mass[t, path_rows(tree, path[t, tree].tolist(), int(leaf[t, tree]))].sum())
+            options = []
+            for candidate in range(spec.num_leaves):
+                nodes = [((candidate >> (spec.depth - level)) + (1 << level) - 1) for level in range(spec.depth)]
+                options.append(float(mass[t, path_rows(tree, nodes, candidate)].sum()))
+            best += max(options)
+        routed += float(mass[t, shared].sum())
+        best += float(mass[t, shared].sum())
+    total = float(mass.sum())
+    assert captured_mass(layer, tokens) == pytest.approx(routed / total, rel=1e-5)
+    assert captured_mass(layer, tokens, oracle=True) == pytest.approx(best / total, rel=1e-5)
+    assert best >= routed
 
 
 def test_captured_mass_is_one_when_everything_is_shared():

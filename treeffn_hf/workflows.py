@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +21,12 @@ from typing import Optional, Union
 
 import torch
 
+from .architectures import architecture_for
 from .checkpoint import CheckpointError, claim_work_dir, load_dense, prepare_output, read_dense_config, save
 from .conversion.distillation import DISTILL_LR
 from .conversion.routing_fit import DEFAULT_ROUTER_FIT
 from .conversion.surgery import check_convertible, convert
-from .modeling.layer_spec import LayerSpec
+from .modeling.layer_spec import LayerSpec, TreeSpec
 from .modeling.sparse_cost import SparseCost
 from .training.finetune import finetune_checkpoint
 
@@ -103,6 +105,7 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
     from safetensors import safe_open
     from transformers import AutoConfig
 
+    from .modeling.configuration_treeffn import LAYER_SHAPES
     from .modeling.dispatch import inference_paths, runtime_copy_bytes
     from .modeling.modeling_treeffn import build_sparse_mlp
 
@@ -145,6 +148,9 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
         "method": config.sparse_mlp["method"],
         "num_layers": config.num_hidden_layers,
         "layer_spec": dict(config.sparse_mlp),
+        # Per-layer forests (the shape search's choice): each layer's shape and neurons per token.
+        "layer_shapes": [{**mlp.spec.shape(), "active_units": mlp.spec.active_units} for mlp in layers]
+        if config.sparse_mlp.get(LAYER_SHAPES) else None,
         "active_unit_fraction": cost.unit_fraction,
         "active_weight_fraction": cost.weight_fraction,
         "parameters": {"total": total, "mlp": mlp},
@@ -177,13 +183,16 @@ def distill_checkpoint(
     refit_down: bool = True,
     router_fit: str = DEFAULT_ROUTER_FIT,
     sequential: bool = False,
+    active: Optional[float] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Recover quality layer by layer: capture the dense MLPs' inputs on calibration text, then
     regress tree MLPs on the dense outputs (after their routing fit, with `router_fit` routers where
     they route by hyperplanes; with `sequential`, each on the inputs the already distilled sparse
-    layers before it produce), or calibrate MGS models: train linear gates on
+    layers before it produce; with `active`, each layer first takes the forest shape that keeps its
+    output best at that fraction of its neurons per token, conversion/shape_search.py), or
+    calibrate MGS models: train linear gates on
     dense-activation labels (the quantized predictor needs no training) and, unless
     `selection='top_k'`, give every layer a threshold calibrated to its density. The densities
     average `density` (default: the checkpoint's), or `weight_fraction` of the MLP weight bytes,
@@ -218,13 +227,15 @@ def distill_checkpoint(
         "calibration": str(calibration), "windows": windows, "window": window,
         "tokens_per_layer": tokens_per_layer, "gate_steps": gate_steps, "distill_steps": distill_steps, "lr": lr,
         "selection": selection, "density": density, "weight_fraction": weight_fraction, "allocation": allocation,
-        "refit_down": refit_down, "router_fit": router_fit, "sequential": sequential,
+        "refit_down": refit_down, "router_fit": router_fit, "sequential": sequential, "active": active,
     })
     try:
         sparse = load(sparse_dir)
         if sparse.config.sparse_mlp["method"] != "mgs" and (
                 selection is not None or density is not None or weight_fraction is not None):
             raise CheckpointError("--selection, --density and --weight-fraction apply to MGS models only")
+        if sparse.config.sparse_mlp["method"] != "tree" and active is not None:
+            raise CheckpointError("--active chooses tree shapes: it applies to tree models only")
         if selection == "top_k" and (density is not None or weight_fraction is not None):
             raise CheckpointError("--density and --weight-fraction set calibrated thresholds: not with --selection top_k")
         tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
@@ -236,7 +247,7 @@ def distill_checkpoint(
         ids = token_windows(texts, tokenizer, window, windows)
         captured = capture_mlp_inputs(dense_model, ids, tokens_per_layer=tokens_per_layer, progress=progress)
         method = sparse.config.sparse_mlp["method"]
-        budget, refits = None, []
+        budget, refits, shapes = None, [], None
         if method == "mgs":
             reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
             if selection != "top_k":  # thresholds are the best selection we know
@@ -245,6 +256,8 @@ def distill_checkpoint(
             if refit_down:  # after the selection is final: the refit is fitted under it
                 refits = refit_mgs_layers(sparse, dense_model, ids, progress=progress)
         else:
+            if active is not None:
+                sparse, shapes = _reshaped(sparse, dense_model, captured.inputs, active, work, router_fit, progress)
             for param in sparse.parameters():
                 param.requires_grad_(False)
             for _, mlp in sparse.sparse_mlps():
@@ -265,6 +278,7 @@ def distill_checkpoint(
                         "tokens": captured.tokens_seen, "tokens_per_layer": tokens_per_layer},
         "layers": [asdict(r) for r in reports],
         "budget": budget,
+        "shape_search": shapes,
         "down_proj_refit": [asdict(r) for r in refits],
         "seconds": time.perf_counter() - start,
     }
@@ -272,6 +286,35 @@ def distill_checkpoint(
          extra_files={"treeffn_distill.json": json.dumps(summary, indent=2)})
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _reshaped(sparse, dense_model, inputs, active: float, work: Path, router_fit: str, progress: bool):
+    """`sparse` with each tree layer re-converted from the dense MLP in the shape the search picks
+    (its routing and node width kept; everything outside the MLPs kept). The search's choice is
+    kept in `work`, so a resumed run skips it."""
+    from .conversion.shape_search import search_tree_shapes, shape_candidates
+
+    saved = work / "shapes.json"
+    if saved.is_file():
+        search = json.loads(saved.read_text())
+    else:
+        config, base = dense_model.config, sparse.config.sparse_spec
+        candidates = shape_candidates(config.hidden_size, config.intermediate_size, active,
+                                      node_width=base.node_width, routing=base.routing)
+        search = asdict(search_tree_shapes(dense_model, inputs, active, candidates=candidates, router_fit=router_fit,
+                                           progress=progress))
+        partial = saved.with_suffix(".partial")
+        partial.write_text(json.dumps(search))
+        os.replace(partial, saved)
+    reshaped = convert(dense_model, [TreeSpec(**layer["shape"]) for layer in search["layers"]], progress=False)
+    arch = architecture_for(dense_model.config)
+    mlps = tuple(arch.mlp_key_prefix(i) for i in range(dense_model.config.num_hidden_layers))
+    missing, unexpected = reshaped.load_state_dict(
+        {k: v for k, v in sparse.state_dict().items() if not k.startswith(mlps)}, strict=False)
+    if unexpected or any(not k.startswith(mlps) for k in missing):
+        raise CheckpointError(f"the tree checkpoint and its dense model differ outside the MLPs: "
+                              f"{(unexpected + [k for k in missing if not k.startswith(mlps)])[:3]}")
+    return reshaped, search
 
 
 def prune_checkpoint(

@@ -12,6 +12,7 @@ at a time and saved as they finish: rerunning the same command after a kill resu
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from ..conversion.distillation import DISTILL_LR
 from ..conversion.routing_fit import DEFAULT_ROUTER_FIT, ROUTER_FITS
@@ -38,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="trees: fit each layer on the inputs the already distilled layers before it produce "
                              "(GPTQ-style; one partial forward of the calibration text per layer)")
+    parser.add_argument("--active", type=float, default=None,
+                        help="trees: give each layer the forest shape (trees, depth, shared neurons) that keeps its "
+                             "output best at this fraction of its neurons per token, chosen by short distillations "
+                             "of every candidate (default: keep the checkpoint's shape)")
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
                         help="MGS: threshold (the default) calibrates per-layer thresholds; top_k keeps a fixed k")
     budget = parser.add_mutually_exclusive_group()
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
         gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, selection=args.selection,
         density=args.density, weight_fraction=args.weight_fraction, allocation=args.allocation,
-        refit_down=args.refit_down, router_fit=args.router_fit, sequential=args.sequential,
+        refit_down=args.refit_down, router_fit=args.router_fit, sequential=args.sequential, active=args.active,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -83,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"down_proj refitted in {len(refits) - kept} of {len(refits)} layers: held-out MSE x{ratio:.2f} "
                   "(mean over layers)")
     else:
+        if summary["shape_search"]:
+            search = summary["shape_search"]
+            chosen = Counter(_shape_name(layer["shape"]) for layer in search["layers"])
+            print(f"shapes at <= {search['active_units']} active neurons a token ({search['seconds']:.0f}s, "
+                  f"{len(search['candidates'])} candidates): "
+                  + ", ".join(f"{name} x{count}" for name, count in chosen.most_common()))
         improved = sum(r["mse_after"] < r["mse_before"] for r in layers)
         fitted = [r for r in layers if r.get("captured_mass_after") is not None]
         if fitted:
@@ -92,3 +103,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"layer MSE lowered in {improved} of {len(layers)} layers")
     print(f"wrote {args.out} ({summary['calibration']['tokens']} calibration tokens, {summary['seconds']:.0f}s)")
     return 0
+
+
+def _shape_name(shape: dict) -> str:
+    return (f"{shape['num_trees']} tree(s) depth {shape['depth']} node {shape['node_width']} leaf {shape['leaf_width']} "
+            f"shared {shape['shared_width']}")

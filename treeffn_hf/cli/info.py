@@ -30,8 +30,12 @@ def description_text(d: dict) -> str:
         f"checkpoint      {d['directory']}",
         f"model type      {d['model_type']} (base: {d['base_model_type']})",
         f"method          {d['method']}",
-        f"layers          {d['num_layers']} decoder layers, all with the spec below",
-        f"layer spec      {json.dumps(d['layer_spec'])}",
+        f"layers          {d['num_layers']} decoder layers, "
+        + ("each with its own forest shape (below)" if d["layer_shapes"] else "all with the spec below"),
+        f"layer spec      {json.dumps({k: v for k, v in d['layer_spec'].items() if k != 'layer_shapes'})}",
+        *(f"layer {i:<9} {s['num_trees']} tree(s), depth {s['depth']}, node {s['node_width']}, leaf {s['leaf_width']}, "
+          f"shared {s['shared_width']}: {s['active_units']} neurons a token"
+          for i, s in enumerate(d["layer_shapes"] or [])),
         f"active units    {d['active_unit_fraction']:.2%} of the MLP neurons per token",
         f"weight bytes    {d['active_weight_fraction']:.2%} of the dense MLP weights read per token",
         f"parameters      {d['parameters']['total']:,} total, {d['parameters']['mlp']:,} in sparse MLPs",

@@ -60,24 +60,35 @@ def neuron_mass(layer: TreeFFN, x: torch.Tensor, batch: int = 2048) -> tuple[tor
     return torch.cat(masses), torch.cat(pre)
 
 
+def path_masses(layer: TreeFFN, mass: torch.Tensor) -> torch.Tensor:
+    """(tokens, trees, leaves): the mass of each complete root-to-leaf path's neurons, its node
+    blocks and its leaf, from `mass` (tokens, neurons) in the layer's row order."""
+    spec, tokens = layer.spec, mass.shape[0]
+    leaf_rows = mass[:, layer.node_rows : layer.node_rows + layer.leaf_rows]
+    paths = leaf_rows.reshape(tokens, spec.num_trees, spec.num_leaves, spec.leaf_width).sum(-1)
+    if spec.node_width:
+        nodes = mass[:, : layer.node_rows].reshape(tokens, spec.num_trees, spec.num_nodes, spec.node_width).sum(-1)
+        leaves = torch.arange(spec.num_leaves)
+        # Leaves are numbered by their path bits, first level first: tree_route's heap walk.
+        on_path = torch.stack([(leaves >> (spec.depth - level)) + (1 << level) - 1 for level in range(spec.depth)], 1)
+        paths = paths + nodes[:, :, on_path].sum(-1)
+    return paths
+
+
 @torch.no_grad()
-def captured_mass(layer: TreeFFN, x: torch.Tensor) -> float:
-    """Fraction of the dense activation mass that lies on the tokens' paths (shared included)."""
+def captured_mass(layer: TreeFFN, x: torch.Tensor, *, oracle: bool = False) -> float:
+    """Fraction of the dense activation mass that lies on the tokens' paths (shared included).
+    With `oracle`, every token takes, in every tree, the path that holds the most of its mass: the
+    bound that no router of these leaves can pass."""
     mass, _ = neuron_mass(layer, x)
-    leaf, path = layer.route(x.to(layer.gate_rows.dtype))
-    spec = layer.spec
-    on_path = torch.zeros_like(mass, dtype=torch.bool)
-    rows = torch.arange(mass.shape[0])
-    for t in range(spec.num_trees):
-        for level in range(spec.depth if spec.node_width else 0):
-            start = (t * spec.num_nodes + path[:, t, level]) * spec.node_width
-            for j in range(spec.node_width):
-                on_path[rows, start + j] = True
-        start = layer.node_rows + (t * spec.num_leaves + leaf[:, t]) * spec.leaf_width
-        for j in range(spec.leaf_width):
-            on_path[rows, start + j] = True
-    on_path[:, layer.node_rows + layer.leaf_rows :] = True
-    return float(mass[on_path].sum() / mass.sum())
+    paths = path_masses(layer, mass)
+    if oracle:
+        chosen = paths.max(dim=-1).values
+    else:
+        leaf, _ = layer.route(x.to(layer.gate_rows.dtype))
+        chosen = paths.gather(2, leaf.unsqueeze(-1)).squeeze(-1)
+    shared = mass[:, layer.node_rows + layer.leaf_rows :].sum(1)
+    return float((chosen.sum(1) + shared).sum() / mass.sum())
 
 
 def fit_routing(

@@ -9,7 +9,7 @@ shares no storage with the result, so it can serve as the distillation teacher.
 from __future__ import annotations
 
 import copy
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -17,25 +17,30 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..architectures import Architecture, architecture_for
+from ..modeling.configuration_treeffn import LAYER_SHAPES
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
 from ..modeling.mgs_predictors import QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .partition import partition_neurons
 
 
 def convert(
-    model: PreTrainedModel, spec: Union[LayerSpec, dict], *, progress: bool = True
+    model: PreTrainedModel, spec: Union[LayerSpec, dict, Sequence[TreeSpec]], *, progress: bool = True
 ) -> PreTrainedModel:
     """Return a sparse copy of `model` with every MLP replaced by the layer `spec` describes.
 
-    `spec` is a `TreeSpec`, an `MGSSpec`, or their `to_dict()` form. Raises
-    `UnsupportedArchitectureError` or `InvalidSpecError` before any work if the model or spec
-    cannot be converted.
+    `spec` is a `TreeSpec`, an `MGSSpec`, or their `to_dict()` form; or one `TreeSpec` per decoder
+    layer (each layer its own forest shape, as the shape search chooses; kept in the config's
+    `layer_shapes`). Raises `UnsupportedArchitectureError` or `InvalidSpecError` before any work if
+    the model or spec cannot be converted.
     """
     arch = architecture_for(model.config)
     dense_config = model.config
-    resolved = check_convertible(dense_config, spec)
+    layer_specs = _per_layer_specs(dense_config, spec)
+    resolved = layer_specs[0]
 
     config = sparse_config_for(arch, dense_config, resolved)
+    if len(set(layer_specs)) > 1:
+        config.sparse_mlp = {**config.sparse_mlp, LAYER_SHAPES: [s.shape() for s in layer_specs]}
     with torch.device("meta"):
         sparse = arch.sparse_causal_lm_class(config)
 
@@ -47,7 +52,7 @@ def convert(
             del state[key]
         mlp = getattr(layer, arch.mlp_attr)
         dense = (getattr(mlp, arch.gate_proj), getattr(mlp, arch.up_proj), getattr(mlp, arch.down_proj))
-        state.update({prefix + k: v for k, v in sparse_mlp_state(resolved, *dense).items()})
+        state.update({prefix + k: v for k, v in sparse_mlp_state(layer_specs[index], *dense).items()})
 
     sparse.load_state_dict(state, strict=True, assign=True)
     _copy_non_persistent_buffers(model, sparse)
@@ -55,6 +60,17 @@ def convert(
     sparse.generation_config = copy.deepcopy(model.generation_config)
     sparse.train(model.training)
     return sparse
+
+
+def _per_layer_specs(dense_config, spec) -> list[LayerSpec]:
+    """Every layer's resolved spec; a sequence must give one tree spec per decoder layer."""
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != dense_config.num_hidden_layers:
+            raise InvalidSpecError(f"{len(spec)} layer specs for a model of {dense_config.num_hidden_layers} layers")
+        if not all(isinstance(s, TreeSpec) for s in spec):
+            raise InvalidSpecError("per-layer specs are tree shapes: every entry must be a TreeSpec")
+        return [check_convertible(dense_config, s) for s in spec]
+    return [check_convertible(dense_config, spec)] * dense_config.num_hidden_layers
 
 
 def check_convertible(dense_config, spec: Union[LayerSpec, dict]) -> LayerSpec:

@@ -15,11 +15,13 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from .layer_spec import LayerSpec, spec_from_dict
 
-# Per-layer values kept beside the shared spec: a pruned tree's live leaves, and an MGS model's
-# allocated densities (greedy budget allocation gives each layer its own).
+# Per-layer values kept beside the shared spec: a forest shape per layer (the shape search picks
+# each layer's own), a pruned tree's live leaves, and an MGS model's allocated densities (greedy
+# budget allocation gives each layer its own). Shapes apply first: live leaves refer to them.
+LAYER_SHAPES = "layer_shapes"
 LAYER_LIVE_LEAVES = "layer_live_leaves"
 LAYER_DENSITIES = "layer_densities"
-_PER_LAYER = {LAYER_LIVE_LEAVES: "live_leaves", LAYER_DENSITIES: "density"}
+_PER_LAYER = {LAYER_SHAPES: None, LAYER_LIVE_LEAVES: "live_leaves", LAYER_DENSITIES: "density"}
 _ATTENTION_ONLY = "mlp."  # tensor-parallel plans of the base configs name the dense MLP projections
 
 
@@ -46,8 +48,9 @@ class SparseConfigMixin:
         return spec_from_dict({k: v for k, v in self.sparse_mlp.items() if k not in _PER_LAYER})
 
     def sparse_spec_for_layer(self, index: int) -> LayerSpec:
-        """The spec of decoder layer `index`: the shared spec, with that layer's own live leaves
-        (pruned trees) or density (allocated MGS budgets) where the config lists them."""
+        """The spec of decoder layer `index`: the shared spec, with that layer's own forest shape
+        (searched trees), live leaves (pruned trees) or density (allocated MGS budgets) where the
+        config lists them."""
         spec = self.sparse_spec
         for key, field in _PER_LAYER.items():
             per_layer = self.sparse_mlp.get(key)
@@ -55,7 +58,8 @@ class SparseConfigMixin:
                 continue
             if len(per_layer) != self.num_hidden_layers:
                 raise ValueError(f"{key} lists {len(per_layer)} layers, the model has {self.num_hidden_layers}")
-            spec = dataclasses.replace(spec, **{field: per_layer[index]})
+            fields = per_layer[index] if field is None else {field: per_layer[index]}
+            spec = dataclasses.replace(spec, **fields)
         return spec
 
 

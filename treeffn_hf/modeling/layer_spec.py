@@ -214,6 +214,10 @@ class TreeSpec:
             forced.append(row)
         return forced
 
+    def shape(self) -> dict[str, Any]:
+        """The fields that lay the forest out: what a config's `layer_shapes` stores per layer."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "live_leaves"}
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
@@ -327,3 +331,28 @@ def tree_spec_for_fraction(
     if best is None:
         raise InvalidSpecError(f"no tree fits an MLP of {intermediate_size} neurons with {options}")
     return best
+
+
+def tree_shape_at(
+    hidden_size: int, intermediate_size: int, active_units: int, *, num_trees: int = 1, depth: int = 3,
+    node_width: int = 1, routing: str = "self",
+) -> Optional[TreeSpec]:
+    """The forest of this shape that computes as many neurons per token as it can without passing
+    `active_units`, every dense neuron still in exactly one block; None if none fits.
+
+    With every neuron placed, the shape fixes the shared width: a token computes
+    `I - T * node_width * (nodes - depth) - T * leaf * (leaves - 1)` neurons, which falls as the leaf
+    widens, and the neurons the leaves leave over are always on. So the narrowest leaf within the
+    budget is the one closest to it, and deeper or more trees mean more shared neurons.
+    """
+    probe = TreeSpec(num_trees=num_trees, depth=depth, node_width=node_width, routing=routing, leaf_width=1,
+                     shared_width=0)
+    probe.validate()
+    trees, nodes, leaves = num_trees, probe.num_nodes, probe.num_leaves
+    off_path = intermediate_size - trees * node_width * (nodes - depth) - active_units
+    leaf = max(1, -(-off_path // (trees * (leaves - 1))))  # ceil
+    shared = intermediate_size - trees * (nodes * node_width + leaves * leaf)
+    if shared < 0:
+        return None
+    spec = dataclasses.replace(probe, leaf_width=leaf, shared_width=shared).resolve(hidden_size, intermediate_size)
+    return spec if spec.active_units <= active_units else None
