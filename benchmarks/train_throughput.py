@@ -18,6 +18,7 @@ batched fp32 forward on the same batch, the rate the issue's target is stated ag
   teacher's top 64 tokens per position come from the trainer's cache (computed here once, before
   timing), so the step has no teacher forward and its KL is `top_k_kl`. The first epoch costs
   `now` plus the top-k extraction. The run also reports that loss against the full KL on the batch.
+- `now, bf16 + teacher top-64 cached`: both (`treeffn finetune --bf16 --teacher-top-k 64`, later epochs).
 - `now, compiled` (`--compile`): the student under `torch.compile` (compile time reported apart).
 
 Where the time of a step goes (teacher forward, student forward, loss, backward, optimizer:
@@ -153,6 +154,8 @@ def main() -> None:
                           "teacher_mass_in_top_k": float(cached[0].exp().sum(-1).mean())}
     del teacher_logits, student_logits
     steps[f"now, teacher top-{args.top_k} cached"] = Step(new_student, teacher, windows, cached_teacher=cached)
+    steps[f"now, bf16 + teacher top-{args.top_k} cached"] = Step(new_student, teacher, windows, autocast=True,
+                                                                 cached_teacher=cached)
     compile_seconds = None
     if args.compile:
         compiled = torch.compile(new_student)
@@ -173,7 +176,7 @@ def main() -> None:
         rows.append({"step": name, "seconds": seconds[name], "tokens_per_s": rate,
                      "speedup_vs_before": seconds["before"] / seconds[name],
                      "fraction_of_dense_forward_rate": rate / forward_rate})
-        print(f"{name:>22}: {rate:7.1f} tokens/s  x{rows[-1]['speedup_vs_before']:.2f} vs before  "
+        print(f"{name:>34}: {rate:7.1f} tokens/s  x{rows[-1]['speedup_vs_before']:.2f} vs before  "
               f"{rows[-1]['fraction_of_dense_forward_rate']:.2f} of the dense forward rate", flush=True)
     print(f"{'dense fp32 forward':>22}: {forward_rate:7.1f} tokens/s")
 

@@ -45,6 +45,7 @@ def finetune_checkpoint(
     lm_weight: float = 0.0,
     temperature: float = 1.0,
     teacher_top_k: int = 0,
+    bf16: bool = False,
     trainable: str = "sparse",
     routing: str = "learned",
     routing_gradient: Optional[str] = "straight_through",
@@ -95,7 +96,7 @@ def _processes():
 
 def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples,
            window, max_windows, steps, batch_size, grad_accum, lr, warmup_steps, lr_schedule, sparsity_ramp_steps,
-           kl_weight, lm_weight, temperature, teacher_top_k, trainable, routing, routing_gradient, gate_gradient,
+           kl_weight, lm_weight, temperature, teacher_top_k, bf16, trainable, routing, routing_gradient, gate_gradient,
            lora_rank, lora_targets, eval_windows, eval_every, stats_every, save_steps, seed, overwrite, progress) -> dict:
     """The run itself; writes OUT and returns the summary (the caller owns the work directory)."""
     from transformers import AutoTokenizer, TrainingArguments
@@ -136,6 +137,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
         lr_scheduler_type=LR_SCHEDULES[lr_schedule], weight_decay=0.0, logging_steps=max(1, min(10, steps)),
         save_steps=save_steps, save_total_limit=2, report_to=[], seed=seed, disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        bf16=bf16,  # autocast: matmuls in bf16, weights, optimizer state and the KL in fp32
     )
     per_step = tokens_per_step(args, training_data.windows.shape[1])
     callbacks = []
