@@ -64,6 +64,10 @@ class SparseMLPSwap:
     """Mixin for a vLLM CausalLM: swap each local decoder layer's MLP, and load the sparse MLP
     weights by their treeffn names while vLLM's loader takes every other weight."""
 
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._swap_mlps(vllm_config, prefix)
+
     def _swap_mlps(self, vllm_config: VllmConfig, prefix: str) -> None:
         config = vllm_config.model_config.hf_config
         refusal = serving_refusal(config)
@@ -103,24 +107,16 @@ class SparseMLPSwap:
 
 
 class TreeFFNLlamaForCausalLM(SparseMLPSwap, LlamaForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._swap_mlps(vllm_config, prefix)
+    pass
 
 
 class TreeFFNMistralForCausalLM(SparseMLPSwap, MistralForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._swap_mlps(vllm_config, prefix)
+    pass
 
 
 class TreeFFNQwen2ForCausalLM(SparseMLPSwap, Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._swap_mlps(vllm_config, prefix)
+    pass
 
 
 class TreeFFNQwen3ForCausalLM(SparseMLPSwap, Qwen3ForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._swap_mlps(vllm_config, prefix)
+    pass
