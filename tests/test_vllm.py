@@ -102,8 +102,8 @@ def test_vllm_serves_smollm2_converted_by_the_demo_recipe_as_transformers_runs_i
     directory, gguf_file = smollm2_gguf()
     dense, tokenizer = treeffn_hf.load_dense(directory, gguf_file=gguf_file)
     sparse = treeffn_hf.convert(dense, MGSSpec(), progress=False).eval()  # the demo's recipe: the default
-    calibration = token_windows(read_texts(DATA_DIR / "wikitext-2" / "valid.txt"), tokenizer, 512, 4)
-    calibrate_mgs(sparse, capture_mlp_inputs(dense, calibration, tokens_per_layer=2048, progress=False).inputs,
+    calibration = token_windows(read_texts(DATA_DIR / "wikitext-2" / "valid.txt"), tokenizer, 256, 2)  # enough
+    calibrate_mgs(sparse, capture_mlp_inputs(dense, calibration, tokens_per_layer=512, progress=False).inputs,
                   progress=False)
     treeffn_hf.save(sparse, tmp_path / "smollm2-mgs", tokenizer=tokenizer)
     prompts = [tokenizer(text).input_ids for text in ("The capital of France is", "Water boils at a temperature of")]
