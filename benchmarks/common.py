@@ -16,6 +16,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def smollm2_with_calibration(windows: int, window: int, tokens_per_layer: int):
+    """(dense SmolLM2 in eval mode, tokenizer, valid.txt windows, their captured MLP inputs), as
+    `treeffn distill` calibrates."""
+    from treeffn_hf.checkpoint import load_dense
+    from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
+    from treeffn_hf.offline_models import smollm2_gguf
+
+    directory, gguf = smollm2_gguf()
+    dense, tokenizer = load_dense(directory, gguf_file=gguf)
+    dense.eval()
+    ids = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, window, windows)
+    return dense, tokenizer, ids, capture_mlp_inputs(dense, ids, tokens_per_layer=tokens_per_layer, progress=False)
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

@@ -28,12 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, RESULTS, machine, write_json  # noqa: E402
+from common import RESULTS, machine, smollm2_with_calibration, write_json  # noqa: E402
 from quality import parse_tree_specs  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
-from treeffn_hf.checkpoint import load_dense  # noqa: E402
-from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.routing_fit import captured_mass, fit_routing, neuron_mass  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
 from treeffn_hf.modeling.tree_layer import TreeFFN  # noqa: E402
@@ -70,11 +68,7 @@ def main() -> None:
         return
     command = "python benchmarks/tree_mass_bound.py " + " ".join(sys.argv[1:])
     torch.manual_seed(0)
-    directory, gguf = smollm2_gguf()
-    dense, tokenizer = load_dense(directory, gguf_file=gguf)
-    dense.eval()
-    ids = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, args.window, args.calibration_windows)
-    captured = capture_mlp_inputs(dense, ids, tokens_per_layer=args.tokens_per_layer, progress=False)
+    dense, _, ids, captured = smollm2_with_calibration(args.calibration_windows, args.window, args.tokens_per_layer)
     arch = architecture_for(dense.config)
     hidden, intermediate = dense.config.hidden_size, dense.config.intermediate_size
     layer_ids = list(range(0, dense.config.num_hidden_layers, args.layer_step))
@@ -107,7 +101,7 @@ def main() -> None:
               flush=True)
     write_json(OUTPUT, {
         "command": command, "machine": machine(), "dtype": "float32",
-        "model": f"SmolLM2-135M-Instruct ({gguf}, de-quantized)",
+        "model": f"SmolLM2-135M-Instruct ({smollm2_gguf()[1]}, de-quantized)",
         "shapes": {"hidden": hidden, "intermediate": intermediate, "layers_measured": layer_ids},
         "calibration": {"source": "../shared/data/wikitext-2/valid.txt", "windows": int(ids.shape[0]),
                         "window": args.window, "tokens_per_layer": args.tokens_per_layer, "held_out": 0.1},
