@@ -35,6 +35,8 @@ def worker(spec: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
+    from treeffn_hf.serving.vllm_models import PATHS_RUN  # in this process: multiprocessing is off
+
     engines = {name: LLM(model=path, dtype="float32", max_model_len=spec["max_model_len"], trust_remote_code=True,
                          enforce_eager=spec["enforce_eager"], seed=0, max_num_seqs=max(spec["concurrency"]))
                for name, path in spec["models"].items()}
@@ -45,6 +47,7 @@ def worker(spec: dict) -> dict:
         batch = [{"prompt_token_ids": ids} for ids in prompts[:concurrency]]
         for engine in engines.values():  # warm-up at this batch shape
             engine.generate(batch, params, use_tqdm=False)
+        PATHS_RUN.clear()
         rounds = {name: [] for name in engines}
         latencies = {name: [] for name in engines}
         for round_index in range(spec["rounds"]):
@@ -56,7 +59,8 @@ def worker(spec: dict) -> dict:
                 assert all(len(o.outputs[0].token_ids) == spec["new_tokens"] for o in outputs)
                 rounds[name].append(seconds)
                 latencies[name] += [_latency(o, start) or seconds for o in outputs]
-        cells.append({"concurrency": concurrency, "round_seconds": rounds, "latency_seconds": latencies})
+        cells.append({"concurrency": concurrency, "round_seconds": rounds, "latency_seconds": latencies,
+                      "sparse_mlp_calls": dict(PATHS_RUN)})
     return {"cells": cells}
 
 
@@ -90,6 +94,8 @@ def prepare(directory: Path, args: argparse.Namespace) -> tuple[dict, list[list[
     dense.save_pretrained(directory / "dense")
     tokenizer.save_pretrained(directory / "dense")
     sparse = treeffn_hf.convert(dense, MGSSpec(), progress=False).eval()
+    if args.amx_min_tokens is not None:  # saved in the config: the served layers take it
+        sparse.set_kernel_policy(cpu_amx_min_tokens=args.amx_min_tokens)
     calibration = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 8)
     calibrate_mgs(sparse, capture_mlp_inputs(dense, calibration, tokens_per_layer=4096, progress=False).inputs,
                   progress=False)
@@ -113,6 +119,9 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=os.environ.get("TREEFFN_VLLM_PYTHON",
                                                                 str(ROOT / ".venv-vllm" / "bin" / "python")))
     parser.add_argument("--threads", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM computes on")
+    parser.add_argument("--amx-min-tokens", type=float, help="the sparse model's KernelPolicy.cpu_amx_min_tokens "
+                        "(default: the policy's; inf: no AMX kernel)")
+    parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs with other settings apart")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -149,11 +158,12 @@ def main() -> None:
         ratios = [d / s for d, s in zip(rounds["dense"], rounds["sparse"])]
         row["speedup"] = statistics.median(ratios)
         row["speedup_range"] = [min(ratios), max(ratios)]
+        row["sparse_mlp_calls"] = cell["sparse_mlp_calls"]  # per path, warm-up excluded
         rows.append(row)
         print(f"c={c:>2}: dense {row['dense']['tokens_per_second']:.1f} tok/s, sparse "
               f"{row['sparse']['tokens_per_second']:.1f} tok/s, speed-up {row['speedup']:.2f}x "
-              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)", flush=True)
-    write_json(OUTPUT, {
+              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x), sparse MLP paths {row['sparse_mlp_calls']}", flush=True)
+    write_json(OUTPUT.replace(".json", f"_{args.tag}.json") if args.tag else OUTPUT, {
         "command": command, "machine": machine(), "dtype": "float32", "vllm": versions.stdout.strip(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, saved as safetensors)",
         "sparse_recipe": recipe, "settings": {k: v for k, v in vars(args).items() if k != "worker"},

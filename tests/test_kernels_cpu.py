@@ -111,10 +111,57 @@ def test_scoring_gemm_equals_the_naive_twin_and_the_fused_kernel(hidden, interme
     assert relative_to_largest(got, fused) < 5e-6  # the same integer sums, scaled in another order
 
 
-def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference():
+AMX = mgs_kernels_cpu.amx_machine_reason() is None
+needs_amx = pytest.mark.skipif(not AMX, reason=f"no AMX here: {mgs_kernels_cpu.amx_machine_reason()}")
+
+
+@needs_amx
+@pytest.mark.parametrize("hidden,intermediate,group_size", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("tokens", [1, 5, 16, 17, 100])
+def test_amx_kernel_equals_the_fused_kernel_and_the_naive_twin(hidden, intermediate, group_size, tokens):
+    layer = nested_layer(hidden, intermediate, group_size)
+    x = torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 4
+    results = {}
+    for name, kernel in (("fused", mgs_kernels_cpu.mgs_nested_cpu), ("amx", mgs_kernels_cpu.mgs_nested_amx)):
+        scores, counts = torch.empty(tokens, intermediate), torch.empty(tokens, dtype=torch.int32)
+        out, selected = kernel(layer, x, counts, scores)
+        results[name] = out, selected, counts, scores
+    (fused, fused_selected, fused_counts, fused_scores), (out, selected, counts, scores) = results["fused"], results["amx"]
+    # the same int32 sums and float32 scaling: the scores agree to rounding, so the selections agree
+    assert relative_to_largest(scores, fused_scores) < 5e-6
+    chosen = scores > layer.gate_threshold
+    assert torch.equal(chosen, fused_scores > layer.gate_threshold) and 0 < chosen.float().mean() < 1
+    assert torch.equal(counts, fused_counts) and selected == fused_selected == chosen.sum()
+    assert relative_to_largest(out, fused) < 5e-6  # down_proj against h in three bf16 parts: float32's products
+    assert relative_to_largest(out, mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=chosen)[0]) < 5e-5
+
+
+@needs_amx
+def test_amx_needs_bf16_down_proj_and_forcing_it_elsewhere_is_an_error():
+    layer = nested_layer(bf16_down=False)
+    x = torch.randn(32, 128)
+    assert "bf16 values" in mgs_kernels_cpu.amx_unavailable_reason(layer, x)
+    with torch.no_grad():
+        layer(x)
+        assert layer.last_path == "cpu"  # the fused kernel, which reads float32 down_proj
+        layer.force_path = "cpu:amx"
+        with pytest.raises(RuntimeError, match="bf16 values"):
+            layer(x)
+
+
+def expected_cpu_path(layer, tokens: int) -> str:
+    policy = layer.kernel_policy
+    if AMX and tokens >= policy.cpu_amx_min_tokens:
+        return "cpu:amx"
+    return "cpu" if tokens <= policy.cpu_fused_max_tokens else "cpu:scores"
+
+
+@pytest.mark.parametrize("amx_min_tokens", [8, float("inf")], ids=["amx_from_8", "amx_off"])
+def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference(amx_min_tokens):
     layer = nested_layer()
-    for tokens, path in ((1, "cpu"), (mgs_kernels_cpu.MAX_TOKENS, "cpu"), (mgs_kernels_cpu.MAX_TOKENS + 1, "cpu:scores"),
-                         (300, "cpu:scores")):
+    layer.kernel_policy = layer.kernel_policy.replace(cpu_amx_min_tokens=amx_min_tokens)
+    for tokens in (1, 8, mgs_kernels_cpu.MAX_TOKENS, mgs_kernels_cpu.MAX_TOKENS + 1, 300):
+        path = expected_cpu_path(layer, tokens)
         x = torch.randn(1, tokens, 256)[..., ::2]  # a strided view: the kernel must copy it
         with torch.no_grad():
             got = layer(x)
@@ -123,7 +170,7 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference():
             layer.force_path = "reference"
             exact = layer(x)
             layer.force_path = None
-        if path == "cpu":
+        if path in ("cpu", "cpu:amx"):
             assert relative_to_largest(got, twin.reshape(x.shape)) < 5e-5
         else:  # the exact GEMMs on the kernel's selection; off the exact one only at the threshold
             want = masked_dense(layer, x.reshape(tokens, 128), mgs_kernels_cpu.nested_scores_cpu(layer, x[0]) > layer.gate_threshold)
@@ -142,11 +189,11 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference():
     layer.force_path = None
     layer.reset_density()
     with torch.no_grad():
-        x = torch.randn(3, 128)
-        layer(x[:1]), layer(x[1:])
-        assert layer.last_path == "cpu"
+        x = torch.randn(19, 128)
+        layer(x[:1]), layer(x[1:3]), layer(x[3:])  # the fused kernel, then AMX where the CPU has it
+        assert layer.last_path == expected_cpu_path(layer, 16)
         scores = mgs_kernels_cpu.mgs_nested_naive(layer, x)[1]
-    assert layer.measured_units() == pytest.approx((scores > layer.gate_threshold).sum().item() / 3, abs=0.34)
+    assert layer.measured_units() == pytest.approx((scores > layer.gate_threshold).sum().item() / 19, abs=0.2)
 
 
 def test_training_takes_the_reference_path_and_forcing_the_kernel_there_is_an_error():
@@ -206,11 +253,13 @@ def test_the_stated_runtime_copies_are_what_the_kernel_holds(hidden, intermediat
 
     layer = nested_layer(hidden, intermediate, group_size)
     with torch.no_grad():
-        layer(torch.randn(1, hidden))
-    assert layer.last_path == "cpu" and reads_bf16_down(layer)
+        layer(torch.randn(1, hidden)), layer(torch.randn(16, hidden))
+    assert layer.last_path == expected_cpu_path(layer, 16) and reads_bf16_down(layer)
     own = {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
     held = [t for t in mgs_kernels_cpu._operands(layer)[0][1][1:] if t.data_ptr() not in own]
-    assert len(held) == 5  # the low nibbles, the scoring blocks and their scales and zeros, down_proj in bf16
+    # the low nibbles, the scoring blocks and their scales and zeros, down_proj in bf16; with AMX
+    # both nibbles unpacked, its scales and zeros, and down_proj in tiles
+    assert len(held) == (10 if AMX else 5)
     assert sum(t.numel() * t.element_size() for t in held) == runtime_copy_bytes(layer)["cpu"]
 
 

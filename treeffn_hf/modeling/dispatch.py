@@ -4,18 +4,21 @@
 - `torch`: the sparse PyTorch path (CPU, and any device without the kernels);
 - `cpu`: the fused C kernel of the nested micro-gated MLP (mgs_kernels_cpu.py: float32 CPU tensors,
   x86 AVX-512 VNNI, a compiler at first use), which computes each token as in decode;
-- `cpu:scores`: that kernel's scoring GEMM, then the `torch` path's GEMMs (prefill);
+- `cpu:amx`: the same layer, the same math, on AMX tiles (mgs_kernels_cpu.py; Sapphire Rapids
+  and later): many tokens;
+- `cpu:scores`: the fused kernel's scoring GEMM, then the `torch` path's GEMMs (prefill without AMX);
 - `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
 
 `auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
-support the layer, `cpu` for up to `cpu_fused_max_tokens` CPU tokens and `cpu:scores` for more
-when the C kernel supports the layer, and `torch` otherwise.
+support the layer; where the C kernel supports the layer, `cpu:amx` from `cpu_amx_min_tokens` CPU
+tokens when the CPU has AMX, else `cpu` up to `cpu_fused_max_tokens` and `cpu:scores` beyond;
+`torch` otherwise.
 
 Every sparse layer carries a `KernelPolicy`, the one place these choices live: the path
 (`auto` or a forced one) and the switch points between kernel variants. A layer starts with the
 policy of its model's config (`kernel_policy`) and `TREEFFN_PATH` (read once, when the layer is
 built); `model.set_kernel_policy(...)` changes every layer of a model, loaded remote code
-included, and `layer.force_path` is the policy's path. Forcing `triton`, `cpu` or `cpu:scores`
+included, and `layer.force_path` is the policy's path. Forcing `triton`, `cpu`, `cpu:amx` or `cpu:scores`
 where its kernel cannot run, or anything but `reference` where gradients are needed, is an error,
 never a silent fallback. Each layer records what it last ran in `last_path`
 (`triton:<kernels>` when the kernels did), so benchmarks and `treeffn info` never mistake one
@@ -33,10 +36,16 @@ import torch
 
 from .activations import computes_silu
 from .mgs_kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
-from .mgs_kernels_cpu import cpu_kernel_unavailable_reason, layer_unsupported_reason, operand_copy_bytes
+from .mgs_kernels_cpu import (
+    amx_machine_reason,
+    amx_unavailable_reason,
+    cpu_kernel_unavailable_reason,
+    layer_unsupported_reason,
+    operand_copy_bytes,
+)
 from .mgs_torch import down_rows_bytes
 
-PATHS = ("reference", "torch", "cpu", "cpu:scores", "triton")
+PATHS = ("reference", "torch", "cpu", "cpu:amx", "cpu:scores", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,11 @@ class KernelPolicy:
     - `cpu_fused_max_tokens`: up to this many tokens the fused C kernel runs, beyond it
       `cpu:scores` (one SmolLM2- and one 1B-shaped layer, cache-hot, informal: the fused kernel
       is faster up to 32 tokens on both, within 15% either way at 64, 1.3x slower at 128);
+    - `cpu_amx_min_tokens`: from this many tokens the AMX kernel runs where the CPU has it (stacks
+      of cache-resident layers, informal: against the fused kernel 2.1x at 8 tokens on the SmolLM2
+      shape and 1.6x on a 1B shape, 3.9x and 2.5x at 16; at 1-4 tokens the 1B shape reads its
+      unpacked tiles from memory and the fused kernel wins, 0.4-0.7x). `inf` turns it off, and its
+      operand copies are then never made;
     - `tree_gather_max_row_multiple`: a tree batch takes per-token gathers while tokens x active
       units <= this x intermediate, else masked cuBLAS GEMMs over all rows (0 forces those, inf
       the gathers). Per-token gathers read each token's rows separately, so past about one
@@ -68,6 +82,7 @@ class KernelPolicy:
 
     path: str = "auto"
     cpu_fused_max_tokens: int = CPU_KERNEL_MAX_TOKENS
+    cpu_amx_min_tokens: float = 8
     tree_gather_max_row_multiple: float = 1.25
     mgs_gather_max_row_multiple: float = 7.0
     mgs_torch_gather_max_fraction: float = 0.15
@@ -140,14 +155,16 @@ def choose_path(layer: torch.nn.Module, x: torch.Tensor) -> str:
             reason = triton_unavailable_reason(layer, x.device)
             if reason is not None:
                 raise RuntimeError(f"the triton path was forced, but {reason}")
-        elif forced in ("cpu", "cpu:scores"):
-            reason = cpu_kernel_unavailable_reason(layer, x)
+        elif forced in ("cpu", "cpu:amx", "cpu:scores"):
+            reason = (amx_unavailable_reason if forced == "cpu:amx" else cpu_kernel_unavailable_reason)(layer, x)
             if reason is not None:
                 raise RuntimeError(f"the {forced} path was forced, but {reason}")
         return forced
     if x.is_cuda:
         return "triton" if triton_unavailable_reason(layer, x.device) is None else "torch"
     if cpu_kernel_unavailable_reason(layer, x) is None:
+        if x.shape[0] >= policy.cpu_amx_min_tokens and amx_unavailable_reason(layer, x) is None:
+            return "cpu:amx"
         return "cpu" if x.shape[0] <= policy.cpu_fused_max_tokens else "cpu:scores"
     return "torch"
 
@@ -156,13 +173,15 @@ def inference_paths(layer: torch.nn.Module) -> dict[str, str]:
     """What inference (no gradients, no forcing) runs on each kind of device, and why."""
     cuda = triton_unavailable_reason(layer, torch.device("cuda"))
     cpu = cpu_kernel_unavailable_reason(layer)
-    return {
-        "cuda": "triton kernels" if cuda is None else f"PyTorch sparse path ({cuda})",
-        "cpu": (f"C kernel up to {layer.kernel_policy.cpu_fused_max_tokens} tokens; beyond, its scores and the "
-                "PyTorch path's GEMMs"
-                if cpu is None
-                else f"PyTorch sparse path ({cpu})"),
-    }
+    policy = layer.kernel_policy
+    if cpu is not None:
+        cpu = f"PyTorch sparse path ({cpu})"
+    elif amx_machine_reason() is None and policy.cpu_amx_min_tokens != float("inf"):
+        cpu = (f"C kernel below {policy.cpu_amx_min_tokens:g} tokens; from there the AMX kernel "
+               "(where down_proj holds bf16 values, as the nested recipe stores it)")
+    else:
+        cpu = f"C kernel up to {policy.cpu_fused_max_tokens} tokens; beyond, its scores and the PyTorch path's GEMMs"
+    return {"cuda": "triton kernels" if cuda is None else f"PyTorch sparse path ({cuda})", "cpu": cpu}
 
 
 def runtime_copy_bytes(layer: torch.nn.Module) -> dict[str, int]:

@@ -68,13 +68,15 @@ SOURCE = r"""
 
 /* Tokens as two int8 planes per group of G columns: x ~ step * (q + r / 256), q = round(x / step)
    with step = the group's largest magnitude / 127, r the rounded residual in steps of step / 256
-   (about 16 bits in all). Two layouts:
-   - split (the fused kernel; padded to a multiple of 4 tokens): even (xe, re) and odd (xo, ro)
+   (about 16 bits in all). Three layouts:
+   - SPLIT (the fused kernel; padded to a multiple of 4 tokens): even (xe, re) and odd (xo, ro)
      columns, so that packed byte b of a row (column 2b in its low nibble, 2b + 1 in its high one)
      meets xe[b] and xo[b];
-   - tiled (the scoring GEMM; padded to a multiple of GEMM_TOKENS): in xe, per tile and chunk of
-     8 columns, 16 bytes a token, its 8 q then its 8 r, so that one pointer reaches the whole tile. */
+   - TILED (the scoring GEMM; padded to a multiple of GEMM_TOKENS): in xe, per tile and chunk of
+     8 columns, 16 bytes a token, its 8 q then its 8 r, so that one pointer reaches the whole tile;
+   - ROWS (the AMX kernel; padded to a multiple of 16): q in xe and r in re, (padded, K) each. */
 #define GEMM_TOKENS 8
+enum { SPLIT, TILED, ROWS };
 typedef struct {
     int n, padded, K, G, groups, half;
     int8_t *xe, *xo, *re, *ro;
@@ -93,14 +95,14 @@ static inline void round_planes(__m512 v, __m512 steps, __m512 inverses, __m512i
         _mm512_mul_ps(_mm512_mul_ps(rest, inverses), _mm512_set1_ps(256.f))), top), bottom);
 }
 
-static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x, int tiled) {
-    const int tile = GEMM_TOKENS;
+static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x, int layout) {
+    const int tile = GEMM_TOKENS, tiled = layout == TILED;
     T->n = n; T->K = K; T->G = G; T->groups = K / G; T->half = K / 2;
-    T->padded = tiled ? (n + tile - 1) / tile * tile : n == 1 ? 1 : (n + 3) / 4 * 4;
+    T->padded = tiled ? (n + tile - 1) / tile * tile : layout == ROWS ? (n + 15) / 16 * 16 : n == 1 ? 1 : (n + 3) / 4 * 4;
     const size_t codes = (size_t)T->padded * T->half, groups = (size_t)T->padded * T->groups;
-    T->xe = calloc(tiled ? 4 * codes : codes, 1);
-    T->xo = tiled ? NULL : calloc(codes, 1); T->re = tiled ? NULL : calloc(codes, 1);
-    T->ro = tiled ? NULL : calloc(codes, 1);
+    T->xe = calloc(layout == SPLIT ? codes : layout == ROWS ? 2 * codes : 4 * codes, 1);
+    T->re = layout == TILED ? NULL : calloc(layout == ROWS ? 2 * codes : codes, 1);
+    T->xo = layout == SPLIT ? calloc(codes, 1) : NULL; T->ro = layout == SPLIT ? calloc(codes, 1) : NULL;
     T->step = calloc(groups, sizeof(float)); T->sum = calloc(groups, sizeof(float));
     T->qsum = calloc(groups, sizeof(float));
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -127,6 +129,13 @@ static void tokens_prepare(Tokens *T, int n, int K, int G, const float *x, int t
                     int8_t *dst = T->xe + (((size_t)(t / tile) * (K / 8) + c) * tile + t % tile) * 16;
                     _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi64(q8, r8));
                     _mm_storeu_si128((__m128i *)(dst + 16 * tile), _mm_unpackhi_epi64(q8, r8));
+                    whole = _mm512_add_epi32(whole, q); fine = _mm512_add_epi32(fine, r);
+                }
+            else if (layout == ROWS)
+                for (int k = 0; k < G; k += 16) {
+                    round_planes(_mm512_loadu_ps(xg + k), steps, inverses, &q, &r);
+                    _mm_storeu_si128((__m128i *)(T->xe + (size_t)t * K + g * G + k), _mm512_cvtepi32_epi8(q));
+                    _mm_storeu_si128((__m128i *)(T->re + (size_t)t * K + g * G + k), _mm512_cvtepi32_epi8(r));
                     whole = _mm512_add_epi32(whole, q); fine = _mm512_add_epi32(fine, r);
                 }
             else
@@ -352,6 +361,14 @@ typedef struct {
     const uint8_t *hi_blocks;
     const float *scales_t, *zeros_t;
     int64_t R;
+    /* for the AMX kernel, NULL until it first runs: gate and up each padded to Ip rows (a multiple
+       of 32), their nibbles unpacked in 1 KB tiles (row block, 64 columns: byte 64 kk + 4 j + b is
+       column 4 kk + b of row j), the scales and zeros as float32 (groups, 2 Ip), and down as bf16
+       tiles (16 outputs, 32 neurons: element 32 kk + 2 j + b is neuron 2 kk + b of output j) */
+    const uint8_t *hi_tiles, *lo_tiles;
+    const float *scales_amx, *zeros_amx;
+    const uint16_t *down_tiles;
+    int64_t Ip;
 } Layer;
 
 /* The layer on n fp32 tokens x (n, K), threshold selection: writes out (n, K) and, when not
@@ -365,11 +382,11 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
     const float threshold = L->threshold;
     const int R = (int)L->R;
     Tokens T;
-    tokens_prepare(&T, n, K, G, x, 0);
+    tokens_prepare(&T, n, K, G, x, SPLIT);
     float *coarse = malloc(sizeof(float) * (size_t)n * R);
     if (n >= GEMM_TOKENS) { /* the scoring GEMM; fewer tokens read the rows in four streams, faster there */
         Tokens tiles;
-        tokens_prepare(&tiles, n, K, G, x, 1);
+        tokens_prepare(&tiles, n, K, G, x, TILED);
         coarse_gemm(&tiles, L->hi_blocks, L->scales_t, L->zeros_t, R, coarse, threads);
         tokens_free(&tiles);
     } else
@@ -489,7 +506,7 @@ static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *sca
 void mgs_nested_scores(const Layer *L, int n, const float *x, float *scores, int threads) {
     const int K = (int)L->K, I = (int)L->I, R = (int)L->R;
     Tokens T;
-    tokens_prepare(&T, n, K, (int)L->G, x, 1);
+    tokens_prepare(&T, n, K, (int)L->G, x, TILED);
     float *coarse = malloc(sizeof(float) * (size_t)n * R);
     coarse_gemm(&T, L->hi_blocks, L->scales_t, L->zeros_t, R, coarse, threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -503,6 +520,193 @@ void mgs_nested_scores(const Layer *L, int n, const float *x, float *scores, int
     free(coarse);
     tokens_free(&T);
 }
+
+/* ---- The prefill kernel: the same layer on AMX tiles (Sapphire Rapids and later) ----
+   Compiled where -march=native enables AMX; `amx_enable` asks Linux for the tile state (granted
+   per process) and says whether the functions below can run. The math is the fused kernel's: the
+   tokens' two int8 planes meet the unpacked nibbles in int8 tile products (exact int32 sums, per
+   group of G columns, scaled in float32), and down_proj (bf16 values) meets h split into three
+   bf16 parts (h1 + h2 + h3 holds float32's 24 bits) in bf16 tile products that accumulate in
+   float32: the fused kernel's products, summed in another order. */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* eight tiles of 16 rows of 64 bytes, in the calling thread (the configuration is per thread) */
+static void tiles_configure(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int i = 0; i < 8; ++i) { config.colsb[i] = 64; config.rows[i] = 16; }
+    _tile_loadconfig(&config);
+}
+
+int amx_enable(void) {
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+/* AMX_BLOCKS blocks of 16 neurons a task: each int8 tile of the tokens, loaded once, meets the
+   gate and up rows of all of them (the tile loads, not the products, bound this loop). */
+#define AMX_BLOCKS 8
+
+/* For 16 tokens (block tb) and `count` <= AMX_BLOCKS blocks of 16 neurons from nb0 (the AMX
+   operands' padded layout: Ip rows of gate, then Ip of up): acc[j] = the coarse (high-nibble) and
+   fine (low-nibble) sums [token][row] of row block j, the gate blocks first, then the up blocks.
+   Per 64 columns, 4 products per row block (both token planes, both nibbles), their int32 sums
+   combined exactly per group of G columns, then scaled in float32 as the fused kernel does. */
+static void amx_gate_up(const Layer *L, const Tokens *T, int tb, int nb0, int count,
+                        float (*acc)[2][16][16], int32_t (*partial)[2][16][16]) {
+    const int K = (int)L->K, G = (int)L->G, groups = K / G, sub = G / 64, chunks = K / 64, Ip = (int)L->Ip;
+    int32_t sums[4][16][16] __attribute__((aligned(64)));
+    const int8_t *q = T->xe + (size_t)tb * 16 * K, *r = T->re + (size_t)tb * 16 * K;
+    memset(acc, 0, sizeof(float) * 2 * count * 2 * 256);
+    for (int k = 0; k < chunks; ++k) {
+        const int g = k / sub, first = k % sub == 0, last = k % sub == sub - 1;
+        _tile_loadd(0, q + 64 * k, K);
+        _tile_loadd(1, r + 64 * k, K);
+        for (int j = 0; j < 2 * count; ++j) {
+            const int rb = j < count ? nb0 + j : Ip / 16 + nb0 + j - count;
+            _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+            _tile_loadd(2, L->hi_tiles + ((size_t)rb * chunks + k) * 1024, 64);
+            _tile_loadd(3, L->lo_tiles + ((size_t)rb * chunks + k) * 1024, 64);
+            _tile_dpbsud(4, 0, 2); _tile_dpbsud(5, 1, 2); _tile_dpbsud(6, 0, 3); _tile_dpbsud(7, 1, 3);
+            _tile_stored(4, sums[0], 64); _tile_stored(5, sums[1], 64);
+            _tile_stored(6, sums[2], 64); _tile_stored(7, sums[3], 64);
+            const __m512 s = _mm512_loadu_ps(L->scales_amx + (size_t)g * 2 * Ip + 16 * rb);
+            const __m512 s16 = _mm512_mul_ps(s, _mm512_set1_ps(1.f / 16.f));
+            for (int t = 0; t < 16; ++t) {
+                __m512i dh = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][t]), 8),
+                                              _mm512_load_si512(sums[1][t]));
+                __m512i dl = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[2][t]), 8),
+                                              _mm512_load_si512(sums[3][t]));
+                if (!first) {
+                    dh = _mm512_add_epi32(dh, _mm512_load_si512(partial[j][0][t]));
+                    dl = _mm512_add_epi32(dl, _mm512_load_si512(partial[j][1][t]));
+                }
+                if (!last) {
+                    _mm512_store_si512(partial[j][0][t], dh);
+                    _mm512_store_si512(partial[j][1][t], dl);
+                    continue;
+                }
+                const __m512 unit = _mm512_set1_ps(T->step[(size_t)(tb * 16 + t) * groups + g] / 256.f);
+                _mm512_store_ps(acc[j][0][t], _mm512_fmadd_ps(_mm512_cvtepi32_ps(dh), _mm512_mul_ps(s, unit),
+                                                              _mm512_load_ps(acc[j][0][t])));
+                _mm512_store_ps(acc[j][1][t], _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_mul_ps(s16, unit),
+                                                              _mm512_load_ps(acc[j][1][t])));
+            }
+        }
+    }
+    for (int j = 0; j < 2 * count; ++j) { /* the constant terms, as the fused kernel adds them */
+        const int rb = j < count ? nb0 + j : Ip / 16 + nb0 + j - count;
+        for (int g = 0; g < groups; ++g) {
+            const __m512 s = _mm512_loadu_ps(L->scales_amx + (size_t)g * 2 * Ip + 16 * rb);
+            const __m512 z = _mm512_loadu_ps(L->zeros_amx + (size_t)g * 2 * Ip + 16 * rb);
+            for (int t = 0; t < 16; ++t) {
+                const size_t at = (size_t)(tb * 16 + t) * groups + g;
+                const float shifted = -8.f * T->qsum[at];
+                __m512 c = _mm512_fmadd_ps(s, _mm512_set1_ps(shifted), _mm512_load_ps(acc[j][0][t]));
+                _mm512_store_ps(acc[j][0][t], _mm512_fmadd_ps(z, _mm512_set1_ps(T->sum[at]), c));
+                _mm512_store_ps(acc[j][1][t], _mm512_fmadd_ps(s, _mm512_set1_ps(shifted / 16.f), _mm512_load_ps(acc[j][1][t])));
+            }
+        }
+    }
+}
+
+/* The layer on n fp32 tokens (n > 0) on AMX tiles, as `mgs_nested_forward`: writes out (n, K) and,
+   when not NULL, counts and scores. Needs the AMX operands (hi_tiles, lo_tiles, down_tiles). */
+int mgs_nested_forward_amx(const Layer *L, int n, const float *x, float *out, int32_t *counts, float *scores,
+                           int threads) {
+    const int K = (int)L->K, I = (int)L->I, Ip = (int)L->Ip, G = (int)L->G;
+    Tokens T;
+    tokens_prepare(&T, n, K, G, x, ROWS);
+    const int tblocks = T.padded / 16, nblocks = Ip / 16, chunks = Ip / 32;
+    const size_t plane = (size_t)T.padded * Ip;
+    uint16_t *h = aligned_alloc(64, sizeof(uint16_t) * 3 * plane);
+    __mmask16 *chosen = malloc(sizeof(__mmask16) * (size_t)T.padded * nblocks);
+    const float threshold = L->threshold;
+#pragma omp parallel num_threads(threads)
+    {
+        tiles_configure();
+        float acc[2 * AMX_BLOCKS][2][16][16] __attribute__((aligned(64)));
+        int32_t partial[2 * AMX_BLOCKS][2][16][16] __attribute__((aligned(64)));
+        const int tasks = (nblocks + AMX_BLOCKS - 1) / AMX_BLOCKS;
+#pragma omp for schedule(static) collapse(2)
+        for (int task = 0; task < tasks; ++task)
+            for (int tb = 0; tb < tblocks; ++tb) {
+                const int nb0 = task * AMX_BLOCKS, count = nblocks - nb0 < AMX_BLOCKS ? nblocks - nb0 : AMX_BLOCKS;
+                amx_gate_up(L, &T, tb, nb0, count, acc, partial);
+                for (int j = 0; j < count; ++j) {
+                    const int nb = nb0 + j, i = 16 * nb;
+                    const __mmask16 neurons = i < I ? first_lanes(I - i) : 0;
+                    for (int t = 0; t < 16; ++t) {
+                        const int token = tb * 16 + t;
+                        const __mmask16 valid = token < n ? neurons : 0;
+                        const __m512 cg = _mm512_load_ps(acc[j][0][t]), cu = _mm512_load_ps(acc[count + j][0][t]);
+                        const __m512 score = _mm512_abs_ps(_mm512_mul_ps(silu_ps(cg), cu));
+                        if (scores && valid) _mm512_mask_storeu_ps(scores + (size_t)token * I + i, valid, score);
+                        const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, score, _mm512_set1_ps(threshold), _CMP_GT_OQ);
+                        chosen[(size_t)token * nblocks + nb] = m;
+                        const __m512 g = _mm512_add_ps(cg, _mm512_load_ps(acc[j][1][t]));
+                        const __m512 u = _mm512_add_ps(cu, _mm512_load_ps(acc[count + j][1][t]));
+                        __m512 rest = _mm512_maskz_mul_ps(m, silu_ps(g), u);
+                        for (int part = 0; part < 3; ++part) { /* h = h1 + h2 + h3, each bf16 */
+                            const __m256bh b = _mm512_cvtneps_pbh(rest);
+                            _mm256_storeu_si256((__m256i *)(h + part * plane + (size_t)token * Ip + i), (__m256i)b);
+                            rest = _mm512_sub_ps(rest, _mm512_cvtpbh_ps(b));
+                        }
+                    }
+                }
+            }
+        /* out = h @ down^T: 16 tokens x 64 outputs a task, the three parts of h against each bf16 tile */
+#pragma omp for schedule(static) collapse(2)
+        for (int tb = 0; tb < tblocks; ++tb)
+            for (int cq = 0; cq < K / 64; ++cq) {
+                float result[4][16][16] __attribute__((aligned(64)));
+                _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+                const uint16_t *rows = h + (size_t)tb * 16 * Ip;
+                const uint16_t *w = L->down_tiles + (size_t)4 * cq * chunks * 512;
+                for (int c = 0; c < chunks; ++c) {
+                    _tile_loadd(0, rows + 32 * c, 2 * Ip);
+                    _tile_loadd(1, rows + plane + 32 * c, 2 * Ip);
+                    _tile_loadd(2, rows + 2 * plane + 32 * c, 2 * Ip);
+#define DOWN_TILE(j, acc) /* tile numbers are immediates */            \
+                    _tile_loadd(3, w + ((size_t)(j) * chunks + c) * 512, 64); \
+                    _tile_dpbf16ps(acc, 0, 3); _tile_dpbf16ps(acc, 1, 3); _tile_dpbf16ps(acc, 2, 3);
+                    DOWN_TILE(0, 4) DOWN_TILE(1, 5) DOWN_TILE(2, 6) DOWN_TILE(3, 7)
+#undef DOWN_TILE
+                }
+                _tile_stored(4, result[0], 64); _tile_stored(5, result[1], 64);
+                _tile_stored(6, result[2], 64); _tile_stored(7, result[3], 64);
+                for (int t = 0; t < 16 && tb * 16 + t < n; ++t)
+                    for (int j = 0; j < 4; ++j)
+                        _mm512_storeu_ps(out + (size_t)(tb * 16 + t) * K + 64 * cq + 16 * j, _mm512_load_ps(result[j][t]));
+            }
+        _tile_release();
+    }
+    int selected = 0;
+    for (int t = 0; t < n; ++t) {
+        int count = 0;
+        for (int b = 0; b < nblocks; ++b) count += __builtin_popcount(chosen[(size_t)t * nblocks + b]);
+        if (counts) counts[t] = count;
+        selected += count;
+    }
+    free(h); free(chosen);
+    tokens_free(&T);
+    return selected;
+}
+#else
+int amx_enable(void) { return -1; }
+int mgs_nested_forward_amx(const Layer *L, int n, const float *x, float *out, int32_t *counts, float *scores,
+                           int threads) {
+    return -1;
+}
+#endif
 """
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -549,6 +753,10 @@ def _build() -> ctypes.CDLL:
     library.mgs_nested_forward.restype = integer
     library.mgs_nested_scores.argtypes = [ctypes.POINTER(LayerStruct), integer, pointer, pointer, integer]
     library.mgs_nested_scores.restype = None
+    library.mgs_nested_forward_amx.argtypes = library.mgs_nested_forward.argtypes
+    library.mgs_nested_forward_amx.restype = integer
+    library.amx_enable.argtypes = []
+    library.amx_enable.restype = integer
     return library
 
 
@@ -559,7 +767,9 @@ class LayerStruct(ctypes.Structure):
                 ("hi", ctypes.c_void_p), ("lo", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("zeros", ctypes.c_void_p), ("down", ctypes.c_void_p), ("down_bf16", ctypes.c_int64),
                 ("threshold", ctypes.c_float), ("hi_blocks", ctypes.c_void_p), ("scales_t", ctypes.c_void_p),
-                ("zeros_t", ctypes.c_void_p), ("R", ctypes.c_int64)]
+                ("zeros_t", ctypes.c_void_p), ("R", ctypes.c_int64), ("hi_tiles", ctypes.c_void_p),
+                ("lo_tiles", ctypes.c_void_p), ("scales_amx", ctypes.c_void_p), ("zeros_amx", ctypes.c_void_p),
+                ("down_tiles", ctypes.c_void_p), ("Ip", ctypes.c_int64)]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -650,7 +860,7 @@ def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
                                  down.dtype == torch.bfloat16, float(layer.gate_threshold), blocks.data_ptr(),
                                  scales_t.data_ptr(), zeros_t.data_ptr(), scales_t.shape[1])
             # the tensors stay alive as long as the struct that points at them
-            operands = (ctypes.byref(struct), (struct, codes, lo, scales, zeros, down, blocks, scales_t, zeros_t))
+            operands = (ctypes.byref(struct), [struct, codes, lo, scales, zeros, down, blocks, scales_t, zeros_t])
     _CACHE[layer] = (key, operands, reason, tensors)
     return operands, reason
 
@@ -668,11 +878,17 @@ def operand_copy_bytes(layer) -> int:
     """Bytes the kernel's operands hold beside the layer's own tensors, once it has run: the low
     nibbles and the scoring blocks (each as many bytes as the predictor's codes), the float32
     scales and zeros, and down_proj in bf16 (made when its values are bf16, as the nested recipe
-    stores them: counted here, as the most it takes)."""
+    stores them: counted here, as the most it takes); where this machine runs AMX and the layer's
+    policy lets it, the AMX kernel's `amx_operands` too (both nibbles unpacked: a byte per gate/up
+    weight each, down_proj in bf16 tiles, float32 scales and zeros)."""
     rows, width = 2 * layer.intermediate_size, layer.hidden_size
     padded_rows = -(-rows // 16) * 16
     groups = width // layer.spec.group_size
-    return rows * width // 2 + padded_rows * width // 2 + 2 * 4 * padded_rows * groups + 2 * layer.down_proj.weight.numel()
+    fused = rows * width // 2 + padded_rows * width // 2 + 2 * 4 * padded_rows * groups + 2 * layer.down_proj.weight.numel()
+    if amx_machine_reason() is not None or layer.kernel_policy.cpu_amx_min_tokens == float("inf"):
+        return fused
+    padded = 2 * -(-layer.intermediate_size // 32) * 32  # gate and up, each padded to 32 rows
+    return fused + 2 * padded * width + 2 * 4 * groups * padded + 2 * width * padded // 2
 
 
 def scoring_operands(predictor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -720,6 +936,77 @@ def mgs_nested_cpu(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None
     x = x.contiguous()
     out = torch.empty_like(x)
     selected = library().mgs_nested_forward(
+        operands[0], x.shape[0], x.data_ptr(), out.data_ptr(), None if counts is None else counts.data_ptr(),
+        None if scores is None else scores.data_ptr(), torch.get_num_threads())
+    return out, selected
+
+
+_amx_state: Optional[int] = None  # amx_enable(): 1 granted, 0 refused by the OS, -1 not compiled
+
+
+def amx_machine_reason() -> Optional[str]:
+    """Why this process cannot run AMX tiles, or None when it can (asks Linux once)."""
+    global _amx_state
+    if library() is None:
+        return library_error()
+    if _amx_state is None:
+        _amx_state = library().amx_enable()
+    if _amx_state == -1:
+        return "this CPU has no AMX int8 and bf16 tiles"
+    return None if _amx_state == 1 else "Linux refused this process the AMX tile state"
+
+
+def amx_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why the AMX kernel cannot run `layer` (on `x`, when given), or None when it can."""
+    reason = cpu_kernel_unavailable_reason(layer, x) or amx_machine_reason()
+    if reason is None and not _operands(layer)[0][1][0].down_bf16:
+        reason = "the AMX kernel reads down_proj as bf16 values (the nested recipe's), and these are not"
+    return reason
+
+
+def amx_operands(layer, lo: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the AMX kernel reads besides the fused kernel's operands: gate and up each padded to
+    Ip rows (a multiple of 32), their high (`hi_tiles`) and low (`lo_tiles`, from `lo`, the
+    packed low nibbles) nibbles unpacked in 16-row, 64-column tiles, byte 64 kk + 4 j + b holding
+    column 4 kk + b of row j (AMX's int8 operand layout), the scales and zeros float32
+    (groups, 2 Ip), and down_proj in bf16 tiles of 16 outputs and 32 neurons, element
+    32 kk + 2 j + b holding neuron 2 kk + b of output j (AMX's bf16 pairs)."""
+    predictor = layer.micro_gate
+    width, hidden = layer.intermediate_size, layer.hidden_size
+    padded = -(-width // 32) * 32
+
+    def halves(t: torch.Tensor) -> torch.Tensor:  # [gate; up] rows, each padded to `padded`
+        return torch.cat([F.pad(part, (0, 0, 0, padded - width)) for part in (t[:width], t[width:])])
+
+    def int8_tiles(packed: torch.Tensor) -> torch.Tensor:
+        codes = halves(unpack_nibbles(packed)).reshape(2 * padded // 16, 16, hidden // 64, 16, 4)
+        return codes.permute(0, 2, 3, 1, 4).contiguous()  # (row block, chunk, kk, row, byte)
+
+    down = F.pad(layer.down_proj.weight.detach().bfloat16(), (0, padded - width))
+    return {"hi_tiles": int8_tiles(predictor.codes), "lo_tiles": int8_tiles(lo),
+            "scales_amx": halves(predictor.scales.float()).t().contiguous(),
+            "zeros_amx": halves(predictor.zeros.float()).t().contiguous(),
+            "down_tiles": down.reshape(hidden // 16, 16, padded // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()}
+
+
+def mgs_nested_amx(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None,
+                   scores: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+    """`mgs_nested_cpu` on AMX tiles (the same math; many tokens). Its operands are made at the
+    first call and kept with the fused kernel's."""
+    reason = amx_unavailable_reason(layer, x)
+    if reason is not None:
+        raise RuntimeError(f"the AMX kernel cannot run this layer: {reason}")
+    operands = _operands(layer)[0]
+    struct, held = operands[1][0], operands[1]
+    if not struct.hi_tiles:
+        tiles = amx_operands(layer, held[2])
+        for name, tensor in tiles.items():
+            setattr(struct, name, tensor.data_ptr())
+        struct.Ip = tiles["scales_amx"].shape[1] // 2
+        held.extend(tiles.values())
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    selected = library().mgs_nested_forward_amx(
         operands[0], x.shape[0], x.data_ptr(), out.data_ptr(), None if counts is None else counts.data_ptr(),
         None if scores is None else scores.data_ptr(), torch.get_num_threads())
     return out, selected

@@ -16,7 +16,7 @@ from torch import nn
 
 from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import MGSSpec
-from .mgs_kernels_cpu import mgs_nested_cpu, nested_scores_cpu
+from .mgs_kernels_cpu import mgs_nested_amx, mgs_nested_cpu, nested_scores_cpu
 from .mgs_predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .mgs_selection import selection_mask
 from .mgs_torch import mgs_torch_path
@@ -77,8 +77,8 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         # decode step on the CPU kernel makes three of them per layer (measured in generate()).
         state = self.__dict__
         state["last_path"] = path
-        if path == "cpu":  # the kernel scores, selects and computes in one call
-            out, selected = mgs_nested_cpu(self, x)
+        if path in ("cpu", "cpu:amx"):  # the kernel scores, selects and computes in one call
+            out, selected = (mgs_nested_cpu if path == "cpu" else mgs_nested_amx)(self, x)
             state["_tokens_seen"] += x.shape[0]
             state["_units_counted"] += selected
             return out.reshape(shape)

@@ -16,6 +16,7 @@ MLP, which is what the decoder layer expects after the dense MLP's all-reduce.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -33,10 +34,17 @@ from ..modeling.modeling_treeffn import build_sparse_mlp
 from .checks import serving_refusal
 
 
+# What the sparse MLPs of this process ran, call by call (`last_path`: "cpu", "cpu:amx", "triton:..."),
+# so that a benchmark can show which kernels served its requests.
+PATHS_RUN: Counter = Counter()
+
+
 @torch.library.custom_op("treeffn::sparse_mlp", mutates_args=())
 def sparse_mlp(hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
-    layer = get_forward_context().no_compile_layers[layer_name]
-    return layer.sparse(hidden_states)
+    layer = get_forward_context().no_compile_layers[layer_name].sparse
+    out = layer(hidden_states)
+    PATHS_RUN[layer.last_path] += 1
+    return out
 
 
 @sparse_mlp.register_fake
