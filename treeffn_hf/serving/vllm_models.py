@@ -33,7 +33,6 @@ from ..architectures import layout_of
 from ..modeling.modeling_treeffn import build_sparse_mlp
 from .checks import serving_refusal
 
-
 # What the sparse MLPs of this process ran, call by call (`last_path`: "cpu", "cpu:amx", "triton:..."),
 # so that a benchmark can show which kernels served its requests.
 PATHS_RUN: Counter = Counter()
