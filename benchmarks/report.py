@@ -498,9 +498,17 @@ def vllm_section(data: dict) -> list[str]:
         rows.append([str(r["concurrency"]), f"{d['tokens_per_second']:.1f}", f"{s['tokens_per_second']:.1f}",
                      f"{d['latency_p50_s']:.2f} / {d['latency_p90_s']:.2f}",
                      f"{s['latency_p50_s']:.2f} / {s['latency_p90_s']:.2f}",
-                     f"{r['speedup']:.2f}x ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x)"])
+                     f"{r['speedup']:.2f}x ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x)",
+                     _path_mix(r.get("sparse_mlp_calls"))])
     return table(caption, ["concurrent requests", "dense tokens/s", "sparse tokens/s", "dense latency s (p50 / p90)",
-                           "sparse latency s (p50 / p90)", "speed-up"], rows)
+                           "sparse latency s (p50 / p90)", "speed-up", "sparse MLP calls by path"], rows)
+
+
+def _path_mix(calls: dict | None) -> str:
+    if not calls:
+        return "not recorded"
+    total = sum(calls.values())
+    return ", ".join(f"`{path}` {count / total:.0%}" for path, count in sorted(calls.items(), key=lambda kv: -kv[1]))
 
 
 def render() -> str:
