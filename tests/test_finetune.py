@@ -173,13 +173,18 @@ def test_teacher_top_k_runs_the_teacher_once_per_window_and_is_the_full_kl_at_th
     assert short["log"][-1]["loss"] < short["log"][0]["loss"]
 
 
-def test_bf16_autocast_training_follows_fp32_within_two_percent_of_the_loss(dirs, tmp_path):
+@pytest.mark.parametrize("method", ["tree", "mgs"])
+def test_bf16_autocast_training_follows_fp32_within_two_percent_of_the_loss(dirs, tmp_path, method):
     """bf16 matmuls (weights, optimizer and KL in fp32) over 8 steps: each logged loss within 2% of
-    the fp32 run's, and the trained weights stay fp32."""
-    options = {**OPTIONS, "save_steps": 100}
-    fp32 = finetune_checkpoint(dirs / "mgs", tmp_path / "fp32", dense=str(dirs / "dense"), steps=8, **options)
-    bf16 = finetune_checkpoint(dirs / "mgs", tmp_path / "bf16", dense=str(dirs / "dense"), steps=8, bf16=True,
+    the fp32 run's, and the trained weights stay fp32. The perplexity curve runs the inference paths
+    under the same autocast (a tree's sparse path once mixed its float32 input with bf16 products)."""
+    options = {**OPTIONS, "save_steps": 100, "eval_windows": torch.randint(0, 20, (2, 16)), "eval_every": 4}
+    fp32 = finetune_checkpoint(dirs / method, tmp_path / "fp32", dense=str(dirs / "dense"), steps=8, **options)
+    bf16 = finetune_checkpoint(dirs / method, tmp_path / "bf16", dense=str(dirs / "dense"), steps=8, bf16=True,
                                **options)
+    assert len(bf16["perplexity_curve"]) == len(fp32["perplexity_curve"]) > 0
+    for a, b in zip(fp32["perplexity_curve"], bf16["perplexity_curve"]):
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=0.02)
     assert len(bf16["log"]) == len(fp32["log"]) > 0
     for a, b in zip(fp32["log"], bf16["log"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.02)

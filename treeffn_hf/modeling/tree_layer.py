@@ -268,8 +268,8 @@ def tree_ffn_masked_dense(
 
     parts = []
     if has_nodes:
-        parts.append(x.new_zeros(node_shape).scatter(2, node_index, node_a).reshape(n_tok, -1))
-    parts.append(x.new_zeros(leaf_shape).scatter(1, leaf_index, leaf_a).reshape(n_tok, -1))
+        parts.append(node_a.new_zeros(node_shape).scatter(2, node_index, node_a).reshape(n_tok, -1))
+    parts.append(leaf_a.new_zeros(leaf_shape).scatter(1, leaf_index, leaf_a).reshape(n_tok, -1))
     parts.append(act(gate[:, leaf_end:]) * up[:, leaf_end:])
     return torch.cat(parts, dim=1) @ layer.down_rows
 

@@ -230,7 +230,8 @@ def _grouped_by_leaf(layer, x: torch.Tensor, leaf: torch.Tensor, path: torch.Ten
             if spec.activation == "after_sum":
                 node_g_sum, node_u_sum = g.sum(1), u.sum(1)
             else:
-                full = x.new_zeros(n_tok, spec.num_nodes, spec.node_width).scatter_(1, index, act(g) * u)
+                a = act(g) * u  # under autocast bf16, while x stays float32
+                full = a.new_zeros(n_tok, spec.num_nodes, spec.node_width).scatter_(1, index, a)
                 out += full.view(n_tok, node_rows) @ node_down[tree].reshape(node_rows, hidden)
         order = torch.argsort(leaf[:, tree])
         counts = torch.bincount(leaf[:, tree], minlength=spec.num_leaves).tolist()
@@ -254,9 +255,9 @@ def _grouped_by_leaf(layer, x: torch.Tensor, leaf: torch.Tensor, path: torch.Ten
         out.index_add_(0, order, torch.cat(outputs))
         if path_acts:
             # after_sum: every node on the path reuses the path's activation.
-            a = torch.empty(n_tok, spec.node_width, dtype=x.dtype, device=x.device)
-            a.index_copy_(0, order, torch.cat(path_acts))
-            full = x.new_zeros(n_tok, spec.num_nodes, spec.node_width).scatter_(
+            acts = torch.cat(path_acts)
+            a = acts.new_empty(n_tok, spec.node_width).index_copy_(0, order, acts)
+            full = a.new_zeros(n_tok, spec.num_nodes, spec.node_width).scatter_(
                 1, index, a[:, None, :].expand(n_tok, spec.depth, spec.node_width)
             )
             out += full.view(n_tok, node_rows) @ node_down[tree].reshape(node_rows, hidden)
