@@ -97,7 +97,8 @@ def greedy_interleaved(models: dict, ids: torch.Tensor, new_tokens: int) -> dict
         start = time.perf_counter()
         logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
         token = logits.argmax(-1, keepdim=True)
-        result[name] = {"prefill_s": time.perf_counter() - start, "step_s": [], "tokens": [token]}
+        result[name] = {"prefill_s": time.perf_counter() - start, "step_s": [], "tokens": [token],
+                        "prefill_paths": sorted({mlp.last_path for _, mlp in getattr(model, "sparse_mlps", list)()})}
         state[name] = cache
     names = list(models)
     for step in range(new_tokens - 1):
@@ -131,7 +132,7 @@ def main() -> None:
 
     samples = {name: [] for name in models}
     parts = {name: {"prefill_s": [], "decode_s": []} for name in models}
-    decode_paths = {}
+    decode_paths, prefill_paths = {}, {}
     first = greedy_interleaved(models, ids, args.new_tokens)  # warm-up, and two checks:
     for name, model in models.items():
         if name == "dense_without_mlp":
@@ -146,6 +147,7 @@ def main() -> None:
             if not paths <= {"torch", "cpu"}:
                 raise RuntimeError(f"{name} decoded on the {paths} path(s), not only fast ones")
             decode_paths[name] = sorted(paths)
+            prefill_paths[name] = first[name]["prefill_paths"]
     for round_index in range(args.rounds):
         timings = greedy_interleaved(models, ids, args.new_tokens)
         for name, timing in timings.items():
@@ -171,6 +173,7 @@ def main() -> None:
             "decode_steps_speedup": statistics.median(
                 d / s for s, d in zip(parts[name]["decode_s"], parts["dense"]["decode_s"])),
             "decode_path": decode_paths[name],
+            "prefill_path": prefill_paths[name],
         })
         print(f"{name}: {tok_s[name]:.2f} tok/s vs dense {tok_s['dense']:.2f} tok/s -> {rows[-1]['speedup']:.2f}x "
               f"(active units {cost.unit_fraction:.2%})")

@@ -67,7 +67,9 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
     paths = (" MGS cells ran the C kernel (path `cpu`: it reads the nested format, so the weights-read "
              "column is what it reads; its inputs are rounded to int8), except those marked `s`, past the "
              "fused kernel's token limit (path `cpu:scores`: the kernel's scoring GEMM, then the PyTorch "
-             "path's fp32 GEMMs of the snapped weights), and `t`, the PyTorch path alone; the file also "
+             "path's fp32 GEMMs of the snapped weights), " + ("`a`, the AMX kernel (path `cpu:amx`, the same math "
+             "on tiles), " if any(r.get("path") == "cpu:amx" for r in data["results"]) else "") + "and `t`, the "
+             "PyTorch path alone; the file also "
              "times each MGS case on the PyTorch path." if kernel else
              " With the nested predictor a selected neuron counts the low nibbles of its gate/up rows, "
              "modelled: these CPU paths compute from the snapped weights in fp32.")
@@ -88,7 +90,7 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
 
 
 def _cpu_speedup(row: dict) -> str:
-    marker = {"torch": " t", "cpu:scores": " s"}.get(row.get("path"), "") if row["method"] == "mgs" else ""
+    marker = {"torch": " t", "cpu:scores": " s", "cpu:amx": " a"}.get(row.get("path"), "") if row["method"] == "mgs" else ""
     return f"{row['speedup']:.2f}x{marker}"
 
 
@@ -147,9 +149,10 @@ def decode_section(data: dict) -> list[str]:
                      f"{r['speedup']:.2f}x{spread} | {parts[0]} | {parts[1]} |")
     paths = {r["method"]: r["decode_path"] for r in data["results"] if r.get("decode_path")}
     if paths:
-        lines += ["", "Decode steps ran on: " + "; ".join(f"{m} `{'`, `'.join(p)}`" for m, p in paths.items())
-                  + " (prompts past the fused C kernel's token limit prefill through its scoring GEMM and the "
-                  "PyTorch path's GEMMs, `cpu:scores`)."]
+        lines += ["", "Decode steps ran on: " + "; ".join(f"{m} `{'`, `'.join(p)}`" for m, p in paths.items()) + "."]
+        prefill = {r["method"]: r["prefill_path"] for r in data["results"] if r.get("prefill_path")}
+        lines[-1] += (" The prompt ran on: " + "; ".join(f"{m} `{'`, `'.join(p)}`" for m, p in prefill.items()) + "."
+                      if prefill else " (Which path the prompt took was not recorded in this file.)")
     lines.append("")
     return lines
 
