@@ -19,7 +19,12 @@ cached, and called through ctypes. Up to `MAX_TOKENS` tokens one fused call does
    bf16 copy when its weights are bf16 values (as the nested recipe stores them, and as any bf16
    checkpoint loads): half the bytes, the same products.
 
-More tokens (a prefill) go through `nested_scores_cpu`: the same rounding of the tokens, the
+Where the CPU has AMX, `mgs_nested_amx` computes the same layer with the same math on tiles
+(int8 tile products of the unpacked nibbles and both token planes, exact int32 sums per group;
+down_proj against h in three bf16 parts, float32 accumulation): the dispatch takes it from
+`KernelPolicy.cpu_amx_min_tokens` tokens. Its operands (`amx_operands`) are made at its first call.
+
+Without AMX, more tokens (a prefill) go through `nested_scores_cpu`: the same rounding of the tokens, the
 high nibbles in a GEMM without horizontal sums (a copy of the codes in blocks of 16 rows,
 `scoring_operands`), and the scores go back to the layer, whose GEMMs compute the selected neurons
 from the float32 weights as its PyTorch path does. It replaces the PyTorch path's scoring, which
