@@ -23,6 +23,7 @@ import torch
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
 from treeffn_hf.architectures import ARCHITECTURES
+from treeffn_hf.modeling import mgs_kernels_cpu
 from treeffn_hf.serving.checks import serving_refusal
 from treeffn_hf.serving.vllm_plugin import VLLM_BASES
 
@@ -88,7 +89,7 @@ def test_vllm_greedy_equals_transformers_for_every_family_and_layer(vllm_python,
     served = vllm_greedy(vllm_python, [{"path": str(path), "prompts": list(PROMPTS), "max_tokens": NEW_TOKENS}
                                        for path, _ in tiny_checkpoints.values()])
     for key, (path, expected) in tiny_checkpoints.items():
-        assert served[str(path)] == expected, key
+        assert served[str(path)]["tokens"] == expected, key
     compared = sum(len(tokens) for _, expected in tiny_checkpoints.values() for tokens in expected)
     assert compared >= len(tiny_checkpoints) * len(PROMPTS) * NEW_TOKENS // 2  # not all cut short by EOS
 
@@ -110,7 +111,12 @@ def test_vllm_serves_smollm2_converted_by_the_demo_recipe_as_transformers_runs_i
     expected = hf_greedy(sparse, prompts)
     served = vllm_greedy(vllm_python, [{"path": str(tmp_path / "smollm2-mgs"), "prompts": prompts,
                                         "max_tokens": NEW_TOKENS, "max_model_len": 256}])
-    assert served[str(tmp_path / "smollm2-mgs")] == expected
+    assert served[str(tmp_path / "smollm2-mgs")]["tokens"] == expected
+    # served by the kernels transformers runs here, not by a silent fallback
+    paths = served[str(tmp_path / "smollm2-mgs")]["paths"]
+    kernel = mgs_kernels_cpu.library_error() is None
+    assert sum(paths.values()) > 0 and set(paths) <= ({"cpu", "cpu:amx"} if kernel else {"torch"}), paths
+    assert ("cpu" in paths) == kernel  # decode steps of one or two tokens take the fused kernel
 
 
 def _free_port() -> int:

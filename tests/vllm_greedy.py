@@ -2,8 +2,9 @@
 
     python tests/vllm_greedy.py '{"models": [{"path": DIR, "prompts": [[ids]], "max_tokens": N}]}'
 
-Prints one JSON object: {DIR: [[token ids per prompt]]}. The engines run one after another in this
-process (no engine subprocess), so each costs its start-up only.
+Prints one JSON object: {DIR: {"tokens": [[token ids per prompt]], "paths": {path: sparse-MLP calls}}}.
+The engines run one after another in this process (no engine subprocess), so each costs its start-up
+only, and the sparse MLPs' tally of the paths they ran is this process's.
 """
 
 import gc
@@ -17,15 +18,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
+    from treeffn_hf.serving.vllm_models import PATHS_RUN
+
     spec = json.loads(sys.argv[1])
     results = {}
     for model in spec["models"]:
+        PATHS_RUN.clear()
         llm = LLM(model=model["path"], dtype="float32", max_model_len=model.get("max_model_len", 256),
                   trust_remote_code=True, enforce_eager=model.get("eager", True), seed=0)
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in model["prompts"]],
                                SamplingParams(temperature=0, max_tokens=model["max_tokens"]),
                                use_tqdm=False)
-        results[model["path"]] = [list(out.outputs[0].token_ids) for out in outputs]
+        results[model["path"]] = {"tokens": [list(out.outputs[0].token_ids) for out in outputs],
+                                  "paths": dict(PATHS_RUN)}
         del llm
         gc.collect()
     print("RESULT " + json.dumps(results), flush=True)
