@@ -938,11 +938,17 @@ def mgs_nested_cpu(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None
     operands, reason = _operands(layer)
     if operands is None:
         raise RuntimeError(f"the CPU kernel cannot run this layer: {reason}")
+    return _forward(library().mgs_nested_forward, operands, x, counts, scores)
+
+
+def _forward(function, operands: tuple, x: torch.Tensor, counts: Optional[torch.Tensor],
+             scores: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """One call of a C entry point with `mgs_nested_forward`'s signature."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    selected = library().mgs_nested_forward(
-        operands[0], x.shape[0], x.data_ptr(), out.data_ptr(), None if counts is None else counts.data_ptr(),
-        None if scores is None else scores.data_ptr(), torch.get_num_threads())
+    selected = function(operands[0], x.shape[0], x.data_ptr(), out.data_ptr(),
+                        None if counts is None else counts.data_ptr(), None if scores is None else scores.data_ptr(),
+                        torch.get_num_threads())
     return out, selected
 
 
@@ -963,10 +969,14 @@ def amx_machine_reason() -> Optional[str]:
 
 def amx_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why the AMX kernel cannot run `layer` (on `x`, when given), or None when it can."""
-    reason = cpu_kernel_unavailable_reason(layer, x) or amx_machine_reason()
-    if reason is None and not _operands(layer)[0][1][0].down_bf16:
-        reason = "the AMX kernel reads down_proj as bf16 values (the nested recipe's), and these are not"
-    return reason
+    return cpu_kernel_unavailable_reason(layer, x) or _amx_operand_reason(_operands(layer)[0])
+
+
+def _amx_operand_reason(operands: tuple) -> Optional[str]:
+    """What keeps the AMX kernel from layer operands the fused kernel can run, or None."""
+    if not operands[1][0].down_bf16:
+        return "the AMX kernel reads down_proj as bf16 values (the nested recipe's), and these are not"
+    return amx_machine_reason()
 
 
 def amx_operands(layer, lo: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -998,10 +1008,10 @@ def mgs_nested_amx(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None
                    scores: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
     """`mgs_nested_cpu` on AMX tiles (the same math; many tokens). Its operands are made at the
     first call and kept with the fused kernel's."""
-    reason = amx_unavailable_reason(layer, x)
+    operands, reason = _operands(layer)
+    reason = reason or _amx_operand_reason(operands)
     if reason is not None:
         raise RuntimeError(f"the AMX kernel cannot run this layer: {reason}")
-    operands = _operands(layer)[0]
     struct, held = operands[1][0], operands[1]
     if not struct.hi_tiles:
         tiles = amx_operands(layer, held[2])
@@ -1009,12 +1019,7 @@ def mgs_nested_amx(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None
             setattr(struct, name, tensor.data_ptr())
         struct.Ip = tiles["scales_amx"].shape[1] // 2
         held.extend(tiles.values())
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    selected = library().mgs_nested_forward_amx(
-        operands[0], x.shape[0], x.data_ptr(), out.data_ptr(), None if counts is None else counts.data_ptr(),
-        None if scores is None else scores.data_ptr(), torch.get_num_threads())
-    return out, selected
+    return _forward(library().mgs_nested_forward_amx, operands, x, counts, scores)
 
 
 def nested_scores_cpu(layer, x: torch.Tensor) -> torch.Tensor:
