@@ -114,12 +114,13 @@ def distilled_tree(dense, mlp_inputs: dict, fraction: float, *, steps: int, lr: 
     return sparse, spec
 
 
-def finetuned_checkpoint(sparse_dir: Path, out: Path, dense_dir: Path, gguf: str, **options):
+def finetuned_checkpoint(sparse_dir: Path, out: Path, dense_dir: Path, gguf: str, max_windows: int = 512, **options):
     """The checkpoint in `sparse_dir` fine-tuned against the dense teacher on valid.txt (as
-    `treeffn finetune`), saved to `out` and loaded back. Returns (model, run summary)."""
+    `treeffn finetune`; at most `max_windows` windows of it), saved to `out` and loaded back.
+    Returns (model, run summary)."""
     from treeffn_hf.checkpoint import load
     from treeffn_hf.training.finetune import finetune_checkpoint
 
     summary = finetune_checkpoint(sparse_dir, out, dense=str(dense_dir), gguf_file=gguf,
-                                  data=str(DATA / "wikitext-2" / "valid.txt"), max_windows=512, **options)
+                                  data=str(DATA / "wikitext-2" / "valid.txt"), max_windows=max_windows, **options)
     return load(out), summary

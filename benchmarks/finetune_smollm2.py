@@ -81,6 +81,9 @@ def main() -> None:
                         help="keep the teacher's top-k tokens per window and reuse them across epochs (0: full KL)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (treeffn finetune --bf16)")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed (data order, sampling)")
+    parser.add_argument("--max-windows", type=int, default=512, help="valid.txt windows trained on at most (it holds about 950 of 256 tokens)")
+    parser.add_argument("--teacher-samples", type=int, default=0,
+                        help="also train on this many sequences sampled from the dense teacher")
     parser.add_argument("--variants", help="comma-separated; default: all of the method's " +
                         "; ".join(f"{m}: {','.join(v)}" for m, v in VARIANTS.items()))
     parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs with other settings apart")
@@ -149,6 +152,7 @@ def main() -> None:
                 work / "distilled", work / f"ft-{variant}", directory, gguf, window=args.window, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
                 sparsity_ramp_steps=args.sparsity_ramp, teacher_top_k=args.teacher_top_k, bf16=args.bf16, seed=args.seed,
+                max_windows=args.max_windows, teacher_samples=args.teacher_samples,
                 eval_windows=eval_ids[: args.curve_windows],
                 eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2), **options,
             )

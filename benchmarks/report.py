@@ -171,11 +171,11 @@ QUALITY_NOTES = {
 }
 
 
-def quality_section(data: dict) -> list[str]:
+def quality_section(data: dict, name: str = "quality_smollm2") -> list[str]:
     m, ev, cal = data["machine"], data["evaluation"], data["calibration"]
     lines = [
         f"**Quality, {data['model']}** (`{data['command']}`; {m['cpu']}, {m['torch_threads']} threads, "
-        f"{data['dtype']}; file `benchmarks/results/quality_smollm2.json`, plot `quality_smollm2.png`). "
+        f"{data['dtype']}; file `benchmarks/results/{name}.json`, plot `{name}.png`). "
         f"Perplexity on `wiki.test.raw`, first {ev['windows']} windows of {ev['window']} tokens; calibration on "
         f"`valid.txt` ({cal['tokens']:,} tokens, {cal['tokens_per_layer']:,} MLP inputs kept per layer; capture took "
         f"{cal['seconds']:.0f} s, peak RSS {cal['peak_rss_gib_after']:.1f} GiB). Ratio = perplexity / dense perplexity. "
@@ -204,6 +204,16 @@ def quality_section(data: dict) -> list[str]:
     return lines
 
 
+def _training_data(data: dict) -> str:
+    """The fine-tuning data of a finetune_smollm2 file: each source and its tokens."""
+    tuned = [r["data"] for r in data["rows"] if r.get("data")]
+    if not tuned:
+        return "`valid.txt`"
+    parts = tuned[0].get("parts") or [{"source": tuned[0]["source"], "tokens": tuned[0]["tokens"]}]
+    return " + ".join(f"{Path(p['source']).name if '/' in p['source'] else p['source']} ({p['tokens']:,} tokens)"
+                      for p in parts)
+
+
 def finetune_section(data: dict, name: str) -> list[str]:
     m, sparse, settings = data["machine"], data["sparse"], data["settings"]
     spec = sparse["spec"]
@@ -225,7 +235,7 @@ def finetune_section(data: dict, name: str) -> list[str]:
         f"{', warmup ' + str(settings['warmup_steps']) if settings.get('warmup_steps') else ''}"
         f"{', bf16 autocast' if settings.get('bf16') else ''}"
         f"{', teacher top-' + str(settings['teacher_top_k']) + ' cached' if settings.get('teacher_top_k') else ''}"
-        f"{', seed ' + str(settings['seed']) if settings.get('seed') else ''}) on `valid.txt`, the same data "
+        f"{', seed ' + str(settings['seed']) if settings.get('seed') else ''}) on {_training_data(data)}, the same data "
         f"and steps for each variant. Perplexity on the first {data['evaluation']['windows']} protocol windows "
         f"(dense {data['dense_perplexity']:.2f}).",
         "",
@@ -345,12 +355,12 @@ def predictor_kernels_section(data: dict) -> list[str]:
          f"{r['gate_up_weights_per_second'] / 1e9:.1f} G"] for r in data["rows"]])
 
 
-def train_throughput_section(data: dict) -> list[str]:
+def train_throughput_section(data: dict, name: str) -> list[str]:
     m, b = data["machine"], data["batch"]
     bf16 = "has" if data["cpu_bf16_instructions"] else "has no"
     lines = [
         f"**Training throughput** (`{data['command'].strip()}`; {m['cpu']}, {m['torch_threads']} threads, "
-        f"{m['torch']}; {data['dtype']}; file `benchmarks/results/train_throughput_cpu.json`). One distillation "
+        f"{m['torch']}; {data['dtype']}; file `benchmarks/results/{name}`). One distillation "
         f"step of {data['student']['spec']['predictor']} MGS at {data['student']['spec']['density']:.0%} "
         f"({data['student']['trainable']}) on {b['batch_size']} x {b['window']} tokens of valid.txt: teacher "
         "forward, student forward, KL, backward, AdamW; median of "
@@ -374,6 +384,11 @@ def train_throughput_section(data: dict) -> list[str]:
                       f"{k}; on this batch that KL is {top[f'top_{k}_kl']:.4f} where the full KL is "
                       f"{top['full_kl']:.4f}; extracting the top {k} took {top['extraction_seconds']:.2f} s, once "
                       "per window.")
+    if "hidden_cached_kl" in top:
+        lines[-1] += (f" From the cached hidden states the KL on this batch is {top['hidden_cached_kl']:.6f}, "
+                      f"from the teacher's logits {top['full_kl']:.6f}.")
+    if data.get("bf16_rows") is False:
+        lines[-1] += " The bf16 rows were not timed: this CPU emulates bf16."
     if data.get("compile_seconds") is not None:
         lines[-1] += f" Compiling the student took {data['compile_seconds']:.0f} s."
     return lines + [""]
@@ -516,7 +531,7 @@ def _path_mix(calls: dict | None) -> str:
 
 def render() -> str:
     lines = [START, ""]
-    for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs", "bench_mlp_cpu_mgs_stack"):
+    for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs", "bench_mlp_cpu_mgs_stack", "bench_mlp_cpu_trees"):
         mlp = _load(f"{name}.json")
         if mlp:
             lines += mlp_section(mlp, name)
@@ -538,6 +553,9 @@ def render() -> str:
         lines += router_fit_section(routers)
     if quality:
         lines += tree_steps_section(quality, routers)
+    short_steps = _load("quality_smollm2_tree_steps.json")  # the same steps at a shorter distillation
+    if short_steps:
+        lines += quality_section(short_steps, "quality_smollm2_tree_steps")
     bound = _load("tree_mass_bound_smollm2.json")
     if bound:
         lines += tree_mass_bound_section(bound)
@@ -553,9 +571,8 @@ def render() -> str:
     refit = _load("refit_study_smollm2.json")
     if refit:
         lines += refit_study_section(refit)
-    throughput = _load("train_throughput_cpu.json")
-    if throughput:
-        lines += train_throughput_section(throughput)
+    for path in sorted(RESULTS.glob("train_throughput_cpu*.json")):
+        lines += train_throughput_section(_load(path.name), path.name)
     for path in sorted(RESULTS.glob("finetune_smollm2*.json")):
         finetune = _load(path.name)
         if finetune and finetune.get("sparse"):

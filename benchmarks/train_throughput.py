@@ -19,6 +19,10 @@ batched fp32 forward on the same batch, the rate the issue's target is stated ag
   timing), so the step has no teacher forward and its KL is `top_k_kl`. The first epoch costs
   `now` plus the top-k extraction. The run also reports that loss against the full KL on the batch.
 - `now, bf16 + teacher top-64 cached`: both (`treeffn finetune --bf16 --teacher-top-k 64`, later epochs).
+- `now, teacher hidden cached`: `treeffn finetune`'s default (`--teacher-cache hidden`) after its first
+  epoch: the teacher's last hidden states come from the cache and its LM head alone makes its
+  logits (timed as part of the loss), so the KL is the full one (the run reports both on the batch).
+- `now, bf16 + teacher hidden cached`: both (`treeffn finetune --bf16`, later epochs).
 - `now, compiled` (`--compile`): the student under `torch.compile` (compile time reported apart).
 
 Where the time of a step goes (teacher forward, student forward, loss, backward, optimizer:
@@ -27,7 +31,7 @@ in fp32 on this machine, whatever is done to the rest.
 
     python benchmarks/train_throughput.py              # about 5 minutes on 2 CPU cores
 
-Writes benchmarks/results/train_throughput_cpu.json.
+Writes benchmarks/results/train_throughput_cpu.json (`--output` names another file).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from treeffn_hf.modeling.mgs_predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.training.kl import chunked_kl, kl_naive, teacher_top_k, top_k_kl  # noqa: E402
 from treeffn_hf.training.setup import configure_training  # noqa: E402
+from treeffn_hf.training.trainer import teacher_hidden_states  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 
@@ -63,13 +68,25 @@ def forget_dequantized(model) -> None:
             module.register_forward_pre_hook(lambda m, _: setattr(m, "_dequantized_cache", None))
 
 
+class TeacherHidden:
+    """The teacher's cached last hidden states; its logits are its LM head's (one GEMM per step)."""
+
+    def __init__(self, teacher, ids: torch.Tensor) -> None:
+        self.head = teacher.get_output_embeddings()
+        self.hidden = teacher_hidden_states(teacher, ids, check=True)
+
+    def logits(self) -> torch.Tensor:
+        return self.head(self.hidden)
+
+
 class Step:
     """One training step of `student` against `teacher` on `ids`, with its optimizer."""
 
     def __init__(self, student, teacher, ids: torch.Tensor, *, loss=chunked_kl, autocast: bool = False,
-                 cached_teacher: tuple | None = None) -> None:
+                 cached_teacher: TeacherHidden | tuple | None = None) -> None:
         self.student, self.teacher, self.ids, self.loss, self.autocast = student, teacher, ids, loss, autocast
-        self.cached_teacher = cached_teacher  # (log-probs, ids) of the teacher's top k: no teacher forward
+        # No teacher forward: a TeacherHidden (the full KL) or the (log-probs, ids) of its top k.
+        self.cached_teacher = cached_teacher
         self.optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
         self.calls: list[dict[str, float]] = []  # seconds of each phase, per call
 
@@ -95,6 +112,8 @@ class Step:
             student = self._clock("student forward", lambda: self.student(input_ids=self.ids, use_cache=False).logits)
             if self.cached_teacher is None:
                 loss = self._clock("loss", lambda: self.loss(student, teacher, 1.0))
+            elif isinstance(self.cached_teacher, TeacherHidden):  # the LM head counts as loss time
+                loss = self._clock("loss", lambda: chunked_kl(student, self.cached_teacher.logits(), 1.0))
             else:
                 loss = self._clock("loss", lambda: top_k_kl(student, *self.cached_teacher, 1.0))
         self._clock("backward", loss.backward)
@@ -119,6 +138,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position by the cached row")
     parser.add_argument("--compile", action="store_true", help="also time the student under torch.compile")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="time the bf16 rows (auto: where the CPU has bf16 dot products; elsewhere torch "
+                             "emulates them and they are several times slower than fp32)")
+    parser.add_argument("--output", default="train_throughput_cpu.json", help="file under benchmarks/results")
     args = parser.parse_args()
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
     torch.manual_seed(0)
@@ -133,14 +156,16 @@ def main() -> None:
         configure_training(model, trainable="sparse")
         return model.train()
 
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_bf16())
     old_student = student()
     forget_dequantized(old_student)
     new_student = student()
     steps = {
         "before": Step(old_student, teacher, windows, loss=kl_naive),
         "now": Step(new_student, teacher, windows),
-        "now, bf16 autocast": Step(new_student, teacher, windows, autocast=True),
     }
+    if bf16:
+        steps["now, bf16 autocast"] = Step(new_student, teacher, windows, autocast=True)
     for batch, window in ((2 * args.batch_size, args.window // 2), (max(1, args.batch_size // 2), 2 * args.window)):
         steps[f"now, {batch} x {window}"] = Step(new_student, teacher, windows.reshape(batch, window))
     with torch.no_grad():
@@ -149,13 +174,19 @@ def main() -> None:
         cached = teacher_top_k(teacher_logits, args.top_k)
         top_k_seconds = time.perf_counter() - start
         student_logits = new_student(input_ids=windows, use_cache=False).logits
+        hidden = TeacherHidden(teacher, windows)
         loss_agreement = {"full_kl": float(chunked_kl(student_logits, teacher_logits)),
+                          "hidden_cached_kl": float(chunked_kl(student_logits, hidden.logits())),
                           f"top_{args.top_k}_kl": float(top_k_kl(student_logits, *cached)),
                           "teacher_mass_in_top_k": float(cached[0].exp().sum(-1).mean())}
     del teacher_logits, student_logits
     steps[f"now, teacher top-{args.top_k} cached"] = Step(new_student, teacher, windows, cached_teacher=cached)
-    steps[f"now, bf16 + teacher top-{args.top_k} cached"] = Step(new_student, teacher, windows, autocast=True,
-                                                                 cached_teacher=cached)
+    steps["now, teacher hidden cached"] = Step(new_student, teacher, windows, cached_teacher=hidden)
+    if bf16:
+        steps[f"now, bf16 + teacher top-{args.top_k} cached"] = Step(new_student, teacher, windows, autocast=True,
+                                                                     cached_teacher=cached)
+        steps["now, bf16 + teacher hidden cached"] = Step(new_student, teacher, windows, autocast=True,
+                                                          cached_teacher=hidden)
     compile_seconds = None
     if args.compile:
         compiled = torch.compile(new_student)
@@ -180,7 +211,8 @@ def main() -> None:
               f"{rows[-1]['fraction_of_dense_forward_rate']:.2f} of the dense forward rate", flush=True)
     print(f"{'dense fp32 forward':>22}: {forward_rate:7.1f} tokens/s")
 
-    phases = {name: steps[name].phases() for name in ("before", "now", f"now, teacher top-{args.top_k} cached")}
+    phases = {name: steps[name].phases()
+              for name in ("before", "now", f"now, teacher top-{args.top_k} cached", "now, teacher hidden cached")}
     for name, split in phases.items():
         print(f"{name} step phases (s): " + ", ".join(f"{p} {t:.2f}" for p, t in split.items()))
     share = matmul_share(steps["now"])
@@ -188,8 +220,10 @@ def main() -> None:
     print(f"teacher top-{args.top_k}: {loss_agreement['teacher_mass_in_top_k']:.3f} of its mass; KL on the batch "
           f"{loss_agreement[f'top_{args.top_k}_kl']:.4f} against {loss_agreement['full_kl']:.4f} in full; "
           f"extracted in {top_k_seconds:.2f} s (once per window)")
+    print(f"teacher hidden cached: KL on the batch {loss_agreement['hidden_cached_kl']:.6f} against "
+          f"{loss_agreement['full_kl']:.6f} from its logits")
 
-    write_json("train_throughput_cpu.json", {
+    write_json(args.output, {
         "benchmark": "train_throughput", "command": command, "machine": machine(),
         "model": "SmolLM2-135M-Instruct (GGUF, dequantised to fp32)",
         "student": {"spec": MGSSpec(density=args.density).to_dict(), "trainable": "sparse MLPs (attention frozen)"},
@@ -197,7 +231,7 @@ def main() -> None:
         "dtype": "float32", "rounds": args.rounds, "dense_forward_tokens_per_s": forward_rate, "rows": rows,
         "phases_seconds": phases, "matmul_share_of_now_step": share, "compile_seconds": compile_seconds,
         "teacher_top_k": {"k": args.top_k, "extraction_seconds": top_k_seconds, **loss_agreement},
-        "cpu_bf16_instructions": cpu_has_bf16(),
+        "cpu_bf16_instructions": cpu_has_bf16(), "bf16_rows": bf16,
     })
 
 

@@ -173,6 +173,34 @@ def test_teacher_top_k_runs_the_teacher_once_per_window_and_is_the_full_kl_at_th
     assert short["log"][-1]["loss"] < short["log"][0]["loss"]
 
 
+def test_the_hidden_state_cache_runs_the_teachers_body_once_per_window_and_keeps_the_exact_loss(
+        dirs, tmp_path, monkeypatch):
+    rows = []
+    original = trainer_module.teacher_hidden_states
+    monkeypatch.setattr(trainer_module, "teacher_hidden_states",
+                        lambda teacher, ids, check=False: rows.append(ids.shape[0]) or original(teacher, ids, check))
+    options = {**OPTIONS, "save_steps": 100}
+    every_step = finetune_checkpoint(dirs / "tree", tmp_path / "none", dense=str(dirs / "dense"), steps=20,
+                                     teacher_cache="none", **options)
+    assert rows == [] and every_step["teacher_cache"] == "none"
+    cached = finetune_checkpoint(dirs / "tree", tmp_path / "hidden", dense=str(dirs / "dense"), steps=20, **options)
+    assert cached["teacher_cache"] == "hidden"
+    assert sum(rows) == 32  # 80 sequences seen (2.5 epochs of 32 windows), the teacher ran on each window once
+    assert len(cached["log"]) == len(every_step["log"]) > 0
+    for a, b in zip(every_step["log"], cached["log"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_the_hidden_state_cache_refuses_a_teacher_whose_logits_are_not_its_head_of_its_hidden_states():
+    teacher = tiny_dense_model("llama").eval()
+    ids = torch.randint(0, 20, (2, 8))
+    hidden = trainer_module.teacher_hidden_states(teacher, ids, check=True)
+    torch.testing.assert_close(teacher.lm_head(hidden), teacher(input_ids=ids).logits)
+    teacher.register_forward_hook(lambda module, args, out: out.__setitem__("logits", 1.5 * out.logits))  # a logit scale
+    with pytest.raises(ValueError, match="teacher_cache='none'"):
+        trainer_module.teacher_hidden_states(teacher, ids, check=True)
+
+
 @pytest.mark.parametrize("method", ["tree", "mgs"])
 def test_bf16_autocast_training_follows_fp32_within_two_percent_of_the_loss(dirs, tmp_path, method):
     """bf16 matmuls (weights, optimizer and KL in fp32) over 8 steps: each logged loss within 2% of

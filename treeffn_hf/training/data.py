@@ -18,6 +18,7 @@ from ..conversion.calibration import read_texts, token_windows
 class TrainingData:
     windows: torch.Tensor  # (sequences, window) token ids
     source: str
+    parts: tuple[dict, ...] = ()  # of combined data: each source and its token count
 
     @property
     def tokens(self) -> int:
@@ -25,7 +26,8 @@ class TrainingData:
 
     def describe(self) -> dict:
         return {"source": self.source, "sequences": int(self.windows.shape[0]),
-                "window": int(self.windows.shape[1]), "tokens": self.tokens}
+                "window": int(self.windows.shape[1]), "tokens": self.tokens,
+                "parts": list(self.parts) or [{"source": self.source, "tokens": self.tokens}]}
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -50,7 +52,7 @@ def text_data(source: Union[str, Path], tokenizer, window: int, max_windows: int
 
 @torch.no_grad()
 def teacher_data(
-    teacher, tokenizer, sequences: int, window: int, *, batch_size: int = 8, temperature: float = 1.0,
+    teacher, tokenizer, sequences: int, window: int, *, batch_size: int = 32, temperature: float = 1.0,
     seed: int = 0, progress: bool = True,
 ) -> TrainingData:
     """Sample `sequences` windows from the teacher, each starting from the BOS token (or token 0)."""
@@ -77,5 +79,6 @@ def combine(parts: list[Optional[TrainingData]]) -> TrainingData:
     if not parts:
         raise ValueError("no training data: give a text source and/or teacher samples")
     width = min(p.windows.shape[1] for p in parts)
-    return TrainingData(windows=torch.cat([p.windows[:, :width] for p in parts]),
-                        source=" + ".join(p.source for p in parts))
+    windows = [p.windows[:, :width] for p in parts]
+    return TrainingData(windows=torch.cat(windows), source=" + ".join(p.source for p in parts),
+                        parts=tuple({"source": p.source, "tokens": w.numel()} for p, w in zip(parts, windows)))

@@ -33,18 +33,19 @@ def finetune_checkpoint(
     data: Optional[str] = None,
     teacher_samples: int = 0,
     window: int = 256,
-    max_windows: int = 256,
-    steps: int = 100,
+    max_windows: int = 512,
+    steps: int = 300,
     batch_size: int = 4,
     grad_accum: int = 1,
-    lr: float = 1e-4,
-    warmup_steps: int = 0,
+    lr: float = 2e-4,
+    warmup_steps: int = 10,
     lr_schedule: str = "cosine",
     sparsity_ramp_steps: int = 0,
     kl_weight: float = 1.0,
     lm_weight: float = 0.0,
     temperature: float = 1.0,
     teacher_top_k: int = 0,
+    teacher_cache: str = "auto",
     bf16: bool = False,
     trainable: str = "sparse",
     routing: str = "learned",
@@ -68,7 +69,8 @@ def finetune_checkpoint(
     work = out.parent / f".{out.name}.finetune-work"
     # What a resumed run must share with the run that made the work directory.
     run = {k: v for k, v in options.items() if k not in (
-        "warmup_steps", "eval_windows", "eval_every", "stats_every", "save_steps", "overwrite", "progress")}
+        "warmup_steps", "teacher_cache", "eval_windows", "eval_every", "stats_every", "save_steps", "overwrite",
+        "progress")}  # (the teacher cache changes the speed, not the loss)
     run["sparse"] = str(Path(sparse_dir).resolve())
     run["lora_targets"] = list(lora_targets)
     processes = _processes()
@@ -96,7 +98,7 @@ def _processes():
 
 def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense, gguf_file, data, teacher_samples,
            window, max_windows, steps, batch_size, grad_accum, lr, warmup_steps, lr_schedule, sparsity_ramp_steps,
-           kl_weight, lm_weight, temperature, teacher_top_k, bf16, trainable, routing, routing_gradient, gate_gradient,
+           kl_weight, lm_weight, temperature, teacher_top_k, teacher_cache, bf16, trainable, routing, routing_gradient, gate_gradient,
            lora_rank, lora_targets, eval_windows, eval_every, stats_every, save_steps, seed, overwrite, progress) -> dict:
     """The run itself; writes OUT and returns the summary (the caller owns the work directory)."""
     from transformers import AutoTokenizer, TrainingArguments
@@ -140,6 +142,9 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
         bf16=bf16,  # autocast: matmuls in bf16, weights, optimizer state and the KL in fp32
     )
     per_step = tokens_per_step(args, training_data.windows.shape[1])
+    epochs = steps * per_step / training_data.tokens
+    if teacher_cache == "auto":  # keeping the teacher pays off only where a window comes back
+        teacher_cache = "hidden" if epochs > 1 else "none"
     callbacks = []
     if stats_every and has_tree_layers(model):
         callbacks.append(TreeDynamicsCallback(training_data.windows[:2], stats_every, per_step))
@@ -150,7 +155,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
 
     trainer = DistillationTrainer(model=model, args=args, train_dataset=WindowDataset(training_data.windows),
                                   teacher=teacher, kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature,
-                                  teacher_top_k=teacher_top_k, callbacks=callbacks)
+                                  teacher_top_k=teacher_top_k, teacher_cache=teacher_cache, callbacks=callbacks)
     resume = any(work.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
@@ -165,7 +170,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
             mlp.requantize()  # the 4-bit predictor (and the nested grid) follow the trained weights
     summary = {
         "data": training_data.describe(), "setup": setup, "run": run, "resumed": resume,
-        "steps": int(result.global_step), "tokens_seen": int(result.global_step) * per_step,
+        "teacher_cache": trainer.teacher_cache_kind, "steps": int(result.global_step), "tokens_seen": int(result.global_step) * per_step,
         "train_loss": float(result.training_loss), "seconds": time.perf_counter() - start,
         "log": [e for e in trainer.state.log_history if "loss" in e],
         **{cb.name: cb.history for cb in callbacks if isinstance(cb, HistoryCallback)},

@@ -23,46 +23,78 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return chunked_kl(student_logits, teacher_logits, temperature)
 
 
+TEACHER_CACHES = ("hidden", "none")  # (`finetune_checkpoint` also takes "auto")
+
+
+def teacher_hidden_states(teacher: torch.nn.Module, ids: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """The teacher's final normed hidden states, what its LM head reads. With `check`, also that
+    the head alone makes the teacher's logits (no logit scale or soft-cap after it), on one row."""
+    hidden = teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    if check:
+        logits = teacher(input_ids=ids[:1], use_cache=False).logits
+        remade = teacher.get_output_embeddings()(hidden[:1]).to(logits.dtype)
+        if not torch.allclose(remade, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
+            raise ValueError("the teacher's logits are not its LM head applied to its last hidden state; "
+                             "fine-tune with teacher_cache='none' (--teacher-cache none)")
+    return hidden
+
+
 class DistillationTrainer(Trainer):
     """loss = kl_weight * KL(teacher || student) + lm_weight * next-token cross-entropy.
 
-    With `teacher_top_k` = k > 0 the teacher runs once per training window: its k most likely
-    tokens per position are kept (in memory, 8k bytes a token) and later epochs reuse them; the KL
-    is then `top_k_kl`, over those k tokens and one bucket for the rest of the vocabulary."""
+    The teacher's body runs once per training window: with `teacher_cache="hidden"` (the default)
+    its final hidden states are kept (in memory, 4 x hidden_size bytes a token) and each step
+    makes the teacher's logits from them with its LM head alone, so the KL is exactly the full
+    one. With `teacher_top_k` = k > 0 only its k most likely tokens per position are
+    kept (8k bytes a token) and the KL is `top_k_kl`, over those k tokens and one bucket for the
+    rest of the vocabulary. `teacher_cache="none"` runs the whole teacher every step."""
 
     def __init__(self, *args, teacher: torch.nn.Module, kl_weight: float = 1.0, lm_weight: float = 0.0,
-                 temperature: float = 1.0, teacher_top_k: int = 0, **kwargs) -> None:
+                 temperature: float = 1.0, teacher_top_k: int = 0, teacher_cache: str = "hidden",
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if teacher_cache not in TEACHER_CACHES:
+            raise ValueError(f"teacher_cache must be one of {TEACHER_CACHES}, got {teacher_cache!r}")
         self.teacher = teacher.to(self.args.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.kl_weight, self.lm_weight, self.temperature = kl_weight, lm_weight, temperature
         self.teacher_top_k = teacher_top_k
-        self.teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.teacher_cache_kind = "top_k" if teacher_top_k else teacher_cache
+        self.teacher_cache: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    def _cached_teacher(self, ids: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's top k for each row of `ids`, computed for the windows not seen before."""
+    def _cached_teacher(self, ids: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The cached teacher for each row of `ids` (computed for the windows not seen before),
+        stacked: (hidden,) or (top-k log-probs, top-k ids)."""
         keys = windows.tolist()
         missing = [row for row, key in enumerate(keys) if key not in self.teacher_cache]
         if missing:
             with torch.no_grad():
-                logits = self.teacher(input_ids=ids[missing], use_cache=False).logits
-            log_p, top = teacher_top_k(logits, self.teacher_top_k, self.temperature)
-            for row, values, indices in zip(missing, log_p.cpu(), top.cpu()):
-                self.teacher_cache[keys[row]] = (values, indices)
-        pairs = [self.teacher_cache[key] for key in keys]
-        return (torch.stack([p[0] for p in pairs]).to(ids.device), torch.stack([p[1] for p in pairs]).to(ids.device))
+                if self.teacher_cache_kind == "hidden":
+                    entries = (teacher_hidden_states(self.teacher, ids[missing], check=not self.teacher_cache).float(),)
+                else:
+                    logits = self.teacher(input_ids=ids[missing], use_cache=False).logits
+                    entries = teacher_top_k(logits, self.teacher_top_k, self.temperature)
+            for row, *entry in zip(missing, *(e.cpu() for e in entries)):
+                self.teacher_cache[keys[row]] = tuple(entry)
+        rows = [self.teacher_cache[key] for key in keys]
+        return tuple(torch.stack(parts).to(ids.device) for parts in zip(*rows))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
         outputs = model(input_ids=ids, labels=inputs["labels"] if self.lm_weight else None, use_cache=False)
         loss = outputs.logits.new_zeros((), dtype=torch.float32)
-        if self.kl_weight and self.teacher_top_k:
+        if self.kl_weight and self.teacher_cache_kind == "top_k":
             log_p, top = self._cached_teacher(ids, inputs["window_index"])
             loss = loss + self.kl_weight * top_k_kl(outputs.logits, log_p, top, self.temperature)
         elif self.kl_weight:
             with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+                if self.teacher_cache_kind == "hidden":  # the teacher's LM head alone: one GEMM
+                    (hidden,) = self._cached_teacher(ids, inputs["window_index"])
+                    head = self.teacher.get_output_embeddings()
+                    teacher_logits = head(hidden.to(head.weight.dtype))
+                else:
+                    teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
             loss = loss + self.kl_weight * distillation_loss(outputs.logits, teacher_logits, self.temperature)
         if self.lm_weight:
             loss = loss + self.lm_weight * outputs.loss.float()
