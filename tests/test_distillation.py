@@ -65,6 +65,18 @@ def test_sequential_distillation_fits_each_layer_on_what_its_sparse_predecessors
     torch.testing.assert_close(seen[1], after_layer_0)
     assert (seen[1] - dense_inputs[1]).abs().max() > 1e-2
 
+    # Keeping fewer tokens than the windows hold: a sample of those same rows, one walk through the layers.
+    walks = []
+    real_replay = distillation.LayerReplay
+    monkeypatch.setattr(distillation, "LayerReplay", lambda *a, **k: walks.append(1) or real_replay(*a, **k))
+    fresh = copy.deepcopy(converted)
+    seen.clear()
+    distill_layers(fresh, dense, [x[:50] for x in dense_inputs], sequential_ids=ids, steps=40, lr=1e-3, progress=False)
+    full = capture_mlp_inputs(fresh, ids, tokens_per_layer=128, progress=False, only_layer=1).inputs[1]
+    assert walks == [1] and seen[1].shape == (50, full.shape[1])
+    distance = torch.cdist(seen[1], full, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert distance.max() < 1e-4
+
 
 def test_killed_run_resumes_to_the_same_result(setup, tmp_path, monkeypatch):
     dense, converted, inputs, _ = setup

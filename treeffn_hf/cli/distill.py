@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "weighted least squares (see benchmarks/router_fit.py)")
     parser.add_argument("--sequential", action="store_true",
                         help="trees: fit each layer on the inputs the already distilled layers before it produce "
-                             "(GPTQ-style; one partial forward of the calibration text per layer)")
+                             "(GPTQ-style; the calibration text walks through the layers once)")
     parser.add_argument("--active", type=float, default=None,
                         help="trees: give each layer the forest shape (trees, depth, shared neurons) that keeps its "
                              "output best at this fraction of its neurons per token, chosen by short distillations "

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
-from .calibration import capture_mlp_inputs
 from .fitting import fit_keeping_best, holdout_split
+from .replay import LayerReplay
 from .routing_fit import DEFAULT_ROUTER_FIT, fit_routing
 
 # The learning rate of every measured tree figure (benchmarks/quality.py and the fine-tuning
@@ -141,16 +141,32 @@ def distill_layers(
     The inputs of layer i are `calibration_inputs[i]`, captured on the dense model, or, given
     `sequential_ids` (calibration windows), sampled from `sparse_model` itself after layers 0..i-1
     were distilled (as GPTQ does): each layer is fitted to the inputs the sparse model really
-    feeds it, the target still the dense MLP's output on them. That costs one partial forward of
-    the windows per layer; `calibration_inputs` then only sets how many tokens a layer keeps."""
+    feeds it, the target still the dense MLP's output on them. The windows walk through the
+    layers once (`LayerReplay`), so that costs about two forwards of them in all;
+    `calibration_inputs` then only sets how many tokens a layer keeps."""
     arch = architecture_for(dense_model.config)
     dense_layers = arch.decoder_layers(dense_model)
+    replay = None
 
     def inputs_of(index: int) -> torch.Tensor:
+        nonlocal replay
         if sequential_ids is None:
             return calibration_inputs[index]
-        return capture_mlp_inputs(sparse_model, sequential_ids, tokens_per_layer=calibration_inputs[index].shape[0],
-                                  seed=seed + index, progress=False, only_layer=index).inputs[index]
+        was_training = sparse_model.training
+        sparse_model.eval()
+        try:
+            if replay is None:
+                replay = LayerReplay(sparse_model, sequential_ids)
+            while replay.next_layer < index:  # the layers before, as distilled (or resumed)
+                replay.run_layer()
+            rows = replay.run_layer(advance=False)[0].cpu()
+        finally:
+            sparse_model.train(was_training)
+        keep = calibration_inputs[index].shape[0]
+        if rows.shape[0] <= keep:
+            return rows
+        generator = torch.Generator().manual_seed(seed + index)
+        return rows[torch.randperm(rows.shape[0], generator=generator)[:keep].sort().values]
 
     def run_one(index: int, mlp: torch.nn.Module) -> LayerDistillReport:
         routing = None
