@@ -4,7 +4,8 @@ It computes only the neurons on each token's path, never the whole MLP, in as fe
 possible (on a small CPU, per-op overhead rivals the arithmetic):
 - one token (decode): all node scores in one matmul, the tree walked over Python floats, then the
   path's rows (nodes, leaf, shared) gathered from the row tables in one `index_select` each and
-  the down projection summed in place with `embedding_bag`;
+  the down projection summed in place with `embedding_bag`; big leaves and the shared rows (one
+  contiguous block) are read in place instead;
 - many tokens: routing in a fixed number of ops (the leaf whose path agrees with every branch
   sign), tokens grouped by leaf with one GEMM per visited leaf, and the few node neurons computed
   for every token and masked to its path.
@@ -39,10 +40,11 @@ def _routing_tables(depth: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=None)
-def _path_rows(spec, include_leaf: bool = True) -> list[list[torch.Tensor]]:
+def _path_rows(spec, include_leaf: bool = True, include_shared: bool = True) -> list[list[torch.Tensor]]:
     """`rows[t][leaf]`: row indices of tree t's path to `leaf` (nodes, then the leaf unless
-    `include_leaf` is False); with one tree, the shared rows are appended so a token's rows are a
-    single ready-made tensor. A pruned leaf (no path reaches it) gets a live leaf's rows."""
+    `include_leaf` is False); with one tree, the shared rows are appended (unless `include_shared`
+    is False) so a token's rows are a single ready-made tensor. A pruned leaf (no path reaches it)
+    gets a live leaf's rows."""
     paths, _ = _routing_tables(spec.depth)
     trees, nodes, width = spec.num_trees, spec.num_nodes, spec.node_width
     leaf_start = trees * nodes * width
@@ -57,7 +59,7 @@ def _path_rows(spec, include_leaf: bool = True) -> list[list[torch.Tensor]]:
             if include_leaf:
                 first = leaf_start + slots[t][leaf] * spec.leaf_width
                 rows += range(first, first + spec.leaf_width)
-            per_leaf.append(torch.tensor(rows + (shared if trees == 1 else []), dtype=torch.long))
+            per_leaf.append(torch.tensor(rows + (shared if trees == 1 and include_shared else []), dtype=torch.long))
         table.append(per_leaf)
     return table
 
@@ -118,32 +120,37 @@ def tree_torch_path(layer, x: torch.Tensor) -> torch.Tensor:
     return _grouped_by_leaf(layer, x, leaf, path)
 
 
-def _token_rows(layer, leaves: list[int], include_leaf: bool) -> torch.Tensor:
-    """Row indices one token reads: each tree's path (nodes, optionally its leaf), then shared."""
+def _token_rows(layer, leaves: list[int], include_leaf: bool, include_shared: bool = True) -> torch.Tensor:
+    """Row indices one token reads: each tree's path (nodes, optionally its leaf), then shared
+    (optionally)."""
     spec = layer.spec
-    table = _path_rows(spec, include_leaf)
+    table = _path_rows(spec, include_leaf, include_shared)
     if spec.num_trees == 1:
         return table[0][leaves[0]]
-    shared = torch.arange(layer.node_rows + layer.leaf_rows, spec.stored_units)
-    return torch.cat([table[t][leaf] for t, leaf in enumerate(leaves)] + [shared])
+    paths = [table[t][leaf] for t, leaf in enumerate(leaves)]
+    shared = [torch.arange(layer.node_rows + layer.leaf_rows, spec.stored_units)] if include_shared else []
+    return torch.cat(paths + shared)
 
 
 @lru_cache(maxsize=None)
 def _path_rows_stacked(spec) -> torch.Tensor:
-    """(trees, leaves, rows per path) index table; shared rows included only with one tree."""
-    return torch.stack([torch.stack(per_leaf) for per_leaf in _path_rows(spec)])
+    """(trees, leaves, rows per path) index table, without the shared rows."""
+    return torch.stack([torch.stack(per_leaf) for per_leaf in _path_rows(spec, include_shared=False)])
+
+
+def _shared_block(layer, x: torch.Tensor) -> torch.Tensor:
+    """The always-on neurons of every token: one block of contiguous rows, three GEMMs."""
+    shared = slice(layer.node_rows + layer.leaf_rows, layer.spec.stored_units)
+    return (layer.act_fn(x @ layer.gate_rows[shared].T) * (x @ layer.up_rows[shared].T)) @ layer.down_rows[shared]
 
 
 def _per_token_gather(layer, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-    """A few tokens: gather every token's rows at once (no loop over tokens), while the rows
-    gathered for the whole batch stay fewer than the MLP has."""
+    """A few tokens: gather every token's path rows at once (no loop over tokens), while the rows
+    gathered for the whole batch stay fewer than the MLP has; the shared rows are read in place."""
     spec = layer.spec
     n_tok = x.shape[0]
     table = _path_rows_stacked(spec).to(x.device)
     rows = table[torch.arange(spec.num_trees, device=x.device), leaf].reshape(n_tok, -1)
-    if spec.num_trees > 1 and spec.shared_width:
-        shared = torch.arange(layer.node_rows + layer.leaf_rows, spec.stored_units, device=x.device)
-        rows = torch.cat([rows, shared.expand(n_tok, -1)], dim=1)
     flat = rows.reshape(-1)
     width = rows.shape[1]
     g = torch.bmm(layer.gate_rows.index_select(0, flat).view(n_tok, width, -1), x[:, :, None]).squeeze(-1)
@@ -159,7 +166,8 @@ def _per_token_gather(layer, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tenso
     else:
         a = layer.act_fn(g) * u
     offsets = torch.arange(0, n_tok * width, width, device=x.device)
-    return F.embedding_bag(flat, layer.down_rows, offsets, per_sample_weights=a.reshape(-1), mode="sum")
+    out = F.embedding_bag(flat, layer.down_rows, offsets, per_sample_weights=a.reshape(-1), mode="sum")
+    return out + _shared_block(layer, x) if spec.shared_width else out
 
 
 def _one_token(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
@@ -184,16 +192,16 @@ def _one_token(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
 
 
 def _one_token_leaf_in_place(layer, x: torch.Tensor, leaves: list[int]) -> torch.Tensor:
-    """per_node with big leaves: leaf slabs read as views, only node and shared rows gathered."""
+    """per_node with big leaves: leaf slabs and the shared rows (one contiguous block) read as
+    views, only the node rows gathered."""
     token = x[0]
     act = layer.act_fn
-    out = None
+    out = _shared_block(layer, x)[0] if layer.spec.shared_width else None
     for tree, leaf in enumerate(leaves):
-        a = act(torch.mv(layer.leaf_block(layer.gate_rows, tree, leaf), token)) * torch.mv(
-            layer.leaf_block(layer.up_rows, tree, leaf), token)
-        y = torch.mv(layer.leaf_block(layer.down_rows, tree, leaf).T, a)
+        gate, up, down = (layer.leaf_block(table, tree, leaf) for table in (layer.gate_rows, layer.up_rows, layer.down_rows))
+        y = torch.mv(down.T, act(torch.mv(gate, token)) * torch.mv(up, token))
         out = y if out is None else out + y
-    rows = _token_rows(layer, leaves, include_leaf=False).to(x.device)
+    rows = _token_rows(layer, leaves, include_leaf=False, include_shared=False).to(x.device)
     if rows.numel():
         a = act(torch.mv(layer.gate_rows.index_select(0, rows), token)) * torch.mv(
             layer.up_rows.index_select(0, rows), token
@@ -215,8 +223,7 @@ def _grouped_by_leaf(layer, x: torch.Tensor, leaf: torch.Tensor, path: torch.Ten
     spec = layer.spec
     act = layer.act_fn
     n_tok, hidden = x.shape
-    shared = slice(layer.node_rows + layer.leaf_rows, spec.stored_units)
-    out = (act(x @ layer.gate_rows[shared].T) * (x @ layer.up_rows[shared].T)) @ layer.down_rows[shared]
+    out = _shared_block(layer, x)
     node_gate, node_up, node_down = layer.node_gate, layer.node_up, layer.node_down
     for tree in range(spec.num_trees):
         node_g_sum = node_u_sum = None
