@@ -191,6 +191,13 @@ def test_the_hidden_state_cache_runs_the_teachers_body_once_per_window_and_keeps
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
+def test_an_unknown_teacher_cache_is_refused_before_anything_is_written(dirs, tmp_path):
+    with pytest.raises(ValueError, match="teacher_cache must be one of"):
+        finetune_checkpoint(dirs / "tree", tmp_path / "out", dense=str(dirs / "dense"), teacher_cache="disk",
+                            **OPTIONS)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_hidden_state_cache_refuses_a_teacher_whose_logits_are_not_its_head_of_its_hidden_states():
     teacher = tiny_dense_model("llama").eval()
     ids = torch.randint(0, 20, (2, 8))

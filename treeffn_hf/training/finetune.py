@@ -65,6 +65,10 @@ def finetune_checkpoint(
     options = {k: v for k, v in locals().items() if k not in ("sparse_dir", "out", "start")}
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {tuple(LR_SCHEDULES)}, got {lr_schedule!r}")
+    from .trainer import TEACHER_CACHES
+
+    if teacher_cache not in ("auto", *TEACHER_CACHES):
+        raise ValueError(f"teacher_cache must be one of {('auto', *TEACHER_CACHES)}, got {teacher_cache!r}")
     out = prepare_output(out, overwrite, source=sparse_dir)
     work = out.parent / f".{out.name}.finetune-work"
     # What a resumed run must share with the run that made the work directory.
