@@ -432,6 +432,8 @@ TREE_STEPS = (
     ("1 tree, 1-2 shared neurons, partition and routing fitted to activation mass, distilled (the default)",
      ("shared 1)",), ("shared 1)",)),
     ("the same, leaves by gate-row bisection (no fit to activation mass)", ("no routing fit",), ("no routing fit",)),
+    ("the same, distilled sequentially (each layer on the distilled layers' outputs)", ("shared 1, sequential)",),
+     ("shared 1, sequential)",)),
     ("always-on neurons: one level deeper, the neurons the leaves leave over shared", ("shared 217)",),
      ("shared 97)",)),
     ("per-layer shapes (1-8 trees, depth 2-6) chosen by distilled layer error", ("shapes searched",),
