@@ -56,7 +56,7 @@ from treeffn_hf.modeling.mgs_predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.training.kl import chunked_kl, kl_naive, teacher_top_k, top_k_kl  # noqa: E402
 from treeffn_hf.training.setup import configure_training  # noqa: E402
-from treeffn_hf.training.trainer import teacher_hidden_states  # noqa: E402
+from treeffn_hf.training.trainer import logits_from_hidden, teacher_hidden_states  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
 
@@ -72,11 +72,11 @@ class TeacherHidden:
     """The teacher's cached last hidden states; its logits are its LM head's (one GEMM per step)."""
 
     def __init__(self, teacher, ids: torch.Tensor) -> None:
-        self.head = teacher.get_output_embeddings()
+        self.teacher = teacher
         self.hidden = teacher_hidden_states(teacher, ids, check=True)
 
     def logits(self) -> torch.Tensor:
-        return self.head(self.hidden)
+        return logits_from_hidden(self.teacher, self.hidden)
 
 
 class Step:

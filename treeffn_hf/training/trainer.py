@@ -39,6 +39,12 @@ def teacher_hidden_states(teacher: torch.nn.Module, ids: torch.Tensor, check: bo
     return hidden
 
 
+def logits_from_hidden(teacher: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits from its cached last hidden states: its LM head alone, one GEMM."""
+    head = teacher.get_output_embeddings()
+    return head(hidden.to(head.weight.dtype))
+
+
 class DistillationTrainer(Trainer):
     """loss = kl_weight * KL(teacher || student) + lm_weight * next-token cross-entropy.
 
@@ -89,10 +95,9 @@ class DistillationTrainer(Trainer):
             loss = loss + self.kl_weight * top_k_kl(outputs.logits, log_p, top, self.temperature)
         elif self.kl_weight:
             with torch.no_grad():
-                if self.teacher_cache_kind == "hidden":  # the teacher's LM head alone: one GEMM
+                if self.teacher_cache_kind == "hidden":
                     (hidden,) = self._cached_teacher(ids, inputs["window_index"])
-                    head = self.teacher.get_output_embeddings()
-                    teacher_logits = head(hidden.to(head.weight.dtype))
+                    teacher_logits = logits_from_hidden(self.teacher, hidden)
                 else:
                     teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
             loss = loss + self.kl_weight * distillation_loss(outputs.logits, teacher_logits, self.temperature)
