@@ -213,3 +213,22 @@ def test_every_batched_strategy_equals_reference(spec, tokens):
         for strategy in (tree_torch._per_token_gather(layer, x, leaf),
                          tree_torch._grouped_by_leaf(layer, x, leaf, path)):
             torch.testing.assert_close(strategy, want, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_dispatch_weighs_gathered_rows_against_visited_leaves():
+    """Per-token gathers while their copies cost less than reading each visited leaf in place
+    plus the per-leaf overhead (KernelPolicy.tree_cpu_*); tokens sharing one leaf group."""
+    from treeffn_hf.modeling import tree_torch
+
+    layer = make_layer(TreeSpec(num_trees=2, depth=2, node_width=1, leaf_width=10, shared_width=3))
+    shared_leaf = torch.zeros(16, 2, dtype=torch.long)
+    spread = torch.arange(16).remainder(4)[:, None].expand(16, 2)
+    policy = layer.kernel_policy
+    layer.kernel_policy = policy.replace(tree_cpu_leaf_overhead_elems=0)
+    # 2.5 x 16 tokens x 2 trees x 11 rows gathered against 2 leaves x 10 rows + 6 node rows
+    assert not tree_torch.gathers_per_token(layer, shared_leaf)
+    layer.kernel_policy = policy.replace(tree_cpu_leaf_overhead_elems=0, tree_cpu_gather_row_cost=0.05)
+    assert tree_torch.gathers_per_token(layer, shared_leaf)
+    # the per-leaf overhead: grouping 8 visited leaves costs more than gathering, 2 less
+    layer.kernel_policy = policy.replace(tree_cpu_leaf_overhead_elems=5000)
+    assert tree_torch.gathers_per_token(layer, spread) and not tree_torch.gathers_per_token(layer, shared_leaf)

@@ -76,6 +76,14 @@ class KernelPolicy:
       wins at 10%, loses at 25%; at 42% it runs at 0.46x (SmolLM2 shape) and 0.62x (1B shape) of
       the fp32 dense MLP: index_select copies the rows before the GEMV reads them, where the dense
       sgemv streams the weights once);
+    - `tree_cpu_gather_row_cost`, `tree_cpu_leaf_overhead_elems`: a tree batch on the PyTorch
+      path takes per-token gathers while `row_cost` x the weights they gather (tokens x routed
+      rows x hidden) is at most what the grouped GEMMs read (each visited leaf once, and the
+      node rows) plus `leaf_overhead_elems` per visited leaf, else it groups tokens by leaf.
+      Fitted to benchmarks/tree_cpu_dispatch.py on an AMD EPYC, 2 threads, fp32 (SmolLM2 and 1B
+      shapes, 2-128 tokens; file tree_cpu_dispatch_before.json): the faster path in 83 of 84
+      cases, within 1% in the other, where the rule before (tokens x active units <= the MLP's
+      neurons) took the slower one in 22 and lost up to 5.5x;
     - `tree_in_place_leaf_elems`: a one-token tree step reads a leaf block of at least this many
       weights in place; a smaller one is gathered with the nodes (one copy beats the extra ops).
     """
@@ -84,6 +92,8 @@ class KernelPolicy:
     cpu_fused_max_tokens: int = CPU_KERNEL_MAX_TOKENS
     cpu_amx_min_tokens: float = 8
     tree_gather_max_row_multiple: float = 1.25
+    tree_cpu_gather_row_cost: float = 2.5
+    tree_cpu_leaf_overhead_elems: int = 1 << 17
     mgs_gather_max_row_multiple: float = 7.0
     mgs_torch_gather_max_fraction: float = 0.15
     tree_in_place_leaf_elems: int = 1 << 16

@@ -115,9 +115,24 @@ def tree_torch_path(layer, x: torch.Tensor) -> torch.Tensor:
     leaf, path = route_from_scores(scores.view(-1, spec.num_trees, spec.num_nodes), spec.depth)
     if layer.usage is not None:
         layer.usage.record(leaf, path)
-    if x.shape[0] * layer.cost().active_units <= layer.intermediate_size:
+    if gathers_per_token(layer, leaf):
         return _per_token_gather(layer, x, leaf)
     return _grouped_by_leaf(layer, x, leaf, path)
+
+
+def gathers_per_token(layer, leaf: torch.Tensor) -> bool:
+    """Whether a batch routed to `leaf` (N, trees) takes the per-token gathers rather than the
+    grouped GEMMs: the gathers copy every token's routed rows before reading them, the grouped
+    path reads each visited leaf once in place but pays a few ops per leaf, so the gathers win
+    when tokens share few leaves and the leaves are small (the policy's
+    `tree_cpu_gather_row_cost` and `tree_cpu_leaf_overhead_elems`; shared rows cost both alike)."""
+    spec, policy = layer.spec, layer.kernel_policy
+    trees = torch.arange(spec.num_trees, device=leaf.device)
+    visited = torch.unique(leaf * spec.num_trees + trees).numel()
+    routed_rows = spec.num_trees * (spec.depth * spec.node_width + spec.leaf_width)
+    gathered = policy.tree_cpu_gather_row_cost * leaf.shape[0] * routed_rows * layer.hidden_size
+    grouped = (visited * spec.leaf_width + layer.node_rows) * layer.hidden_size
+    return gathered <= grouped + policy.tree_cpu_leaf_overhead_elems * visited
 
 
 def _token_rows(layer, leaves: list[int], include_leaf: bool, include_shared: bool = True) -> torch.Tensor:
