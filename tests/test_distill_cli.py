@@ -42,6 +42,7 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
     summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
     trained = spec.method == "tree" or spec.predictor == "linear"  # the 4-bit predictor has nothing to fit
     assert summary["calibration"]["tokens"] == 8 * 64 and len(summary["layers"]) == (2 if trained else 0)
+    assert summary["sequential"] is (True if spec.method == "tree" else None)  # trees: sequential by default
     if spec.method == "tree":
         assert all(r["mse_after"] < r["mse_before"] for r in summary["layers"])
         assert all(0 < r["captured_mass_after"] <= 1 for r in summary["layers"])  # the routing was fitted
@@ -155,3 +156,12 @@ def test_active_is_refused_for_mgs(dense_dir, tmp_path, capsys):
                  "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--active", "0.2", "--no-progress"])
     assert code == 1 and "tree models only" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_distill_no_sequential_fits_trees_on_the_dense_inputs(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=3, node_width=2))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--windows", "8", "--window", "64",
+                 "--distill-steps", "20", "--no-sequential", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())["sequential"] is False

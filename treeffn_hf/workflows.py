@@ -182,7 +182,7 @@ def distill_checkpoint(
     allocation: str = "uniform",
     refit_down: bool = True,
     router_fit: str = DEFAULT_ROUTER_FIT,
-    sequential: bool = False,
+    sequential: bool = True,
     active: Optional[float] = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -279,6 +279,7 @@ def distill_checkpoint(
         "layers": [asdict(r) for r in reports],
         "budget": budget,
         "shape_search": shapes,
+        "sequential": sequential if method == "tree" else None,  # trees: fitted on the sparse model's inputs
         "down_proj_refit": [asdict(r) for r in refits],
         "seconds": time.perf_counter() - start,
     }

@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-fit", choices=ROUTER_FITS, default=DEFAULT_ROUTER_FIT,
                         help="trees with hyperplane routing: fit each router by weighted logistic regression or "
                              "weighted least squares (see benchmarks/router_fit.py)")
-    parser.add_argument("--sequential", action="store_true",
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="trees: fit each layer on the inputs the already distilled layers before it produce "
-                             "(GPTQ-style; the calibration text walks through the layers once)")
+                             "(GPTQ-style; the calibration text walks through the layers once); --no-sequential "
+                             "fits every layer on the dense model's inputs")
     parser.add_argument("--active", type=float, default=None,
                         help="trees: give each layer the forest shape (trees, depth, shared neurons) that keeps its "
                              "output best at this fraction of its neurons per token, chosen by short distillations "
