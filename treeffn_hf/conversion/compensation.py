@@ -57,41 +57,62 @@ def selected_hidden(mlp, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@dataclass
+class DownFit:
+    rows: Optional[torch.Tensor]  # (H, hidden) refitted rows of down_proj^T; None: the start was best
+    mse_before: float  # held-out MSE of the starting rows
+    mse_after: float
+    damping: Optional[float]
+
+
+@torch.no_grad()
+def ridge_down_rows(hidden: torch.Tensor, targets: torch.Tensor, start: torch.Tensor, *,
+                    bias: Optional[torch.Tensor] = None, holdout: float = 0.1,
+                    dampings: Sequence[float] = DAMPINGS, seed: int = 0) -> DownFit:
+    """The down projection's rows (H, hidden) that best map `hidden` (N, H) onto `targets` (N,
+    hidden): the ridge solve of the module doc, shrunk towards `start`, its damping chosen on a
+    held-out split; `rows` is None when no damping beats `start` there."""
+    h = hidden.double()
+    y = targets.to(device=h.device, dtype=torch.float64)
+    if bias is not None:
+        y = y - bias.double()
+    eval_index, train_index = holdout_split(h.shape[0], holdout, torch.Generator().manual_seed(seed))
+    h_train, h_eval, y_eval = h[train_index], h[eval_index], y[eval_index]
+    gram = h_train.T @ h_train
+    cross = h_train.T @ y[train_index]
+    initial = start.detach().double()
+
+    def held_out_mse(rows: torch.Tensor) -> float:
+        return float(F.mse_loss(h_eval @ rows, y_eval))
+
+    before = best = held_out_mse(initial)
+    chosen, best_rows = None, None
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for damping in dampings:
+        lam = damping * scale
+        candidate = torch.linalg.solve(gram + lam * eye, cross + lam * initial)
+        mse = held_out_mse(candidate)
+        if mse < best:
+            best, chosen, best_rows = mse, damping, candidate
+    rows = None if best_rows is None else best_rows.to(start.dtype)
+    return DownFit(rows=rows, mse_before=before, mse_after=best, damping=chosen)
+
+
 @torch.no_grad()
 def refit_down_proj(mlp, inputs: torch.Tensor, targets: torch.Tensor, *, holdout: float = 0.1,
                     dampings: Sequence[float] = DAMPINGS, seed: int = 0, layer_index: int = 0) -> DownRefitReport:
     """Refit `mlp.down_proj.weight` in place on (inputs, targets) rows; see the module doc."""
     weight = mlp.down_proj.weight
     x = inputs.to(device=weight.device, dtype=weight.dtype)
-    y = targets.to(device=weight.device, dtype=torch.float64)
-    hidden = selected_hidden(mlp, x).double()
-    eval_index, train_index = holdout_split(x.shape[0], holdout, torch.Generator().manual_seed(seed))
-    h_train, h_eval = hidden[train_index], hidden[eval_index]
-    gram = h_train.T @ h_train
-    cross = h_train.T @ y[train_index]
-    dense = weight.detach().double().T  # (H, hidden)
-    bias = mlp.down_proj.bias.detach().double() if mlp.down_proj.bias is not None else 0.0
-    if mlp.down_proj.bias is not None:
-        cross -= h_train.sum(0, keepdim=True).T * bias
-
-    def held_out_mse(w_t: torch.Tensor) -> float:
-        return float(F.mse_loss(h_eval @ w_t + bias, y[eval_index]))
-
-    before = best = held_out_mse(dense)
-    chosen, best_weight = None, None
-    scale = gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    for damping in dampings:
-        lam = damping * scale
-        candidate = torch.linalg.solve(gram + lam * eye, cross + lam * dense)
-        mse = held_out_mse(candidate)
-        if mse < best:
-            best, chosen, best_weight = mse, damping, candidate
-    if best_weight is not None:
-        weight.copy_(best_weight.T.to(weight.dtype))
+    bias = mlp.down_proj.bias
+    fit = ridge_down_rows(selected_hidden(mlp, x), targets, weight.T, bias=None if bias is None else bias.detach(),
+                          holdout=holdout, dampings=dampings, seed=seed)
+    if fit.rows is not None:
+        weight.copy_(fit.rows.T)
         if mlp.spec.predictor == "nested":  # back onto the layer's stored grids (bf16 down_proj)
             mlp.snap_to_predictor_grid()
-    return DownRefitReport(layer=layer_index, mse_before=before, mse_after=best, damping=chosen)
+    return DownRefitReport(layer=layer_index, mse_before=fit.mse_before, mse_after=fit.mse_after, damping=fit.damping)
 
 
 INPUTS = ("dense", "sparse")

@@ -237,6 +237,14 @@ def tree_ffn_masked_dense(
     also the training path: off-path neurons get exactly zero gradient. `scale` (N, trees), if
     given, multiplies each tree's path activations (the straight-through routing factor).
     """
+    return tree_hidden(layer, x, leaf, path, scale) @ layer.down_rows
+
+
+def tree_hidden(
+    layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor, scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """(N, rows) activations of every stored neuron in `down_rows` order, zero off each token's
+    path: the masked reference's hidden layer (its output is this times `down_rows`)."""
     spec = layer.spec
     n_tok, trees = x.shape[0], spec.num_trees
     act = layer.act_fn
@@ -271,7 +279,7 @@ def tree_ffn_masked_dense(
         parts.append(node_a.new_zeros(node_shape).scatter(2, node_index, node_a).reshape(n_tok, -1))
     parts.append(leaf_a.new_zeros(leaf_shape).scatter(1, leaf_index, leaf_a).reshape(n_tok, -1))
     parts.append(act(gate[:, leaf_end:]) * up[:, leaf_end:])
-    return torch.cat(parts, dim=1) @ layer.down_rows
+    return torch.cat(parts, dim=1)
 
 
 class TreeUsage:
