@@ -113,6 +113,15 @@ def side_variant(stack: list, x: torch.Tensor, settings: dict, time_stack, copie
     return row
 
 
+def random_dense_mlp(hidden: int, width: int) -> LlamaMLP:
+    """A dense `LlamaMLP` with weights drawn at the scale that keeps activations of order one."""
+    dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=width, num_attention_heads=8))
+    torch.nn.init.normal_(dense.gate_proj.weight, std=hidden**-0.5)
+    torch.nn.init.normal_(dense.up_proj.weight, std=hidden**-0.5)
+    torch.nn.init.normal_(dense.down_proj.weight, std=width**-0.5)
+    return dense
+
+
 def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype) -> torch.nn.Module:
     hidden, width = dense.gate_proj.in_features, dense.gate_proj.out_features
     if kind in TREE_KINDS:
@@ -256,11 +265,7 @@ def run(args: argparse.Namespace) -> dict:
     done = {case_key(row) for row in payload["results"]}
     for shape_name in args.shapes:
         hidden, width = SHAPES[shape_name]
-        dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=width, num_attention_heads=8))
-        torch.nn.init.normal_(dense.gate_proj.weight, std=hidden**-0.5)
-        torch.nn.init.normal_(dense.up_proj.weight, std=hidden**-0.5)
-        torch.nn.init.normal_(dense.down_proj.weight, std=width**-0.5)
-        dense = dense.to(device, dtype).eval()
+        dense = random_dense_mlp(hidden, width).to(device, dtype).eval()
         copies = stack_copies(device, shape_name, args.densities + args.mgs_densities, dtype, args.stack)
         dense_stack = [dense] + [copy.deepcopy(dense) for _ in range(copies - 1)]
         for tokens in args.tokens:

@@ -17,11 +17,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaMLP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mlp import SHAPES, build_layers  # noqa: E402
+from bench_mlp import SHAPES, build_layers, random_dense_mlp  # noqa: E402
 from common import interleaved_median, machine, write_json  # noqa: E402
 
 from treeffn_hf.modeling import tree_torch  # noqa: E402
@@ -47,11 +45,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         hidden, width = SHAPES[shape]
-        dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=width, num_attention_heads=8))
-        torch.nn.init.normal_(dense.gate_proj.weight, std=hidden**-0.5)
-        torch.nn.init.normal_(dense.up_proj.weight, std=hidden**-0.5)
-        torch.nn.init.normal_(dense.down_proj.weight, std=width**-0.5)
-        dense = dense.eval().requires_grad_(False)
+        dense = random_dense_mlp(hidden, width).eval().requires_grad_(False)
         for kind in ("tree", "tree-shared"):
             for density in args.densities:
                 layer = build_layers(dense, kind, density, torch.float32)
