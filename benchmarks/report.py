@@ -485,6 +485,76 @@ def tree_mass_bound_section(data: dict) -> list[str]:
     return table(caption, ["forest", "active units", "routed", "best paths", "static", "top-k"], rows)
 
 
+def tree_layer_fit_section(data: dict) -> list[str]:
+    m, d = data["machine"], data["data"]
+    small, large = data["budgets"][0], data["budgets"][-1]
+    layers = sorted({r["layer"] for r in data["rows"]})
+    caption = (
+        f"**Fitted tree layers against selection** (`{data['command'].strip()}`; {m['cpu']}, {m['torch_threads']} "
+        f"threads; file `benchmarks/results/tree_layer_fit_smollm2.json`, plot `tree_layer_fit_smollm2.png`). SmolLM2 "
+        f"layers {', '.join(map(str, layers))}: the MLP output's variance left unexplained (FVU, lower is better; mean "
+        f"over the layers) on {d['test_tokens']:,} held-out tokens (the last {d['test_windows']} of {d['windows']} "
+        f"valid.txt windows of {d['window']}), at the tree's neurons per token. `top-k`: each token's own top "
+        "neurons, dense weights; `static + LS`: a fixed set of the top-mass neurons, down_proj refitted by least "
+        "squares; `routed + LS`: the tree's routing fit, then its down_proj refitted; `distilled`: `treeffn "
+        f"distill`'s layer distillation at TOKENS:STEPS ({small} is its default); `overlapping`: a study, not a layer "
+        "yet: tokens split by a tree of hyperplanes, each leaf its own tokens' top neurons (leaves share neurons), "
+        "down_proj refitted per leaf.")
+    rows = []
+    for r in data["summary"]:
+        spec = r["spec"]
+        trees = f"{spec['num_trees']} trees x " if spec["num_trees"] > 1 else ""
+        overlap = r["overlapping leaves + LS"]
+        rows.append([f"{trees}depth {spec['depth']}, node {spec['node_width']}, leaf {spec['leaf_width']}, shared "
+                     f"{spec['shared_width']}", f"{r['unit_fraction']:.1%}", f"{r['top-k oracle']:.3f}",
+                     f"{r['static + LS']:.3f}", f"{r['routed + LS'][large.split(':')[0]]:.3f}",
+                     f"{r['distilled'][small]:.3f}", f"{r['distilled + LS'][large]:.3f}",
+                     ", ".join(f"{v:.3f} ({k} leaves)" for k, v in overlap.items())])
+    return table(caption, ["tree", "active units", "top-k", "static + LS", f"routed + LS ({large.split(':')[0]} tokens)",
+                           f"distilled {small}", f"distilled {large} + LS", "overlapping leaves + LS"], rows)
+
+
+def overlap_tree_section(data: dict) -> list[str]:
+    m, cal, ev = data["machine"], data["calibration"], data["evaluation"]
+    caption = (
+        f"**A study: trees whose leaves may share neurons** (`{data['command'].strip()}`; {m['cpu']}, "
+        f"{m['torch_threads']} threads, float32; file `benchmarks/results/overlap_tree_study_smollm2.json`). Not a "
+        "layer of the package yet (a TreeSpec's leaves partition the MLP). Every SmolLM2 MLP replaced, layer by "
+        "layer on the replaced layers' outputs, by a tree of hyperplanes (each node the bisector of a 2-means split "
+        "of the tokens reaching it) whose leaves each hold their own tokens' top-mass neurons, down_proj refitted "
+        f"per leaf by ridge regression; {cal['windows']} valid.txt windows of {cal['window']} tokens, no gradient "
+        f"step. Perplexity on the first {ev['windows']} protocol windows (dense {data['dense_perplexity']:.2f}); "
+        "the MLP weights are stored `leaves x active / I` times.")
+    return table(caption, ["leaves", "neurons a leaf", "active units", "MLP stored", "perplexity", "ratio",
+                           "fitting time"], [
+        [str(r["leaves"]), str(r["width"]), f"{r['unit_fraction']:.1%}", f"{r['stored_mlp_multiple']:.1f}x",
+         f"{r['perplexity']:.2f}", f"{r['ratio']:.3f}", f"{r['fit_seconds']:.0f} s"] for r in data["rows"]])
+
+
+def tree_dispatch_section(data: dict, before: dict | None) -> list[str]:
+    m = data["machine"]
+    caption = (
+        f"**Tree batches on the CPU: per-token gathers or grouped GEMMs** (`{data['command']}`; {m['cpu']}, "
+        f"{data['threads']} threads, float32; file `benchmarks/results/tree_cpu_dispatch.json`). Both batched paths "
+        "timed on the same routed tokens; speed-up against the dense `LlamaMLP` of the path the dispatch picks, and "
+        f"of the faster one. The dispatch picks the slower path in {data['dispatch_wrong']} of {len(data['rows'])} "
+        f"cases, losing at most {data['worst_dispatch_loss']:.2f}x")
+    if before:
+        caption += (f"; the rule before (tokens x active units <= the MLP's neurons; "
+                    f"`tree_cpu_dispatch_before.json`) picked the slower one in {before['dispatch_wrong']} and lost "
+                    f"up to {before['worst_dispatch_loss']:.2f}x")
+    caption += ". Cells: dispatch / best speed-up, the path it took (g: gathers, G: grouped)."
+    tokens = sorted({r["tokens"] for r in data["rows"]})
+    rows = {}
+    for r in data["rows"]:
+        key = (r["shape"], r["kind"], r["density"])
+        rows.setdefault(key, {})[r["tokens"]] = (f"{r['dispatch_speedup']:.2f}x / {r['best_speedup']:.2f}x "
+                                                 f"{'g' if r['dispatch'] == 'gather' else 'G'}")
+    body = [[shape, kind, f"{density:.1%}", *(cells.get(n, "") for n in tokens)]
+            for (shape, kind, density), cells in rows.items()]
+    return table(caption, ["shape", "tree", "target", *(f"N={n}" for n in tokens)], body)
+
+
 def cpu_kernel_quality_section(data: dict) -> list[str]:
     m, ev = data["machine"], data["evaluation"]
     caption = (
@@ -561,6 +631,15 @@ def render() -> str:
     bound = _load("tree_mass_bound_smollm2.json")
     if bound:
         lines += tree_mass_bound_section(bound)
+    layer_fit = _load("tree_layer_fit_smollm2.json")
+    if layer_fit:
+        lines += tree_layer_fit_section(layer_fit)
+    overlap = _load("overlap_tree_study_smollm2.json")
+    if overlap:
+        lines += overlap_tree_section(overlap)
+    dispatch = _load("tree_cpu_dispatch.json")
+    if dispatch:
+        lines += tree_dispatch_section(dispatch, _load("tree_cpu_dispatch_before.json"))
     kernel_quality = _load("cpu_kernel_quality_smollm2.json")
     if kernel_quality:
         lines += cpu_kernel_quality_section(kernel_quality)
