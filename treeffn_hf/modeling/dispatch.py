@@ -81,9 +81,10 @@ class KernelPolicy:
       rows x hidden) is at most what the grouped GEMMs read (each visited leaf once, and the
       node rows) plus `leaf_overhead_elems` per visited leaf, else it groups tokens by leaf.
       Fitted to benchmarks/tree_cpu_dispatch.py on an AMD EPYC, 2 threads, fp32 (SmolLM2 and 1B
-      shapes, 2-128 tokens; file tree_cpu_dispatch_before.json): the faster path in 83 of 84
-      cases, within 1% in the other, where the rule before (tokens x active units <= the MLP's
-      neurons) took the slower one in 22 and lost up to 5.5x;
+      shapes, 2-128 tokens; file tree_cpu_dispatch_before.json), where the rule before (tokens x
+      active units <= the MLP's neurons) took the slower path in 22 of 84 cases and lost up to
+      5.5x; timed again with this rule (tree_cpu_dispatch.json) it takes the faster in 83, and
+      loses 4% in the other;
     - `tree_in_place_leaf_elems`: a one-token tree step reads a leaf block of at least this many
       weights in place; a smaller one is gathered with the nodes (one copy beats the extra ops).
     """
