@@ -181,7 +181,9 @@ def _per_token_gather(layer, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tenso
     else:
         a = layer.act_fn(g) * u
     offsets = torch.arange(0, n_tok * width, width, device=x.device)
-    out = F.embedding_bag(flat, layer.down_rows, offsets, per_sample_weights=a.reshape(-1), mode="sum")
+    # bmm under bf16 autocast yields bf16 activations; embedding_bag needs the table's dtype
+    weights = a.reshape(-1).to(layer.down_rows.dtype)
+    out = F.embedding_bag(flat, layer.down_rows, offsets, per_sample_weights=weights, mode="sum")
     return out + _shared_block(layer, x) if spec.shared_width else out
 
 
