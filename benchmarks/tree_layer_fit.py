@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, RESULTS, machine, write_json  # noqa: E402
-from quality import parse_tree_specs  # noqa: E402
+from common import DATA, RESULTS, machine, parse_tree_specs, write_json  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.checkpoint import load_dense  # noqa: E402

@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, smollm2_with_calibration, write_json  # noqa: E402
-from quality import parse_tree_specs  # noqa: E402
+from common import RESULTS, machine, parse_tree_specs, smollm2_with_calibration, write_json  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.conversion.routing_fit import captured_mass, fit_routing, neuron_mass  # noqa: E402

@@ -26,10 +26,12 @@ def save_sparse(dense_dir, path, spec) -> None:
 
 
 @pytest.mark.parametrize("spec,selection", [(TreeSpec(depth=3, node_width=2), None),
+                                            (TreeSpec(depth=3, node_width=1, routing="hyperplane",
+                                                      leaf_neurons="selected", leaf_width=40, shared_width=4), None),
                                             (MGSSpec(density=0.1, predictor="linear", rank=8), "top_k"),
                                             (MGSSpec(density=0.1, predictor="linear", rank=8), None),
                                             (MGSSpec(density=0.3), None)],
-                         ids=["tree", "mgs-linear-top-k", "mgs-linear", "mgs-quantized"])
+                         ids=["tree", "tree-selected", "mgs-linear-top-k", "mgs-linear", "mgs-quantized"])
 def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
     save_sparse(dense_dir, tmp_path / "sparse", spec)
     calibration = DATA_DIR / "wikitext-2" / "valid.txt"
@@ -51,6 +53,9 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
         assert all(r["recall_after"] >= r["recall_before"] for r in summary["layers"])
     distilled = treeffn_hf.load(tmp_path / "out")
     assert distilled.config.sparse_mlp["method"] == spec.method
+    if spec.method == "tree" and spec.leaf_neurons == "selected":  # 7 nodes + 8 leaves of 40 + 4 shared = 331 rows for 166 neurons
+        assert all(m.stored_multiple > 1.9 for _, m in distilled.sparse_mlps())
+        assert main(["info", str(tmp_path / "out")]) == 0 and "stored rows     1.99x" in capsys.readouterr().out
     if spec.method == "mgs" and selection is None:  # the default: calibrated thresholds
         thresholds = summary["budget"]["thresholds"]
         assert distilled.config.sparse_mlp["selection"] == "threshold" and len(thresholds) == 2

@@ -106,6 +106,9 @@ TREE_SPECS = {
     "pruned-hyperplane-2trees": TreeSpec(num_trees=2, depth=2, node_width=1, routing="hyperplane",
                                          live_leaves=((0,), (1, 3))),
     "pruned-after-sum": TreeSpec(depth=2, node_width=23, activation="after_sum", live_leaves=((0, 3),)),
+    # Leaves that select their neurons: about 1.5x the MLP's rows stored.
+    "selected-2trees": TreeSpec(num_trees=2, depth=3, node_width=1, routing="hyperplane", leaf_neurons="selected",
+                                leaf_width=14, shared_width=5),
 }
 
 

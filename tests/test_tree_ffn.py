@@ -49,7 +49,10 @@ def naive_tree_ffn(layer: TreeFFN, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_layer(spec: TreeSpec, hidden=24, intermediate=None, dtype=torch.float64) -> TreeFFN:
-    if intermediate is None:  # exactly the width an explicit spec describes
+    if intermediate is None and spec.leaf_neurons == "selected":  # as narrow as it goes: stored rows exceed it
+        distinct = spec.num_trees * (spec.num_nodes * spec.node_width + spec.num_leaves)
+        intermediate = max(distinct, spec.num_trees * (spec.depth * spec.node_width + spec.leaf_width) + spec.shared_width)
+    elif intermediate is None:  # exactly the width an explicit spec describes
         per_tree = spec.num_nodes * spec.node_width + spec.num_leaves * spec.leaf_width
         intermediate = spec.num_trees * per_tree + spec.shared_width
     layer = TreeFFN(hidden, intermediate, spec, torch.nn.SiLU()).to(dtype)
@@ -70,12 +73,16 @@ SETTINGS = [
 
 
 def spec_id(s: TreeSpec) -> str:
-    return f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}" + ("-pruned" if s.is_pruned else "")
+    return (f"T{s.num_trees}D{s.depth}n{s.node_width}-{s.routing}-{s.activation}" + ("-pruned" if s.is_pruned else "")
+            + ("-selected" if s.leaf_neurons == "selected" else ""))
 
 
 # Pruned trees (as `treeffn prune` makes them), for every routing and activation family.
 _LIVE = {(1, 1): ((1,),), (3, 1): ((1,), (0,), (0, 1)), (1, 3): ((1, 2, 6),), (3, 3): ((1, 2, 6), (0,), (3, 4, 5, 7))}
 SETTINGS += [dataclasses.replace(s, live_leaves=_LIVE[s.num_trees, s.depth]) for s in SETTINGS if s.node_width == 2]
+# Leaves that select their neurons: the layer stores more rows than the MLP it replaces has neurons.
+SETTINGS += [dataclasses.replace(s, leaf_neurons="selected") for s in SETTINGS
+             if s.routing == "hyperplane" and s.activation == "per_node" and not s.is_pruned]
 
 
 @pytest.mark.parametrize("spec", SETTINGS, ids=lambda s: spec_id(s))
@@ -232,3 +239,30 @@ def test_batch_dispatch_weighs_gathered_rows_against_visited_leaves():
     # the per-leaf overhead: grouping 8 visited leaves costs more than gathering, 2 less
     layer.kernel_policy = policy.replace(tree_cpu_leaf_overhead_elems=5000)
     assert tree_torch.gathers_per_token(layer, spread) and not tree_torch.gathers_per_token(layer, shared_leaf)
+
+
+@pytest.mark.parametrize("spec", [s for s in SETTINGS if s.activation == "per_node"], ids=lambda s: spec_id(s))
+def test_block_computation_equals_masked_dense_forward_and_backward(spec):
+    """What selected-leaf trees train on: only the path's blocks, with the masked form's gradients
+    (straight-through routing scale included)."""
+    from treeffn_hf.modeling.tree_layer import tree_ffn_blocks, tree_ffn_masked_dense
+
+    layer = make_layer(spec)
+    x = torch.randn(23, 24, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(23, 24, dtype=torch.float64)
+    leaf, path = layer.route(x)
+    results = []
+    for compute in (tree_ffn_blocks, tree_ffn_masked_dense):
+        scale = layer.path_probability(x, leaf, path)
+        out = compute(layer, x, leaf, path, scale / scale.detach() * 1.5)
+        results.append((out, torch.autograd.grad((out * upstream).sum(), [x, *layer.parameters()])))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_selected_leaves_train_on_their_blocks_and_partitions_on_the_masked_rows():
+    selected = make_layer(dataclasses.replace(SETTINGS[0], routing="hyperplane", leaf_neurons="selected"))
+    assert selected.computes_blocks_in_training
+    assert not make_layer(SETTINGS[0]).computes_blocks_in_training

@@ -153,6 +153,9 @@ def describe_checkpoint(directory: Union[str, Path]) -> dict:
         if config.sparse_mlp.get(LAYER_SHAPES) else None,
         "active_unit_fraction": cost.unit_fraction,
         "active_weight_fraction": cost.weight_fraction,
+        # Trees: rows stored per dense neuron (above 1 where selected leaves share neurons).
+        "stored_multiple": (sum(m.spec.stored_units for m in layers) / sum(m.intermediate_size for m in layers)
+                            if config.sparse_mlp["method"] == "tree" else None),
         "parameters": {"total": total, "mlp": mlp},
         "inference_paths": inference_paths(layer),
         # for float32 weights (the layers are built on the meta device in the default dtype)
@@ -236,6 +239,9 @@ def distill_checkpoint(
             raise CheckpointError("--selection, --density and --weight-fraction apply to MGS models only")
         if sparse.config.sparse_mlp["method"] != "tree" and active is not None:
             raise CheckpointError("--active chooses tree shapes: it applies to tree models only")
+        if active is not None and sparse.config.sparse_mlp.get("leaf_neurons") == "selected":
+            raise CheckpointError("--active searches partition forests; a tree whose leaves select their neurons "
+                                  "takes its shape at conversion (--leaf-width, --depth)")
         if selection == "top_k" and (density is not None or weight_fraction is not None):
             raise CheckpointError("--density and --weight-fraction set calibrated thresholds: not with --selection top_k")
         tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)

@@ -98,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
         improved = sum(r["mse_after"] < r["mse_before"] for r in layers)
         fitted = [r for r in layers if r.get("captured_mass_after") is not None]
         if fitted:
-            before = sum(r["captured_mass_before"] for r in fitted) / len(fitted)
             after = sum(r["captured_mass_after"] for r in fitted) / len(fitted)
-            print(f"activation mass on the tokens' paths (mean over {len(fitted)} layers): {before:.3f} -> {after:.3f}")
+            rebuilt = any(r["captured_mass_before"] is None for r in fitted)  # selected leaves: rebuilt from dense
+            before = "" if rebuilt else f"{sum(r['captured_mass_before'] for r in fitted) / len(fitted):.3f} -> "
+            print(f"activation mass on the tokens' paths (mean over {len(fitted)} layers): {before}{after:.3f}")
         print(f"layer MSE lowered in {improved} of {len(layers)} layers")
     print(f"wrote {args.out} ({summary['calibration']['tokens']} calibration tokens, {summary['seconds']:.0f}s)")
     return 0

@@ -37,6 +37,8 @@ def description_text(d: dict) -> str:
           f"shared {s['shared_width']}: {s['active_units']} neurons a token"
           for i, s in enumerate(d["layer_shapes"] or [])),
         f"active units    {d['active_unit_fraction']:.2%} of the MLP neurons per token",
+        *([f"stored rows     {d['stored_multiple']:.2f}x the dense MLP's neurons (leaves share neurons)"]
+          if d.get("stored_multiple") and abs(d["stored_multiple"] - 1) > 1e-9 else []),
         f"weight bytes    {d['active_weight_fraction']:.2%} of the dense MLP weights read per token",
         f"parameters      {d['parameters']['total']:,} total, {d['parameters']['mlp']:,} in sparse MLPs",
         f"runs on CUDA    {d['inference_paths']['cuda']}",

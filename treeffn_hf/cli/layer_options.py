@@ -6,6 +6,7 @@ import argparse
 
 from ..modeling.layer_spec import (
     ACTIVATION_PLACEMENTS,
+    LEAF_NEURONS,
     MGS_PREDICTORS,
     MGS_SELECTIONS,
     ROUTING_MODES,
@@ -35,6 +36,10 @@ def add_layer_options(parser: argparse.ArgumentParser) -> None:
     tree.add_argument("--routing", choices=ROUTING_MODES, default=_TREE_DEFAULTS.routing)
     tree.add_argument("--activation", choices=ACTIVATION_PLACEMENTS, default=_TREE_DEFAULTS.activation,
                       help="nonlinearity per node, or after summing the path (the balancing tweak)")
+    tree.add_argument("--leaf-neurons", choices=LEAF_NEURONS, default=_TREE_DEFAULTS.leaf_neurons,
+                      help="partition: every dense neuron in one block; selected: each leaf holds copies of the "
+                           "neurons its tokens need (leaves may share them, so more leaves store more rows; "
+                           "`treeffn distill` picks them; needs --routing hyperplane)")
     mgs = parser.add_argument_group("micro-gated options (--method mgs)")
     mgs.add_argument("--density", type=float, default=_MGS_DEFAULTS.density, help="fraction of neurons computed")
     mgs.add_argument("--predictor", choices=MGS_PREDICTORS, default=_MGS_DEFAULTS.predictor,
@@ -53,6 +58,7 @@ def spec_from_args(args: argparse.Namespace) -> LayerSpec:
         spec: LayerSpec = TreeSpec(
             num_trees=args.num_trees, depth=args.depth, node_width=args.node_width, leaf_width=args.leaf_width,
             routing=args.routing, activation=args.activation, shared_width=args.shared_width,
+            leaf_neurons=args.leaf_neurons,
         )
     else:
         spec = MGSSpec(density=args.density, predictor=args.predictor, rank=args.rank, group_size=args.group_size,

@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 
 from ..modeling.mgs_layer import mgs_hidden
 from ..modeling.mgs_selection import selection_mask
-from .distillation import batched
-from .fitting import holdout_split
+from .fitting import batched, holdout_split
 from .replay import LayerReplay
 
 DAMPINGS = (1e-2, 1e-1, 1.0, 10.0)

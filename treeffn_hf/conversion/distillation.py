@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
-from .fitting import fit_keeping_best, holdout_split
+from .fitting import batched, fit_keeping_best, holdout_split
+from .leaf_selection import fit_selected_leaves
 from .replay import LayerReplay
 from .routing_fit import DEFAULT_ROUTER_FIT, fit_routing
 
@@ -38,12 +39,6 @@ class LayerDistillReport:
     # routing fit (held-out tokens); None when routing was not fitted.
     captured_mass_before: Optional[float] = None
     captured_mass_after: Optional[float] = None
-
-
-@torch.no_grad()
-def batched(fn, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """`fn` over the rows of `x` in batches, without gradients (bounded activation memory)."""
-    return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
 
 
 def _mse(sparse_mlp, x: torch.Tensor, target: torch.Tensor) -> float:
@@ -136,7 +131,8 @@ def distill_layers(
 ) -> list[LayerDistillReport]:
     """Distill every sparse MLP of `sparse_model` against the dense MLP it replaces; tree layers
     first get their partition and routing fitted to the same inputs (`fit_routing`, with
-    `router_fit` for hyperplane routers).
+    `router_fit` for hyperplane routers), or, where leaves select their neurons, are rebuilt from
+    the dense MLP on them (`fit_selected_leaves`).
 
     The inputs of layer i are `calibration_inputs[i]`, captured on the dense model, or, given
     `sequential_ids` (calibration windows), sampled from `sparse_model` itself after layers 0..i-1
@@ -171,9 +167,13 @@ def distill_layers(
     def run_one(index: int, mlp: torch.nn.Module) -> LayerDistillReport:
         routing = None
         inputs = inputs_of(index)
+        dense_mlp = getattr(dense_layers[index], arch.mlp_attr)
         if fit_tree_routing and mlp.sparse_method == "tree":
-            routing = fit_routing(mlp, inputs, router_fit=router_fit, seed=seed + index, layer_index=index)
-        report = distill_layer(mlp, getattr(dense_layers[index], arch.mlp_attr), inputs,
+            if mlp.spec.leaf_neurons == "selected":
+                routing = fit_selected_leaves(mlp, dense_mlp, inputs, seed=seed + index, layer_index=index)
+            else:
+                routing = fit_routing(mlp, inputs, router_fit=router_fit, seed=seed + index, layer_index=index)
+        report = distill_layer(mlp, dense_mlp, inputs,
                                seed=seed + index, layer_index=index, **options)
         if routing is not None:
             report.captured_mass_before = routing.captured_mass_before

@@ -8,6 +8,12 @@ from typing import Callable
 import torch
 
 
+@torch.no_grad()
+def batched(fn, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """`fn` over the rows of `x` in batches, without gradients (bounded activation memory)."""
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+
+
 def holdout_split(n: int, holdout: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(eval indices, train indices), a random `holdout` fraction (at least one) held out."""
     order = torch.randperm(n, generator=generator)

@@ -10,6 +10,7 @@ block.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,3 +117,21 @@ def _split(
     half = len(ordered) // 2
     _split(ordered[:half], 2 * heap + 1, level + 1, spec, directions, node_index, leaf_index, router)
     _split(ordered[half:], 2 * heap + 2, level + 1, spec, directions, node_index, leaf_index, router)
+
+
+def selected_leaves_from_partition(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, spec: TreeSpec
+) -> TreeLayout:
+    """The data-free start of a tree whose leaves select their neurons (`leaf_neurons='selected'`):
+    the partition of the same forest, each leaf widened to `spec.leaf_width` neurons by taking its
+    tree's next leaves' neurons in order (its siblings first, which respond to similar inputs), and
+    the shared block the most important neurons. `treeffn distill` replaces all of it with neurons
+    chosen on calibration data (conversion/leaf_selection.py)."""
+    partition = dataclasses.replace(spec, leaf_neurons="partition", leaf_width=None, shared_width=None)
+    layout = partition_neurons(gate, up, down, partition.resolve(gate.shape[1], gate.shape[0]))
+    trees, leaves, width = layout.leaf_index.shape
+    sequence = layout.leaf_index.reshape(trees, leaves * width)
+    offsets = torch.arange(leaves)[:, None] * width + torch.arange(spec.leaf_width)[None, :]
+    leaf_index = sequence[:, offsets % sequence.shape[1]]
+    order = torch.argsort(_neuron_importance(gate.float(), up.float(), down.float()), descending=True)
+    return dataclasses.replace(layout, leaf_index=leaf_index, shared_index=order[: spec.shared_width].sort().values)

@@ -43,7 +43,7 @@ NEWTON_STEPS = 8
 @dataclass
 class RoutingFitReport:
     layer: int
-    captured_mass_before: float
+    captured_mass_before: Optional[float]  # None where the fit rebuilds the layer (selected leaves)
     captured_mass_after: float
 
 
@@ -98,6 +98,9 @@ def fit_routing(
     """Re-lay `layer` (in place) so its routing sends tokens to their high-mass neurons."""
     if router_fit not in ROUTER_FITS:
         raise ValueError(f"router_fit must be one of {ROUTER_FITS}, got {router_fit!r}")
+    if layer.spec.leaf_neurons != "partition":
+        raise ValueError("fit_routing re-lays a partition of the dense neurons; selected leaves are fitted by "
+                         "conversion.leaf_selection.fit_selected_leaves")
     generator = torch.Generator().manual_seed(seed)
     x = inputs.float()
     order = torch.randperm(x.shape[0], generator=generator)

@@ -20,7 +20,7 @@ from ..architectures import Architecture, architecture_for
 from ..modeling.configuration_treeffn import LAYER_SHAPES
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
 from ..modeling.mgs_predictors import QuantizedPredictor, snap_gate_up, snap_to_bf16
-from .partition import partition_neurons
+from .partition import partition_neurons, selected_leaves_from_partition
 
 
 def convert(
@@ -147,7 +147,10 @@ def _tree_state(spec: TreeSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear)
     g, u, d = gate.weight.detach(), up.weight.detach(), down.weight.detach()
     # The partition is host-side bookkeeping (index tensors built on the CPU): run it on CPU
     # copies, then gather on the weights' own device, so models already on a GPU convert too.
-    layout = partition_neurons(g.cpu(), u.cpu(), d.cpu(), spec)
+    if spec.leaf_neurons == "selected":
+        layout = selected_leaves_from_partition(g.cpu(), u.cpu(), d.cpu(), spec)
+    else:
+        layout = partition_neurons(g.cpu(), u.cpu(), d.cpu(), spec)
     # Row order of the tree's tables: nodes (tree-major, heap order), leaves, shared.
     parts = [layout.leaf_index.reshape(-1), layout.shared_index]
     if layout.node_index is not None:

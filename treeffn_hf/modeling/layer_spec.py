@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 ROUTING_MODES = ("self", "hyperplane")
 ACTIVATION_PLACEMENTS = ("per_node", "after_sum")
+LEAF_NEURONS = ("partition", "selected")
 MGS_SELECTIONS = ("top_k", "threshold")
 MGS_PREDICTORS = ("nested", "quantized", "linear")
 MAX_DEPTH = 20
@@ -35,6 +36,13 @@ class TreeSpec:
     `leaf_width=None` takes the widest leaf that fits the dense MLP and gives the remaining
     neurons to the shared block, so that every dense neuron lands in exactly one block.
 
+    `leaf_neurons='partition'` lays every dense neuron into exactly one block. With `'selected'`
+    each leaf holds its own copies of `leaf_width` dense neurons, chosen for the tokens routed to it
+    (`treeffn distill` picks them), so leaves may share neurons and the layer stores
+    `stored_units` rows, independent of the MLP's width: more leaves buy a better fit at the same
+    neurons per token for more stored rows (`TreeFFN.stored_multiple`). It routes by hyperplanes; its
+    `leaf_width` defaults to the partition's (stored once), `shared_width` to 0.
+
     `live_leaves` (one sorted tuple per tree, None = all) makes a pruned, static tree: only those
     leaves are stored (in that order, after the node blocks), and a node whose one subtree holds no
     live leaf always branches to the other. Widths still describe the complete tree, so the spec
@@ -49,6 +57,7 @@ class TreeSpec:
     activation: Literal["per_node", "after_sum"] = "per_node"
     shared_width: Optional[int] = None
     live_leaves: Optional[tuple[tuple[int, ...], ...]] = None
+    leaf_neurons: Literal["partition", "selected"] = "partition"
 
     method = "tree"
 
@@ -72,6 +81,8 @@ class TreeSpec:
             raise InvalidSpecError(
                 f"activation must be one of {ACTIVATION_PLACEMENTS}, got {self.activation!r}"
             )
+        if self.leaf_neurons not in LEAF_NEURONS:
+            raise InvalidSpecError(f"leaf_neurons must be one of {LEAF_NEURONS}, got {self.leaf_neurons!r}")
         if self.num_trees < 1:
             raise InvalidSpecError(f"num_trees must be >= 1, got {self.num_trees}")
         if not 1 <= self.depth <= MAX_DEPTH:
@@ -100,6 +111,16 @@ class TreeSpec:
                         f"live_leaves: tree {tree} must list distinct leaves in [0, {self.num_leaves}) in "
                         f"increasing order, got {list(leaves)}"
                     )
+        if self.leaf_neurons == "selected":
+            if self.routing != "hyperplane":
+                raise InvalidSpecError(
+                    "leaf_neurons='selected' routes tokens by hyperplanes fitted to their inputs (a node's "
+                    "own neuron need not split them); use routing='hyperplane'"
+                )
+            if self.activation != "per_node":
+                raise InvalidSpecError(
+                    "leaf_neurons='selected' computes each block's neurons on their own; use activation='per_node'"
+                )
         if self.activation == "after_sum" and self.node_width > 0:
             if self.leaf_width is not None and self.leaf_width != self.node_width:
                 raise InvalidSpecError(
@@ -111,6 +132,8 @@ class TreeSpec:
     def resolve(self, hidden_size: int, intermediate_size: int) -> "TreeSpec":
         """Check the spec against a dense MLP of this shape; fill in leaf and shared widths."""
         self.validate()
+        if self.leaf_neurons == "selected":
+            return self._resolve_selected(hidden_size, intermediate_size)
         trees = self.num_trees
         node_units = trees * self.num_nodes * self.node_width
         leaf_slots = trees * self.num_leaves
@@ -157,6 +180,30 @@ class TreeSpec:
                     f"leaf_width unset to fit it automatically"
                 )
         resolved = dataclasses.replace(self, leaf_width=leaf, shared_width=shared)
+        resolved.validate()
+        return resolved
+
+    def _resolve_selected(self, hidden_size: int, intermediate_size: int) -> "TreeSpec":
+        trees = self.num_trees
+        distinct = trees * (self.num_nodes * self.node_width + self.num_leaves)
+        if distinct > intermediate_size:
+            raise InvalidSpecError(
+                f"depth {self.depth} with {trees} tree(s) and node_width {self.node_width} needs {distinct} "
+                f"neurons at least (every block starts from neurons of its own), but the MLP has "
+                f"{intermediate_size}; lower depth, num_trees or node_width"
+            )
+        shared = 0 if self.shared_width is None else self.shared_width
+        leaf = self.leaf_width
+        if leaf is None:  # the partition's leaf: the layer stores about one copy of the MLP
+            leaf = max(1, (intermediate_size - shared - trees * self.num_nodes * self.node_width) // (
+                trees * self.num_leaves))
+        resolved = dataclasses.replace(self, leaf_width=leaf, shared_width=shared)
+        if resolved.active_units > intermediate_size:
+            raise InvalidSpecError(
+                f"a token would compute {resolved.active_units} neurons ({trees} tree(s) x ({self.depth} x "
+                f"node_width {self.node_width} + leaf {leaf}) + shared {shared}), more than the MLP's "
+                f"{intermediate_size}; narrow the leaves"
+            )
         resolved.validate()
         return resolved
 

@@ -6,6 +6,10 @@ internal nodes in heap order (children of `j` are `2j+1`, `2j+2`), then every tr
 the shared always-on neurons. So each block is a contiguous slab, and one token's path is one
 gather from one table. `node_gate`, `leaf_gate`, ... are views of those slabs.
 
+With `spec.leaf_neurons == "selected"` the leaf blocks are copies of dense neurons that leaves may
+share, so the tables can hold more rows than the dense MLP has neurons; nothing below depends on
+which dense neuron a row came from.
+
 A pruned tree (`spec.live_leaves`) stores only its live leaf blocks: leaf `l` of tree `t` lives in
 stored block `leaf_slots[t, l]`, and a node whose one subtree has no live leaf always branches
 to the other, through a routing bias of +-inf, so no path reaches a pruned leaf.
@@ -191,8 +195,17 @@ class TreeFFN(KernelPolicyMixin, nn.Module):
                 scale = probability / probability.detach()
             elif self.routing_gradient not in (None, "straight_through"):
                 raise ValueError(f"routing_gradient must be None or 'straight_through', got {self.routing_gradient!r}")
-            out = tree_ffn_masked_dense(self, x, leaf, path, scale)
+            out = (tree_ffn_blocks(self, x, leaf, path, scale) if self.computes_blocks_in_training
+                   else tree_ffn_masked_dense(self, x, leaf, path, scale))
         return out.reshape(shape)
+
+    @property
+    def computes_blocks_in_training(self) -> bool:
+        """Whether the differentiable path computes only the tokens' blocks (`tree_ffn_blocks`)
+        rather than every stored row, masked: where leaves select their neurons, the stored rows
+        are several times the MLP (a 25% tree of 16 leaves stores it 4 times), and `after_sum`
+        needs the path's sums, which the masked form takes."""
+        return self.spec.leaf_neurons == "selected" and self.spec.activation == "per_node"
 
     def path_probability(self, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """(N, trees): product over levels of sigmoid(+-score / temperature) of the branches taken."""
@@ -219,11 +232,19 @@ class TreeFFN(KernelPolicyMixin, nn.Module):
             dense_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * self.intermediate_size * self.hidden_size,
         )
 
+    @property
+    def stored_multiple(self) -> float:
+        """Stored rows per dense neuron: 1 for a complete partition tree, more where selected leaves
+        share neurons, less once pruned."""
+        return self.spec.stored_units / self.intermediate_size
+
     def extra_repr(self) -> str:
         s = self.spec
         return (
             f"trees={s.num_trees}, depth={s.depth}, node_width={s.node_width}, leaf_width={s.leaf_width}, "
             f"shared_width={s.shared_width}, routing={s.routing}, activation={s.activation}"
+            + (f", selected leaves: {self.stored_multiple:.2f}x the MLP's rows stored"
+               if s.leaf_neurons == "selected" else "")
             + (f", pruned: {s.stored_leaves} of {s.num_trees * s.num_leaves} leaves stored" if s.is_pruned else "")
         )
 
@@ -238,6 +259,44 @@ def tree_ffn_masked_dense(
     given, multiplies each tree's path activations (the straight-through routing factor).
     """
     return tree_hidden(layer, x, leaf, path, scale) @ layer.down_rows
+
+
+def tree_ffn_blocks(
+    layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor, scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`tree_ffn_masked_dense` (per_node), computing only what each token's path reads: the tokens
+    grouped by visited block, one GEMM each, added back by token. Differentiable, with the same
+    gradients (off-path rows get exactly zero); it costs the active rows, not the stored ones."""
+    spec = layer.spec
+    if spec.activation != "per_node":
+        raise ValueError("tree_ffn_blocks computes per_node trees; after_sum takes tree_ffn_masked_dense")
+    act = layer.act_fn
+    tables = (layer.gate_rows, layer.up_rows, layer.down_rows)
+    out = torch.zeros(x.shape[0], layer.hidden_size, dtype=torch.result_type(x, layer.down_rows), device=x.device)
+
+    def add_block(tokens: torch.Tensor, rows: slice, tree: int) -> None:
+        gate, up, down = (table[rows] for table in tables)
+        z = x[tokens]
+        a = act(z @ gate.T) * (z @ up.T)
+        if scale is not None:
+            a = a * scale[tokens, tree, None].to(a.dtype)
+        out.index_add_(0, tokens, (a @ down).to(out.dtype))
+
+    slots = layer.slot_table(x.device)[torch.arange(spec.num_trees, device=x.device), leaf]  # (N, T)
+    for tree in range(spec.num_trees):
+        blocks = [(slots[:, tree], layer.node_rows, spec.leaf_width)]
+        if spec.node_width:  # node j of tree t: rows from (t * nodes + j) * node_width
+            blocks += [(path[:, tree, level] + tree * spec.num_nodes, 0, spec.node_width)
+                       for level in range(spec.depth)]
+        for block, start, width in blocks:
+            for index in block.unique().tolist():
+                tokens = (block == index).nonzero().squeeze(1)
+                first = start + index * width
+                add_block(tokens, slice(first, first + width), tree)
+    if spec.shared_width:
+        shared = slice(layer.node_rows + layer.leaf_rows, spec.stored_units)
+        out = out + (act(x @ layer.gate_rows[shared].T) * (x @ layer.up_rows[shared].T)) @ layer.down_rows[shared]
+    return out
 
 
 def tree_hidden(
