@@ -201,15 +201,18 @@ def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None
             f", {args.router_fit} routers" if args.router_fit != DEFAULT_ROUTER_FIT else "") + (
             ", sequential" if args.sequential else "") + (
             ", no routing fit (leaves by gate-row bisection)" if args.no_routing_fit else "")
+        stored = sum(m.stored_multiple for _, m in sparse.sparse_mlps()) / sparse.config.num_hidden_layers
         if search is None:
             trees = f"{spec.num_trees} trees, " if spec.num_trees > 1 else ""
             shape = f"{trees}depth {spec.depth}, node {spec.node_width}, leaf {spec.leaf_width}, shared {spec.shared_width}"
+            if spec.leaf_neurons == "selected":
+                shape += f", selected leaves: MLP stored {stored:.1f}x"
         else:
             shape = f"shapes searched per layer, <= {search.active_units} active"
         run.add({"variant": f"tree ~{fraction:.0%} ({shape}{options})",
                  "method": "tree", "target": fraction, "spec": sparse.config.sparse_mlp, "perplexity": tree_ppl,
                  "unit_fraction": cost.unit_fraction, "weight_fraction": cost.weight_fraction,
-                 "captured_mass_before": _mean(r.captured_mass_before for r in reports),
+                 "stored_multiple": stored, "captured_mass_before": _mean(r.captured_mass_before for r in reports),
                  "captured_mass_after": _mean(r.captured_mass_after for r in reports),
                  "layer_mse_before": _mean(r.mse_before for r in reports),
                  "layer_mse_after": _mean(r.mse_after for r in reports), "fit_seconds": seconds,

@@ -193,8 +193,12 @@ def quality_section(data: dict, name: str = "quality_smollm2") -> list[str]:
     for r in data["rows"]:
         notes = QUALITY_NOTES.get(r["method"], "")
         if r["method"] == "tree":
-            mass = (f"captured mass {r['captured_mass_before']:.2f} -> {r['captured_mass_after']:.2f}; "
-                    if r.get("captured_mass_after") is not None else "routing not fitted; ")
+            if r.get("captured_mass_after") is None:
+                mass = "routing not fitted; "
+            elif r.get("captured_mass_before") is None:  # selected leaves: the layer is rebuilt from dense
+                mass = f"captured mass {r['captured_mass_after']:.2f} (rebuilt from the dense MLP); "
+            else:
+                mass = f"captured mass {r['captured_mass_before']:.2f} -> {r['captured_mass_after']:.2f}; "
             notes = f"{mass}layer MSE {r['layer_mse_before']:.3g} -> {r['layer_mse_after']:.3g}"
         if r.get("carried_over"):
             notes += f" (from `{r['carried_over']}`)"

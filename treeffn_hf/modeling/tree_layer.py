@@ -271,28 +271,30 @@ def tree_ffn_blocks(
     if spec.activation != "per_node":
         raise ValueError("tree_ffn_blocks computes per_node trees; after_sum takes tree_ffn_masked_dense")
     act = layer.act_fn
-    tables = (layer.gate_rows, layer.up_rows, layer.down_rows)
     out = torch.zeros(x.shape[0], layer.hidden_size, dtype=torch.result_type(x, layer.down_rows), device=x.device)
+    # Blocks as one unbind per table: its backward stacks the blocks' gradients once, where a slice
+    # per block would fill a zero gradient of the whole table for each.
+    def blocks_of(start: int, count: int, width: int) -> list[tuple[torch.Tensor, ...]]:
+        views = [table[start : start + count * width].view(count, width, -1).unbind(0)
+                 for table in (layer.gate_rows, layer.up_rows, layer.down_rows)]
+        return list(zip(*views))
 
-    def add_block(tokens: torch.Tensor, rows: slice, tree: int) -> None:
-        gate, up, down = (table[rows] for table in tables)
-        z = x[tokens]
-        a = act(z @ gate.T) * (z @ up.T)
-        if scale is not None:
-            a = a * scale[tokens, tree, None].to(a.dtype)
-        out.index_add_(0, tokens, (a @ down).to(out.dtype))
-
+    leaf_blocks = blocks_of(layer.node_rows, spec.stored_leaves, spec.leaf_width)
+    node_blocks = blocks_of(0, spec.num_trees * spec.num_nodes, spec.node_width) if spec.node_width else []
     slots = layer.slot_table(x.device)[torch.arange(spec.num_trees, device=x.device), leaf]  # (N, T)
     for tree in range(spec.num_trees):
-        blocks = [(slots[:, tree], layer.node_rows, spec.leaf_width)]
-        if spec.node_width:  # node j of tree t: rows from (t * nodes + j) * node_width
-            blocks += [(path[:, tree, level] + tree * spec.num_nodes, 0, spec.node_width)
-                       for level in range(spec.depth)]
-        for block, start, width in blocks:
+        chosen = [(slots[:, tree], leaf_blocks)]
+        if spec.node_width:  # node j of tree t is block t * nodes + j
+            chosen += [(path[:, tree, level] + tree * spec.num_nodes, node_blocks) for level in range(spec.depth)]
+        for block, stored in chosen:
             for index in block.unique().tolist():
                 tokens = (block == index).nonzero().squeeze(1)
-                first = start + index * width
-                add_block(tokens, slice(first, first + width), tree)
+                gate, up, down = stored[index]
+                z = x[tokens]
+                a = act(z @ gate.T) * (z @ up.T)
+                if scale is not None:
+                    a = a * scale[tokens, tree, None].to(a.dtype)
+                out.index_add_(0, tokens, (a @ down).to(out.dtype))
     if spec.shared_width:
         shared = slice(layer.node_rows + layer.leaf_rows, spec.stored_units)
         out = out + (act(x @ layer.gate_rows[shared].T) * (x @ layer.up_rows[shared].T)) @ layer.down_rows[shared]
