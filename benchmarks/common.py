@@ -14,6 +14,7 @@ import torch
 
 from treeffn_hf.modeling.layer_spec import TreeSpec
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -34,15 +35,20 @@ def smollm2_with_calibration(windows: int, window: int, tokens_per_layer: int):
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
                 break
     except OSError:
         pass
     return {
         "cpu": cpu,
+        # Machines named alike differ here (AVX2-only and AVX-512 EPYCs): their float results differ too.
+        "cpu_features": [f for f in CPU_FEATURES if f in flags],
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
