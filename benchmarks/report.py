@@ -456,6 +456,9 @@ TREE_STEPS = (
     ("per-layer shapes (1-8 trees, depth 2-6) chosen by distilled layer error", ("shapes searched",),
      ("shapes searched",)),
     ("64 trees of depth 2, hyperplane routers, no node neurons", ("64 trees",), ()),
+    ("leaves that select their neurons (co-activation: 16 leaves, each its tokens' top-mass neurons, leaves sharing "
+     "them; 2-means routers; down_proj refitted per leaf), distilled sequentially", ("selected leaves", "depth 4,"),
+     ("selected leaves", "depth 4,")),
 )
 
 
