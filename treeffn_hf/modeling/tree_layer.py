@@ -254,8 +254,9 @@ def tree_ffn_masked_dense(
 ) -> torch.Tensor:
     """Reference computation: every neuron's pre-activation is computed, then masked to the path.
 
-    It costs as much as the dense MLP and is the oracle the fast paths are tested against. It is
-    also the training path: off-path neurons get exactly zero gradient. `scale` (N, trees), if
+    It costs as much as the stored rows and is the oracle the fast paths are tested against. It is
+    also the training path of partition trees (selected leaves train on `tree_ffn_blocks`):
+    off-path neurons get exactly zero gradient. `scale` (N, trees), if
     given, multiplies each tree's path activations (the straight-through routing factor).
     """
     return tree_hidden(layer, x, leaf, path, scale) @ layer.down_rows
