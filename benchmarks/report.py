@@ -236,7 +236,8 @@ def finetune_section(data: dict, name: str) -> list[str]:
     spec = sparse["spec"]
     if sparse["method"] == "tree":
         layer = (f"tree: depth {spec['depth']}, node width {spec['node_width']}, leaf {spec['leaf_width']}, shared "
-                 f"{spec['shared_width']}")
+                 f"{spec['shared_width']}" + (", leaves that select their neurons (hyperplane routing)"
+                                              if spec.get("leaf_neurons") == "selected" else ""))
     else:
         selection = "top" if spec.get("selection", "top_k") == "top_k" else "thresholds at"
         predictor = (f"gate rank {spec['rank']}" if spec.get("predictor", "linear") == "linear"
@@ -623,7 +624,8 @@ def _path_mix(calls: dict | None) -> str:
 
 def render() -> str:
     lines = [START, ""]
-    for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs", "bench_mlp_cpu_mgs_stack", "bench_mlp_cpu_trees"):
+    for name in ("bench_mlp_cpu", "bench_mlp_cpu_mgs", "bench_mlp_cpu_mgs_stack", "bench_mlp_cpu_trees",
+                 "bench_mlp_cpu_selected"):
         mlp = _load(f"{name}.json")
         if mlp:
             lines += mlp_section(mlp, name)
