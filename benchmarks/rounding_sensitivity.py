@@ -38,6 +38,7 @@ from common import DATA, machine, smollm2_with_calibration, write_json  # noqa: 
 
 from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
 from treeffn_hf.conversion.distillation import distill_layers  # noqa: E402
+from treeffn_hf.conversion.routing_fit import fit_routing  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
@@ -125,7 +126,8 @@ def main() -> None:
         sparse = convert(model, tree_spec_for_fraction(config.hidden_size, config.intermediate_size, args.fraction),
                          progress=False)
         sparse.requires_grad_(False)
-        distill_layers(sparse, model, captured.inputs, steps=0, progress=False)  # routing fit only
+        for index, mlp in sparse.sparse_mlps():  # routing fit only, as distill_layers starts
+            fit_routing(mlp, captured.inputs[index], seed=index, layer_index=index)
         return sparse
 
     def thresholded_mgs(model):
