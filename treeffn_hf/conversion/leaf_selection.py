@@ -28,7 +28,7 @@ import torch
 from ..modeling.tree_layer import TreeFFN
 from .compensation import ridge_down_rows
 from .fitting import batched, holdout_split
-from .routing_fit import RoutingFitReport
+from .routing_fit import RoutingFitReport, shared_and_tree_shares
 
 KMEANS_ITERATIONS = 15
 
@@ -91,10 +91,7 @@ def fit_selected_leaves(layer: TreeFFN, dense_mlp: torch.nn.Module, inputs: torc
     mass = hidden.abs() * down_rows.norm(dim=1)
     y = hidden @ down_rows
 
-    by_mass = torch.argsort(mass.mean(0), descending=True)
-    shared = by_mass[: spec.shared_width].sort().values
-    rest = by_mass[spec.shared_width :]
-    pools = [rest[t :: spec.num_trees] for t in range(spec.num_trees)]
+    shared, pools = shared_and_tree_shares(mass, spec)
     nodes = torch.zeros(spec.num_trees, spec.num_nodes, spec.node_width, dtype=torch.long)
     leaves = torch.zeros(spec.num_trees, spec.num_leaves, spec.leaf_width, dtype=torch.long)
     router_w = torch.zeros(spec.num_trees, spec.num_nodes, x.shape[1])

@@ -122,13 +122,17 @@ class _Layout:
     router_bias: Optional[torch.Tensor]
 
 
+def shared_and_tree_shares(mass: torch.Tensor, spec) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The always-on neurons (largest mean mass, sorted) and every tree's share of the rest, dealt
+    round-robin by mass so every tree gets an equal share of the important neurons."""
+    by_mass = torch.argsort(mass.mean(0), descending=True)
+    rest = by_mass[spec.shared_width :]
+    return by_mass[: spec.shared_width].sort().values, [rest[t :: spec.num_trees] for t in range(spec.num_trees)]
+
+
 def _fit_layout(layer: TreeFFN, x: torch.Tensor, mass: torch.Tensor, pre: torch.Tensor, router_fit: str) -> _Layout:
     spec = layer.spec
-    by_mass = torch.argsort(mass.mean(0), descending=True)
-    shared = by_mass[: spec.shared_width].sort().values
-    rest = by_mass[spec.shared_width :]
-    # Deal the rest round-robin by mass, so every tree gets an equal share of important neurons.
-    per_tree = [rest[t :: spec.num_trees] for t in range(spec.num_trees)]
+    shared, per_tree = shared_and_tree_shares(mass, spec)
     nodes = torch.empty(spec.num_trees, spec.num_nodes, spec.node_width, dtype=torch.long)
     leaves = torch.empty(spec.num_trees, spec.num_leaves, spec.leaf_width, dtype=torch.long)
     hyperplane = spec.routing == "hyperplane"
