@@ -141,3 +141,18 @@ def test_shared_neurons_are_those_with_the_most_calibration_mass():
     got = layer.gate_rows.detach()[-shared:]
     assert shared == 29
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def test_leaves_are_balanced_co_activation_clusters():
+    """8 planted groups of 12 neurons that fire together, 8 leaves of 12: every leaf is filled to
+    exactly its width and holds (nearly) one group, so the grouping follows co-activation."""
+    spec = TreeSpec(depth=3, node_width=0, routing="hyperplane", leaf_width=PER_CLUSTER, shared_width=0)
+    layer, tokens = planted_layer(spec)
+    centres = torch.nn.functional.normalize(torch.randn(CLUSTERS, HIDDEN, generator=torch.Generator().manual_seed(0)), dim=1)
+    fit_routing(layer, tokens)
+    owner = (layer.gate_rows.detach() @ centres.T).argmax(1)
+    leaves = owner[: spec.num_leaves * spec.leaf_width].reshape(spec.num_leaves, spec.leaf_width)
+    assert torch.bincount(owner, minlength=CLUSTERS).tolist() == [PER_CLUSTER] * CLUSTERS  # owners recovered
+    majority = torch.stack([torch.bincount(leaf, minlength=CLUSTERS).max() for leaf in leaves])
+    assert float(majority.sum()) / owner.numel() > 0.9, leaves
+    assert len({int(torch.bincount(leaf, minlength=CLUSTERS).argmax()) for leaf in leaves}) == CLUSTERS
