@@ -55,7 +55,7 @@ from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
 from treeffn_hf.modeling.mgs_predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.training.kl import chunked_kl, kl_naive, teacher_top_k, top_k_kl  # noqa: E402
-from treeffn_hf.training.setup import configure_training  # noqa: E402
+from treeffn_hf.training.setup import configure_training, native_bf16  # noqa: E402
 from treeffn_hf.training.trainer import logits_from_hidden, teacher_hidden_states  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
@@ -156,7 +156,7 @@ def main() -> None:
         configure_training(model, trainable="sparse")
         return model.train()
 
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_bf16())
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16())
     old_student = student()
     forget_dequantized(old_student)
     new_student = student()
@@ -231,18 +231,8 @@ def main() -> None:
         "dtype": "float32", "rounds": args.rounds, "dense_forward_tokens_per_s": forward_rate, "rows": rows,
         "phases_seconds": phases, "matmul_share_of_now_step": share, "compile_seconds": compile_seconds,
         "teacher_top_k": {"k": args.top_k, "extraction_seconds": top_k_seconds, **loss_agreement},
-        "cpu_bf16_instructions": cpu_has_bf16(), "bf16_rows": bf16,
+        "cpu_bf16_instructions": native_bf16(), "bf16_rows": bf16,
     })
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 dot products (AVX512_BF16 or AMX); without them torch's
-    bf16 matmuls are emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 if __name__ == "__main__":

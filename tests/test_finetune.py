@@ -20,7 +20,7 @@ from treeffn_hf.modeling.tree_layer import TreeFFN
 from treeffn_hf.training import trainer as trainer_module
 from treeffn_hf.training.data import teacher_data
 from treeffn_hf.training.finetune import finetune_checkpoint
-from treeffn_hf.training.setup import configure_training
+from treeffn_hf.training.setup import configure_training, native_bf16
 
 from .conftest import DATA_DIR, char_tokenizer, run_python, tiny_dense_model
 
@@ -132,7 +132,8 @@ def dirs(tmp_path_factory):
     return root
 
 
-OPTIONS = dict(data=TEXT, window=32, max_windows=32, batch_size=4, lr=2e-3, save_steps=4, progress=False)
+# fp32 unless a test says otherwise: the default (bf16 where the hardware has it) differs between machines
+OPTIONS = dict(data=TEXT, window=32, max_windows=32, batch_size=4, lr=2e-3, save_steps=4, bf16=False, progress=False)
 
 
 def weights(directory) -> dict:
@@ -215,8 +216,8 @@ def test_bf16_autocast_training_follows_fp32_within_two_percent_of_the_loss(dirs
     under the same autocast (a tree's sparse path once mixed its float32 input with bf16 products)."""
     options = {**OPTIONS, "save_steps": 100, "eval_windows": torch.randint(0, 20, (2, 16)), "eval_every": 4}
     fp32 = finetune_checkpoint(dirs / method, tmp_path / "fp32", dense=str(dirs / "dense"), steps=8, **options)
-    bf16 = finetune_checkpoint(dirs / method, tmp_path / "bf16", dense=str(dirs / "dense"), steps=8, bf16=True,
-                               **options)
+    bf16 = finetune_checkpoint(dirs / method, tmp_path / "bf16", dense=str(dirs / "dense"), steps=8,
+                               **{**options, "bf16": True})
     assert len(bf16["perplexity_curve"]) == len(fp32["perplexity_curve"]) > 0
     for a, b in zip(fp32["perplexity_curve"], bf16["perplexity_curve"]):
         assert b["perplexity"] == pytest.approx(a["perplexity"], rel=0.02)
@@ -325,6 +326,8 @@ def test_finetune_and_tree_stats_from_the_command_line(dirs, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "4 steps, 512 tokens seen" in out and "teacher samples" in out
+    recorded = json.loads((tmp_path / "out" / "treeffn_finetune.json").read_text())
+    assert recorded["run"]["bf16"] is native_bf16()  # the default: bf16 where the hardware computes it
     text = tmp_path / "text.raw"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
     code = main(["eval", str(tmp_path / "out"), "--text", str(text), "--windows", "2",

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import CheckpointError, claim_work_dir, load, load_dense, prepare_output, save
 from .data import TrainingData, combine, teacher_data, text_data
+from .setup import native_bf16
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # After `warmup_steps` of linear warmup: held, or decayed to zero by the last step.
@@ -46,7 +47,7 @@ def finetune_checkpoint(
     temperature: float = 1.0,
     teacher_top_k: int = 0,
     teacher_cache: str = "auto",
-    bf16: bool = False,
+    bf16: Optional[bool] = None,
     trainable: str = "sparse",
     routing: str = "learned",
     routing_gradient: Optional[str] = "straight_through",
@@ -62,6 +63,8 @@ def finetune_checkpoint(
     progress: bool = True,
 ) -> dict:
     start = time.perf_counter()
+    if bf16 is None:  # the recipe's default: bf16 autocast where the hardware computes it
+        bf16 = native_bf16()
     options = {k: v for k, v in locals().items() if k not in ("sparse_dir", "out", "start")}
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {tuple(LR_SCHEDULES)}, got {lr_schedule!r}")

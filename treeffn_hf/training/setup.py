@@ -12,11 +12,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 ROUTING_MODES = ("learned", "frozen", "random")
+
+
+def native_bf16() -> bool:
+    """Whether bf16 autocast runs on bf16 hardware: a CUDA GPU that supports it, or a CPU with
+    AVX-512 BF16 or AMX, where autocast runs the fp32 step 2.14x as fast (README throughput table).
+    Elsewhere torch emulates bf16 matmuls in software (not measured as a gain)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def configure_training(
