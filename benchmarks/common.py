@@ -6,11 +6,13 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import transformers
 
 from treeffn_hf.modeling.layer_spec import TreeSpec
 
@@ -33,6 +35,16 @@ def smollm2_with_calibration(windows: int, window: int, tokens_per_layer: int):
     return dense, tokenizer, ids, capture_mlp_inputs(dense, ids, tokens_per_layer=tokens_per_layer, progress=False)
 
 
+def _commit() -> Optional[str]:
+    """This checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     flags: list[str] = []
@@ -52,6 +64,9 @@ def machine() -> dict:
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        # The code that ran: two runs of one command on Nov 23 had run different commits (README Limits).
+        "commit": _commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
