@@ -2,15 +2,12 @@
 
 `tree_layer_fit.py` finds that a tree whose leaves partition the dense neurons fits no better
 than static pruning, and that leaves chosen per token cluster (each leaf the top-mass neurons of
-the tokens routed to it, so leaves overlap) fit better. No layer of the package has that
-structure yet (a TreeSpec's leaves partition the MLP); this script builds it as a plain module to
-measure what it would give, before it is built:
-- routing: a tree of hyperplanes, each node the perpendicular bisector of a 2-means split of the
-  MLP inputs that reach it (`tree_layer_fit.bisect_tokens`);
-- leaf l: the `fraction x I` neurons with the highest mean mass on its tokens, gate/up rows copied
-  from the dense MLP, down rows refitted by ridge regression (`ridge_down_rows`) on its tokens;
-- fitted sequentially (each layer on the inputs the layers before it, already replaced, produce),
-  against the dense MLP on those inputs. Calibration only: no gradient step anywhere.
+the tokens routed to it, so leaves overlap) fit better. This study measured that structure on the
+whole model before it became the package's `TreeSpec(leaf_neurons='selected')`; it now builds that
+layer (`fit_selected_leaves`: 2-means hyperplane routing, each leaf its tokens' top-mass neurons,
+down rows refitted by ridge regression per leaf) and gives it no gradient step, so it measures
+what calibration alone does. The layers are fitted sequentially (each on the inputs the layers
+before it, already replaced, produce), against the dense MLP on those inputs.
 Perplexity on the first `--eval-windows` protocol windows of wiki.test.raw, ratio to dense.
 
     python benchmarks/overlap_tree_study.py        # about 25 minutes on 2 CPU cores
@@ -27,75 +24,32 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, machine, write_json  # noqa: E402
-from tree_layer_fit import bisect_tokens  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
 from treeffn_hf.conversion.calibration import read_texts, token_windows  # noqa: E402
-from treeffn_hf.conversion.compensation import ridge_down_rows  # noqa: E402
-from treeffn_hf.conversion.distillation import batched  # noqa: E402
+from treeffn_hf.conversion.leaf_selection import fit_selected_leaves  # noqa: E402
 from treeffn_hf.conversion.replay import LayerReplay  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
+from treeffn_hf.modeling.layer_spec import TreeSpec  # noqa: E402
+from treeffn_hf.modeling.tree_layer import TreeFFN  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
 OUTPUT = "overlap_tree_study_smollm2.json"
 
 
-class OverlappingLeavesMLP(nn.Module):
-    """A hyperplane tree whose 2^depth leaves each hold their own `width` neurons (copies)."""
-
-    def __init__(self, routers: list[tuple[torch.Tensor, torch.Tensor]], gate: torch.Tensor, up: torch.Tensor,
-                 down: torch.Tensor, act_fn: nn.Module) -> None:
-        super().__init__()
-        self.depth = (len(routers) + 1).bit_length() - 1
-        self.register_buffer("router_weight", torch.stack([w for w, _ in routers]))
-        self.register_buffer("router_bias", torch.stack([b for _, b in routers]))
-        self.register_buffer("gate", gate)  # (leaves, width, hidden)
-        self.register_buffer("up", up)
-        self.register_buffer("down", down)  # (leaves, width, hidden): rows of down_proj^T
-        self.act_fn = act_fn
-
-    def leaf_of(self, x: torch.Tensor) -> torch.Tensor:
-        scores = x @ self.router_weight.T + self.router_bias
-        heap = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        for _ in range(self.depth):
-            heap = 2 * heap + 1 + (scores.gather(1, heap[:, None]).squeeze(1) > 0).long()
-        return heap - ((1 << self.depth) - 1)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        leaf = self.leaf_of(x)
-        out = torch.zeros_like(x)
-        for index in leaf.unique().tolist():
-            rows = (leaf == index).nonzero().squeeze(1)
-            z = x[rows]
-            out[rows] = (self.act_fn(z @ self.gate[index].T) * (z @ self.up[index].T)) @ self.down[index]
-        return out.reshape(hidden_states.shape)
-
-
 @torch.no_grad()
-def fit_overlapping(dense_mlp, x: torch.Tensor, y: torch.Tensor, width: int, depth: int, seed: int):
-    gate_w, up_w, down_w = dense_mlp.gate_proj.weight, dense_mlp.up_proj.weight, dense_mlp.down_proj.weight
-    routers = bisect_tokens(x, depth, seed)
-    module = OverlappingLeavesMLP(routers, torch.empty(0), torch.empty(0), torch.empty(0), dense_mlp.act_fn)
-    leaf = module.leaf_of(x)
-    hidden = dense_mlp.act_fn(x @ gate_w.T) * (x @ up_w.T)
-    mass = hidden.abs() * down_w.norm(dim=0)
-    overall = mass.mean(0).topk(width).indices  # a leaf no calibration token reached
-    gates, ups, downs = [], [], []
-    for index in range(1 << depth):
-        mine = leaf == index
-        keep = mass[mine].mean(0).topk(width).indices if mine.sum() > width // 4 else overall
-        start = down_w[:, keep].T
-        fit = ridge_down_rows(hidden[mine][:, keep], y[mine], start) if mine.sum() > width // 4 else None
-        gates.append(gate_w[keep])
-        ups.append(up_w[keep])
-        downs.append(start if fit is None or fit.rows is None else fit.rows)
-    return OverlappingLeavesMLP(routers, torch.stack(gates), torch.stack(ups), torch.stack(downs), dense_mlp.act_fn)
+def fit_overlapping(dense_mlp, x: torch.Tensor, width: int, depth: int, seed: int) -> TreeFFN:
+    """The package's tree with selected leaves, fitted on `x` and given no gradient step."""
+    hidden, intermediate = x.shape[1], dense_mlp.gate_proj.weight.shape[0]
+    spec = TreeSpec(depth=depth, node_width=0, routing="hyperplane", leaf_neurons="selected", leaf_width=width,
+                    shared_width=0).resolve(hidden, intermediate)
+    layer = TreeFFN(hidden, intermediate, spec, dense_mlp.act_fn)
+    fit_selected_leaves(layer, dense_mlp, x, seed=seed)
+    return layer
 
 
 def main() -> None:
@@ -127,8 +81,7 @@ def main() -> None:
         replay = LayerReplay(model, ids)
         for index, layer in enumerate(layers):
             x = replay.run_layer(advance=False)[0]
-            y = batched(dense_mlps[index], x)
-            setattr(layer, arch.mlp_attr, fit_overlapping(dense_mlps[index], x, y, width, depth, seed=index))
+            setattr(layer, arch.mlp_attr, fit_overlapping(dense_mlps[index], x, width, depth, seed=index))
             replay.run_layer()
         fit_seconds = time.perf_counter() - start
         ppl = perplexity(model, eval_ids, progress=False).perplexity

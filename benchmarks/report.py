@@ -539,13 +539,16 @@ def overlap_tree_section(data: dict) -> list[str]:
     m, cal, ev = data["machine"], data["calibration"], data["evaluation"]
     caption = (
         f"**A study: trees whose leaves may share neurons** (`{data['command'].strip()}`; {cpu_name(m)}, "
-        f"{m['torch_threads']} threads, float32; file `benchmarks/results/overlap_tree_study_smollm2.json`). Not a "
-        "layer of the package yet (a TreeSpec's leaves partition the MLP). Every SmolLM2 MLP replaced, layer by "
+        f"{m['torch_threads']} threads, float32; file `benchmarks/results/overlap_tree_study_smollm2.json`). The study "
+        "behind `TreeSpec(leaf_neurons='selected')`" + (
+            "" if "commit" in m else ", measured with its own copy of the fit before the package had the layer "
+            "(commit da02849; the script now runs the package's `fit_selected_leaves`, the same algorithm)") + (
+        ". Every SmolLM2 MLP replaced, layer by "
         "layer on the replaced layers' outputs, by a tree of hyperplanes (each node the bisector of a 2-means split "
         "of the tokens reaching it) whose leaves each hold their own tokens' top-mass neurons, down_proj refitted "
         f"per leaf by ridge regression; {cal['windows']} valid.txt windows of {cal['window']} tokens, no gradient "
         f"step. Perplexity on the first {ev['windows']} protocol windows (dense {data['dense_perplexity']:.2f}); "
-        "the MLP weights are stored `leaves x active / I` times.")
+        "the MLP weights are stored `leaves x active / I` times."))
     return table(caption, ["leaves", "neurons a leaf", "active units", "MLP stored", "perplexity", "ratio",
                            "fitting time"], [
         [str(r["leaves"]), str(r["width"]), f"{r['unit_fraction']:.1%}", f"{r['stored_mlp_multiple']:.1f}x",

@@ -7,9 +7,9 @@ of the dense MLP output's variance that each layer leaves unexplained (FVU, `|y 
 - `top-k oracle`: each token's own top neurons by mass, dense weights (what MGS approaches);
 - `static`: the same number of always-on neurons (top calibration mass), dense down_proj, and
   with down_proj refitted by least squares (`static + LS`);
-- `overlapping leaves + LS` (a study: no layer of the package has this structure yet): tokens
-  split by a tree of hyperplanes (recursive 2-means), each leaf the top neurons of its own tokens,
-  so leaves may share neurons, down_proj refitted per leaf;
+- `overlapping leaves + LS`: the package's tree with selected leaves (`fit_selected_leaves`:
+  tokens split by a tree of hyperplanes, recursive 2-means, each leaf the top neurons of its own
+  tokens, so leaves may share neurons, down_proj refitted per leaf), no gradient step;
 - each tree of `--specs`: its routing fitted (`fit_routing`), then `+ LS` (down_proj refitted in
   closed form, the routing and gate/up fixed), and then `treeffn distill`'s layer distillation
   at each `--budgets` (tokens, steps; `+ LS` after it too).
@@ -40,9 +40,11 @@ from treeffn_hf.checkpoint import load_dense  # noqa: E402
 from treeffn_hf.conversion.calibration import read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.compensation import ridge_down_rows  # noqa: E402
 from treeffn_hf.conversion.distillation import batched, distill_layer  # noqa: E402
+from treeffn_hf.conversion.leaf_selection import fit_selected_leaves  # noqa: E402
 from treeffn_hf.conversion.replay import LayerReplay  # noqa: E402
 from treeffn_hf.conversion.routing_fit import fit_routing  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
+from treeffn_hf.modeling.layer_spec import TreeSpec  # noqa: E402
 from treeffn_hf.modeling.tree_layer import TreeFFN, tree_hidden  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
@@ -87,64 +89,16 @@ def selection_rows(dense_mlp, x_fit, y_fit, x_test, y_test, units: int) -> dict:
 
 
 @torch.no_grad()
-def bisect_tokens(x: torch.Tensor, depth: int, seed: int, iters: int = 15) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Hyperplane routers (heap order) that split `x` recursively by 2-means, each node the
-    perpendicular bisector of its two centroids: a tree router a TreeFFN could hold."""
-    generator = torch.Generator().manual_seed(seed)
-    routers = [None] * ((1 << depth) - 1)
-
-    def split(rows: torch.Tensor, heap: int, level: int) -> None:
-        if level == depth:
-            return
-        z = x[rows]
-        centroids = z[torch.randperm(z.shape[0], generator=generator)[:2]].clone()
-        for _ in range(iters):
-            side = torch.cdist(z, centroids).argmin(1)
-            for k in range(2):
-                if (side == k).any():
-                    centroids[k] = z[side == k].mean(0)
-        weight = centroids[1] - centroids[0]
-        bias = -(centroids[1].pow(2).sum() - centroids[0].pow(2).sum()) / 2
-        routers[heap] = (weight, bias)
-        right = z @ weight + bias > 0
-        split(rows[~right], 2 * heap + 1, level + 1)
-        split(rows[right], 2 * heap + 2, level + 1)
-
-    split(torch.arange(x.shape[0]), 0, 0)
-    return routers
-
-
-def bisection_leaf(x: torch.Tensor, routers, depth: int) -> torch.Tensor:
-    heap = torch.zeros(x.shape[0], dtype=torch.long)
-    for _ in range(depth):
-        weight = torch.stack([routers[int(k)][0] for k in heap])
-        bias = torch.stack([routers[int(k)][1] for k in heap])
-        heap = 2 * heap + 1 + ((x * weight).sum(1) + bias > 0).long()
-    return heap - ((1 << depth) - 1)
-
-
-@torch.no_grad()
-def overlapping_leaves_fvu(dense_mlp, x_fit, y_fit, x_test, y_test, units: int, depth: int, seed: int) -> float:
-    """A study, not a layer the package builds: 2^depth leaves of `units` neurons each, chosen
-    per leaf as the top-mass neurons of the tokens routed there (leaves may share neurons, so the
-    MLP's weights are stored up to 2^depth units / I times), down_proj refitted per leaf."""
-    def hidden(z):
-        return dense_mlp.act_fn(dense_mlp.gate_proj(z)) * dense_mlp.up_proj(z)
-
-    down = dense_mlp.down_proj.weight
-    routers = bisect_tokens(x_fit, depth, seed)
-    leaf_fit, leaf_test = bisection_leaf(x_fit, routers, depth), bisection_leaf(x_test, routers, depth)
-    h_fit, h_test = hidden(x_fit), hidden(x_test)
-    out = torch.zeros_like(y_test)
-    for leaf in range(1 << depth):
-        fit_rows, test_rows = leaf_fit == leaf, leaf_test == leaf
-        if not fit_rows.any() or not test_rows.any():
-            continue
-        keep = (h_fit[fit_rows].abs() * down.norm(dim=0)).mean(0).topk(units).indices
-        start = down[:, keep].T
-        rows = ridge_down_rows(h_fit[fit_rows][:, keep], y_fit[fit_rows], start).rows
-        out[test_rows] = h_test[test_rows][:, keep] @ (start if rows is None else rows)
-    return fvu(out, y_test)
+def overlapping_leaves_fvu(dense_mlp, x_fit, x_test, y_test, units: int, depth: int, seed: int) -> float:
+    """The package's tree with selected leaves (2^depth leaves of `units` neurons, leaves may share
+    neurons, so the MLP's weights are stored up to 2^depth units / I times), fitted on `x_fit`
+    by `fit_selected_leaves` and given no gradient step."""
+    hidden, intermediate = x_fit.shape[1], dense_mlp.gate_proj.weight.shape[0]
+    spec = TreeSpec(depth=depth, node_width=0, routing="hyperplane", leaf_neurons="selected", leaf_width=units,
+                    shared_width=0).resolve(hidden, intermediate)
+    layer = TreeFFN(hidden, intermediate, spec, dense_mlp.act_fn)
+    fit_selected_leaves(layer, dense_mlp, x_fit, seed=seed)
+    return fvu(batched(layer, x_test), y_test)
 
 
 def main() -> None:
@@ -192,8 +146,8 @@ def main() -> None:
             x_fit, y_fit = x_pool[order[:largest]], y_pool[order[:largest]]
             row.update(selection_rows(dense_mlp, x_fit, y_fit, x_test, y_test, spec.active_units))
             row["overlapping leaves + LS"] = {
-                str(1 << depth): overlapping_leaves_fvu(dense_mlp, x_fit, y_fit, x_test, y_test, spec.active_units,
-                                                        depth, seed=index)
+                str(1 << depth): overlapping_leaves_fvu(dense_mlp, x_fit, x_test, y_test, spec.active_units, depth,
+                                                        seed=index)
                 for depth in args.overlap_depths
             }
             base = TreeFFN(hidden, intermediate, spec, dense_mlp.act_fn)
