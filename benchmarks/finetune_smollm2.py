@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.04, help="tree: target active fraction of MLP units")
     parser.add_argument("--tree-spec", default="", help="tree: TreeSpec fields instead of --fraction, e.g. "
                         "depth=4,node_width=0,routing=hyperplane,leaf_neurons=selected,leaf_width=384,shared_width=0")
+    parser.add_argument("--active", type=float, default=None,
+                        help="tree: treeffn distill --active (selected leaves: leaf widths per layer averaging this "
+                             "fraction, greedy on calibration KL)")
     parser.add_argument("--calibration-windows", type=int, default=32, help="valid.txt windows of 512 tokens for the recovery")
     parser.add_argument("--density", type=float, default=0.25, help="mgs: fraction of neurons computed per token")
     parser.add_argument("--gate-steps", type=int, default=300, help="mgs: gate training steps per layer")
@@ -132,13 +135,17 @@ def main() -> None:
             work / "converted", work / "distilled", dense=directory, gguf_file=gguf,
             calibration=DATA / "wikitext-2" / "valid.txt", windows=args.calibration_windows,
             tokens_per_layer=args.tokens_per_layer, gate_steps=args.gate_steps, distill_steps=args.distill_steps,
-            lr=args.distill_lr, progress=False)
+            lr=args.distill_lr, active=args.active, progress=False)
         sparse = load(work / "distilled")
         calibration = distilled["calibration"]
         if args.method == "tree":
             recovery = (f"routing fit + {args.distill_steps} distillation steps per layer, sequential, on "
                         f"{calibration['windows']} windows of {calibration['window']} tokens "
                         f"({calibration['tokens_per_layer']:,} MLP inputs kept per layer)")
+            if distilled["budget"]:
+                widths = [shape["leaf_width"] for shape in distilled["budget"]["layer_specs"]]
+                recovery += (f"; leaf widths per layer ({distilled['budget']['allocation']}, {min(widths)}-"
+                             f"{max(widths)}, the first layer {widths[0]}) averaging {args.active:.1%} active")
         else:
             recovery = ("treeffn distill defaults: thresholds calibrated on valid.txt, down_proj refitted"
                         + (f", {args.gate_steps} gate training steps per layer" if spec.predictor == "linear" else ""))

@@ -52,6 +52,11 @@ from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
 from treeffn_hf.conversion.routing_fit import DEFAULT_ROUTER_FIT, ROUTER_FITS  # noqa: E402
 from treeffn_hf.conversion.shape_search import search_tree_shapes  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
+from treeffn_hf.conversion.tree_allocation import (  # noqa: E402
+    ALLOCATION_FRACTIONS,
+    allocate_tree_specs,
+    tree_layer_sensitivities,
+)
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
@@ -170,7 +175,7 @@ def mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress) -> No
         del sparse
 
 
-def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None:
+def tree_rows(run, args, dense, captured, calib_ids, eval_ids, loss_ids, progress) -> None:
     hidden, intermediate = dense.config.hidden_size, dense.config.intermediate_size
     specs = [(tree_spec_for_fraction(hidden, intermediate, float(v)), float(v))
              for v in args.tree_fractions.split(",") if v]
@@ -180,12 +185,19 @@ def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None
     specs += [(None, float(v)) for v in args.tree_search.split(",") if v]
     for spec, fraction in specs:
         start = time.perf_counter()
-        search = None
+        search = allocation = None
+        layer_specs = spec
         if spec is None:  # per-layer shapes chosen by the shape search
             search = search_tree_shapes(dense, captured.inputs, fraction, router_fit=args.router_fit,
                                         progress=progress)
-            spec = search.specs()
-        sparse = convert(dense, spec, progress=False)
+            layer_specs = spec = search.specs()
+        elif args.tree_allocation == "greedy" and spec.leaf_neurons == "selected":
+            sensitivities = tree_layer_sensitivities(dense, spec, captured.inputs, loss_ids, progress=progress)
+            layer_specs = allocate_tree_specs(spec, sensitivities, fraction, intermediate)
+            allocation = {"sensitivities": sensitivities.tolist(), "fractions": list(ALLOCATION_FRACTIONS),
+                          "leaf_widths": [s.leaf_width for s in layer_specs],
+                          "seconds": time.perf_counter() - start}
+        sparse = convert(dense, layer_specs, progress=False)
         for param in sparse.parameters():
             param.requires_grad_(False)
         for _, mlp in sparse.sparse_mlps():
@@ -207,6 +219,10 @@ def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None
             shape = f"{trees}depth {spec.depth}, node {spec.node_width}, leaf {spec.leaf_width}, shared {spec.shared_width}"
             if spec.leaf_neurons == "selected":
                 shape += f", selected leaves: MLP stored {stored:.1f}x"
+            if allocation:
+                widths = allocation["leaf_widths"]
+                shape += (f", leaf widths allocated per layer on calibration KL ({min(widths)}-{max(widths)}, "
+                          f"first layer {widths[0]})")
         else:
             shape = f"shapes searched per layer, <= {search.active_units} active"
         run.add({"variant": f"tree ~{fraction:.0%} ({shape}{options})",
@@ -216,7 +232,8 @@ def tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress) -> None
                  "captured_mass_after": _mean(r.captured_mass_after for r in reports),
                  "layer_mse_before": _mean(r.mse_before for r in reports),
                  "layer_mse_after": _mean(r.mse_after for r in reports), "fit_seconds": seconds,
-                 **({"shape_search": dataclasses.asdict(search)} if search else {})})
+                 **({"shape_search": dataclasses.asdict(search)} if search else {}),
+                 **({"allocation": allocation} if allocation else {})})
         del sparse
 
 
@@ -237,6 +254,9 @@ def main() -> None:
                              "routing=hyperplane;...")
     parser.add_argument("--tree-search", default="",
                         help="active fractions at which each layer's forest shape is searched (treeffn distill --active)")
+    parser.add_argument("--tree-allocation", choices=("uniform", "greedy"), default="uniform",
+                        help="trees with selected leaves: the same width in every layer, or widths whose mean is the "
+                             "spec's, shared out on calibration KL (conversion/tree_allocation.py)")
     parser.add_argument("--no-routing-fit", action="store_true",
                         help="distil the trees as converted: leaves by recursive bisection of gate rows, no fit of "
                              "the partition and routing to activation mass")
@@ -304,7 +324,7 @@ def main() -> None:
     if args.only != "tree":
         mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress)
     if args.only != "mgs":
-        tree_rows(run, args, dense, captured, calib_ids, eval_ids, progress)
+        tree_rows(run, args, dense, captured, calib_ids, eval_ids, loss_ids, progress)
     plot(RESULTS / args.output)
 
 

@@ -155,6 +155,34 @@ def test_distill_with_active_searches_a_shape_per_layer_and_info_prints_them(den
         assert f"{spec.active_units} neurons a token" in info
 
 
+@pytest.mark.parametrize("allocation", ["greedy", "uniform"])
+def test_distill_with_active_allocates_selected_leaf_widths(dense_dir, tmp_path, capsys, allocation):
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=2, node_width=0, routing="hyperplane",
+                                                         leaf_neurons="selected", leaf_width=40, shared_width=0))
+    args = ["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+            "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--windows", "4", "--window", "64",
+            "--distill-steps", "10", "--active", "0.2", "--no-progress"]
+    assert main(args + (["--allocation", "uniform"] if allocation == "uniform" else [])) == 0, capsys.readouterr().err
+    assert f"leaf widths ({allocation}) at 20.0% active" in capsys.readouterr().out
+    budget = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())["budget"]
+    widths = [m.spec.leaf_width for _, m in treeffn_hf.load(tmp_path / "out").sparse_mlps()]
+    assert widths == [shape["leaf_width"] for shape in budget["layer_specs"]]
+    assert sum(widths) <= 0.2 * 166 * 2 and sum(widths) >= 0.2 * 166 * 2 - 2  # the mean, rounded down per layer
+    if allocation == "uniform":
+        assert widths == [33, 33] and budget["sensitivities"] is None
+    else:
+        assert len(budget["sensitivities"]) == 2
+
+
+def test_allocation_is_refused_for_a_tree_without_active_widths(dense_dir, tmp_path, capsys):
+    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=2, node_width=1))
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--allocation", "greedy",
+                 "--no-progress"])
+    assert code == 1 and "--allocation shares out" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_active_is_refused_for_mgs(dense_dir, tmp_path, capsys):
     save_sparse(dense_dir, tmp_path / "sparse", MGSSpec(density=0.3))
     code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),

@@ -182,7 +182,7 @@ def distill_checkpoint(
     selection: Optional[str] = None,
     density: Optional[float] = None,
     weight_fraction: Optional[float] = None,
-    allocation: str = "uniform",
+    allocation: Optional[str] = None,
     refit_down: bool = True,
     router_fit: str = DEFAULT_ROUTER_FIT,
     sequential: bool = True,
@@ -193,13 +193,16 @@ def distill_checkpoint(
     """Recover quality layer by layer: capture the dense MLPs' inputs on calibration text, then
     regress tree MLPs on the dense outputs (after their routing fit, with `router_fit` routers where
     they route by hyperplanes; with `sequential`, each on the inputs the already distilled sparse
-    layers before it produce; with `active`, each layer first takes the forest shape that keeps its
-    output best at that fraction of its neurons per token, conversion/shape_search.py), or
+    layers before it produce; with `active`, a partition forest first takes, in each layer, the
+    forest shape that keeps its output best at that fraction of its neurons per token
+    (conversion/shape_search.py), and a tree whose leaves select their neurons takes per-layer leaf
+    widths whose active neurons average that fraction, `greedy` on a calibration loss (the default
+    for trees) or `uniform`, conversion/tree_allocation.py), or
     calibrate MGS models: train linear gates on
     dense-activation labels (the quantized predictor needs no training) and, unless
     `selection='top_k'`, give every layer a threshold calibrated to its density. The densities
     average `density` (default: the checkpoint's), or `weight_fraction` of the MLP weight bytes,
-    shared out `uniform`ly or `greedy` on a calibration loss (conversion/budgets.py). Then, with
+    shared out `uniform`ly (the default for MGS) or `greedy` on a calibration loss (conversion/budgets.py). Then, with
     `refit_down`, each MGS layer's down_proj is refitted by least squares so the computed neurons
     make up for the skipped ones (conversion/compensation.py).
 
@@ -239,9 +242,12 @@ def distill_checkpoint(
             raise CheckpointError("--selection, --density and --weight-fraction apply to MGS models only")
         if sparse.config.sparse_mlp["method"] != "tree" and active is not None:
             raise CheckpointError("--active chooses tree shapes: it applies to tree models only")
-        if active is not None and sparse.config.sparse_mlp.get("leaf_neurons") == "selected":
-            raise CheckpointError("--active searches partition forests; a tree whose leaves select their neurons "
-                                  "takes its shape at conversion (--leaf-width, --depth)")
+        selected = sparse.config.sparse_mlp.get("leaf_neurons") == "selected"
+        if allocation not in (None, "uniform", "greedy"):
+            raise CheckpointError(f"--allocation must be uniform or greedy, got {allocation!r}")
+        if sparse.config.sparse_mlp["method"] == "tree" and allocation is not None and not (selected and active):
+            raise CheckpointError("--allocation shares out MGS densities, or with --active the leaf widths of a tree "
+                                  "whose leaves select their neurons")
         if selection == "top_k" and (density is not None or weight_fraction is not None):
             raise CheckpointError("--density and --weight-fraction set calibrated thresholds: not with --selection top_k")
         tokenizer = AutoTokenizer.from_pretrained(str(sparse_dir), trust_remote_code=True)
@@ -258,12 +264,18 @@ def distill_checkpoint(
             reports = train_gates(sparse, captured.inputs, steps=gate_steps, work_dir=work, progress=progress)
             if selection != "top_k":  # thresholds are the best selection we know
                 budget = calibrate_mgs(sparse, captured.inputs, density=density, weight_fraction=weight_fraction,
-                                       allocation=allocation, loss_ids=ids[-LOSS_WINDOWS:], progress=progress)
+                                       allocation=allocation or "uniform", loss_ids=ids[-LOSS_WINDOWS:],
+                                       progress=progress)
             if refit_down:  # after the selection is final: the refit is fitted under it
                 refits = refit_mgs_layers(sparse, dense_model, ids, progress=progress)
         else:
-            if active is not None:
-                sparse, shapes = _reshaped(sparse, dense_model, captured.inputs, active, work, router_fit, progress)
+            if active is not None and selected:
+                budget = _allocated(sparse, dense_model, captured.inputs, ids[-LOSS_WINDOWS:], active,
+                                    allocation or "greedy", work, progress)
+                sparse = _reconverted(sparse, dense_model, [TreeSpec(**s) for s in budget["layer_specs"]])
+            elif active is not None:
+                shapes = _searched_shapes(sparse, dense_model, captured.inputs, active, work, router_fit, progress)
+                sparse = _reconverted(sparse, dense_model, [TreeSpec(**layer["shape"]) for layer in shapes["layers"]])
             for param in sparse.parameters():
                 param.requires_grad_(False)
             for _, mlp in sparse.sparse_mlps():
@@ -295,25 +307,61 @@ def distill_checkpoint(
     return summary
 
 
-def _reshaped(sparse, dense_model, inputs, active: float, work: Path, router_fit: str, progress: bool):
-    """`sparse` with each tree layer re-converted from the dense MLP in the shape the search picks
-    (its routing and node width kept; everything outside the MLPs kept). The search's choice is
-    kept in `work`, so a resumed run skips it."""
+def _searched_shapes(sparse, dense_model, inputs, active: float, work: Path, router_fit: str, progress: bool) -> dict:
+    """The per-layer forest shapes the search picks (the checkpoint's routing and node width kept),
+    kept in `work`, so a resumed run skips the search."""
     from .conversion.shape_search import search_tree_shapes, shape_candidates
 
-    saved = work / "shapes.json"
-    if saved.is_file():
-        search = json.loads(saved.read_text())
-    else:
+    def search() -> dict:
         config, base = dense_model.config, sparse.config.sparse_spec
         candidates = shape_candidates(config.hidden_size, config.intermediate_size, active,
                                       node_width=base.node_width, routing=base.routing)
-        search = asdict(search_tree_shapes(dense_model, inputs, active, candidates=candidates, router_fit=router_fit,
-                                           progress=progress))
-        partial = saved.with_suffix(".partial")
-        partial.write_text(json.dumps(search))
-        os.replace(partial, saved)
-    reshaped = convert(dense_model, [TreeSpec(**layer["shape"]) for layer in search["layers"]], progress=False)
+        return asdict(search_tree_shapes(dense_model, inputs, active, candidates=candidates, router_fit=router_fit,
+                                         progress=progress))
+
+    return _kept(work / "shapes.json", search)
+
+
+def _allocated(sparse, dense_model, inputs, loss_ids, active: float, allocation: str, work: Path,
+               progress: bool) -> dict:
+    """Per-layer leaf widths of a selected-leaf tree averaging `active` (conversion/tree_allocation.py),
+    kept in `work`, so a resumed run skips the sensitivities."""
+    from .conversion.tree_allocation import (
+        ALLOCATION_FRACTIONS,
+        allocate_tree_specs,
+        tree_layer_sensitivities,
+        with_active_fraction,
+    )
+
+    def allocate() -> dict:
+        base, config = sparse.config.sparse_spec, dense_model.config
+        if allocation == "uniform":
+            sensitivities = None
+            specs = [with_active_fraction(base, active, config.intermediate_size)] * config.num_hidden_layers
+        else:
+            sensitivities = tree_layer_sensitivities(dense_model, base, inputs, loss_ids, progress=progress)
+            specs = allocate_tree_specs(base, sensitivities, active, config.intermediate_size)
+        return {"allocation": allocation, "active": active, "fractions": list(ALLOCATION_FRACTIONS),
+                "sensitivities": None if sensitivities is None else sensitivities.tolist(),
+                "layer_specs": [s.resolve(config.hidden_size, config.intermediate_size).shape() for s in specs]}
+
+    return _kept(work / "allocation.json", allocate)
+
+
+def _kept(path: Path, compute) -> dict:
+    """`compute()`'s JSON result, or the one a killed run left at `path`."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(result))
+    os.replace(partial, path)
+    return result
+
+
+def _reconverted(sparse, dense_model, specs: list[TreeSpec]):
+    """`sparse` re-converted from the dense MLPs with one spec per layer, everything outside the MLPs kept."""
+    reshaped = convert(dense_model, specs, progress=False)
     arch = architecture_for(dense_model.config)
     mlps = tuple(arch.mlp_key_prefix(i) for i in range(dense_model.config.num_hidden_layers))
     missing, unexpected = reshaped.load_state_dict(
@@ -321,7 +369,7 @@ def _reshaped(sparse, dense_model, inputs, active: float, work: Path, router_fit
     if unexpected or any(not k.startswith(mlps) for k in missing):
         raise CheckpointError(f"the tree checkpoint and its dense model differ outside the MLPs: "
                               f"{(unexpected + [k for k in missing if not k.startswith(mlps)])[:3]}")
-    return reshaped, search
+    return reshaped
 
 
 def prune_checkpoint(

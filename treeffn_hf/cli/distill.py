@@ -41,9 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(GPTQ-style; the calibration text walks through the layers once); --no-sequential "
                              "fits every layer on the dense model's inputs")
     parser.add_argument("--active", type=float, default=None,
-                        help="trees: give each layer the forest shape (trees, depth, shared neurons) that keeps its "
-                             "output best at this fraction of its neurons per token, chosen by short distillations "
-                             "of every candidate (default: keep the checkpoint's shape)")
+                        help="trees: make a token compute this fraction of each MLP's neurons on average. A partition "
+                             "forest takes, per layer, the shape (trees, depth, shared neurons) that keeps its output "
+                             "best, chosen by short distillations of every candidate; a tree whose leaves select "
+                             "their neurons takes per-layer leaf widths (see --allocation). Default: keep the "
+                             "checkpoint's shape")
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
                         help="MGS: threshold (the default) calibrates per-layer thresholds; top_k keeps a fixed k")
     budget = parser.add_mutually_exclusive_group()
@@ -51,9 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MGS: mean fraction of neurons computed (default: the checkpoint's)")
     budget.add_argument("--weight-fraction", type=float, default=None,
                         help="MGS: mean fraction of MLP weight bytes read per token, predictor included")
-    parser.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform",
-                        help="MGS: the same density in every layer, or greedy on a calibration loss (TEAL-style; "
-                             "measured no better on SmolLM2, see README)")
+    parser.add_argument("--allocation", choices=("uniform", "greedy"), default=None,
+                        help="MGS (default uniform): the same density in every layer, or greedy on a calibration "
+                             "loss (TEAL-style; measured no better on SmolLM2, see README). Selected-leaf trees with "
+                             "--active (default greedy): leaf widths shared out on each layer's calibration KL, or "
+                             "the same in every layer")
     parser.add_argument("--no-refit-down", dest="refit_down", action="store_false",
                         help="MGS: keep the dense down_proj (default: refit it by least squares under the selection)")
     parser.add_argument("--overwrite", action="store_true")
@@ -95,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"shapes at <= {search['active_units']} active neurons a token ({search['seconds']:.0f}s, "
                   f"{len(search['candidates'])} candidates): "
                   + ", ".join(f"{name} x{count}" for name, count in chosen.most_common()))
+        if summary["budget"]:  # selected leaves: widths allocated per layer
+            widths = [shape["leaf_width"] for shape in summary["budget"]["layer_specs"]]
+            print(f"leaf widths ({summary['budget']['allocation']}) at {summary['budget']['active']:.1%} active on "
+                  f"average: layers from {min(widths)} to {max(widths)}, the first {widths[0]}")
         improved = sum(r["mse_after"] < r["mse_before"] for r in layers)
         fitted = [r for r in layers if r.get("captured_mass_after") is not None]
         if fitted:
