@@ -7,7 +7,9 @@ import treeffn_hf
 from treeffn_hf import TreeSpec
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
 from treeffn_hf.conversion.tree_allocation import (
+    ALLOCATION_FRACTIONS,
     allocate_tree_specs,
+    allocation_fractions,
     tree_layer_sensitivities,
     with_active_fraction,
 )
@@ -32,6 +34,12 @@ def test_active_fraction_sets_the_leaf_width_and_counts_the_path():
     assert shaped.active_units <= 41 and shaped.active_units >= 41 - 1  # (41 - 5 - 12) // 2 = 12 a leaf
     with pytest.raises(InvalidSpecError, match="no leaf neuron"):
         with_active_fraction(two_trees, 0.05, INTERMEDIATE)
+
+
+def test_the_grid_reaches_below_a_low_target():
+    assert allocation_fractions(0.25) == ALLOCATION_FRACTIONS
+    low = allocation_fractions(0.05)
+    assert low[:-1] == ALLOCATION_FRACTIONS and low[-1] == pytest.approx(0.025)
 
 
 def test_the_sensitive_layer_gets_the_widest_leaves_within_the_budget(tmp_path):

@@ -327,11 +327,13 @@ def _allocated(sparse, dense_model, inputs, loss_ids, active: float, allocation:
     """Per-layer leaf widths of a selected-leaf tree averaging `active` (conversion/tree_allocation.py),
     kept in `work`, so a resumed run skips the sensitivities."""
     from .conversion.tree_allocation import (
-        ALLOCATION_FRACTIONS,
         allocate_tree_specs,
+        allocation_fractions,
         tree_layer_sensitivities,
         with_active_fraction,
     )
+
+    grid = allocation_fractions(active)
 
     def allocate() -> dict:
         base, config = sparse.config.sparse_spec, dense_model.config
@@ -339,9 +341,10 @@ def _allocated(sparse, dense_model, inputs, loss_ids, active: float, allocation:
             sensitivities = None
             specs = [with_active_fraction(base, active, config.intermediate_size)] * config.num_hidden_layers
         else:
-            sensitivities = tree_layer_sensitivities(dense_model, base, inputs, loss_ids, progress=progress)
-            specs = allocate_tree_specs(base, sensitivities, active, config.intermediate_size)
-        return {"allocation": allocation, "active": active, "fractions": list(ALLOCATION_FRACTIONS),
+            sensitivities = tree_layer_sensitivities(dense_model, base, inputs, loss_ids, fractions=grid,
+                                                     progress=progress)
+            specs = allocate_tree_specs(base, sensitivities, active, config.intermediate_size, fractions=grid)
+        return {"allocation": allocation, "active": active, "fractions": list(grid),
                 "sensitivities": None if sensitivities is None else sensitivities.tolist(),
                 "layer_specs": [s.resolve(config.hidden_size, config.intermediate_size).shape() for s in specs]}
 

@@ -30,6 +30,12 @@ ALLOCATION_FRACTIONS = (0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)  # where 
 SENSITIVITY_TOKENS = 8192  # calibration tokens a layer's trial trees are fitted on
 
 
+def allocation_fractions(active: float) -> tuple[float, ...]:
+    """The grid the sensitivities are measured on: `ALLOCATION_FRACTIONS`, reaching down to half of
+    `active` where that lies below them (the greedy allocation moves only within the grid)."""
+    return ALLOCATION_FRACTIONS + ((active / 2,) if active / 2 < ALLOCATION_FRACTIONS[-1] else ())
+
+
 def with_active_fraction(spec: TreeSpec, fraction: float, intermediate_size: int) -> TreeSpec:
     """`spec` with the leaf width that makes a token compute `fraction` of the MLP's neurons
     (rounded down; the path's node and shared neurons count)."""
