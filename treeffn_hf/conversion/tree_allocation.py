@@ -17,13 +17,12 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
 from ..modeling.layer_spec import InvalidSpecError, TreeSpec
 from ..modeling.tree_layer import TreeFFN
-from .budgets import allocate_greedy
+from .budgets import _log_probs, allocate_greedy
 from .leaf_selection import fit_selected_leaves
 
 ALLOCATION_FRACTIONS = (0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)  # where each layer's KL is measured
@@ -45,10 +44,6 @@ def with_active_fraction(spec: TreeSpec, fraction: float, intermediate_size: int
         raise InvalidSpecError(f"{fraction:.1%} of {intermediate_size} neurons leaves no leaf neuron beside the "
                                f"path's {path} node and shared neurons")
     return dataclasses.replace(spec, leaf_width=leaf)
-
-
-def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
 
 
 @torch.no_grad()
