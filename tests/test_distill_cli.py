@@ -25,6 +25,15 @@ def save_sparse(dense_dir, path, spec) -> None:
     treeffn_hf.save(treeffn_hf.convert(dense, spec, progress=False), path, tokenizer=tokenizer)
 
 
+def assert_refused(dense_dir, tmp_path, capsys, spec, flags: list[str], message: str) -> None:
+    """`treeffn distill` with `flags` on a checkpoint of `spec` fails with `message`, leaving nothing behind."""
+    save_sparse(dense_dir, tmp_path / "sparse", spec)
+    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
+                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), *flags, "--no-progress"])
+    assert code == 1 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+
+
 @pytest.mark.parametrize("spec,selection", [(TreeSpec(depth=3, node_width=2), None),
                                             (TreeSpec(depth=3, node_width=1, routing="hyperplane",
                                                       leaf_neurons="selected", leaf_width=40, shared_width=4), None),
@@ -118,21 +127,13 @@ def test_missing_calibration_file_is_a_one_line_error(dense_dir, tmp_path, capsy
 
 
 def test_threshold_selection_is_refused_for_trees(dense_dir, tmp_path, capsys):
-    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=2, node_width=1))
-    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
-                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--selection", "threshold",
-                 "--no-progress"])
-    assert code == 1 and "MGS models only" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+    assert_refused(dense_dir, tmp_path, capsys, TreeSpec(depth=2, node_width=1), ["--selection", "threshold"],
+                   "MGS models only")
 
 
 def test_a_density_with_top_k_selection_is_refused(dense_dir, tmp_path, capsys):
-    save_sparse(dense_dir, tmp_path / "sparse", MGSSpec(density=0.3))
-    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
-                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--selection", "top_k",
-                 "--density", "0.2", "--no-progress"])
-    assert code == 1 and "not with --selection top_k" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
+    assert_refused(dense_dir, tmp_path, capsys, MGSSpec(density=0.3), ["--selection", "top_k", "--density", "0.2"],
+                   "not with --selection top_k")
 
 
 def test_distill_with_active_searches_a_shape_per_layer_and_info_prints_them(dense_dir, tmp_path, capsys):
@@ -175,20 +176,12 @@ def test_distill_with_active_allocates_selected_leaf_widths(dense_dir, tmp_path,
 
 
 def test_allocation_is_refused_for_a_tree_without_active_widths(dense_dir, tmp_path, capsys):
-    save_sparse(dense_dir, tmp_path / "sparse", TreeSpec(depth=2, node_width=1))
-    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
-                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--allocation", "greedy",
-                 "--no-progress"])
-    assert code == 1 and "--allocation shares out" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert_refused(dense_dir, tmp_path, capsys, TreeSpec(depth=2, node_width=1), ["--allocation", "greedy"],
+                   "--allocation shares out")
 
 
 def test_active_is_refused_for_mgs(dense_dir, tmp_path, capsys):
-    save_sparse(dense_dir, tmp_path / "sparse", MGSSpec(density=0.3))
-    code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
-                 "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--active", "0.2", "--no-progress"])
-    assert code == 1 and "tree models only" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert_refused(dense_dir, tmp_path, capsys, MGSSpec(density=0.3), ["--active", "0.2"], "tree models only")
 
 
 def test_distill_no_sequential_fits_trees_on_the_dense_inputs(dense_dir, tmp_path, capsys):
