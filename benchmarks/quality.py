@@ -52,11 +52,7 @@ from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
 from treeffn_hf.conversion.routing_fit import DEFAULT_ROUTER_FIT, ROUTER_FITS  # noqa: E402
 from treeffn_hf.conversion.shape_search import search_tree_shapes  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
-from treeffn_hf.conversion.tree_allocation import (  # noqa: E402
-    allocate_tree_specs,
-    allocation_fractions,
-    tree_layer_sensitivities,
-)
+from treeffn_hf.conversion.tree_allocation import allocate_tree_widths  # noqa: E402
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
@@ -192,10 +188,8 @@ def tree_rows(run, args, dense, captured, calib_ids, eval_ids, loss_ids, progres
                                         progress=progress)
             layer_specs = spec = search.specs()
         elif args.tree_allocation == "greedy" and spec.leaf_neurons == "selected":
-            grid = allocation_fractions(fraction)
-            sensitivities = tree_layer_sensitivities(dense, spec, captured.inputs, loss_ids, fractions=grid,
-                                                     progress=progress)
-            layer_specs = allocate_tree_specs(spec, sensitivities, fraction, intermediate, fractions=grid)
+            layer_specs, sensitivities, grid = allocate_tree_widths(dense, spec, captured.inputs, loss_ids, fraction,
+                                                                    progress=progress)
             allocation = {"sensitivities": sensitivities.tolist(), "fractions": list(grid),
                           "leaf_widths": [s.leaf_width for s in layer_specs],
                           "seconds": time.perf_counter() - start}

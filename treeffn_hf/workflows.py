@@ -326,24 +326,16 @@ def _allocated(sparse, dense_model, inputs, loss_ids, active: float, allocation:
                progress: bool) -> dict:
     """Per-layer leaf widths of a selected-leaf tree averaging `active` (conversion/tree_allocation.py),
     kept in `work`, so a resumed run skips the sensitivities."""
-    from .conversion.tree_allocation import (
-        allocate_tree_specs,
-        allocation_fractions,
-        tree_layer_sensitivities,
-        with_active_fraction,
-    )
-
-    grid = allocation_fractions(active)
+    from .conversion.tree_allocation import allocate_tree_widths, allocation_fractions, with_active_fraction
 
     def allocate() -> dict:
         base, config = sparse.config.sparse_spec, dense_model.config
         if allocation == "uniform":
-            sensitivities = None
+            sensitivities, grid = None, allocation_fractions(active)
             specs = [with_active_fraction(base, active, config.intermediate_size)] * config.num_hidden_layers
         else:
-            sensitivities = tree_layer_sensitivities(dense_model, base, inputs, loss_ids, fractions=grid,
-                                                     progress=progress)
-            specs = allocate_tree_specs(base, sensitivities, active, config.intermediate_size, fractions=grid)
+            specs, sensitivities, grid = allocate_tree_widths(dense_model, base, inputs, loss_ids, active,
+                                                              progress=progress)
         return {"allocation": allocation, "active": active, "fractions": list(grid),
                 "sensitivities": None if sensitivities is None else sensitivities.tolist(),
                 "layer_specs": [s.resolve(config.hidden_size, config.intermediate_size).shape() for s in specs]}

@@ -84,3 +84,12 @@ def allocate_tree_specs(spec: TreeSpec, sensitivities: torch.Tensor, active: flo
     `active` of the MLP's (greedy on `sensitivities`, then rounded down to whole neurons)."""
     shares = allocate_greedy(sensitivities.tolist(), fractions, active)
     return [with_active_fraction(spec, share, intermediate_size) for share in shares]
+
+
+def allocate_tree_widths(dense_model, spec: TreeSpec, inputs: Sequence[torch.Tensor], loss_ids: torch.Tensor,
+                         active: float, *, progress: bool = True) -> tuple[list[TreeSpec], torch.Tensor, tuple]:
+    """The whole allocation: (one spec per layer, the sensitivities, the grid they were measured on)."""
+    grid = allocation_fractions(active)
+    sensitivities = tree_layer_sensitivities(dense_model, spec, inputs, loss_ids, fractions=grid, progress=progress)
+    intermediate = dense_model.config.intermediate_size
+    return allocate_tree_specs(spec, sensitivities, active, intermediate, fractions=grid), sensitivities, grid
