@@ -86,6 +86,12 @@ def main() -> None:
     parser.add_argument("--teacher-top-k", type=int, default=0,
                         help="keep the teacher's top-k tokens per window and reuse them across epochs (0: full KL)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (treeffn finetune --bf16)")
+    parser.add_argument("--trainable", choices=("sparse", "all"), default="sparse",
+                        help="what fine-tuning trains (treeffn finetune --trainable)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA on attention (treeffn finetune --lora-rank)")
+    parser.add_argument("--distilled", type=Path, default=None,
+                        help="start from this `treeffn distill` output instead of distilling again; its recorded "
+                             "distillation time counts in the recovery row's seconds")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed (data order, sampling)")
     parser.add_argument("--max-windows", type=int, default=512, help="valid.txt windows trained on at most (it holds about 950 of 256 tokens)")
     parser.add_argument("--teacher-samples", type=int, default=0,
@@ -110,7 +116,7 @@ def main() -> None:
     eval_ids = protocol_windows(tokenizer, DATA / "wikitext-2-raw" / "wiki.test.raw", max_windows=args.eval_windows)
     dense_ppl = perplexity(dense, eval_ids).perplexity
     dense_curve_ppl = perplexity(dense, eval_ids[: args.curve_windows]).perplexity
-    payload = {"benchmark": "finetune_smollm2", "command": command, "machine": machine(), "settings": vars(args),
+    payload = {"benchmark": "finetune_smollm2", "command": command, "machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "evaluation": {"windows": int(eval_ids.shape[0]), "window": int(eval_ids.shape[1])},
                "dense_perplexity": dense_ppl, "dense_curve_perplexity": dense_curve_ppl, "rows": []}
 
@@ -124,47 +130,35 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="treeffn-finetune-bench-"))
     try:
         start = time.perf_counter()
-        # `treeffn distill`'s recipe, through its function, with the CLI's defaults
-        if args.method == "tree":
-            spec = (parse_tree_specs(args.tree_spec)[0] if args.tree_spec else
-                    tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, args.fraction))
+        if args.distilled:
+            # an earlier `treeffn distill` output: its own recorded fitting time counts in the budget
+            distilled_dir = args.distilled
+            distilled = json.loads((distilled_dir / "treeffn_distill.json").read_text())
+            start -= distilled["seconds"]
         else:
-            spec = MGSSpec(density=args.density)
-        save(convert(dense, spec), work / "converted", tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
-        distilled = distill_checkpoint(
-            work / "converted", work / "distilled", dense=directory, gguf_file=gguf,
-            calibration=DATA / "wikitext-2" / "valid.txt", windows=args.calibration_windows,
-            tokens_per_layer=args.tokens_per_layer, gate_steps=args.gate_steps, distill_steps=args.distill_steps,
-            lr=args.distill_lr, active=args.active, progress=False)
-        sparse = load(work / "distilled")
-        calibration = distilled["calibration"]
-        if args.method == "tree":
-            recovery = (f"routing fit + {args.distill_steps} distillation steps per layer, sequential, on "
-                        f"{calibration['windows']} windows of {calibration['window']} tokens "
-                        f"({calibration['tokens_per_layer']:,} MLP inputs kept per layer)")
-            if distilled["budget"]:
-                widths = [shape["leaf_width"] for shape in distilled["budget"]["layer_specs"]]
-                recovery += (f"; leaf widths per layer ({distilled['budget']['allocation']}, {min(widths)}-"
-                             f"{max(widths)}, the first layer {widths[0]}) averaging {args.active:.1%} active")
-        else:
-            recovery = ("treeffn distill defaults: thresholds calibrated on valid.txt, down_proj refitted"
-                        + (f", {args.gate_steps} gate training steps per layer" if spec.predictor == "linear" else ""))
+            distilled_dir = work / "distilled"
+            distilled = recovered(args, dense, tokenizer, directory, gguf, work / "converted", distilled_dir)
+        sparse = load(distilled_dir)
+        if sparse.config.sparse_spec.method != args.method:
+            parser.error(f"--distilled holds a {sparse.config.sparse_spec.method} model, not --method {args.method}")
+        recovery = recovery_description(args, sparse, distilled)
         recovered_ppl = perplexity(sparse, eval_ids).perplexity
         cost = sparse.sparse_cost()  # after the evaluation: thresholds count the units they measured
         payload["sparse"] = {"method": args.method, "spec": dict(sparse.config.sparse_mlp),
                              "unit_fraction": cost.unit_fraction, "weight_fraction": cost.weight_fraction,
                              "recovery": recovery}
         add({"variant": RECOVERY_LABEL[args.method], "perplexity": recovered_ppl,
-             "tokens_seen": int(calibration["tokens"]), "seconds": time.perf_counter() - start})
+             "tokens_seen": int(distilled["calibration"]["tokens"]), "seconds": time.perf_counter() - start})
         del sparse
 
         for variant in variants:
             label, options = VARIANTS[args.method][variant]
             start = time.perf_counter()
             model, summary = finetuned_checkpoint(
-                work / "distilled", work / f"ft-{variant}", directory, gguf, window=args.window, steps=args.steps,
+                distilled_dir, work / f"ft-{variant}", directory, gguf, window=args.window, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
                 sparsity_ramp_steps=args.sparsity_ramp, teacher_top_k=args.teacher_top_k, bf16=args.bf16, seed=args.seed,
+                trainable=args.trainable, lora_rank=args.lora_rank,
                 max_windows=args.max_windows, teacher_samples=args.teacher_samples,
                 eval_windows=eval_ids[: args.curve_windows],
                 eval_every=max(1, args.steps // 4), save_steps=max(1, args.steps // 2), **options,
@@ -180,6 +174,39 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     plot(payload, output)
+
+
+def recovered(args, dense, tokenizer, directory: Path, gguf: str, converted: Path, out: Path) -> dict:
+    """`treeffn distill`'s recipe, through its function, with the CLI's defaults; its summary."""
+    if args.method == "tree":
+        spec = (parse_tree_specs(args.tree_spec)[0] if args.tree_spec else
+                tree_spec_for_fraction(dense.config.hidden_size, dense.config.intermediate_size, args.fraction))
+    else:
+        spec = MGSSpec(density=args.density)
+    save(convert(dense, spec), converted, tokenizer=tokenizer, base_model="SmolLM2-135M-Instruct")
+    return distill_checkpoint(
+        converted, out, dense=directory, gguf_file=gguf, calibration=DATA / "wikitext-2" / "valid.txt",
+        windows=args.calibration_windows, tokens_per_layer=args.tokens_per_layer, gate_steps=args.gate_steps,
+        distill_steps=args.distill_steps, lr=args.distill_lr, active=args.active, progress=False)
+
+
+def recovery_description(args, sparse, distilled: dict) -> str:
+    calibration = distilled["calibration"]
+    if args.method == "mgs":
+        return ("treeffn distill defaults: thresholds calibrated on valid.txt, down_proj refitted"
+                + (f", {args.gate_steps} gate training steps per layer"
+                   if sparse.config.sparse_spec.predictor == "linear" else ""))
+    steps = "" if args.distilled else f" + {args.distill_steps} distillation steps per layer"
+    text = (f"routing fit{steps}, {'sequential' if distilled['sequential'] else 'independent'}, on "
+            f"{calibration['windows']} windows of {calibration['window']} tokens "
+            f"({calibration['tokens_per_layer']:,} MLP inputs kept per layer)"
+            + (f", by `treeffn distill` into {args.distilled} in {distilled['seconds']:.0f} s" if args.distilled else ""))
+    budget = distilled["budget"]
+    if budget:
+        widths = [shape["leaf_width"] for shape in budget["layer_specs"]]
+        text += (f"; leaf widths per layer ({budget['allocation']}, {min(widths)}-{max(widths)}, the first layer "
+                 f"{widths[0]}) averaging {budget['active']:.1%} active")
+    return text
 
 
 def plot(payload: dict, output: Path) -> None:

@@ -47,11 +47,15 @@ class Architecture:
     def sparse_model_type(self) -> str:
         return self.sparse_config_class.model_type
 
-    def decoder_layers(self, model: Any) -> list:
+    def layer_list(self, model: Any) -> Any:
+        """The model's own `ModuleList` of decoder layers (assigning into it swaps a layer)."""
         layers = model
         for attr in self.layers_path.split("."):
             layers = getattr(layers, attr)
-        return list(layers)
+        return layers
+
+    def decoder_layers(self, model: Any) -> list:
+        return list(self.layer_list(model))
 
     def mlp_key_prefix(self, layer_index: int) -> str:
         return f"{self.layers_path}.{layer_index}.{self.mlp_attr}."

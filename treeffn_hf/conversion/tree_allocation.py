@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -46,6 +46,35 @@ def with_active_fraction(spec: TreeSpec, fraction: float, intermediate_size: int
     return dataclasses.replace(spec, leaf_width=leaf)
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer before the one on trial: passes its input through, or, for the
+    layer just before it, returns the hidden states the dense layers produced there (recorded once),
+    so a trial computes only the layers from its own on; the logits are the same."""
+
+    def __init__(self, output: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states if self.output is None else self.output
+
+
+def _layer_inputs(model, layers: Sequence[torch.nn.Module], ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each decoder layer's input hidden states when `model` runs `ids`."""
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handles = [layer.register_forward_pre_hook(keep, with_kwargs=True) for layer in layers]
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 @torch.no_grad()
 def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch.Tensor], loss_ids: torch.Tensor,
                              fractions: Sequence[float] = ALLOCATION_FRACTIONS, seed: int = 0,
@@ -57,24 +86,35 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
         raise ValueError("tree width allocation fits trees whose leaves select their neurons (leaf_neurons='selected')")
     config = dense_model.config
     arch = architecture_for(config)
-    layers = arch.decoder_layers(dense_model)
+    layer_list = arch.layer_list(dense_model)
+    layers = list(layer_list)
     ids = loss_ids.to(next(dense_model.parameters()).device)
     dense = _log_probs(dense_model, ids)
+    hidden = _layer_inputs(dense_model, layers, ids)
     table = torch.zeros(len(layers), len(fractions))
-    cases = [(row, col) for row in range(len(layers)) for col in range(len(fractions))]
-    for row, col in tqdm(cases, desc="allocation: tree sensitivities", disable=not progress):
-        dense_mlp = getattr(layers[row], arch.mlp_attr)
-        shape = with_active_fraction(spec, fractions[col], config.intermediate_size).resolve(
-            config.hidden_size, config.intermediate_size)
-        weight = dense_mlp.gate_proj.weight
-        tree = TreeFFN(config.hidden_size, config.intermediate_size, shape, dense_mlp.act_fn).to(
-            device=weight.device, dtype=weight.dtype)
-        fit_selected_leaves(tree, dense_mlp, inputs[row][:SENSITIVITY_TOKENS], seed=seed + row)
-        setattr(layers[row], arch.mlp_attr, tree)
+    progress_bar = tqdm(total=len(layers) * len(fractions), desc="allocation: tree sensitivities", disable=not progress)
+    for row, layer in enumerate(layers):
+        dense_mlp = getattr(layer, arch.mlp_attr)
+        for before in range(row):
+            layer_list[before] = _Replay(hidden[row] if before == row - 1 else None)
         try:
-            table[row, col] = float((dense.exp() * (dense - _log_probs(dense_model, ids))).sum(-1).mean())
+            for col, fraction in enumerate(fractions):
+                shape = with_active_fraction(spec, fraction, config.intermediate_size).resolve(
+                    config.hidden_size, config.intermediate_size)
+                weight = dense_mlp.gate_proj.weight
+                tree = TreeFFN(config.hidden_size, config.intermediate_size, shape, dense_mlp.act_fn).to(
+                    device=weight.device, dtype=weight.dtype)
+                fit_selected_leaves(tree, dense_mlp, inputs[row][:SENSITIVITY_TOKENS], seed=seed + row)
+                setattr(layer, arch.mlp_attr, tree)
+                try:
+                    table[row, col] = float((dense.exp() * (dense - _log_probs(dense_model, ids))).sum(-1).mean())
+                finally:
+                    setattr(layer, arch.mlp_attr, dense_mlp)
+                progress_bar.update()
         finally:
-            setattr(layers[row], arch.mlp_attr, dense_mlp)
+            for before in range(row):
+                layer_list[before] = layers[before]
+    progress_bar.close()
     return table
 
 
