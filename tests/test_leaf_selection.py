@@ -9,7 +9,7 @@ from torch import nn
 import treeffn_hf
 from treeffn_hf import TreeSpec
 from treeffn_hf.conversion.fitting import batched
-from treeffn_hf.conversion.leaf_selection import bisect_tokens, fit_selected_leaves
+from treeffn_hf.conversion.leaf_selection import SelectedLeafFit, bisect_tokens, fit_selected_leaves
 from treeffn_hf.conversion.routing_fit import captured_mass, fit_routing
 from treeffn_hf.conversion.surgery import sparse_mlp_state
 from treeffn_hf.modeling.layer_spec import InvalidSpecError
@@ -132,6 +132,19 @@ def test_down_rows_refit_lowers_the_error_of_the_selected_neurons():
         neuron = torch.tensor([rows[tuple(row.tolist())] for row in selected.gate_rows])
         copied.down_rows.copy_(dense.down_proj.weight.T[neuron])
     assert relative_error(selected, dense, tokens[3000:]) < 0.9 * relative_error(copied, dense, tokens[3000:])
+
+
+def test_one_prepared_fit_serves_every_width_as_a_fresh_fit_does():
+    dense, tokens = overlapping_clusters(seed=2)
+    prepared = SelectedLeafFit(dense, tokens[:3000], SELECTED, seed=5)
+    for width in (SPAN, SPAN // 2, 3):
+        spec = dataclasses.replace(SELECTED, leaf_width=width)
+        reused, fresh = converted(spec, dense), converted(spec, dense)
+        assert prepared.fit(reused) == fit_selected_leaves(fresh, dense, tokens[:3000], seed=5)
+        for (name, a), b in zip(reused.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="prepared for"):
+        prepared.fit(converted(dataclasses.replace(SELECTED, depth=1, leaf_width=SPAN), dense))
 
 
 def test_partition_fit_refuses_selected_leaves():

@@ -71,71 +71,94 @@ def _top(values: torch.Tensor, pool: torch.Tensor, k: int, exclude: Optional[tor
     return pool[torch.argsort(values[pool], descending=True)[:k]]
 
 
-@torch.no_grad()
+class SelectedLeafFit:
+    """Everything a selected-leaf fit computes before it looks at node and leaf widths, kept for
+    fitting several widths of one tree shape (the width allocation's grid): the dense MLP's hidden
+    activations, masses and outputs on the fit tokens, the shared neurons, each tree's share and
+    its routers. `fit` then builds a layer of any width, as `fit_selected_leaves` does."""
+
+    @torch.no_grad()
+    def __init__(self, dense_mlp: torch.nn.Module, inputs: torch.Tensor, spec, *, holdout: float = 0.1,
+                 seed: int = 0):
+        if spec.leaf_neurons != "selected" or spec.is_pruned:
+            raise ValueError("fit_selected_leaves fits complete trees with leaf_neurons='selected' (fit before pruning)")
+        self.shape = (spec.num_trees, spec.depth, spec.shared_width)
+        self.seed = seed
+        self.gate_w = dense_mlp.gate_proj.weight.detach().float().cpu()
+        self.up_w = dense_mlp.up_proj.weight.detach().float().cpu()
+        self.down_rows = dense_mlp.down_proj.weight.detach().float().cpu().T  # (I, d): one row per neuron
+        self.act = dense_mlp.act_fn
+        generator = torch.Generator().manual_seed(seed)
+        x_all = inputs.detach().float().cpu()
+        eval_index, fit_index = holdout_split(x_all.shape[0], holdout, generator)
+        self.x, self.x_eval = x_all[fit_index], x_all[eval_index]
+        self.hidden = self.act(self.x @ self.gate_w.T) * (self.x @ self.up_w.T)
+        self.mass = self.hidden.abs() * self.down_rows.norm(dim=1)
+        self.y = self.hidden @ self.down_rows
+        self.shared, self.pools = shared_and_tree_shares(self.mass, spec)
+        routers = [bisect_tokens(self.x, spec.depth, generator) for _ in self.pools]
+        self.router_w = torch.stack([w for w, _ in routers])
+        self.router_b = torch.stack([b for _, b in routers])
+
+    @torch.no_grad()
+    def fit(self, layer: TreeFFN, layer_index: int = 0) -> RoutingFitReport:
+        """Rebuild `layer` (in place); see the module doc. The report's captured mass is the share of
+        the dense activation mass on the tokens' paths, held out."""
+        spec = layer.spec
+        if (spec.num_trees, spec.depth, spec.shared_width) != self.shape or spec.leaf_neurons != "selected":
+            raise ValueError(f"this fit was prepared for (trees, depth, shared) = {self.shape}, not the layer's "
+                             f"{(spec.num_trees, spec.depth, spec.shared_width)}")
+        x, hidden, mass, y, down_rows = self.x, self.hidden, self.mass, self.y, self.down_rows
+        nodes = torch.zeros(spec.num_trees, spec.num_nodes, spec.node_width, dtype=torch.long)
+        leaves = torch.zeros(spec.num_trees, spec.num_leaves, spec.leaf_width, dtype=torch.long)
+        token_leaf = torch.zeros(x.shape[0], spec.num_trees, dtype=torch.long)
+        few = max(1, spec.leaf_width // 4)  # fewer tokens than this: the leaf's own top is noise
+        for t, pool in enumerate(self.pools):
+            router_w, router_b = self.router_w[t], self.router_b[t]
+            overall = mass[:, pool].mean(0)
+            stack = [(0, 0, torch.arange(x.shape[0]), torch.empty(0, dtype=torch.long))]
+            while stack:
+                heap, level, rows, on_path = stack.pop()
+                own = (mass[rows].mean(0) if rows.numel() >= few
+                       else torch.zeros(mass.shape[1]).index_copy(0, pool, overall))
+                if level == spec.depth:
+                    leaves[t, heap - spec.num_nodes] = _top(own, pool, spec.leaf_width, on_path)
+                    token_leaf[rows, t] = heap - spec.num_nodes
+                    continue
+                if spec.node_width:
+                    nodes[t, heap] = _top(own, pool, spec.node_width, on_path)
+                    on_path = torch.cat([on_path, nodes[t, heap]])
+                right = x[rows] @ router_w[heap] + router_b[heap] > 0
+                stack.append((2 * heap + 1, level + 1, rows[~right], on_path))
+                stack.append((2 * heap + 2, level + 1, rows[right], on_path))
+
+        order = torch.cat(([nodes.reshape(-1)] if spec.node_width else []) + [leaves.reshape(-1), self.shared])
+        down = down_rows[order].clone()
+        with_dense_rows = {"gate_rows": self.gate_w[order], "up_rows": self.up_w[order], "down_rows": down}
+        _load(layer, with_dense_rows, self.router_w, self.router_b)
+        out = batched(layer, x.to(layer.gate_rows.dtype)).float()
+        for t in range(spec.num_trees):
+            for leaf in range(spec.num_leaves):
+                mine = (token_leaf[:, t] == leaf).nonzero().squeeze(1)
+                if mine.numel() < few:
+                    continue
+                start = layer.node_rows + (t * spec.num_leaves + leaf) * spec.leaf_width
+                rows = slice(start, start + spec.leaf_width)
+                h = hidden[mine][:, leaves[t, leaf]]
+                fit = ridge_down_rows(h, y[mine] - out[mine] + h @ down[rows], down[rows], seed=self.seed + leaf)
+                if fit.rows is not None:
+                    out[mine] += h @ (fit.rows - down[rows])
+                    down[rows] = fit.rows
+        _load(layer, {**with_dense_rows, "down_rows": down}, self.router_w, self.router_b)
+        return RoutingFitReport(layer=layer_index, captured_mass_before=None,
+                                captured_mass_after=_captured_dense_mass(layer, self.x_eval, self.gate_w, self.up_w,
+                                                                         down_rows, order, self.act))
+
+
 def fit_selected_leaves(layer: TreeFFN, dense_mlp: torch.nn.Module, inputs: torch.Tensor, *, holdout: float = 0.1,
                         seed: int = 0, layer_index: int = 0) -> RoutingFitReport:
-    """Rebuild `layer` (in place) from `dense_mlp` on its `inputs`; see the module doc. The report's
-    captured mass is the share of the dense activation mass on the tokens' paths, held out."""
-    spec = layer.spec
-    if spec.leaf_neurons != "selected" or spec.is_pruned:
-        raise ValueError("fit_selected_leaves fits complete trees with leaf_neurons='selected' (fit before pruning)")
-    gate_w = dense_mlp.gate_proj.weight.detach().float().cpu()
-    up_w = dense_mlp.up_proj.weight.detach().float().cpu()
-    down_rows = dense_mlp.down_proj.weight.detach().float().cpu().T  # (I, d): one row per neuron
-    act = layer.act_fn
-    generator = torch.Generator().manual_seed(seed)
-    x_all = inputs.detach().float().cpu()
-    eval_index, fit_index = holdout_split(x_all.shape[0], holdout, generator)
-    x, x_eval = x_all[fit_index], x_all[eval_index]
-    hidden = act(x @ gate_w.T) * (x @ up_w.T)
-    mass = hidden.abs() * down_rows.norm(dim=1)
-    y = hidden @ down_rows
-
-    shared, pools = shared_and_tree_shares(mass, spec)
-    nodes = torch.zeros(spec.num_trees, spec.num_nodes, spec.node_width, dtype=torch.long)
-    leaves = torch.zeros(spec.num_trees, spec.num_leaves, spec.leaf_width, dtype=torch.long)
-    router_w = torch.zeros(spec.num_trees, spec.num_nodes, x.shape[1])
-    router_b = torch.zeros(spec.num_trees, spec.num_nodes)
-    token_leaf = torch.zeros(x.shape[0], spec.num_trees, dtype=torch.long)
-    few = max(1, spec.leaf_width // 4)  # fewer tokens than this: the leaf's own top is noise
-    for t, pool in enumerate(pools):
-        router_w[t], router_b[t] = bisect_tokens(x, spec.depth, generator)
-        overall = mass[:, pool].mean(0)
-        stack = [(0, 0, torch.arange(x.shape[0]), torch.empty(0, dtype=torch.long))]
-        while stack:
-            heap, level, rows, on_path = stack.pop()
-            own = mass[rows].mean(0) if rows.numel() >= few else torch.zeros(mass.shape[1]).index_copy(0, pool, overall)
-            if level == spec.depth:
-                leaves[t, heap - spec.num_nodes] = _top(own, pool, spec.leaf_width, on_path)
-                token_leaf[rows, t] = heap - spec.num_nodes
-                continue
-            if spec.node_width:
-                nodes[t, heap] = _top(own, pool, spec.node_width, on_path)
-                on_path = torch.cat([on_path, nodes[t, heap]])
-            right = x[rows] @ router_w[t, heap] + router_b[t, heap] > 0
-            stack.append((2 * heap + 1, level + 1, rows[~right], on_path))
-            stack.append((2 * heap + 2, level + 1, rows[right], on_path))
-
-    order = torch.cat(([nodes.reshape(-1)] if spec.node_width else []) + [leaves.reshape(-1), shared])
-    down = down_rows[order].clone()
-    with_dense_rows = {"gate_rows": gate_w[order], "up_rows": up_w[order], "down_rows": down}
-    _load(layer, with_dense_rows, router_w, router_b)
-    out = batched(layer, x.to(layer.gate_rows.dtype)).float()
-    for t in range(spec.num_trees):
-        for leaf in range(spec.num_leaves):
-            mine = (token_leaf[:, t] == leaf).nonzero().squeeze(1)
-            if mine.numel() < few:
-                continue
-            start = layer.node_rows + (t * spec.num_leaves + leaf) * spec.leaf_width
-            rows = slice(start, start + spec.leaf_width)
-            h = hidden[mine][:, leaves[t, leaf]]
-            fit = ridge_down_rows(h, y[mine] - out[mine] + h @ down[rows], down[rows], seed=seed + leaf)
-            if fit.rows is not None:
-                out[mine] += h @ (fit.rows - down[rows])
-                down[rows] = fit.rows
-    _load(layer, {**with_dense_rows, "down_rows": down}, router_w, router_b)
-    return RoutingFitReport(layer=layer_index, captured_mass_before=None,
-                            captured_mass_after=_captured_dense_mass(layer, x_eval, gate_w, up_w, down_rows, order, act))
+    """Rebuild `layer` (in place) from `dense_mlp` on its `inputs`; see the module doc."""
+    return SelectedLeafFit(dense_mlp, inputs, layer.spec, holdout=holdout, seed=seed).fit(layer, layer_index)
 
 
 def _load(layer: TreeFFN, tables: dict[str, torch.Tensor], router_w: torch.Tensor, router_b: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ a KL of 0.46 from the dense model, in any other 0.02-0.12 (benchmarks/quality.py
 row, which reaches 2.994 against 3.138 for the same width everywhere). So a mean active fraction is
 shared out as `budgets.allocate_greedy` shares out MGS densities: each layer's sensitivity is the
 KL divergence from the dense model's next-token distribution when that layer alone is a tree,
-fitted from the dense MLP (`fit_selected_leaves`, no gradient step) at a grid of active
+fitted from the dense MLP (`SelectedLeafFit`, no gradient step) at a grid of active
 fractions; from dense, the layer whose next step down adds the least KL gives it up until the
 mean is met. The widths are then rounded to whole neurons without exceeding the budget.
 """
@@ -23,7 +23,7 @@ from ..architectures import architecture_for
 from ..modeling.layer_spec import InvalidSpecError, TreeSpec
 from ..modeling.tree_layer import TreeFFN
 from .budgets import _log_probs, allocate_greedy
-from .leaf_selection import fit_selected_leaves
+from .leaf_selection import SelectedLeafFit
 
 ALLOCATION_FRACTIONS = (0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)  # where each layer's KL is measured
 SENSITIVITY_TOKENS = 8192  # calibration tokens a layer's trial trees are fitted on
@@ -91,6 +91,8 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
     ids = loss_ids.to(next(dense_model.parameters()).device)
     dense = _log_probs(dense_model, ids)
     hidden = _layer_inputs(dense_model, layers, ids)
+    shapes = [with_active_fraction(spec, fraction, config.intermediate_size).resolve(
+        config.hidden_size, config.intermediate_size) for fraction in fractions]
     table = torch.zeros(len(layers), len(fractions))
     progress_bar = tqdm(total=len(layers) * len(fractions), desc="allocation: tree sensitivities", disable=not progress)
     for row, layer in enumerate(layers):
@@ -98,13 +100,12 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
         for before in range(row):
             layer_list[before] = _Replay(hidden[row] if before == row - 1 else None)
         try:
-            for col, fraction in enumerate(fractions):
-                shape = with_active_fraction(spec, fraction, config.intermediate_size).resolve(
-                    config.hidden_size, config.intermediate_size)
+            prepared = SelectedLeafFit(dense_mlp, inputs[row][:SENSITIVITY_TOKENS], shapes[0], seed=seed + row)
+            for col, shape in enumerate(shapes):
                 weight = dense_mlp.gate_proj.weight
                 tree = TreeFFN(config.hidden_size, config.intermediate_size, shape, dense_mlp.act_fn).to(
                     device=weight.device, dtype=weight.dtype)
-                fit_selected_leaves(tree, dense_mlp, inputs[row][:SENSITIVITY_TOKENS], seed=seed + row)
+                prepared.fit(tree)  # the routing is the same at every width: computed once a layer
                 setattr(layer, arch.mlp_attr, tree)
                 try:
                     table[row, col] = float((dense.exp() * (dense - _log_probs(dense_model, ids))).sum(-1).mean())
