@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--distill-lr", type=float, default=DISTILL_LR, help="tree distillation lr (treeffn distill's)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps (0: the recovery row alone)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -105,7 +105,7 @@ def main() -> None:
     if args.plot_only:
         plot(json.loads(output.read_text()), output)
         return
-    variants = args.variants.split(",") if args.variants else list(VARIANTS[args.method])
+    variants = [] if args.steps == 0 else args.variants.split(",") if args.variants else list(VARIANTS[args.method])
     unknown = set(variants) - set(VARIANTS[args.method])
     if unknown:
         parser.error(f"unknown {args.method} variant(s) {sorted(unknown)}; choose from {list(VARIANTS[args.method])}")

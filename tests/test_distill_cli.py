@@ -163,7 +163,8 @@ def test_distill_with_active_allocates_selected_leaf_widths(dense_dir, tmp_path,
     args = ["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
             "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--windows", "4", "--window", "64",
             "--distill-steps", "10", "--active", "0.2", "--no-progress"]
-    assert main(args + (["--allocation", "uniform"] if allocation == "uniform" else [])) == 0, capsys.readouterr().err
+    # uniform is the default: greedy is asked for
+    assert main(args + (["--allocation", "greedy"] if allocation == "greedy" else [])) == 0, capsys.readouterr().err
     assert f"leaf widths ({allocation}) at 20.0% active" in capsys.readouterr().out
     budget = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())["budget"]
     widths = [m.spec.leaf_width for _, m in treeffn_hf.load(tmp_path / "out").sparse_mlps()]

@@ -271,7 +271,7 @@ def distill_checkpoint(
         else:
             if active is not None and selected:
                 budget = _allocated(sparse, dense_model, captured.inputs, ids[-LOSS_WINDOWS:], active,
-                                    allocation or "greedy", work, progress)
+                                    allocation or "uniform", work, progress)
                 sparse = _reconverted(sparse, dense_model, [TreeSpec(**s) for s in budget["layer_specs"]])
             elif active is not None:
                 shapes = _searched_shapes(sparse, dense_model, captured.inputs, active, work, router_fit, progress)
