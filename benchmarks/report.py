@@ -235,7 +235,8 @@ def finetune_section(data: dict, name: str) -> list[str]:
     m, sparse, settings = data["machine"], data["sparse"], data["settings"]
     spec = sparse["spec"]
     if sparse["method"] == "tree":
-        layer = (f"tree: depth {spec['depth']}, node width {spec['node_width']}, leaf {spec['leaf_width']}, shared "
+        leaf = "per layer" if "leaf widths per layer" in sparse["recovery"] else spec["leaf_width"]
+        layer = (f"tree: depth {spec['depth']}, node width {spec['node_width']}, leaf {leaf}, shared "
                  f"{spec['shared_width']}" + (", leaves that select their neurons (hyperplane routing)"
                                               if spec.get("leaf_neurons") == "selected" else ""))
     else:
@@ -247,14 +248,16 @@ def finetune_section(data: dict, name: str) -> list[str]:
         f"**End-to-end fine-tuning, SmolLM2-135M {sparse['method']}** (`{data['command']}`; {cpu_name(m)}, "
         f"{m['torch_threads']} threads; file `benchmarks/results/{name}`, curve `{Path(name).stem}.png`). {layer} "
         f"= {sparse['unit_fraction']:.2%} of MLP units, {sparse['weight_fraction']:.2%} of MLP weight bytes; "
-        f"{sparse['recovery']} first, then {settings['steps']} steps of KL to the dense teacher (batch "
+        + (f"{sparse['recovery']}, no fine-tuning (the recovery row alone). " if not settings["steps"] else
+           f"{sparse['recovery']} first, then {settings['steps']} steps of KL to the dense teacher (batch "
         f"{settings['batch_size']} x {settings['window']} tokens, lr {settings['lr']:g}"
         f"{', ' + settings['lr_schedule'] + ' schedule' if settings.get('lr_schedule') else ''}"
         f"{', warmup ' + str(settings['warmup_steps']) if settings.get('warmup_steps') else ''}"
         f"{', bf16 autocast' if settings.get('bf16') else ''}"
         f"{', teacher top-' + str(settings['teacher_top_k']) + ' cached' if settings.get('teacher_top_k') else ''}"
         f"{', seed ' + str(settings['seed']) if settings.get('seed') else ''}) on {_training_data(data)}, the same data "
-        f"and steps for each variant. Perplexity on the first {data['evaluation']['windows']} protocol windows "
+        f"and steps for each variant. ")
+        + f"Perplexity on the first {data['evaluation']['windows']} protocol windows "
         f"(dense {data['dense_perplexity']:.2f}).",
         "",
         "| variant | perplexity | ratio | MLP weight bytes | tokens seen | wall time |",
