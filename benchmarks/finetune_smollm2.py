@@ -14,7 +14,8 @@ dense weights only). The 4-bit predictors have no parameters, so for them the tw
 run: pass `--variants straight_through`.
 
 Perplexity on the project protocol (wiki.test.raw), the ratio to dense, tokens seen, wall time,
-and the ratio-against-tokens curve of each fine-tune.
+and the ratio-against-tokens curve of each fine-tune. `--distilled DIR` starts from an existing
+`treeffn distill` output (its recorded fitting time counted); `--steps 0` writes its recovery row alone.
 
     python benchmarks/finetune_smollm2.py                          # about 65 minutes on 2 CPU cores
     python benchmarks/finetune_smollm2.py --method mgs --density 0.25 --variants straight_through
@@ -116,7 +117,8 @@ def main() -> None:
     eval_ids = protocol_windows(tokenizer, DATA / "wikitext-2-raw" / "wiki.test.raw", max_windows=args.eval_windows)
     dense_ppl = perplexity(dense, eval_ids).perplexity
     dense_curve_ppl = perplexity(dense, eval_ids[: args.curve_windows]).perplexity
-    payload = {"benchmark": "finetune_smollm2", "command": command, "machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"benchmark": "finetune_smollm2", "command": command, "machine": machine(), "settings": settings,
                "evaluation": {"windows": int(eval_ids.shape[0]), "window": int(eval_ids.shape[1])},
                "dense_perplexity": dense_ppl, "dense_curve_perplexity": dense_curve_ppl, "rows": []}
 

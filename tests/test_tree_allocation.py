@@ -5,20 +5,16 @@ import torch
 
 import treeffn_hf
 from treeffn_hf import TreeSpec
-from treeffn_hf.architectures import architecture_for
-from treeffn_hf.conversion.budgets import _log_probs
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
-from treeffn_hf.conversion.leaf_selection import fit_selected_leaves
 from treeffn_hf.conversion.tree_allocation import (
     ALLOCATION_FRACTIONS,
-    SENSITIVITY_TOKENS,
     allocate_tree_specs,
     allocation_fractions,
+    naive_tree_layer_sensitivities,
     tree_layer_sensitivities,
     with_active_fraction,
 )
 from treeffn_hf.modeling.layer_spec import InvalidSpecError
-from treeffn_hf.modeling.tree_layer import TreeFFN
 
 from .conftest import DATA_DIR, char_tokenizer, tiny_dense_model
 
@@ -73,24 +69,6 @@ def test_the_sensitive_layer_gets_the_widest_leaves_within_the_budget(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, sparse(ids).logits)
 
 
-def naive_sensitivities(dense, spec: TreeSpec, inputs, ids: torch.Tensor, fractions) -> torch.Tensor:
-    """The oracle: every trial a full forward of the model with one MLP swapped for the fitted tree."""
-    arch, config = architecture_for(dense.config), dense.config
-    reference = _log_probs(dense, ids)
-    table = torch.zeros(config.num_hidden_layers, len(fractions))
-    for row, layer in enumerate(arch.decoder_layers(dense)):
-        mlp = getattr(layer, arch.mlp_attr)
-        for col, fraction in enumerate(fractions):
-            shape = with_active_fraction(spec, fraction, config.intermediate_size).resolve(
-                config.hidden_size, config.intermediate_size)
-            tree = TreeFFN(config.hidden_size, config.intermediate_size, shape, mlp.act_fn)
-            fit_selected_leaves(tree, mlp, inputs[row][:SENSITIVITY_TOKENS], seed=row)
-            setattr(layer, arch.mlp_attr, tree)
-            table[row, col] = float((reference.exp() * (reference - _log_probs(dense, ids))).sum(-1).mean())
-            setattr(layer, arch.mlp_attr, mlp)
-    return table
-
-
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 @torch.no_grad()
 def test_sensitivities_replaying_the_earlier_layers_match_full_forwards(model_type):
@@ -99,7 +77,10 @@ def test_sensitivities_replaying_the_earlier_layers_match_full_forwards(model_ty
     captured = capture_mlp_inputs(dense, text_windows(0, 4), progress=False)
     ids = text_windows(20, 2)
     fast = tree_layer_sensitivities(dense, SPEC, captured.inputs, ids, fractions=FRACTIONS[:2], progress=False)
-    torch.testing.assert_close(fast, naive_sensitivities(dense, SPEC, captured.inputs, ids, FRACTIONS[:2]))
+    torch.testing.assert_close(fast, naive_tree_layer_sensitivities(dense, SPEC, captured.inputs, ids, FRACTIONS[:2]))
+    some = tree_layer_sensitivities(dense, SPEC, captured.inputs, ids, fractions=FRACTIONS[:2], progress=False, rows=[2])
+    torch.testing.assert_close(some[2], fast[2])
+    assert (some[:2] == 0).all()
     assert (fast > 0).all()
     assert [type(layer).__name__ for layer in dense.model.layers] == [type(dense.model.layers[0]).__name__] * 3
 

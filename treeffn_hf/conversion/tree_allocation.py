@@ -26,7 +26,7 @@ from ..architectures import architecture_for
 from ..modeling.layer_spec import InvalidSpecError, TreeSpec
 from ..modeling.tree_layer import TreeFFN
 from .budgets import _log_probs, allocate_greedy
-from .leaf_selection import SelectedLeafFit
+from .leaf_selection import SelectedLeafFit, fit_selected_leaves
 
 ALLOCATION_FRACTIONS = (0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)  # where each layer's KL is measured
 SENSITIVITY_TOKENS = 8192  # calibration tokens a layer's trial trees are fitted on
@@ -78,15 +78,28 @@ def _layer_inputs(model, layers: Sequence[torch.nn.Module], ids: torch.Tensor) -
     return seen
 
 
+def _trial_shapes(dense_model, spec: TreeSpec, fractions: Sequence[float]) -> list[TreeSpec]:
+    if spec.leaf_neurons != "selected":
+        raise ValueError("tree width allocation fits trees whose leaves select their neurons (leaf_neurons='selected')")
+    config = dense_model.config
+    return [with_active_fraction(spec, fraction, config.intermediate_size).resolve(
+        config.hidden_size, config.intermediate_size) for fraction in fractions]
+
+
+def _trial_tree(dense_mlp: torch.nn.Module, config, shape: TreeSpec) -> TreeFFN:
+    weight = dense_mlp.gate_proj.weight
+    return TreeFFN(config.hidden_size, config.intermediate_size, shape, dense_mlp.act_fn).to(
+        device=weight.device, dtype=weight.dtype)
+
+
 @torch.no_grad()
 def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch.Tensor], loss_ids: torch.Tensor,
                              fractions: Sequence[float] = ALLOCATION_FRACTIONS, seed: int = 0,
-                             progress: bool = True) -> torch.Tensor:
+                             progress: bool = True, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
     """(layers, fractions): mean KL(dense || model) per token on `loss_ids` when only that layer's MLP
     is a tree of `spec`'s shape at that active fraction, fitted on `inputs[layer]` (the dense MLP's
-    inputs; at most `SENSITIVITY_TOKENS` of them)."""
-    if spec.leaf_neurons != "selected":
-        raise ValueError("tree width allocation fits trees whose leaves select their neurons (leaf_neurons='selected')")
+    inputs; at most `SENSITIVITY_TOKENS` of them). `rows`: measure only these layers (others stay 0)."""
+    shapes = _trial_shapes(dense_model, spec, fractions)
     config = dense_model.config
     arch = architecture_for(config)
     layer_list = arch.layer_list(dense_model)
@@ -94,20 +107,18 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
     ids = loss_ids.to(next(dense_model.parameters()).device)
     dense = _log_probs(dense_model, ids)
     hidden = _layer_inputs(dense_model, layers, ids)
-    shapes = [with_active_fraction(spec, fraction, config.intermediate_size).resolve(
-        config.hidden_size, config.intermediate_size) for fraction in fractions]
     table = torch.zeros(len(layers), len(fractions))
-    progress_bar = tqdm(total=len(layers) * len(fractions), desc="allocation: tree sensitivities", disable=not progress)
-    for row, layer in enumerate(layers):
+    rows = range(len(layers)) if rows is None else rows
+    progress_bar = tqdm(total=len(rows) * len(fractions), desc="allocation: tree sensitivities", disable=not progress)
+    for row in rows:
+        layer = layers[row]
         dense_mlp = getattr(layer, arch.mlp_attr)
         for before in range(row):
             layer_list[before] = _Replay(hidden[row] if before == row - 1 else None)
         try:
             prepared = SelectedLeafFit(dense_mlp, inputs[row][:SENSITIVITY_TOKENS], shapes[0], seed=seed + row)
             for col, shape in enumerate(shapes):
-                weight = dense_mlp.gate_proj.weight
-                tree = TreeFFN(config.hidden_size, config.intermediate_size, shape, dense_mlp.act_fn).to(
-                    device=weight.device, dtype=weight.dtype)
+                tree = _trial_tree(dense_mlp, config, shape)
                 prepared.fit(tree)  # the routing is the same at every width: computed once a layer
                 setattr(layer, arch.mlp_attr, tree)
                 try:
@@ -119,6 +130,32 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
             for before in range(row):
                 layer_list[before] = layers[before]
     progress_bar.close()
+    return table
+
+
+@torch.no_grad()
+def naive_tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch.Tensor], loss_ids: torch.Tensor,
+                                   fractions: Sequence[float] = ALLOCATION_FRACTIONS, seed: int = 0,
+                                   rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The oracle of `tree_layer_sensitivities` (tests, benchmarks/allocation_cost.py): every trial a
+    fresh fit and a full forward of the model with that one MLP swapped."""
+    shapes = _trial_shapes(dense_model, spec, fractions)
+    config = dense_model.config
+    arch = architecture_for(config)
+    layers = arch.decoder_layers(dense_model)
+    ids = loss_ids.to(next(dense_model.parameters()).device)
+    dense = _log_probs(dense_model, ids)
+    table = torch.zeros(len(layers), len(fractions))
+    for row in range(len(layers)) if rows is None else rows:
+        dense_mlp = getattr(layers[row], arch.mlp_attr)
+        for col, shape in enumerate(shapes):
+            tree = _trial_tree(dense_mlp, config, shape)
+            fit_selected_leaves(tree, dense_mlp, inputs[row][:SENSITIVITY_TOKENS], seed=seed + row)
+            setattr(layers[row], arch.mlp_attr, tree)
+            try:
+                table[row, col] = float((dense.exp() * (dense - _log_probs(dense_model, ids))).sum(-1).mean())
+            finally:
+                setattr(layers[row], arch.mlp_attr, dense_mlp)
     return table
 
 
