@@ -69,6 +69,11 @@ def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
 
 
+def kl_from_dense(dense_log_probs: torch.Tensor, model, ids: torch.Tensor) -> float:
+    """Mean KL(dense || model) per token on `ids`, from the dense model's log-probabilities there."""
+    return float((dense_log_probs.exp() * (dense_log_probs - _log_probs(model, ids))).sum(-1).mean())
+
+
 @torch.no_grad()
 def layer_sensitivities(model, layers: list, ranked: list[torch.Tensor], ids: torch.Tensor,
                         densities: Sequence[float] = SENSITIVITY_DENSITIES, progress: bool = True) -> torch.Tensor:
@@ -83,8 +88,7 @@ def layer_sensitivities(model, layers: list, ranked: list[torch.Tensor], ids: to
     for row, col in tqdm(cases, desc="allocation: layer sensitivities", disable=not progress):
         mlp = layers[row][1]
         use_threshold(mlp, threshold_for(ranked[row], densities[col]), densities[col])
-        sparse = _log_probs(model, ids)
-        table[row, col] = float((dense.exp() * (dense - sparse)).sum(-1).mean())
+        table[row, col] = kl_from_dense(dense, model, ids)
         use_all_neurons(mlp)
     return table
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..architectures import architecture_for
 from ..modeling.layer_spec import InvalidSpecError, TreeSpec
 from ..modeling.tree_layer import TreeFFN
-from .budgets import _log_probs, allocate_greedy
+from .budgets import _log_probs, allocate_greedy, kl_from_dense
 from .leaf_selection import SelectedLeafFit, fit_selected_leaves
 
 ALLOCATION_FRACTIONS = (0.75, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625)  # where each layer's KL is measured
@@ -122,7 +122,7 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
                 prepared.fit(tree)  # the routing is the same at every width: computed once a layer
                 setattr(layer, arch.mlp_attr, tree)
                 try:
-                    table[row, col] = float((dense.exp() * (dense - _log_probs(dense_model, ids))).sum(-1).mean())
+                    table[row, col] = kl_from_dense(dense, dense_model, ids)
                 finally:
                     setattr(layer, arch.mlp_attr, dense_mlp)
                 progress_bar.update()
@@ -153,7 +153,7 @@ def naive_tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence
             fit_selected_leaves(tree, dense_mlp, inputs[row][:SENSITIVITY_TOKENS], seed=seed + row)
             setattr(layers[row], arch.mlp_attr, tree)
             try:
-                table[row, col] = float((dense.exp() * (dense - _log_probs(dense_model, ids))).sum(-1).mean())
+                table[row, col] = kl_from_dense(dense, dense_model, ids)
             finally:
                 setattr(layers[row], arch.mlp_attr, dense_mlp)
     return table
