@@ -20,6 +20,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_for
@@ -62,22 +63,6 @@ class _Replay(torch.nn.Module):
         return hidden_states if self.output is None else self.output
 
 
-def _layer_inputs(model, layers: Sequence[torch.nn.Module], ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each decoder layer's input hidden states when `model` runs `ids`."""
-    seen: list[torch.Tensor] = []
-
-    def keep(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-    handles = [layer.register_forward_pre_hook(keep, with_kwargs=True) for layer in layers]
-    try:
-        model(ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def _trial_shapes(dense_model, spec: TreeSpec, fractions: Sequence[float]) -> list[TreeSpec]:
     if spec.leaf_neurons != "selected":
         raise ValueError("tree width allocation fits trees whose leaves select their neurons (leaf_neurons='selected')")
@@ -105,8 +90,9 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
     layer_list = arch.layer_list(dense_model)
     layers = list(layer_list)
     ids = loss_ids.to(next(dense_model.parameters()).device)
-    dense = _log_probs(dense_model, ids)
-    hidden = _layer_inputs(dense_model, layers, ids)
+    reference = dense_model(ids, use_cache=False, output_hidden_states=True)
+    dense = F.log_softmax(reference.logits.float(), dim=-1)  # as budgets._log_probs, from the same forward
+    hidden = reference.hidden_states  # hidden[i]: the input of decoder layer i
     table = torch.zeros(len(layers), len(fractions))
     rows = range(len(layers)) if rows is None else rows
     progress_bar = tqdm(total=len(rows) * len(fractions), desc="allocation: tree sensitivities", disable=not progress)
