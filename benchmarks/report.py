@@ -235,7 +235,8 @@ def finetune_section(data: dict, name: str) -> list[str]:
     m, sparse, settings = data["machine"], data["sparse"], data["settings"]
     spec = sparse["spec"]
     if sparse["method"] == "tree":
-        leaf = "per layer" if "leaf widths per layer" in sparse["recovery"] else spec["leaf_width"]
+        widths = {shape["leaf_width"] for shape in spec.get("layer_shapes") or [spec]}
+        leaf = spec["leaf_width"] if len(widths) == 1 else "per layer"
         layer = (f"tree: depth {spec['depth']}, node width {spec['node_width']}, leaf {leaf}, shared "
                  f"{spec['shared_width']}" + (", leaves that select their neurons (hyperplane routing)"
                                               if spec.get("leaf_neurons") == "selected" else ""))
