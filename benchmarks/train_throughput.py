@@ -83,11 +83,13 @@ class Step:
     """One training step of `student` against `teacher` on `ids`, with its optimizer."""
 
     def __init__(self, student, teacher, ids: torch.Tensor, *, loss=chunked_kl, autocast: bool = False,
-                 cached_teacher: TeacherHidden | tuple | None = None) -> None:
+                 cached_teacher: TeacherHidden | tuple | None = None, fused_adamw: bool = False) -> None:
         self.student, self.teacher, self.ids, self.loss, self.autocast = student, teacher, ids, loss, autocast
         # No teacher forward: a TeacherHidden (the full KL) or the (log-probs, ids) of its top k.
         self.cached_teacher = cached_teacher
-        self.optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+        # fused: as the Trainer of `treeffn finetune` steps (its default optim, adamw_torch_fused)
+        self.optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6,
+                                           fused=fused_adamw or None)
         self.calls: list[dict[str, float]] = []  # seconds of each phase, per call
 
     def _clock(self, name: str, fn):

@@ -262,7 +262,51 @@ def test_block_computation_equals_masked_dense_forward_and_backward(spec):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("spec", [s for s in SETTINGS if s.activation == "per_node"][::3], ids=lambda s: spec_id(s))
+def test_block_computation_under_bf16_autocast_matches_the_masked_reference(spec):
+    """Training runs under bf16 autocast: the grouped blocks keep the masked form's numerics (bf16
+    GEMMs, float32 weights and gradients) to bf16's precision, and leave unreached rows' gradients at zero."""
+    from treeffn_hf.modeling.tree_layer import tree_ffn_blocks, tree_ffn_masked_dense
+
+    layer = make_layer(spec, dtype=torch.float32)
+    x = torch.randn(37, 24, requires_grad=True)
+    upstream = torch.randn(37, 24)
+    leaf, path = layer.route(x)
+    results = []
+    for compute in (tree_ffn_blocks, tree_ffn_masked_dense):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compute(layer, x, leaf, path)
+        grads = torch.autograd.grad((out.float() * upstream).sum(), [x, layer.gate_rows, layer.up_rows,
+                                                                       layer.down_rows])
+        results.append((out, grads))
+    (got, got_grads), (want, want_grads) = results
+    assert got.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got_grads[1:])
+    def relative_error(a, b):
+        return float((a.detach().float() - b.float()).norm() / b.float().norm())
+
+    # bf16 keeps 8 bits: the two sum their rounded products in different orders
+    assert relative_error(got, want) < 0.01
+    for g, w in zip(got_grads, want_grads):
+        assert relative_error(g, w) < 0.02
+    for g, w in zip(got_grads[1:], want_grads[1:]):
+        assert torch.equal(g == 0, w == 0)  # the same rows untouched
+
+
+def test_block_computation_trains_the_input_alone_when_the_tables_are_frozen():
+    from treeffn_hf.modeling.tree_layer import tree_ffn_blocks, tree_ffn_masked_dense
+
+    layer = make_layer(dataclasses.replace(SETTINGS[0], routing="hyperplane", leaf_neurons="selected"))
+    layer.requires_grad_(False)
+    x = torch.randn(9, 24, dtype=torch.float64, requires_grad=True)
+    leaf, path = layer.route(x)
+    got, want = (torch.autograd.grad(compute(layer, x, leaf, path).square().sum(), x)[0]
+                 for compute in (tree_ffn_blocks, tree_ffn_masked_dense))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_selected_leaves_train_on_their_blocks_and_partitions_on_the_masked_rows():
     selected = make_layer(dataclasses.replace(SETTINGS[0], routing="hyperplane", leaf_neurons="selected"))
     assert selected.computes_blocks_in_training
     assert not make_layer(SETTINGS[0]).computes_blocks_in_training
+    selected.masked_training = True  # the reference, on request
+    assert not selected.computes_blocks_in_training

@@ -39,6 +39,7 @@ from torch import nn
 from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import TreeSpec
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
+from .tree_blocks import grouped_block_mlp
 from .tree_torch import tree_torch_path
 
 
@@ -89,6 +90,7 @@ class TreeFFN(KernelPolicyMixin, nn.Module):
         self.usage: Optional["TreeUsage"] = None
         self.routing_gradient: Optional[str] = None  # None (stop-gradient) or "straight_through"
         self.routing_temperature: float = 1.0
+        self.masked_training = False  # True: train on `tree_ffn_masked_dense`, the reference, whatever the spec
         self.kernel_policy = initial_policy()
         self.last_path: Optional[str] = None
         self._tables: dict = {}  # leaf slots and forced-branch bias per device (derived from the spec)
@@ -204,17 +206,19 @@ class TreeFFN(KernelPolicyMixin, nn.Module):
         """Whether the differentiable path computes only the tokens' blocks (`tree_ffn_blocks`)
         rather than every stored row, masked: where leaves select their neurons, the stored rows
         are several times the MLP (a 25% tree of 16 leaves stores it 4 times), and `after_sum`
-        needs the path's sums, which the masked form takes."""
-        return self.spec.leaf_neurons == "selected" and self.spec.activation == "per_node"
+        needs the path's sums, which the masked form takes. `masked_training` forces the masked form."""
+        return (not self.masked_training and self.spec.leaf_neurons == "selected"
+                and self.spec.activation == "per_node")
 
     def path_probability(self, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """(N, trees): product over levels of sigmoid(+-score / temperature) of the branches taken."""
         vectors, bias = self.routing_vectors()
-        trees = torch.arange(self.spec.num_trees, device=x.device)[None, :, None]
-        visited = vectors[trees, path]  # (N, T, depth, d)
-        scores = torch.einsum("nd,ntld->ntl", x, visited.to(x.dtype))
+        # Every node's score, then the path's: a GEMM and a gather, whose backward is a small
+        # scatter, where indexing the vectors by path costs an accumulating index_put of (N, T, depth, d).
+        scores = torch.einsum("nd,tjd->ntj", x, vectors.to(x.dtype))
         if bias is not None:
-            scores = scores + bias[trees, path].to(x.dtype)
+            scores = scores + bias.to(x.dtype)
+        scores = scores.gather(2, path)
         children = torch.cat([path[:, :, 1:], (leaf + self.spec.num_nodes)[:, :, None]], dim=2)
         went_right = children % 2 == 0
         signed = torch.where(went_right, scores, -scores) / self.routing_temperature
@@ -266,38 +270,28 @@ def tree_ffn_blocks(
     layer: TreeFFN, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor, scale: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """`tree_ffn_masked_dense` (per_node), computing only what each token's path reads: the tokens
-    grouped by visited block, one GEMM each, added back by token. Differentiable, with the same
-    gradients (off-path rows get exactly zero); it costs the active rows, not the stored ones."""
+    grouped by visited block, one GEMM each (`tree_blocks.grouped_block_mlp`). Differentiable, with
+    the same gradients (off-path rows get exactly zero); it costs the active rows, not the stored ones."""
     spec = layer.spec
     if spec.activation != "per_node":
         raise ValueError("tree_ffn_blocks computes per_node trees; after_sum takes tree_ffn_masked_dense")
-    act = layer.act_fn
-    out = torch.zeros(x.shape[0], layer.hidden_size, dtype=torch.result_type(x, layer.down_rows), device=x.device)
-    # Blocks as one unbind per table: its backward stacks the blocks' gradients once, where a slice
-    # per block would fill a zero gradient of the whole table for each.
-    def blocks_of(start: int, count: int, width: int) -> list[tuple[torch.Tensor, ...]]:
-        views = [table[start : start + count * width].view(count, width, -1).unbind(0)
-                 for table in (layer.gate_rows, layer.up_rows, layer.down_rows)]
-        return list(zip(*views))
-
-    leaf_blocks = blocks_of(layer.node_rows, spec.stored_leaves, spec.leaf_width)
-    node_blocks = blocks_of(0, spec.num_trees * spec.num_nodes, spec.node_width) if spec.node_width else []
+    tables = (layer.gate_rows, layer.up_rows, layer.down_rows)
     slots = layer.slot_table(x.device)[torch.arange(spec.num_trees, device=x.device), leaf]  # (N, T)
+    out = None
     for tree in range(spec.num_trees):
-        chosen = [(slots[:, tree], leaf_blocks)]
-        if spec.node_width:  # node j of tree t is block t * nodes + j
-            chosen += [(path[:, tree, level] + tree * spec.num_nodes, node_blocks) for level in range(spec.depth)]
-        for block, stored in chosen:
-            for index in block.unique().tolist():
-                tokens = (block == index).nonzero().squeeze(1)
-                gate, up, down = stored[index]
-                z = x[tokens]
-                a = act(z @ gate.T) * (z @ up.T)
-                if scale is not None:
-                    a = a * scale[tokens, tree, None].to(a.dtype)
-                out.index_add_(0, tokens, (a @ down).to(out.dtype))
+        # the tree's leaf, then its node at each level (node j of tree t is block t * nodes + j)
+        visits = [(slots[:, tree], layer.node_rows, spec.leaf_width, spec.stored_leaves)]
+        if spec.node_width:
+            visits += [(path[:, tree, level] + tree * spec.num_nodes, 0, spec.node_width,
+                        spec.num_trees * spec.num_nodes) for level in range(spec.depth)]
+        for block, start, width, count in visits:
+            y = grouped_block_mlp(x, block, *tables, start, width, count, layer.act_fn)
+            if scale is not None:
+                y = y * scale[:, tree, None].to(y.dtype)
+            out = y if out is None else out + y
     if spec.shared_width:
         shared = slice(layer.node_rows + layer.leaf_rows, spec.stored_units)
+        act = layer.act_fn
         out = out + (act(x @ layer.gate_rows[shared].T) * (x @ layer.up_rows[shared].T)) @ layer.down_rows[shared]
     return out
 
