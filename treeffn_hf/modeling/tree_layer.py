@@ -43,6 +43,12 @@ from .tree_blocks import grouped_block_mlp
 from .tree_torch import tree_torch_path
 
 
+def node_scores(x: torch.Tensor, routing_vectors: torch.Tensor, routing_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(N, T, nodes) routing score of every node of every tree for each token (> 0: go right)."""
+    scores = torch.einsum("nd,tjd->ntj", x, routing_vectors.to(x.dtype))
+    return scores if routing_bias is None else scores + routing_bias.to(x.dtype)
+
+
 def tree_route(
     x: torch.Tensor, routing_vectors: torch.Tensor, routing_bias: Optional[torch.Tensor], depth: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,10 +59,7 @@ def tree_route(
     the internal node visited at each level.
     """
     num_trees = routing_vectors.shape[0]
-    scores = torch.einsum("nd,tjd->ntj", x, routing_vectors.to(x.dtype))
-    if routing_bias is not None:
-        scores = scores + routing_bias.to(x.dtype)
-    scores = scores.detach()
+    scores = node_scores(x, routing_vectors, routing_bias).detach()
     position = torch.zeros(x.shape[0], num_trees, dtype=torch.long, device=x.device)
     path = []
     for level in range(depth):
@@ -212,13 +215,9 @@ class TreeFFN(KernelPolicyMixin, nn.Module):
 
     def path_probability(self, x: torch.Tensor, leaf: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """(N, trees): product over levels of sigmoid(+-score / temperature) of the branches taken."""
-        vectors, bias = self.routing_vectors()
         # Every node's score, then the path's: a GEMM and a gather, whose backward is a small
         # scatter, where indexing the vectors by path costs an accumulating index_put of (N, T, depth, d).
-        scores = torch.einsum("nd,tjd->ntj", x, vectors.to(x.dtype))
-        if bias is not None:
-            scores = scores + bias.to(x.dtype)
-        scores = scores.gather(2, path)
+        scores = node_scores(x, *self.routing_vectors()).gather(2, path)
         children = torch.cat([path[:, :, 1:], (leaf + self.spec.num_nodes)[:, :, None]], dim=2)
         went_right = children % 2 == 0
         signed = torch.where(went_right, scores, -scores) / self.routing_temperature
