@@ -385,7 +385,7 @@ def train_throughput_section(data: dict, name: str) -> list[str]:
         f"{m['torch']}; {data['dtype']}; file `benchmarks/results/{name}`). One distillation "
         f"step of {data['student']['spec']['predictor']} MGS at {data['student']['spec']['density']:.0%} "
         f"({data['student']['trainable']}) on {b['batch_size']} x {b['window']} tokens of valid.txt: teacher "
-        "forward, student forward, KL, backward, AdamW; median of "
+        f"forward, student forward, KL, backward, {data.get('optimizer', 'AdamW, per-parameter loop')}; median of "
         f"{data['rounds']} rounds in alternation, beside the dense model's batched fp32 forward "
         f"({data['dense_forward_tokens_per_s']:.0f} tokens/s). This CPU {bf16} bf16 dot-product instructions.",
         "",
@@ -413,6 +413,29 @@ def train_throughput_section(data: dict, name: str) -> list[str]:
         lines[-1] += " The bf16 rows were not timed: this CPU emulates bf16."
     if data.get("compile_seconds") is not None:
         lines[-1] += f" Compiling the student took {data['compile_seconds']:.0f} s."
+    return lines + [""]
+
+
+def train_throughput_tree_section(data: dict, name: str) -> list[str]:
+    m, b, st = data["machine"], data["batch"], data["student"]
+    spec = st["spec"]
+    lines = [
+        f"**Training throughput, a tree whose leaves select their neurons** (`{data['command'].strip()}`; "
+        f"{cpu_name(m)}, {m['torch_threads']} threads, {m['torch']}; {data['dtype']}; file "
+        f"`benchmarks/results/{name}`). One distillation step of a tree of {2 ** spec['depth']} selected leaves "
+        f"of {spec['leaf_width']} neurons ({st['active_units']:.1%} of the units active, the MLP stored "
+        f"{st['stored_multiple']:.1f}x; {st['trainable']}) on {b['batch_size']} x {b['window']} tokens of "
+        f"valid.txt: student forward, KL to the teacher ({data['teacher']}), backward, {data['optimizer']}; "
+        f"median of {data['rounds']} rounds in alternation, beside the dense model's batched fp32 forward "
+        f"({data['dense_forward_tokens_per_s']:.0f} tokens/s).",
+        "",
+        "| step | tokens/s | vs the masked reference | share of the dense forward rate | phases (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in data["rows"]:
+        phases = ", ".join(f"{p} {t:.2f}" for p, t in r["phases_seconds"].items())
+        lines.append(f"| {r['step']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_masked_reference']:.2f}x | "
+                     f"{r['fraction_of_dense_forward_rate']:.2f} | {phases} |")
     return lines + [""]
 
 
@@ -683,6 +706,8 @@ def render() -> str:
         lines += refit_study_section(refit)
     for path in sorted(RESULTS.glob("train_throughput_cpu*.json")):
         lines += train_throughput_section(_load(path.name), path.name)
+    for path in sorted(RESULTS.glob("train_throughput_tree*.json")):
+        lines += train_throughput_tree_section(_load(path.name), path.name)
     for path in sorted(RESULTS.glob("finetune_smollm2*.json")):
         finetune = _load(path.name)
         if finetune and finetune.get("sparse"):

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_median, machine, parse_tree_specs, smollm2_with_calibration, write_json  # noqa: E402
-from train_throughput import Step, TeacherHidden  # noqa: E402
+from train_throughput import TeacherHidden, TrainingStep  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.conversion.leaf_selection import fit_selected_leaves  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
     for layer in arch.decoder_layers(dense_student):
         getattr(layer, arch.mlp_attr).requires_grad_(True)
     hidden = TeacherHidden(dense, windows)
-    steps = {name: Step(student, dense, windows, autocast=bf16, cached_teacher=hidden, fused_adamw=True)
+    steps = {name: TrainingStep(student, dense, windows, autocast=bf16, cached_teacher=hidden, fused_adamw=True)
              for name, student in (("tree, masked reference", reference), ("tree, grouped blocks", grouped),
                                    ("dense student", dense_student))}
 
