@@ -4,7 +4,8 @@ One process, one batch of WikiText-2 windows, SmolLM2-135M (GGUF from `llm-smoll
 and, as student, its MGS conversion (the default nested predictor at --density, top-k) with the
 sparse MLPs trainable and attention frozen (`trainable='sparse'`, the default). Every variant
 runs the same step: teacher forward, student forward, loss KL(teacher || student), backward,
-AdamW step. The variants are timed in alternation (median of rounds), beside the dense model's
+fused AdamW step (the Trainer's default optimizer, `adamw_torch_fused`; `--unfused-adamw` times the
+per-parameter loop that results files before 2026-12-07 timed). The variants are timed in alternation (median of rounds), beside the dense model's
 batched fp32 forward on the same batch, the rate the issue's target is stated against.
 
 - `before`: the step as the trainer ran it before this benchmark: the naive autograd KL and the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -79,7 +81,7 @@ class TeacherHidden:
         return logits_from_hidden(self.teacher, self.hidden)
 
 
-class Step:
+class TrainingStep:
     """One training step of `student` against `teacher` on `ids`, with its optimizer."""
 
     def __init__(self, student, teacher, ids: torch.Tensor, *, loss=chunked_kl, autocast: bool = False,
@@ -122,7 +124,7 @@ class Step:
         self._clock("optimizer", lambda: (self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)))
 
 
-def matmul_share(step: Step) -> float:
+def matmul_share(step: TrainingStep) -> float:
     from torch.profiler import profile
 
     with profile() as prof:
@@ -143,9 +145,12 @@ def main() -> None:
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="time the bf16 rows (auto: where the CPU has bf16 dot products; elsewhere torch "
                              "emulates them and they are several times slower than fp32)")
+    parser.add_argument("--unfused-adamw", action="store_true",
+                        help="step AdamW parameter by parameter, as this benchmark did before 2026-12-07")
     parser.add_argument("--output", default="train_throughput_cpu.json", help="file under benchmarks/results")
     args = parser.parse_args()
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
+    Step = functools.partial(TrainingStep, fused_adamw=not args.unfused_adamw)
     torch.manual_seed(0)
     directory, gguf = smollm2_gguf()
     teacher, tokenizer = load_dense(directory, gguf_file=gguf)
@@ -234,6 +239,7 @@ def main() -> None:
         "phases_seconds": phases, "matmul_share_of_now_step": share, "compile_seconds": compile_seconds,
         "teacher_top_k": {"k": args.top_k, "extraction_seconds": top_k_seconds, **loss_agreement},
         "cpu_bf16_instructions": native_bf16(), "bf16_rows": bf16,
+        "optimizer": "AdamW, per-parameter loop" if args.unfused_adamw else "AdamW, fused (the Trainer's default)",
     })
 
 
