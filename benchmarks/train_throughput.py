@@ -5,8 +5,9 @@ and, as student, its MGS conversion (the default nested predictor at --density, 
 sparse MLPs trainable and attention frozen (`trainable='sparse'`, the default). Every variant
 runs the same step: teacher forward, student forward, loss KL(teacher || student), backward,
 fused AdamW step (the Trainer's default optimizer, `adamw_torch_fused`; `--unfused-adamw` times the
-per-parameter loop that results files before 2026-12-07 timed). The variants are timed in alternation (median of rounds), beside the dense model's
-batched fp32 forward on the same batch, the rate the issue's target is stated against.
+per-parameter loop that results files before 2026-12-07 timed). The variants are timed in
+alternation (median of rounds), beside the dense model's batched fp32 forward on the same batch,
+the rate the issue's target is stated against.
 
 - `before`: the step as the trainer ran it before this benchmark: the naive autograd KL and the
   4-bit predictor dequantised on every forward. (The old step also computed a sigmoid term
