@@ -154,6 +154,29 @@ def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):
     assert "of the MLP weight bytes on CUDA (down_proj transposed)" in card
 
 
+@pytest.mark.parametrize("kernel_builds", [True, False])
+def test_info_on_a_nested_threshold_checkpoint_whether_or_not_the_kernel_builds(tmp_path, capsys, monkeypatch,
+                                                                                 kernel_builds):
+    """The default recipe's format (nested predictor, thresholds) on a shape the CPU kernel takes:
+    `info` builds its layers on the meta device, which must not reach the kernel's value checks
+    (they crashed it on machines where the kernel compiles). Forced both ways, so no CPU skips it."""
+    import treeffn_hf
+    from treeffn_hf.conversion.budgets import calibrate_mgs
+    from treeffn_hf.modeling import mgs_kernels_cpu
+
+    dense = tiny_dense_model("llama", hidden_size=64, intermediate_size=160)
+    sparse = treeffn_hf.convert(dense, MGSSpec(group_size=64), progress=False)
+    calibrate_mgs(sparse, {index: torch.randn(256, 64) for index in range(2)}, progress=False)
+    treeffn_hf.save(sparse, tmp_path / "nested")
+    monkeypatch.setattr(mgs_kernels_cpu, "library_error", lambda: None if kernel_builds else "no compiler (forced)")
+    code, stdout, err = run_cli(capsys, "info", tmp_path / "nested", "--json")
+    assert code == 0, err
+    cpu = json.loads(stdout)["inference_paths"]["cpu"]
+    assert cpu.startswith("C kernel") if kernel_builds else cpu == "PyTorch sparse path (no compiler (forced))"
+    code, stdout, err = run_cli(capsys, "info", tmp_path / "nested")
+    assert code == 0 and "runs on CPU" in stdout, err
+
+
 def test_unsupported_architecture(tmp_path, capsys):
     src = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(src)

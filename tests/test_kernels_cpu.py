@@ -306,3 +306,28 @@ print(layer.last_path, '|', mgs_kernels_cpu.cpu_kernel_unavailable_reason(layer)
     result = run_python(code, env={"CC": "false", "TREEFFN_KERNEL_CACHE": str(tmp_path)})
     path, reason = result.stdout.strip().split(" | ")
     assert path == "torch" and reason.startswith("the C kernel did not compile")
+
+
+@pytest.mark.parametrize("hidden,intermediate,group_size", [(64, 96, 64), (192, 333, 64), (256, 160, 128)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])
+@pytest.mark.parametrize("bf16_down", [True, False], ids=["bf16_down", "f32_down"])
+def test_the_bytes_the_layer_reports_are_the_bytes_the_kernel_touches(hidden, intermediate, group_size, tokens,
+                                                                      bf16_down):
+    """The counting build marks every weight byte the kernel's reads touch; the layer's byte
+    report (`bytes_read`, its `cost`) must name exactly those, per operand, below and above the
+    scoring GEMM's token count, so a read the report leaves out (or one it claims) fails here."""
+    layer = nested_layer(hidden, intermediate, group_size, density=0.05, bf16_down=bf16_down)
+    x = torch.randn(tokens, hidden)
+    scores = torch.empty(tokens, intermediate)
+    want, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
+    out, selected, touched = mgs_kernels_cpu.touched_bytes(layer, x)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)  # the counting build computes the same
+    union = int((scores > layer.gate_threshold).any(dim=0).sum())
+    assert 0 < union < intermediate
+    reported = layer.bytes_read(tokens, union)
+    assert touched.pop("stray") == 0
+    assert {name: count for name, count in touched.items() if count} == reported
+    if tokens == 1:
+        cost = layer.cost()
+        assert cost.active_weight_bytes == sum(layer.bytes_read(1, cost.active_units).values())

@@ -7,6 +7,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from treeffn_hf import MGSSpec, MicroGatedMLP
+from treeffn_hf.modeling.mgs_selection import selection_mask
 
 from .conftest import assert_fast_path_matches_reference
 
@@ -76,21 +77,51 @@ def test_unselected_neurons_get_no_gradient():
     assert touched == MGSSpec(density=0.1).top_k(150)
 
 
-def test_cost_counts_the_linear_gate_in_bf16_bytes_whatever_the_storage_dtype():
-    _, layer = make_pair(MGSSpec(density=0.1, predictor="linear", rank=8))  # stored in float64
-    cost = layer.cost()
-    gate_elems = 40 * 8 + 8 * 150 + 150
-    assert cost.active_weight_bytes == 2 * (3 * 15 * 40 + gate_elems)
-    assert cost.weight_fraction == pytest.approx((3 * 15 * 40 + gate_elems) / (3 * 150 * 40))
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_torch_path_reads_only_the_rows_it_reports(tokens, dtype):
+    """NaN in every row of gate_proj, up_proj and down_proj that no token selects: the gathers must
+    not touch them (NaN times a zero mask is NaN, so a masked dense matmul fails here), and the
+    bytes the layer reports are the union's rows at the weights' own element size."""
+    _, layer = make_pair(MGSSpec(density=0.05, predictor="linear", rank=8), dtype=dtype)
+    x = torch.randn(tokens, 40, dtype=dtype)
+    with torch.no_grad():
+        layer.force_path = "reference"
+        want = layer(x)
+        union = selection_mask(layer.micro_gate(x), layer.spec, layer.gate_threshold).any(dim=0)
+        for projection in (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight.t()):
+            projection[~union] = float("nan")
+        layer.force_path = "torch"
+        got = layer(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else \
+        torch.testing.assert_close(got, want)
+    rows, element = int(union.sum()), torch.empty((), dtype=dtype).element_size()
+    assert layer.bytes_read(tokens, rows) == {"predictor": (40 * 8 + 8 * 150 + 150) * element,
+                                              "gate_up": 2 * rows * 40 * element, "down": rows * 40 * element}
+
+
+def test_past_the_gather_fraction_the_torch_path_reads_every_row():
+    _, layer = make_pair(MGSSpec(density=0.5, predictor="linear", rank=8), dtype=torch.float32)
+    with torch.no_grad():
+        layer.down_proj.weight[:, 0] = float("nan")  # a row no selection can spare from a dense matmul
+        layer.force_path = "torch"
+        selected = selection_mask(layer.micro_gate(torch.randn(1, 40)), layer.spec, layer.gate_threshold)
+        out = layer(torch.randn(1, 40))
+    assert selected.sum() > 0.15 * 150 and torch.isnan(out).all()  # it did read the whole matrix
+    assert layer.bytes_read(1, 75)["down"] == 150 * 40 * 4
 
 
 def test_cost_counts_the_quantized_predictor_at_four_bits_plus_bf16_scales():
-    layer = MicroGatedMLP(64, 150, MGSSpec(density=0.1, group_size=32, predictor="quantized"), torch.nn.SiLU())
-    predictor_bytes = 2 * 150 * 64 // 2 + 2 * (2 * 150 * 64 // 32) * 2  # codes + scales and zeros
+    layer = MicroGatedMLP(64, 160, MGSSpec(density=0.1, group_size=32, predictor="quantized"), torch.nn.SiLU())
+    predictor_bytes = 2 * 160 * 64 // 2 + 2 * (2 * 160 * 64 // 32) * 2  # codes + scales and zeros
     assert layer.micro_gate.num_bytes() == predictor_bytes
-    assert layer.cost().active_weight_bytes == 2 * 3 * 15 * 64 + predictor_bytes
+    # at batch 1 the int4 matmul reads the codes; the 16 selected float32 rows are gathered
+    assert layer.cost().active_weight_bytes == predictor_bytes + 4 * 3 * 16 * 64
+    # past the int4 matmul's token limit the predictor is dequantised to a float32 copy first
+    assert layer.micro_gate.bytes_read(64, "cpu") == predictor_bytes + 4 * 2 * 160 * 64
     # groups of 32: 4 + 32 / 32 bits a weight for gate and up, against 48 bits of dense MLP per neuron-dim
-    assert predictor_bytes / (2 * 3 * 150 * 64) == pytest.approx(2 * 5 / 48)
+    assert predictor_bytes / (2 * 3 * 160 * 64) == pytest.approx(2 * 5 / 48)
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 33], ids=lambda n: f"N{n}")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Optional, Sequence
 
@@ -149,11 +150,7 @@ def calibrate_mgs(
     if density is not None and weight_fraction is not None:
         raise ValueError("give a target density or a target weight fraction, not both")
     if weight_fraction is not None:
-        first = layers[0][1]  # every layer reads its predictor, then bytes_per_neuron per neuron
-        density = (weight_fraction - predictor_fraction(first)) / neuron_fraction(first)
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"weight fraction {weight_fraction} leaves density {density:.3f} once the "
-                             f"predictor's {predictor_fraction(layers[0][1]):.3f} is read")
+        density = density_for_weight_fraction(layers[0][1], weight_fraction)
     density = float(model.config.sparse_mlp["density"] if density is None else density)  # the mean, not a layer's
     ranked = [ranked_scores(mlp, calibration_inputs[index], seed=index) for index, mlp in layers]
     sensitivities = None
@@ -172,12 +169,28 @@ def calibrate_mgs(
             "sensitivities": None if sensitivities is None else sensitivities.tolist()}
 
 
+def density_for_weight_fraction(layer, weight_fraction: float) -> float:
+    """The density at which `layer`, once on calibrated thresholds (the path and bytes that
+    selection runs), reads `weight_fraction` of the dense MLP's bf16 bytes: every layer reads a
+    fixed part, then the same bytes per neuron."""
+    calibrated = copy.copy(layer)  # shares the tensors; only its spec differs
+    calibrated.spec = dataclasses.replace(layer.spec, selection="threshold")
+    fixed, per_neuron = predictor_fraction(calibrated), neuron_fraction(calibrated)
+    density = (weight_fraction - fixed) / per_neuron
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"weight fraction {weight_fraction} leaves density {density:.3f} once the {fixed:.3f} "
+                         "every token reads (the predictor, and with the C kernel all of down_proj) is read")
+    return density
+
+
 def predictor_fraction(layer) -> float:
-    """The predictor's bytes as a fraction of the dense MLP's bf16 bytes."""
-    return layer.micro_gate.num_bytes() / layer.cost().dense_weight_bytes
+    """The bytes a token reads whatever it selects (the predictor; with the C kernel all of
+    down_proj too), as a fraction of the dense MLP's bf16 bytes."""
+    return sum(layer.bytes_read(1, 0).values()) / layer.cost().dense_weight_bytes
 
 
 def neuron_fraction(layer) -> float:
-    """The bytes of computing every neuron (beyond the predictor), as a fraction of the dense MLP's:
-    1 for bf16 rows, 1/2 for the nested predictor (low nibbles of gate and up, bf16 down)."""
-    return layer.bytes_per_neuron() * layer.intermediate_size / layer.cost().dense_weight_bytes
+    """The bytes of selecting every neuron beyond `predictor_fraction`, as a fraction of the dense
+    MLP's (the C kernel: the low nibbles of gate and up)."""
+    every = sum(layer.bytes_read(1, layer.intermediate_size).values())
+    return every / layer.cost().dense_weight_bytes - predictor_fraction(layer)

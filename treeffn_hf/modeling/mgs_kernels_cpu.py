@@ -71,6 +71,41 @@ SOURCE = r"""
 #error "needs AVX-512 F, BW, VL and VNNI"
 #endif
 
+/* The counting build (-DTREEFFN_COUNT_BYTES, for the tests): every read of a weight tensor marks
+   the bytes it touches in a map of that tensor, so the bytes a path reports are held to the bytes
+   it read. A read outside every registered tensor counts as stray. */
+#ifdef TREEFFN_COUNT_BYTES
+#define COUNT_REGIONS 16
+static struct { const uint8_t *base; size_t size; uint8_t *map; } count_regions[COUNT_REGIONS];
+static int64_t count_stray;
+static void touch(const void *p, size_t n) {
+    const uint8_t *q = (const uint8_t *)p;
+    for (int r = 0; r < COUNT_REGIONS; ++r)
+        if (count_regions[r].map && q >= count_regions[r].base && q + n <= count_regions[r].base + count_regions[r].size) {
+            memset(count_regions[r].map + (q - count_regions[r].base), 1, n);
+            return;
+        }
+#pragma omp atomic
+    count_stray += (int64_t)n;
+}
+#define TOUCH(p, n) touch((p), (size_t)(n))
+void count_register(int region, const void *base, int64_t size) {
+    free(count_regions[region].map);
+    count_regions[region].base = (const uint8_t *)base; count_regions[region].size = (size_t)size;
+    count_regions[region].map = calloc((size_t)size, 1);
+    count_stray = 0;
+}
+/* bytes of `region` touched since it was registered; region -1: the stray bytes */
+int64_t count_touched(int region) {
+    if (region < 0) return count_stray;
+    int64_t total = 0;
+    for (size_t i = 0; i < count_regions[region].size; ++i) total += count_regions[region].map[i];
+    return total;
+}
+#else
+#define TOUCH(p, n) ((void)0)
+#endif
+
 /* Tokens as two int8 planes per group of G columns: x ~ step * (q + r / 256), q = round(x / step)
    with step = the group's largest magnitude / 127, r the rounded residual in steps of step / 256
    (about 16 bits in all). Three layouts:
@@ -205,6 +240,8 @@ static inline void block_##NR##x##NT(const Tokens *T, int t0, const uint8_t *con
         for (int r = 0; r < NR; ++r) {                                                                 \
             _mm_prefetch((const char *)(next[r] + b), _MM_HINT_T0);                                    \
             const __m512i v = _mm512_maskz_loadu_epi8(m, p[r] + b);                                    \
+            TOUCH(p[r] + b, half - b >= 64 ? 64 : half - b);                                           \
+            TOUCH(s[r] + g0, 2); TOUCH(s[r] + g1, 2);                                                  \
             const __m512i wl = _mm512_and_si512(v, low);                                               \
             const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);                         \
             const float s0 = bf16_scalar(s[r][g0]) * unit, s1 = bf16_scalar(s[r][g1]) * unit;          \
@@ -233,6 +270,8 @@ static inline void block_##NR##x##NT(const Tokens *T, int t0, const uint8_t *con
             for (int r = 0; r < NR; ++r) {                                                             \
                 acc[r][t] = _mm512_fmadd_ps(bf16_load(m, s[r] + g0), shifted, acc[r][t]);              \
                 if (z) acc[r][t] = _mm512_fmadd_ps(bf16_load(m, z[r] + g0), sum, acc[r][t]);           \
+                TOUCH(s[r] + g0, 2 * __builtin_popcount(m));                                           \
+                if (z) TOUCH(z[r] + g0, 2 * __builtin_popcount(m));                                    \
             }                                                                                          \
         }                                                                                              \
     }                                                                                                  \
@@ -319,6 +358,7 @@ static inline void NAME(int k0, int I, const void *down, const float *h, float *
             const WEIGHT *d = (const WEIGHT *)down + (size_t)(k0 + j) * I + i;                         \
             _mm_prefetch((const char *)(d + 4 * (size_t)I), _MM_HINT_T0);                              \
             const __m512 w = LOAD(m, d);                                                               \
+            TOUCH(d, sizeof(WEIGHT) * __builtin_popcount(m));                                          \
             for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_fmadd_ps(w, hv[t], acc[j][t]);             \
         }                                                                                              \
     }                                                                                                  \
@@ -472,6 +512,7 @@ static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *sca
             for (int t = 0; t < GEMM_TOKENS; ++t) dq[t] = dr[t] = _mm512_setzero_si512();
             for (int c = g * G / 8; c < (g + 1) * G / 8; ++c) {
                 const __m512i v = _mm512_loadu_si512(w + (size_t)c * 64);
+                TOUCH(w + (size_t)c * 64, 64);
                 const __m512i wl = _mm512_and_si512(v, low);
                 const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                 #pragma GCC unroll 8
@@ -484,6 +525,7 @@ static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *sca
                 }
             }
             const __m512 s = _mm512_loadu_ps(scales + (size_t)g * R + 16 * rb);
+            TOUCH(scales + (size_t)g * R + 16 * rb, 64);
             #pragma GCC unroll 8
             for (int t = 0; t < GEMM_TOKENS; ++t) {
                 const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dq[t], 8), dr[t]));
@@ -494,6 +536,7 @@ static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *sca
         for (int g = 0; g < groups; ++g) { /* the constant terms: scale * (-8 * sum x~) + zero * sum x */
             const __m512 s = _mm512_loadu_ps(scales + (size_t)g * R + 16 * rb);
             const __m512 z = _mm512_loadu_ps(zeros + (size_t)g * R + 16 * rb);
+            TOUCH(zeros + (size_t)g * R + 16 * rb, 64);
             #pragma GCC unroll 8
             for (int t = 0; t < GEMM_TOKENS; ++t) {
                 const size_t at = (size_t)(t0 + t) * groups + g;
@@ -734,11 +777,12 @@ def _cpu_signature() -> str:
     return flags
 
 
-def _build() -> ctypes.CDLL:
+def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
-    key = hashlib.sha256("\0".join((SOURCE, compiler, *_FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
+    flags = (*_FLAGS, *(f"-D{name}" for name in defines))
+    key = hashlib.sha256("\0".join((SOURCE, compiler, *flags, _cpu_signature())).encode()).hexdigest()[:16]
     target = _cache_dir() / f"treeffn_cpu_{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -746,7 +790,7 @@ def _build() -> ctypes.CDLL:
             source = Path(work) / "kernels.c"
             source.write_text(SOURCE)
             built = Path(work) / target.name
-            result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built), "-lm"],
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 errors = [line for line in result.stderr.splitlines() if "error" in line]
@@ -762,6 +806,11 @@ def _build() -> ctypes.CDLL:
     library.mgs_nested_forward_amx.restype = integer
     library.amx_enable.argtypes = []
     library.amx_enable.restype = integer
+    if "TREEFFN_COUNT_BYTES" in defines:
+        library.count_register.argtypes = [integer, pointer, ctypes.c_int64]
+        library.count_register.restype = None
+        library.count_touched.argtypes = [integer]
+        library.count_touched.restype = ctypes.c_int64
     return library
 
 
@@ -876,6 +925,8 @@ def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tens
         return f"the CPU kernel takes float32 CPU tensors, not {x.dtype} on {x.device}"
     if getattr(layer, "sparse_method", None) != "mgs" or layer.spec.predictor != "nested":
         return _static_reason(layer)
+    if layer.gate_proj.weight.is_meta:  # a layer built to describe a checkpoint: no values to check yet
+        return _static_reason(layer)
     return _operands(layer)[1]
 
 
@@ -950,6 +1001,54 @@ def _forward(function, operands: tuple, x: torch.Tensor, counts: Optional[torch.
                         None if counts is None else counts.data_ptr(), None if scores is None else scores.data_ptr(),
                         torch.get_num_threads())
     return out, selected
+
+
+# From this many tokens the fused kernel scores through the scoring GEMM (GEMM_TOKENS in the C source).
+SCORING_GEMM_MIN_TOKENS = 8
+# The tensors the fused kernel reads, in the order `_operands` holds them (after the struct).
+OPERAND_NAMES = ("codes", "low_nibbles", "scales", "zeros", "down", "codes_blocks", "scales_t", "zeros_t")
+
+
+def fused_bytes_read(layer, tokens: int, union: float, down_element: int = 2) -> dict[str, float]:
+    """Weight bytes the fused kernel reads for a batch of `tokens` whose selections cover `union`
+    neurons, per operand: every neuron's high nibbles with their scales and zeros (the predictor;
+    from `SCORING_GEMM_MIN_TOKENS` tokens its blocked copy with float32 scales and zeros), the low
+    nibbles of the union's gate and up rows (and their bf16 scales, when the scoring GEMM did not
+    read them), and all of down_proj, which it streams against the masked activations
+    (`down_element` bytes a weight: 2 from its bf16 copy, as the nested recipe stores it).
+    `touched_bytes` measures the same on the kernel; a test holds the two equal."""
+    hidden, rows = layer.hidden_size, 2 * layer.intermediate_size
+    groups = hidden // layer.spec.group_size
+    read = {"low_nibbles": union * hidden, "down": down_element * hidden * layer.intermediate_size}
+    if tokens >= SCORING_GEMM_MIN_TOKENS:
+        padded = -(-rows // 16) * 16
+        read.update(codes_blocks=padded * hidden / 2, scales_t=4 * groups * padded, zeros_t=4 * groups * padded,
+                    scales=2 * 2 * union * groups)
+    else:
+        read.update(codes=rows * hidden / 2, scales=2 * rows * groups, zeros=2 * rows * groups)
+    return read
+
+
+_counting_library: Optional[ctypes.CDLL] = None
+
+
+def touched_bytes(layer, x: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, int]]:
+    """The layer on x through the counting build of the fused kernel (-DTREEFFN_COUNT_BYTES):
+    (output, neurons computed, the bytes of each operand its reads touched, with "stray" for
+    reads outside them). For tests: the counting slows every read."""
+    global _counting_library
+    operands, reason = _operands(layer)
+    if operands is None:
+        raise RuntimeError(f"the CPU kernel cannot run this layer: {reason}")
+    if _counting_library is None:
+        _counting_library = _build(("TREEFFN_COUNT_BYTES",))
+    tensors = operands[1][1:]
+    for region, tensor in enumerate(tensors):
+        _counting_library.count_register(region, tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    out, selected = _forward(_counting_library.mgs_nested_forward, operands, x, None, None)
+    touched = {name: _counting_library.count_touched(region) for region, name in enumerate(OPERAND_NAMES)}
+    touched["stray"] = _counting_library.count_touched(-1)
+    return out, selected, touched
 
 
 _amx_state: Optional[int] = None  # amx_enable(): 1 granted, 0 refused by the OS, -1 not compiled

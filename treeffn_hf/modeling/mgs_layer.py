@@ -16,10 +16,16 @@ from torch import nn
 
 from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import MGSSpec
-from .mgs_kernels_cpu import mgs_nested_amx, mgs_nested_cpu, nested_scores_cpu
+from .mgs_kernels_cpu import (
+    fused_bytes_read,
+    layer_unsupported_reason,
+    mgs_nested_amx,
+    mgs_nested_cpu,
+    nested_scores_cpu,
+)
 from .mgs_predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
 from .mgs_selection import selection_mask
-from .mgs_torch import mgs_torch_path
+from .mgs_torch import mgs_torch_path, torch_path_bytes
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
 
@@ -119,15 +125,17 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         return (float(self._units_selected) + self._units_counted) / self._tokens_seen if self._tokens_seen else None
 
     def cost(self) -> SparseCost:
+        """Per token at batch 1, the weight bytes as the path that CPU inference runs reads them
+        (`bytes_read`), against the dense MLP's bf16 bytes."""
         if self.spec.selection == "top_k":
             units = float(self.spec.top_k(self.intermediate_size))
         else:
             measured = self.measured_units()
             units = measured if measured is not None else self.spec.density * self.intermediate_size
-        if self.computes_everything:
-            active = SERVED_BYTES_PER_WEIGHT * 3 * units * self.hidden_size  # the plain MLP, as stored
+        if self.computes_everything:  # the plain MLP, as stored
+            active = self.gate_proj.weight.element_size() * 3 * units * self.hidden_size
         else:
-            active = self.micro_gate.num_bytes() + units * self.bytes_per_neuron()
+            active = sum(self.bytes_read(1, units).values())
         return SparseCost(
             active_units=units,
             total_units=self.intermediate_size,
@@ -135,13 +143,17 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
             dense_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * self.intermediate_size * self.hidden_size,
         )
 
-    def bytes_per_neuron(self) -> int:
-        """Weight bytes a selected neuron reads beyond the predictor: its gate, up and down rows in
-        bf16, or with the nested predictor the low nibbles of its gate and up rows (the high ones
-        were read as the predictor) and its down row."""
-        if self.spec.predictor == "nested":
-            return self.hidden_size + SERVED_BYTES_PER_WEIGHT * self.hidden_size
-        return SERVED_BYTES_PER_WEIGHT * 3 * self.hidden_size
+    def bytes_read(self, tokens: int, union: float) -> dict[str, float]:
+        """Weight bytes, per operand, that CPU inference reads for a batch of `tokens` whose
+        selections cover `union` neurons: the C kernel's where it implements this layer (as it runs
+        on CPUs with AVX-512 VNNI; mgs_kernels_cpu.fused_bytes_read), else the PyTorch path's
+        (mgs_torch.torch_path_bytes). Each count lives beside the code that reads the bytes."""
+        if layer_unsupported_reason(self) is None:
+            down = self.down_proj.weight
+            # the kernel streams a bf16 copy where the values are bf16 (as the nested recipe stores them)
+            as_bf16 = down.is_meta or torch.equal(down.detach().bfloat16().float(), down.detach())
+            return fused_bytes_read(self, tokens, union, down_element=2 if as_bf16 else 4)
+        return torch_path_bytes(self, tokens, union)
 
     @torch.no_grad()
     def requantize(self) -> None:

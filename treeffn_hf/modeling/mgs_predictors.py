@@ -50,6 +50,10 @@ class LinearGate(nn.Module):
     def num_bytes(self) -> int:
         return SERVED_BYTES_PER_WEIGHT * sum(p.numel() for p in self.parameters())
 
+    def bytes_read(self, tokens: int, device: torch.device) -> int:
+        """Bytes a forward reads: every parameter at its element size."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest asymmetric 4-bit quantisation of `weight` (N, K) in groups of `group_size`
@@ -175,7 +179,11 @@ class QuantizedPredictor(nn.Module):
 
     def uses_int4_matmul(self, x: torch.Tensor) -> bool:
         """Whether `x` is scored by torch's packed int4 CPU matmul (else dequantise and matmul)."""
-        return (x.device.type == "cpu" and x.shape[0] <= INT4_MM_MAX_TOKENS and self.group_size in INT4_MM_GROUPS
+        return self._int4_matmul_takes(x.shape[0], x.device)
+
+    def _int4_matmul_takes(self, tokens: int, device: torch.device) -> bool:
+        return (torch.device(device).type == "cpu" and tokens <= INT4_MM_MAX_TOKENS
+                and self.group_size in INT4_MM_GROUPS
                 and (2 * self.intermediate_size) % 16 == 0  # the packing's tile of output rows
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
@@ -201,6 +209,13 @@ class QuantizedPredictor(nn.Module):
 
     def num_bytes(self) -> int:
         return self.codes.numel() + SERVED_BYTES_PER_WEIGHT * (self.scales.numel() + self.zeros.numel())
+
+    def bytes_read(self, tokens: int, device: torch.device) -> int:
+        """Bytes a forward on `tokens` tokens reads: the packed codes with their bf16 scales and
+        zeros through the int4 matmul, else those to dequantise plus the float32 copy the matmul
+        reads."""
+        dequantized = 0 if self._int4_matmul_takes(tokens, device) else 4 * 2 * self.codes.numel()
+        return self.num_bytes() + dequantized
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` must not touch the quantised format (a round trip through fp16 would

@@ -36,6 +36,20 @@ def down_rows_bytes(layer) -> int:
     return weight.numel() * weight.element_size()
 
 
+def torch_path_bytes(layer, tokens: int, union: float) -> dict[str, float]:
+    """Weight bytes `mgs_torch_path` reads for a batch of `tokens` whose selections cover `union`
+    neurons: the predictor's, then the union's rows of gate_proj, up_proj and of the transposed
+    down_proj at the weights' own element size while the union is within the policy's gather
+    fraction, else all three matrices (the masked dense matmuls). A test poisons the rows it
+    claims not to read with NaN."""
+    weight = layer.gate_proj.weight
+    element, hidden, width = weight.element_size(), layer.hidden_size, layer.intermediate_size
+    gathered = union <= layer.kernel_policy.mgs_torch_gather_max_fraction * width
+    rows = union if gathered else width
+    return {"predictor": layer.micro_gate.bytes_read(tokens, weight.device),
+            "gate_up": 2 * rows * hidden * element, "down": rows * hidden * element}
+
+
 def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gate, up = layer.gate_proj, layer.up_proj
     g = F.linear(x, gate.weight.index_select(0, rows), None if gate.bias is None else gate.bias[rows])
