@@ -1,8 +1,13 @@
 """MLP block time: sparse layer vs the dense Hugging Face `LlamaMLP`, side by side in one process.
 
-For each shape, batch (1, 4, 16 tokens, and a prefill) and target density (50/25/10/5/3%), the
+For each shape, batch (1, 4, 16, 64 tokens, and a prefill) and target density (50/25/10/5/3%), the
 tree FFN and the micro-gated MLP (gate cost included) are timed against the dense block,
-interleaved, median of several rounds, and the ratio dense/sparse is printed. The sparse layers
+interleaved, median of several rounds, and the ratio dense/sparse is printed. On the CPU the dense
+block is bf16 (what a user runs there) and the MGS layers run their C kernel, on float32
+activations (the kernel's). Before the sparse cases, each (shape, batch) times the dense block's
+other forms in one interleaved group (`baselines`): float32, bf16, int8 and int4 weight-only
+through PyTorch's ops and torchao, and the nested MGS format with every neuron selected (what its
+number format alone buys), each with its speed-up over bf16 and the weight bytes it reads. The sparse layers
 run their fast PyTorch path; the script checks `last_path` so the reference path can never be
 reported as the fast one, and checks the fast output against the reference once per case.
 
@@ -37,6 +42,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, cuda_graph_replay, interleaved_median, machine, write_json  # noqa: E402
+from dense_baselines import INT4_G32_ASYM, INT4_G64_ASYM, INT8_ROW, mlp_bytes, torchao_mlps, weight_only_mlp  # noqa: E402
 
 from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_threshold  # noqa: E402
@@ -54,7 +60,7 @@ MGS_DENSITIES = (0.8, 0.5, 0.1)  # 0.8: the default recipe (nested predictor, 59
 MAX_RELATIVE_ERROR = 3e-2  # bf16 operands land near 1e-2 at most
 STACK_MEMORY_BYTES = 16 << 30  # per side, for the GPU's stacks of layer copies
 DEVICE_DEFAULTS = {  # what each device's published run uses
-    "cpu": {"shapes": ["smollm2-135m", "llama-1b"], "tokens": [1, 4, 16, 64, 512], "dtype": "float32"},
+    "cpu": {"shapes": ["smollm2-135m", "llama-1b"], "tokens": [1, 4, 16, 64, 512], "dtype": "bfloat16"},
     "cuda": {"shapes": ["llama-1b", "llama-8b"], "tokens": [1, 4, 16, 64, 2048], "dtype": "bfloat16"},
 }
 
@@ -112,6 +118,67 @@ def side_variant(stack: list, x: torch.Tensor, settings: dict, time_stack, copie
         for member, policy in zip(stack, saved):
             member.kernel_policy = policy
     return row
+
+
+def baseline_forms(dense: LlamaMLP) -> dict:
+    """The float32 block `dense` and its other forms a user could run, name -> (module, input
+    dtype, MLP weight bytes over the bf16 block's); a form that cannot be built here is left out
+    with its reason printed."""
+    hidden, width = dense.gate_proj.in_features, dense.gate_proj.out_features
+    bf16_bytes = mlp_bytes(hidden, width, None)
+    forms = {"dense fp32": (dense, torch.float32, 2.0),
+             "dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), torch.bfloat16, 1.0)}
+    for grid in (INT8_ROW, INT4_G32_ASYM, INT4_G64_ASYM):
+        forms[f"{grid.name} (torch op)"] = (weight_only_mlp(dense, grid), torch.bfloat16,
+                                            mlp_bytes(hidden, width, grid) / bf16_bytes)
+    for grid in (INT8_ROW, INT4_G32_ASYM):
+        try:
+            wrapped = torchao_mlps(torch.nn.ModuleDict({"mlp": copy.deepcopy(dense)}), grid)["mlp"]
+        except Exception as error:  # noqa: BLE001 - the reason is the finding
+            print(f"  {grid.name} (torchao) skipped: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            continue
+        forms[f"{grid.name} (torchao)"] = (wrapped, torch.bfloat16, mlp_bytes(hidden, width, grid) / bf16_bytes)
+    if hidden % 64 == 0:
+        every = build_layers(dense, "mgs", 0.8, torch.float32)
+        every.gate_threshold.fill_(-1.0)  # below every score: the format and kernel, every neuron
+        forms["nested MGS format, every neuron"] = (every, torch.float32, None)
+    return forms
+
+
+def baseline_rows(dense: LlamaMLP, shape_name: str, tokens: int, copies: int, args) -> list[dict]:
+    """The dense block's forms (`baseline_forms`) timed in one interleaved group, stacks of
+    `copies` as the sparse cases are, each against bf16."""
+    forms = baseline_forms(dense)
+    hidden = dense.gate_proj.in_features
+    x = torch.randn(tokens, hidden)
+    stacks = {name: [module] + [copy.deepcopy(module) for _ in range(copies - 1)]
+              for name, (module, _, _) in forms.items()}
+    inputs = {name: x.to(dtype) for name, (_, dtype, _) in forms.items()}
+    calls = max(1, int(args.budget / max(tokens * copies, 1)))
+    with torch.no_grad():
+        want = forms["dense fp32"][0](x)
+        for name, stack in stacks.items():  # outputs against the float32 block: no form is broken
+            error = float((stack[0](inputs[name]).float() - want).norm() / want.norm())
+            if not error < 0.3:  # int4 on random weights is off by about 0.15; a broken form by 1
+                raise RuntimeError(f"{name}: off the float32 block by {error:.3g}")
+        seconds = interleaved_median({name: partial(run_stack, stack, inputs[name]) for name, stack in stacks.items()},
+                                     rounds=args.rounds, calls=calls)
+    rows = []
+    for name, (module, dtype, fraction) in forms.items():
+        if fraction is None:  # the nested layer reports its own bytes as read
+            module.reset_density()
+            with torch.no_grad():
+                module(inputs[name])
+            fraction = module.cost().weight_fraction
+        rows.append({"shape": shape_name, "tokens": tokens, "form": name, "activations": str(dtype).split(".")[-1],
+                     "ms": 1e3 * seconds[name] / copies, "speedup_vs_bf16": seconds["dense bf16"] / seconds[name],
+                     "weight_fraction_of_bf16": fraction, "layers_per_call": copies,
+                     "path": getattr(module, "last_path", None)})
+        if rows[-1]["path"] not in (None, "cpu", "cpu:scores", "cpu:amx"):
+            raise RuntimeError(f"{name} ran the {rows[-1]['path']} path, not its kernel")
+        print(f"{shape_name:13s} N={tokens:<4d} {name:34s} {rows[-1]['ms']:8.3f} ms  "
+              f"{rows[-1]['speedup_vs_bf16']:5.2f}x bf16  bytes {fraction:.3f} of bf16", flush=True)
+    return rows
 
 
 def random_dense_mlp(hidden: int, width: int) -> LlamaMLP:
@@ -264,29 +331,40 @@ def run(args: argparse.Namespace) -> dict:
     existing = RESULTS / f"{args.out}.json"
     if args.resume and existing.exists():
         previous = json.loads(existing.read_text())
-        payload["results"] = previous["results"]
+        payload["results"], payload["baselines"] = previous["results"], previous.get("baselines", [])
         payload["command"] = previous["command"] + " && " + payload["command"]  # every run that added rows
+    payload.setdefault("baselines", [])
     done = {case_key(row) for row in payload["results"]}
+    done_baselines = {(row["shape"], row["tokens"]) for row in payload["baselines"]}
     for shape_name in args.shapes:
         hidden, width = SHAPES[shape_name]
-        dense = random_dense_mlp(hidden, width).to(device, dtype).eval()
+        dense_fp32 = random_dense_mlp(hidden, width).to(device).eval()
+        dense = copy.deepcopy(dense_fp32).to(dtype)
         copies = stack_copies(device, shape_name, args.densities + args.mgs_densities, dtype, args.stack)
         dense_stack = [dense] + [copy.deepcopy(dense) for _ in range(copies - 1)]
         for tokens in args.tokens:
+            if device == "cpu" and args.baselines and (shape_name, tokens) not in done_baselines:
+                payload["baselines"] += baseline_rows(dense_fp32, shape_name, tokens, copies, args)
+                write_json(f"{args.out}.json", payload)
             x = torch.randn(tokens, hidden, dtype=dtype, device=device)
             for kind in args.methods:
                 for density in (args.densities if kind in TREE_KINDS else args.mgs_densities):
                     if (shape_name, tokens, kind, density) in done:
                         continue
-                    layer = build_layers(dense, kind, density, dtype).to(device)
+                    # On the CPU the MGS layers run their C kernel, on float32 activations.
+                    mgs_cpu = device == "cpu" and kind == "mgs"
+                    layer_dtype = torch.float32 if mgs_cpu else dtype
+                    # the nested grid's 8-bit values need float32 weights to be built from (bf16 rounds them off it)
+                    layer = build_layers(dense_fp32 if mgs_cpu else dense, kind, density, layer_dtype).to(device)
+                    x_sparse = x.to(layer_dtype)
                     with torch.no_grad():
-                        fast = layer(x)
+                        fast = layer(x_sparse)
                         path = layer.last_path
                         # The C kernel rounds its inputs to int8: its oracle is its naive twin;
                         # the distance to the layer's reference path is recorded beside it.
                         oracle = "naive_cpu" if path == "cpu" else "reference"
-                        error, tokens_off = error_vs_reference(layer, x, fast, oracle)
-                        reference_error = error_vs_reference(layer, x, fast)
+                        error, tokens_off = error_vs_reference(layer, x_sparse, fast, oracle)
+                        reference_error = error_vs_reference(layer, x_sparse, fast)
                     expected = ("triton:", "torch") if device == "cuda" else ("torch", "cpu")  # never the reference
                     if not path.startswith(expected):
                         raise RuntimeError(f"{kind} ran the {path} path, not a fast one")
@@ -295,12 +373,14 @@ def run(args: argparse.Namespace) -> dict:
                                            f"({tokens_off:.1%} of tokens)")
                     sparse_stack = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
                     calls = max(1, int(args.budget / max(tokens * copies, 1)))
-                    fns = {"dense": partial(run_stack, dense_stack, x), "sparse": partial(run_stack, sparse_stack, x)}
+                    fns = {"dense": partial(run_stack, dense_stack, x),
+                           "sparse": partial(run_stack, sparse_stack, x_sparse)}
                     with torch.no_grad():
                         eager, graph = timed(fns, capturable(device, path), args.rounds, calls, sync)
                         others = []
                         if device == "cpu" and kind == "mgs":  # the other CPU path: the switch point
-                            others.append(other_cpu_path(sparse_stack, x, path, eager["dense"], args.rounds, calls))
+                            others.append(other_cpu_path(sparse_stack, x_sparse, path, eager["dense"], args.rounds,
+                                                         calls))
                         if device == "cuda":  # the other variants: the switch points
                             time_stack = partial(time_side_stack, sparse_stack, x, device, args.rounds, calls, sync)
                             for settings in other_variants(layer, tokens):
@@ -324,6 +404,7 @@ def run(args: argparse.Namespace) -> dict:
                         "median_token_rel_error_vs_reference": reference_error[0],
                         "fraction_tokens_off_vs_reference": reference_error[1],
                         "leaf_entropy": leaf_entropy(layer, x) if kind in TREE_KINDS and tokens > 1 else None,
+                        "dense_dtype": str(dtype).split(".")[-1], "sparse_activations": str(layer_dtype).split(".")[-1],
                         "path": path, "other_variants": others,
                     }
                     if peak is not None and tokens == 1:
@@ -399,6 +480,9 @@ def main() -> None:
     parser.add_argument("--out", help="result name (default: bench_mlp_<device>)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the existing JSON")
     parser.add_argument("--resume", action="store_true", help="keep the cases already in the result file")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="CPU: skip the dense block's other forms (fp32, bf16, int8/int4 weight-only, the nested "
+                             "format with every neuron)")
     parser.add_argument("--stack", action="store_true",
                         help="CPU: time stacks of distinct layer copies whose dense weights exceed 4x the last-level "
                              "cache, as a model's layers are (default: one layer, cache-hot)")

@@ -4,15 +4,20 @@
     python benchmarks/quality.py                     # the frontier and the trees
     python benchmarks/quality.py --plot-only         # redraw the plot from the JSON
 
-The MGS frontier: perplexity ratio against the fraction of MLP weight bytes read per token
-(bf16, predictor included). At each density of `--nested-densities` the default recipe runs (the
-nested predictor: gate/up on an 8-bit grid whose high nibbles are the 4-bit predictor; per-layer
-thresholds calibrated on valid.txt), and at `--mgs-densities` the 4-bit predictor beside bf16
-weights (greedy allocation too at `--greedy-densities`). At the bytes each reads: the threshold
-oracle, the top-k oracle (exact |silu(g) * u|, read for free), a TEAL-style threshold and the
-CATS criterion (|silu(g)|, all of gate_proj read), unless already measured within 2 points.
-The nested rows' bytes are those of a kernel that reads the nibbles; today's kernels read the
-snapped weights in the model dtype. The trained linear gate (the old default) runs at `--linear-densities`.
+The MGS frontier, at the same precision: perplexity ratio against the MLP weight bytes read per
+token, as the code path reads them, as a fraction of the bf16 MLP's. Beside every sparse row:
+- the dense MLP weight-only quantized (`--dense-grids`: int8 per row and in groups of 64, int4 in
+  groups of 32 and 64; weights rounded onto the grid, scales and zeros in bf16);
+- the threshold oracle, the top-k oracle (exact |silu(g) * u|, read for free), a TEAL-style
+  threshold and the CATS criterion (|silu(g)|, all of gate_proj read) at `--baseline-densities`,
+  on the MLP weights rounded to int8 in groups of 64 and charged those bytes.
+The default recipe runs at each density of `--nested-densities` as a user gets it: `treeffn
+convert --method mgs --density D` and `treeffn distill` (thresholds calibrated on valid.txt, the
+down_proj refit), saved, then reloaded with `from_pretrained(..., trust_remote_code=True)` and
+evaluated on the path it runs (the C kernel where it builds), its bytes those that path reads.
+`--mgs-densities` (the 4-bit predictor beside float weights, greedy allocation too at
+`--greedy-densities`) and `--linear-densities` (the trained gate) are off by default: they have
+no kernel, and their PyTorch path reads float rows.
 Trees near each target fraction are fitted (routing fit + layer-wise distillation); `--tree-specs`
 adds any forest, `--tree-search` forests whose shape each layer chose (conversion/shape_search.py).
 Protocol: ../shared/data/README.md. Results: benchmarks/results/quality_smollm2.json (+ .png),
@@ -27,13 +32,16 @@ import dataclasses
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, machine, parse_tree_specs, write_json  # noqa: E402
+from dense_baselines import FRONTIER_GRIDS, INT8_G64, fake_quantized, mlp_bytes  # noqa: E402
 from quality_baselines import (  # noqa: E402
     CatsMLP,
     OracleThresholdMLP,
@@ -56,7 +64,7 @@ from treeffn_hf.conversion.tree_allocation import allocate_tree_widths  # noqa: 
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
-from treeffn_hf.workflows import LOSS_WINDOWS  # noqa: E402
+from treeffn_hf.workflows import LOSS_WINDOWS, convert_checkpoint, distill_checkpoint  # noqa: E402
 
 OUTPUT = "quality_smollm2.json"
 
@@ -115,60 +123,90 @@ def _wrapped_row(run, dense, layers, mlp_attr, eval_ids, progress, wrap, variant
              "weight_fraction": _mean(weights_of(w) for w in wrappers)})
 
 
-PREDICTOR_LABELS = {"quantized": "4-bit predictor", "nested": "nested 4+4-bit gate/up"}
-SAME_LEVEL = 0.02  # baselines already measured this close to a row's bytes are not run again
 
 
 def mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress) -> None:
-    arch = architecture_for(dense.config)
-    layers = arch.decoder_layers(dense)
+    dense_grid_rows(run, args, dense, eval_ids, progress)
+    eight_bit_baselines(run, args, dense, captured, eval_ids, progress)
+    for density in [float(v) for v in args.nested_densities.split(",") if v]:
+        nested_checkpoint_row(run, args, density, eval_ids, progress)
     greedy = {float(v) for v in args.greedy_densities.split(",") if v}
-    plan = [(predictor, float(v)) for predictor, values in (("quantized", args.mgs_densities),
-                                                            ("nested", args.nested_densities))
-            for v in values.split(",") if v]
-    for predictor, density in plan:
+    for density in [float(v) for v in args.mgs_densities.split(",") if v]:
         for allocation in ["uniform"] + (["greedy"] if density in greedy else []):
-            spec = MGSSpec(density=density, predictor=predictor)
-            sparse, _, budget, seconds = _calibrated_mgs(dense, captured, spec, allocation, loss_ids)
-            for _, mlp in sparse.sparse_mlps():
-                mlp.reset_density()
-            ppl = evaluate(sparse, eval_ids, progress)
-            unit, weights = _measured(sparse)
-            run.add({"variant": f"MGS {PREDICTOR_LABELS[predictor]}, thresholds ({allocation}) {density:.0%}",
-                     "method": f"mgs-{predictor}-{allocation}", "target": density, "perplexity": ppl,
-                     "unit_fraction": unit, "weight_fraction": weights, "spec": sparse.config.sparse_mlp,
-                     "layer_densities": budget["layer_densities"], "fit_seconds": seconds})
-            del sparse
-            if allocation == "greedy":
-                continue
-            level = weights  # the baselines read as many bytes as this MGS model
-            if any(r["method"] == "oracle-threshold" and abs(r["weight_fraction"] - level) < SAME_LEVEL
-                   for r in run.payload["rows"]):
-                continue
-            _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
-                         lambda i, mlp, d=level: OracleThresholdMLP.calibrated(mlp, captured.inputs[i], d, seed=i),
-                         f"oracle threshold @ {level:.1%} bytes", "oracle-threshold", level, lambda w: w.unit_fraction())
-            _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
-                         lambda i, mlp, d=level: OracleTopKMLP(mlp, d),
-                         f"oracle top-k @ {level:.1%} bytes", "oracle-top-k", level, lambda w: w.unit_fraction())
-            _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
-                         lambda i, mlp, f=level: TealMLP.calibrated(mlp, captured.inputs[i], f, seed=i),
-                         f"TEAL-style @ {level:.1%} bytes", "teal", level, lambda w: w.measured_weight_fraction())
-            if level > 1 / 3:  # CATS reads all of gate_proj
-                _wrapped_row(run, dense, layers, arch.mlp_attr, eval_ids, progress,
-                             lambda i, mlp, f=level: CatsMLP.calibrated(mlp, captured.inputs[i], f, seed=i),
-                             f"CATS @ {level:.1%} bytes", "cats", level, lambda w: w.measured_weight_fraction())
+            sparse, _, budget, seconds = _calibrated_mgs(dense, captured, MGSSpec(density=density, predictor="quantized"),
+                                                         allocation, loss_ids)
+            _sparse_row(run, sparse, eval_ids, progress, f"MGS 4-bit predictor, thresholds ({allocation}) "
+                        f"{density:.0%}", f"mgs-quantized-{allocation}", density,
+                        layer_densities=budget["layer_densities"], fit_seconds=seconds)
     for density in [float(v) for v in args.linear_densities.split(",") if v]:
         spec = MGSSpec(density=density, predictor="linear", rank=64)
         sparse, reports, _, seconds = _calibrated_mgs(dense, captured, spec, "uniform", loss_ids)
-        for _, mlp in sparse.sparse_mlps():
-            mlp.reset_density()
-        ppl = evaluate(sparse, eval_ids, progress)
-        unit, weights = _measured(sparse)
-        run.add({"variant": f"MGS rank-64 linear gate, thresholds {density:.0%}", "method": "mgs-linear",
-                 "target": density, "perplexity": ppl, "unit_fraction": unit, "weight_fraction": weights,
-                 "gate_recall_after": _mean(r.recall_after for r in reports), "fit_seconds": seconds})
-        del sparse
+        _sparse_row(run, sparse, eval_ids, progress, f"MGS rank-64 linear gate, thresholds {density:.0%}",
+                    "mgs-linear", density, gate_recall_after=_mean(r.recall_after for r in reports),
+                    fit_seconds=seconds)
+
+
+def _sparse_row(run, sparse, eval_ids, progress, variant: str, method: str, target: float, **extra) -> None:
+    for _, mlp in sparse.sparse_mlps():
+        mlp.reset_density()
+    ppl = evaluate(sparse, eval_ids, progress)
+    unit, weights = _measured(sparse)
+    paths = sorted({mlp.last_path for _, mlp in sparse.sparse_mlps()})
+    run.add({"variant": variant, "method": method, "target": target, "perplexity": ppl, "unit_fraction": unit,
+             "weight_fraction": weights, "spec": dict(sparse.config.sparse_mlp), "paths": paths, **extra})
+
+
+def dense_grid_rows(run, args, dense, eval_ids, progress) -> None:
+    """The dense model with its MLP weights rounded onto each of `--dense-grids`."""
+    hidden, intermediate = dense.config.hidden_size, dense.config.intermediate_size
+    for grid in FRONTIER_GRIDS:
+        if grid.name not in args.dense_grids.split(","):
+            continue
+        ppl = evaluate(fake_quantized(dense, grid), eval_ids, progress)
+        run.add({"variant": f"dense, MLP weights {grid.name}", "method": f"dense-int{grid.bits}", "target": 1.0,
+                 "perplexity": ppl, "unit_fraction": 1.0,
+                 "weight_fraction": mlp_bytes(hidden, intermediate, grid) / mlp_bytes(hidden, intermediate, None)})
+
+
+def eight_bit_baselines(run, args, dense, captured, eval_ids, progress) -> None:
+    """The oracles, TEAL-style and CATS on MLP weights rounded to int8 g64, charged int8 g64 bytes."""
+    quantized = fake_quantized(dense, INT8_G64)
+    arch = architecture_for(quantized.config)
+    layers, attr = arch.decoder_layers(quantized), arch.mlp_attr
+    per_weight = INT8_G64.bytes_per_weight() / 2  # of a bf16 weight
+    for density in [float(v) for v in args.baseline_densities.split(",") if v]:
+        rows = [(OracleThresholdMLP, "oracle-threshold", "threshold oracle", lambda w: w.unit_fraction()),
+                (OracleTopKMLP, "oracle-top-k", "top-k oracle", lambda w: w.unit_fraction()),
+                (TealMLP, "teal", "TEAL-style", lambda w: w.measured_weight_fraction()),
+                (CatsMLP, "cats", "CATS", lambda w: w.measured_weight_fraction())]
+        for cls, method, label, fraction in rows:
+            if cls is CatsMLP and density <= 1 / 3:  # CATS reads all of gate_proj
+                continue
+            if cls is OracleTopKMLP:
+                wrap = lambda i, mlp, d=density: OracleTopKMLP(mlp, d)  # noqa: E731
+            else:
+                wrap = lambda i, mlp, d=density, c=cls: c.calibrated(mlp, captured.inputs[i], d, seed=i)  # noqa: E731
+            _wrapped_row(run, quantized, layers, attr, eval_ids, progress, wrap,
+                         f"{label}, int8 g64 weights @ {density:.0%}", f"{method}-int8", density,
+                         lambda w, f=fraction: f(w) * per_weight)
+
+
+def nested_checkpoint_row(run, args, density: float, eval_ids, progress) -> None:
+    """The default recipe at `density`, made by the CLI's functions, saved and reloaded as a user
+    loads it (remote code, float32), evaluated on the path it runs."""
+    directory, gguf = smollm2_gguf()
+    with tempfile.TemporaryDirectory() as work:
+        start = time.perf_counter()
+        convert_checkpoint(directory, Path(work) / "converted", MGSSpec(density=density), gguf_file=gguf,
+                           progress=False)
+        distill_checkpoint(Path(work) / "converted", Path(work) / "distilled", dense=directory, gguf_file=gguf,
+                           calibration=DATA / "wikitext-2" / "valid.txt", density=density, progress=False)
+        seconds = time.perf_counter() - start
+        reloaded = AutoModelForCausalLM.from_pretrained(Path(work) / "distilled", trust_remote_code=True,
+                                                        dtype=torch.float32).eval()
+        _sparse_row(run, reloaded, eval_ids, progress, f"MGS default recipe (nested), {density:.0%}, saved + reloaded",
+                    "mgs-nested-uniform", density, fit_seconds=seconds,
+                    command=f"treeffn convert --method mgs --density {density} && treeffn distill --density {density}")
 
 
 def tree_rows(run, args, dense, captured, calib_ids, eval_ids, loss_ids, progress) -> None:
@@ -239,11 +277,15 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--window", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
-    parser.add_argument("--mgs-densities", default="0.5,0.35,0.25,0.15,0.1", help="densities of the 4-bit predictor")
+    parser.add_argument("--mgs-densities", default="", help="densities of the 4-bit predictor beside float weights")
     parser.add_argument("--nested-densities", default="0.8,0.5,0.35,0.25,0.15,0.1",
                         help="densities of the nested predictor (the default)")
     parser.add_argument("--greedy-densities", default="0.25,0.1", help="densities that also run greedy allocation")
-    parser.add_argument("--linear-densities", default="0.5,0.25", help="densities of the trained linear gate")
+    parser.add_argument("--linear-densities", default="", help="densities of the trained linear gate")
+    parser.add_argument("--dense-grids", default=",".join(grid.name for grid in FRONTIER_GRIDS),
+                        help="weight-only grids of the dense rows")
+    parser.add_argument("--baseline-densities", default="0.5,0.35,0.25",
+                        help="densities of the oracles, TEAL-style and CATS on int8 g64 weights")
     parser.add_argument("--tree-fractions", default="0.25,0.12,0.04")
     parser.add_argument("--tree-specs", default="",
                         help="more trees, `;`-separated TreeSpec fields: num_trees=64,depth=2,node_width=0,"
@@ -305,9 +347,10 @@ def main() -> None:
         "evaluation": {"text": "../shared/data/wikitext-2-raw/wiki.test.raw", "windows": int(eval_ids.shape[0]),
                        "window": int(eval_ids.shape[1])},
         "calibration": calibration, "settings": {k: v for k, v in vars(args).items() if k != "plot_only"},
-        "bytes": "MLP weight bytes read per token as a fraction of the dense MLP's, all weights in bf16, "
-                 "the MGS predictor at 4 bits + bf16 scales and zeros; nested: a selected neuron reads the "
-                 "low nibbles of its gate and up rows and its bf16 down row (modelled: no kernel reads them yet)",
+        "bytes": "MLP weight bytes read per token as a fraction of the dense MLP's bf16 bytes. MGS: as the path "
+                 "the reloaded checkpoint runs reads them (its bytes_read: the C kernel reads the predictor, the "
+                 "selected low nibbles and all of down_proj in bf16). Dense grids: codes plus bf16 scales (and "
+                 "zeros). Oracles, TEAL-style, CATS: the weights they read at int8 g64. Trees: bf16 rows, as served",
         "rows": [],
     })
 
@@ -325,14 +368,16 @@ def main() -> None:
 
 
 STYLES = {
-    "oracle-threshold": ("threshold oracle (ceiling)", "k--", "o"),
-    "oracle-top-k": ("top-k oracle", "k:", "o"),
     "mgs-quantized-uniform": ("MGS, 4-bit predictor + thresholds", "C0-", "s"),
     "mgs-quantized-greedy": ("MGS, same, greedy allocation", "C0--", "x"),
-    "mgs-nested-uniform": ("MGS, nested 4+4-bit gate/up + thresholds (bytes modelled)", "C5-", "P"),
+    "mgs-nested-uniform": ("MGS default recipe (saved, reloaded; bytes as its kernel reads)", "C5-", "P"),
+    "dense-int8": ("dense, MLP int8 (per row, g64)", "C7", "*"),
+    "dense-int4": ("dense, MLP int4 (g32/g64)", "C8", "*"),
+    "oracle-threshold-int8": ("threshold oracle, int8 g64 weights", "k--", "o"),
+    "oracle-top-k-int8": ("top-k oracle, int8 g64 weights", "k:", "o"),
+    "teal-int8": ("TEAL-style, int8 g64 weights", "C1-", "^"),
+    "cats-int8": ("CATS, int8 g64 weights", "C3-", "<"),
     "mgs-linear": ("MGS, trained rank-64 gate + thresholds", "C4-", "v"),
-    "teal": ("TEAL-style threshold", "C1-", "^"),
-    "cats": ("CATS (|silu(g)|)", "C3-", "<"),
     "tree": ("tree, fit + distilled", "C2-", "D"),
 }
 
@@ -355,7 +400,7 @@ def plot(path: Path) -> None:
     ax.axhline(1.03, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("fraction of MLP weight bytes read per token (bf16; predictor included)")
+    ax.set_xlabel("MLP weight bytes read per token, over the bf16 MLP's (as each path reads them)")
     ax.set_ylabel("perplexity / dense perplexity")
     ax.set_title(f"SmolLM2-135M, WikiText-2 test ({data['evaluation']['windows']} x 1024 tokens)")
     ax.legend(fontsize=8)

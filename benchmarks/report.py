@@ -192,11 +192,7 @@ def quality_section(data: dict, name: str = "quality_smollm2") -> list[str]:
         f"Perplexity on `wiki.test.raw`, first {ev['windows']} windows of {ev['window']} tokens; calibration on "
         f"`valid.txt` ({cal['tokens']:,} tokens, {cal['tokens_per_layer']:,} MLP inputs kept per layer; capture took "
         f"{cal['seconds']:.0f} s, peak RSS {cal['peak_rss_gib_after']:.1f} GiB). Ratio = perplexity / dense perplexity. "
-        "MLP weight bytes: per token, as a fraction of the dense MLP's, every weight counted in bf16 and the MGS "
-        "predictor at 4 bits plus its bf16 scales and zeros (18.75%); with the nested predictor a selected neuron "
-        "reads the low nibbles of its gate and up rows and its bf16 down row (half of a bf16 neuron). Active units "
-        "and bytes are measured on the evaluation text. The baselines beside each MGS row read as many bytes as it "
-        "does (within 2 points).",
+        f"{data['bytes']}. Active units and bytes are measured on the evaluation text.",
         "",
         "| variant | active MLP units | MLP weight bytes read | perplexity | ratio | notes |",
         "| --- | --- | --- | --- | --- | --- |",
