@@ -1,8 +1,12 @@
-"""Serving speed under vLLM's CPU build: dense SmolLM2-135M against the default MGS recipe, one engine each.
+"""Serving speed under vLLM's CPU build: the default MGS recipe against dense SmolLM2-135M in bf16
+(the headline baseline) and, beside it, in float32; one engine each.
 
-Both checkpoints are written here (the dense model as safetensors; the sparse one by the demo's
+The checkpoints are written here (the dense model as safetensors; the sparse one by the demo's
 recipe: nested 4-bit predictor, per-layer thresholds calibrated on valid.txt), then served by vLLM
-in its own environment (`make vllm-env`), both engines in one process with the same settings. At
+in its own environment (`make vllm-env`), every engine in one process with the same settings but
+its dtype: dense in bf16 and float32, the sparse model in float32 (its C kernel takes float32
+activations). Weight-only quantized dense engines are not run: vLLM's CPU build has no
+torchao/int4 path this benchmark could use, so the quantized baselines are bench_decode's. At
 each concurrency `c`, a round submits `c` requests at once (distinct valid.txt prompts of
 `--prompt-tokens` tokens, `--new-tokens` greedy tokens each, EOS ignored) and waits for all of
 them; the engines take turns round by round, so a slow spell of this shared machine hits both.
@@ -28,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = "bench_vllm_cpu.json"
+HEADLINE = "dense bf16"
 
 
 def worker(spec: dict) -> dict:
@@ -37,9 +42,10 @@ def worker(spec: dict) -> dict:
 
     from treeffn_hf.serving.vllm_models import PATHS_RUN  # in this process: multiprocessing is off
 
-    engines = {name: LLM(model=path, dtype="float32", max_model_len=spec["max_model_len"], trust_remote_code=True,
-                         enforce_eager=spec["enforce_eager"], seed=0, max_num_seqs=max(spec["concurrency"]))
-               for name, path in spec["models"].items()}
+    engines = {name: LLM(model=model["path"], dtype=model["dtype"], max_model_len=spec["max_model_len"],
+                         trust_remote_code=True, enforce_eager=spec["enforce_eager"], seed=0,
+                         max_num_seqs=max(spec["concurrency"]))
+               for name, model in spec["models"].items()}
     params = SamplingParams(temperature=0, max_tokens=spec["new_tokens"], ignore_eos=True)
     prompts = spec["prompts"]
     cells = []
@@ -105,8 +111,10 @@ def prepare(directory: Path, args: argparse.Namespace) -> tuple[dict, list[list[
     cost = sparse.sparse_cost()
     recipe = {"spec": dict(sparse.config.sparse_mlp), "calibration_unit_fraction": cost.unit_fraction,
               "calibration_weight_fraction": cost.weight_fraction}
-    return ({"dense": str(directory / "dense"), "sparse": str(directory / "sparse")},
-            [row.tolist() for row in windows], recipe)
+    models = {"dense bf16": {"path": str(directory / "dense"), "dtype": "bfloat16"},
+              "dense fp32": {"path": str(directory / "dense"), "dtype": "float32"},
+              "sparse": {"path": str(directory / "sparse"), "dtype": "float32"}}
+    return models, [row.tolist() for row in windows], recipe
 
 
 def main() -> None:
@@ -151,20 +159,20 @@ def main() -> None:
         c, rounds, latency = cell["concurrency"], cell["round_seconds"], cell["latency_seconds"]
         tokens = c * args.new_tokens
         row = {"concurrency": c}
-        for name in ("dense", "sparse"):
+        for name in rounds:
+            ratios = [b / s for b, s in zip(rounds[HEADLINE], rounds[name])]
             row[name] = {"tokens_per_second": statistics.median(tokens / s for s in rounds[name]),
                          "latency_p50_s": _percentile(latency[name], 0.5),
-                         "latency_p90_s": _percentile(latency[name], 0.9), "round_seconds": rounds[name]}
-        ratios = [d / s for d, s in zip(rounds["dense"], rounds["sparse"])]
-        row["speedup"] = statistics.median(ratios)
-        row["speedup_range"] = [min(ratios), max(ratios)]
+                         "latency_p90_s": _percentile(latency[name], 0.9), "round_seconds": rounds[name],
+                         "speedup_vs_bf16": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)]}
         row["sparse_mlp_calls"] = cell["sparse_mlp_calls"]  # per path, warm-up excluded
         rows.append(row)
-        print(f"c={c:>2}: dense {row['dense']['tokens_per_second']:.1f} tok/s, sparse "
-              f"{row['sparse']['tokens_per_second']:.1f} tok/s, speed-up {row['speedup']:.2f}x "
-              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x), sparse MLP paths {row['sparse_mlp_calls']}", flush=True)
+        print(f"c={c:>2}: " + ", ".join(f"{name} {row[name]['tokens_per_second']:.1f} tok/s "
+                                        f"({row[name]['speedup_vs_bf16']:.2f}x bf16)" for name in rounds)
+              + f"; sparse MLP paths {row['sparse_mlp_calls']}", flush=True)
     write_json(OUTPUT.replace(".json", f"_{args.tag}.json") if args.tag else OUTPUT, {
-        "command": command, "machine": machine(), "dtype": "float32", "vllm": versions.stdout.strip(),
+        "command": command, "machine": machine(), "headline_baseline": HEADLINE,
+        "dtypes": {name: model["dtype"] for name, model in models.items()}, "vllm": versions.stdout.strip(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, saved as safetensors)",
         "sparse_recipe": recipe, "settings": {k: v for k, v in vars(args).items() if k != "worker"},
         "engine": {"enforce_eager": not args.compile, "VLLM_CPU_OMP_THREADS_BIND": args.threads,
