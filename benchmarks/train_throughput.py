@@ -58,7 +58,7 @@ from treeffn_hf.modeling.layer_spec import MGSSpec  # noqa: E402
 from treeffn_hf.modeling.mgs_predictors import QuantizedPredictor  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 from treeffn_hf.training.kl import chunked_kl, kl_naive, teacher_top_k, top_k_kl  # noqa: E402
-from treeffn_hf.training.setup import configure_training, native_bf16  # noqa: E402
+from treeffn_hf.training.trainable import configure_training, native_bf16  # noqa: E402
 from treeffn_hf.training.trainer import logits_from_hidden, teacher_hidden_states  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")

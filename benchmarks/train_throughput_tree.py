@@ -39,7 +39,7 @@ from train_throughput import TeacherHidden, TrainingStep  # noqa: E402
 from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.conversion.leaf_selection import fit_selected_leaves  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
-from treeffn_hf.training.setup import configure_training, native_bf16  # noqa: E402
+from treeffn_hf.training.trainable import configure_training, native_bf16  # noqa: E402
 
 SPEC = "depth=4,node_width=0,routing=hyperplane,leaf_neurons=selected,leaf_width=192,shared_width=0"
 

@@ -41,7 +41,7 @@ from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.conversion.surgery import sparse_config_for  # noqa: E402
 from treeffn_hf.modeling.layer_spec import TreeSpec  # noqa: E402
 from treeffn_hf.modeling.tree_layer import TreeFFN, TreeUsage  # noqa: E402
-from treeffn_hf.training.setup import configure_training, freeze_routing  # noqa: E402
+from treeffn_hf.training.trainable import configure_training, freeze_routing  # noqa: E402
 from treeffn_hf.tree_stats import collect_tree_stats, plot_dynamics, stats_from_usage, summary  # noqa: E402
 
 VARIANTS = {

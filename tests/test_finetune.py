@@ -19,8 +19,8 @@ from treeffn_hf.modeling.mgs_layer import MicroGatedMLP
 from treeffn_hf.modeling.tree_layer import TreeFFN
 from treeffn_hf.training import trainer as trainer_module
 from treeffn_hf.training.data import teacher_data
-from treeffn_hf.training.finetune import finetune_checkpoint
-from treeffn_hf.training.setup import configure_training, native_bf16
+from treeffn_hf.training.trainable import configure_training, native_bf16
+from treeffn_hf.workflows import finetune_checkpoint
 
 from .conftest import DATA_DIR, char_tokenizer, run_python, tiny_dense_model
 

@@ -291,9 +291,10 @@ BUNDLE_FILES = {
     "activations.py", "configuration_treeffn.py", "dispatch.py", "gather_kernels.py", "layer_spec.py",
     "modeling_treeffn.py", "sparse_cost.py",
     # the tree-structured FFN
-    "tree_layer.py", "tree_torch.py", "tree_blocks.py", "tree_kernels.py",
+    "tree_layer.py", "tree_reference.py", "tree_torch.py", "tree_blocks.py", "tree_kernels.py",
     # the micro-gated MLP
     "mgs_layer.py", "mgs_predictors.py", "mgs_selection.py", "mgs_torch.py", "mgs_kernels.py", "mgs_kernels_cpu.py",
+    "mgs_kernels_cpu_source.py", "mgs_reference.py",
 }
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from treeffn_hf import MGSSpec, MicroGatedMLP
 from treeffn_hf.conversion.budgets import calibrate_threshold
 from treeffn_hf.conversion.surgery import sparse_mlp_state
-from treeffn_hf.modeling import mgs_kernels_cpu
+from treeffn_hf.modeling import mgs_kernels_cpu, mgs_reference
 from treeffn_hf.modeling.dispatch import choose_path
 
 from .conftest import run_python
@@ -65,7 +65,7 @@ def test_kernel_equals_its_naive_twin(hidden, intermediate, group_size, tokens, 
     scores, counts = torch.empty(tokens, intermediate), torch.empty(tokens, dtype=torch.int32)
     out, selected = mgs_kernels_cpu.mgs_nested_cpu(layer, x, counts, scores)
     chosen = scores > layer.gate_threshold
-    want_out, want_scores = mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=chosen)
+    want_out, want_scores = mgs_reference.mgs_nested_naive(layer, x, selected=chosen)
 
     assert relative_to_largest(scores, want_scores) < 5e-5
     assert torch.equal(counts, chosen.sum(dim=1, dtype=torch.int32)) and selected == chosen.sum()
@@ -105,7 +105,7 @@ def test_scoring_gemm_equals_the_naive_twin_and_the_fused_kernel(hidden, interme
     layer = nested_layer(hidden, intermediate, group_size)
     x = torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 4
     got = mgs_kernels_cpu.nested_scores_cpu(layer, x)
-    assert relative_to_largest(got, mgs_kernels_cpu.mgs_nested_naive(layer, x)[1]) < 5e-5
+    assert relative_to_largest(got, mgs_reference.mgs_nested_naive(layer, x)[1]) < 5e-5
     fused = torch.empty(tokens, intermediate)
     mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=fused)
     assert relative_to_largest(got, fused) < 5e-6  # the same integer sums, scaled in another order
@@ -133,7 +133,7 @@ def test_amx_kernel_equals_the_fused_kernel_and_the_naive_twin(hidden, intermedi
     assert torch.equal(chosen, fused_scores > layer.gate_threshold) and 0 < chosen.float().mean() < 1
     assert torch.equal(counts, fused_counts) and selected == fused_selected == chosen.sum()
     assert relative_to_largest(out, fused) < 5e-6  # down_proj against h in three bf16 parts: float32's products
-    assert relative_to_largest(out, mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=chosen)[0]) < 5e-5
+    assert relative_to_largest(out, mgs_reference.mgs_nested_naive(layer, x, selected=chosen)[0]) < 5e-5
 
 
 @needs_amx
@@ -166,7 +166,7 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference(am
         with torch.no_grad():
             got = layer(x)
             assert layer.last_path == path
-            twin = mgs_kernels_cpu.mgs_nested_naive(layer, x.reshape(tokens, 128))[0]
+            twin = mgs_reference.mgs_nested_naive(layer, x.reshape(tokens, 128))[0]
             layer.force_path = "reference"
             exact = layer(x)
             layer.force_path = None
@@ -184,7 +184,7 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference(am
         got = layer(x)
         assert layer.last_path == "cpu"
         torch.testing.assert_close(got, mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)[0])
-    twin = mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=scores > layer.gate_threshold)[0]
+    twin = mgs_reference.mgs_nested_naive(layer, x, selected=scores > layer.gate_threshold)[0]
     assert relative_to_largest(got, twin) < 5e-5
     layer.force_path = None
     layer.reset_density()
@@ -192,7 +192,7 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference(am
         x = torch.randn(19, 128)
         layer(x[:1]), layer(x[1:3]), layer(x[3:])  # the fused kernel, then AMX where the CPU has it
         assert layer.last_path == expected_cpu_path(layer, 16)
-        scores = mgs_kernels_cpu.mgs_nested_naive(layer, x)[1]
+        scores = mgs_reference.mgs_nested_naive(layer, x)[1]
     assert layer.measured_units() == pytest.approx((scores > layer.gate_threshold).sum().item() / 19, abs=0.2)
 
 
@@ -219,13 +219,13 @@ def test_changed_weights_or_threshold_are_picked_up():
         assert count == 0 and torch.count_nonzero(nothing) == 0
         layer.gate_threshold.fill_(0.0)
         everything, count = mgs_kernels_cpu.mgs_nested_cpu(layer, x)
-        scores = mgs_kernels_cpu.mgs_nested_naive(layer, x)[1]
+        scores = mgs_reference.mgs_nested_naive(layer, x)[1]
         assert count == (scores > 0).sum().item()
         layer.up_proj.weight.mul_(-1)
         layer.requantize()  # new codes and low nibbles
         scores = torch.empty(1, 200)
         flipped, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
-        assert relative_to_largest(flipped, mgs_kernels_cpu.mgs_nested_naive(layer, x, selected=scores > 0)[0]) < 5e-5
+        assert relative_to_largest(flipped, mgs_reference.mgs_nested_naive(layer, x, selected=scores > 0)[0]) < 5e-5
         assert (flipped - everything).abs().max() > 0.1
 
 

@@ -312,3 +312,31 @@ def test_selected_leaves_train_on_their_blocks_and_partitions_on_the_masked_rows
     assert not make_layer(SETTINGS[0]).computes_blocks_in_training
     selected.masked_training = True  # the reference, on request
     assert not selected.computes_blocks_in_training
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("shared_width", [0, 6])
+def test_the_torch_path_reads_only_the_rows_of_the_routed_leaves(tokens, shared_width):
+    """NaN in every stored row no token's path reaches: the sparse path must not touch them (a
+    masked dense product would spread the NaN), so the rows `cost` charges are the ones it reads."""
+    spec = TreeSpec(num_trees=2, depth=3, node_width=0, routing="hyperplane", leaf_width=5, shared_width=shared_width)
+    layer = make_layer(spec)
+    spec = layer.spec
+    x = torch.randn(tokens, 24, dtype=torch.float64)
+    with torch.no_grad():
+        want = naive_tree_ffn(layer, x)
+        leaf, _ = layer.route(x)
+        reached = torch.zeros(layer.gate_rows.shape[0], dtype=torch.bool)
+        width = layer.spec.leaf_width
+        for tree, position in itertools.product(range(spec.num_trees), range(spec.num_leaves)):
+            if (leaf[:, tree] == position).any():
+                start = layer.node_rows + (tree * spec.num_leaves + position) * width
+                reached[start:start + width] = True
+        reached[layer.node_rows + layer.leaf_rows:] = True  # the shared rows: every token's
+        assert not reached.all()
+        for table in (layer.gate_rows, layer.up_rows, layer.down_rows):
+            table[~reached] = float("nan")
+        layer.force_path = "torch"
+        got = layer(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)

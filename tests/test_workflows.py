@@ -45,7 +45,7 @@ def test_every_cli_default_is_the_functions_default(module, function, cli_only):
             default = list(default)
         assert action.default == default, f"`treeffn {module.NAME} --{name}`: {action.default!r} vs {default!r}"
         compared += 1
-    assert compared >= 2  # the test compares something
+    assert compared >= 1  # the test compares something
 
 
 @pytest.fixture(scope="module")

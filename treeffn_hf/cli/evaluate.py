@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..workflows import EVAL_TEXT
-
 NAME = "eval"
 HELP = "perplexity (and ratio to a dense baseline) on a text file"
 
@@ -22,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf-file", default=None, help="MODEL/GGUF_FILE, for a dense GGUF model")
     parser.add_argument("--baseline", default=None, help="dense model to compare with, in the same run")
     parser.add_argument("--baseline-gguf-file", default=None)
-    parser.add_argument("--text", default=EVAL_TEXT, help="evaluation text (never train on it)")
+    parser.add_argument("--text", required=True, help="evaluation text, e.g. WikiText-2's wiki.test.raw (never train on it)")
     parser.add_argument("--windows", type=int, default=40, help="number of 1024-token windows (0 = all)")
     parser.add_argument("--tree-stats", metavar="DIR", default=None,
                         help="write path-usage statistics and a heatmap of a tree model to DIR")

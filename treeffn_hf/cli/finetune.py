@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.finetune import finetune_checkpoint
+    from ..workflows import finetune_checkpoint
 
     gradient = None if args.no_straight_through else "straight_through"
     summary = finetune_checkpoint(

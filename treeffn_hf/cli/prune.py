@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..workflows import PRUNE_TEXT
-
 NAME = "prune"
 HELP = "remove a tree model's dead paths (a smaller static tree)"
 
@@ -22,7 +20,7 @@ HELP = "remove a tree model's dead paths (a smaller static tree)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="tree checkpoint directory")
     parser.add_argument("out", metavar="OUT", help="output directory for the pruned checkpoint")
-    parser.add_argument("--text", default=PRUNE_TEXT, help="text whose tokens decide which paths live")
+    parser.add_argument("--text", required=True, help="text whose tokens decide which paths live (e.g. valid.txt)")
     parser.add_argument("--windows", type=int, default=16, help="number of windows of that text")
     parser.add_argument("--window", type=int, default=1024, help="tokens per window")
     parser.add_argument("--min-tokens", type=int, default=1,

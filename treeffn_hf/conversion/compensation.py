@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..modeling.mgs_layer import mgs_hidden
+from ..modeling.mgs_reference import mgs_hidden
 from ..modeling.mgs_selection import selection_mask
 from .fitting import batched, holdout_split
 from .replay import LayerReplay

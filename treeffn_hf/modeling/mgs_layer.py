@@ -24,6 +24,7 @@ from .mgs_kernels_cpu import (
     nested_scores_cpu,
 )
 from .mgs_predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
+from .mgs_reference import mgs_masked_dense
 from .mgs_selection import selection_mask
 from .mgs_torch import mgs_torch_path, torch_path_bytes
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
@@ -183,13 +184,3 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         if s.predictor == "nested":
             predictor += ", the high nibbles of 8-bit gate/up"
         return f"density={s.density}, predictor={s.predictor} ({predictor}), selection={s.selection}"
-
-
-def mgs_hidden(layer: MicroGatedMLP, x: torch.Tensor) -> torch.Tensor:
-    """act(gate_proj x) * up_proj x for every neuron, (N, H)."""
-    return layer.act_fn(layer.gate_proj(x)) * layer.up_proj(x)
-
-
-def mgs_masked_dense(layer: MicroGatedMLP, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reference computation: all neurons computed, unselected ones zeroed (zero gradient too)."""
-    return layer.down_proj(mgs_hidden(layer, x) * mask)

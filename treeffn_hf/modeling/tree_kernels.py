@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .gather_kernels import gathered_swiglu, gathered_swiglu_after_sum
-from .tree_layer import tree_ffn_masked_dense, tree_route
+from .tree_reference import tree_ffn_masked_dense, tree_route
 from .tree_torch import routing_bias, routing_matrix
 
 try:

@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..checkpoint import CheckpointError, claim_work_dir, load, load_dense, prepare_output, save
-from .data import TrainingData, combine, teacher_data, text_data
-from .setup import native_bf16
+from ..training.data import TrainingData, combine, teacher_data, text_data
+from ..training.trainable import native_bf16
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # After `warmup_steps` of linear warmup: held, or decayed to zero by the last step.
@@ -68,7 +68,7 @@ def finetune_checkpoint(
     options = {k: v for k, v in locals().items() if k not in ("sparse_dir", "out", "start")}
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {tuple(LR_SCHEDULES)}, got {lr_schedule!r}")
-    from .trainer import TEACHER_CACHES
+    from ..training.trainer import TEACHER_CACHES
 
     if teacher_cache not in ("auto", *TEACHER_CACHES):
         raise ValueError(f"teacher_cache must be one of {('auto', *TEACHER_CACHES)}, got {teacher_cache!r}")
@@ -110,17 +110,9 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
     """The run itself; writes OUT and returns the summary (the caller owns the work directory)."""
     from transformers import AutoTokenizer, TrainingArguments
 
-    from .data import WindowDataset
-    from .setup import configure_training
-    from .trainer import (
-        DistillationTrainer,
-        HistoryCallback,
-        PerplexityCurveCallback,
-        SparsityRampCallback,
-        TreeDynamicsCallback,
-        has_tree_layers,
-        tokens_per_step,
-    )
+    from ..training.data import WindowDataset
+    from ..training.trainable import configure_training
+    from ..training.trainer import DistillationTrainer, HistoryCallback, tokens_per_step
 
     student = load(sparse_dir)
     if sparsity_ramp_steps and not any(m.sparse_method == "mgs" for _, m in student.sparse_mlps()):
@@ -152,13 +144,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
     epochs = steps * per_step / training_data.tokens
     if teacher_cache == "auto":  # keeping the teacher pays off only where a window comes back
         teacher_cache = "hidden" if epochs > 1 else "none"
-    callbacks = []
-    if stats_every and has_tree_layers(model):
-        callbacks.append(TreeDynamicsCallback(training_data.windows[:2], stats_every, per_step))
-    if eval_every and eval_windows is not None:
-        callbacks.append(PerplexityCurveCallback(eval_windows, eval_every, per_step))
-    if sparsity_ramp_steps:
-        callbacks.append(SparsityRampCallback(sparsity_ramp_steps))
+    callbacks = _callbacks(model, training_data, per_step, stats_every, eval_every, eval_windows, sparsity_ramp_steps)
 
     trainer = DistillationTrainer(model=model, args=args, train_dataset=WindowDataset(training_data.windows),
                                   teacher=teacher, kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature,
@@ -166,15 +152,7 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
     resume = any(work.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
-    final, adapter = model, {}
-    if lora_rank:
-        model.save_pretrained(str(work / "lora_adapter"))  # kept in OUT too, for reuse on the base checkpoint
-        adapter = {"lora_adapter": work / "lora_adapter"}
-        final = model.merge_and_unload()
-    final.requires_grad_(True)
-    for _, mlp in final.sparse_mlps():
-        if mlp.sparse_method == "mgs":
-            mlp.requantize()  # the 4-bit predictor (and the nested grid) follow the trained weights
+    final, adapter = _trained_model(model, lora_rank, work)
     summary = {
         "data": training_data.describe(), "setup": setup, "run": run, "resumed": resume,
         "teacher_cache": trainer.teacher_cache_kind, "steps": int(result.global_step), "tokens_seen": int(result.global_step) * per_step,
@@ -188,6 +166,41 @@ def _train(sparse_dir, out: Path, work: Path, run: dict, start: float, *, dense,
         save(final, out, tokenizer=tokenizer, overwrite=overwrite, base_model=str(dense), extra_files=extra,
              extra_dirs=adapter)
     return summary
+
+
+def _callbacks(model, training_data: TrainingData, per_step: int, stats_every, eval_every, eval_windows,
+               sparsity_ramp_steps) -> list:
+    """The Trainer callbacks the run asked for: tree statistics, a perplexity curve, the sparsity ramp."""
+    from ..training.trainer import (
+        PerplexityCurveCallback,
+        SparsityRampCallback,
+        TreeDynamicsCallback,
+        has_tree_layers,
+    )
+
+    callbacks = []
+    if stats_every and has_tree_layers(model):
+        callbacks.append(TreeDynamicsCallback(training_data.windows[:2], stats_every, per_step))
+    if eval_every and eval_windows is not None:
+        callbacks.append(PerplexityCurveCallback(eval_windows, eval_every, per_step))
+    if sparsity_ramp_steps:
+        callbacks.append(SparsityRampCallback(sparsity_ramp_steps))
+    return callbacks
+
+
+def _trained_model(model, lora_rank: int, work: Path) -> tuple:
+    """(the model to save, extra folders for OUT): LoRA adapters merged (and kept for reuse on the
+    base checkpoint), every MGS predictor re-quantised to the trained weights."""
+    final, adapter = model, {}
+    if lora_rank:
+        model.save_pretrained(str(work / "lora_adapter"))
+        adapter = {"lora_adapter": work / "lora_adapter"}
+        final = model.merge_and_unload()
+    final.requires_grad_(True)
+    for _, mlp in final.sparse_mlps():
+        if mlp.sparse_method == "mgs":
+            mlp.requantize()  # the 4-bit predictor (and the nested grid) follow the trained weights
+    return final, adapter
 
 
 def _training_data(data, teacher_samples, teacher, tokenizer, window, max_windows, seed, progress) -> TrainingData:

@@ -1,0 +1,1 @@
+"""The micro-gated MLP's recovery recipe (`recipe.py`)."""

@@ -1,0 +1,1 @@
+"""The tree FFN's recovery recipe (`recipe.py`)."""
