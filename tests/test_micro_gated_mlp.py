@@ -10,6 +10,7 @@ from treeffn_hf import MGSSpec, MicroGatedMLP
 from treeffn_hf.modeling.mgs_selection import selection_mask
 
 from .conftest import assert_fast_path_matches_reference
+from .sparse_layer_contract import SparseLayerContract
 
 
 def make_pair(spec: MGSSpec, hidden=40, intermediate=150, dtype=torch.float64):
@@ -69,14 +70,6 @@ def test_threshold_selection_and_measured_density():
     assert layer.cost().active_units == pytest.approx(expected_units)
 
 
-def test_unselected_neurons_get_no_gradient():
-    _, layer = make_pair(MGSSpec(density=0.1, predictor="linear", rank=4))
-    x = torch.randn(1, 40, dtype=torch.float64)
-    layer(x).sum().backward()
-    touched = torch.count_nonzero(layer.gate_proj.weight.grad.abs().sum(1))
-    assert touched == MGSSpec(density=0.1).top_k(150)
-
-
 @pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_torch_path_reads_only_the_rows_it_reports(tokens, dtype):
@@ -124,15 +117,6 @@ def test_cost_counts_the_quantized_predictor_at_four_bits_plus_bf16_scales():
     assert predictor_bytes / (2 * 3 * 160 * 64) == pytest.approx(2 * 5 / 48)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 33], ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("density", [0.5, 0.1, 0.03])
-@pytest.mark.parametrize("selection", ["top_k", "threshold"])
-def test_fast_torch_path_equals_reference(tokens, density, selection):
-    _, layer = make_pair(MGSSpec(density=density, predictor="linear", rank=8, selection=selection))
-    layer.gate_threshold.fill_(1.5)
-    assert_fast_path_matches_reference(layer, torch.randn(tokens, 40, dtype=torch.float64))
-
-
 def test_fast_path_with_biases_and_a_stale_down_cache():
     spec = MGSSpec(density=0.2, predictor="linear", rank=8)
     layer = MicroGatedMLP(40, 150, spec, torch.nn.SiLU(), bias=True).double()
@@ -143,3 +127,33 @@ def test_fast_path_with_biases_and_a_stale_down_cache():
         for _ in range(2):  # the second round runs after the weights changed under the cache
             assert_fast_path_matches_reference(layer, x)
             layer.down_proj.weight.mul_(2.0)
+
+
+class TestMGSContract(SparseLayerContract):
+    """The shared contract over MGS selections: a batch reads the union of its tokens' selected
+    rows, or every row where its byte report says the PyTorch path runs the masked dense matmuls."""
+
+    HIDDEN = 40
+    SPECS = [MGSSpec(density=density, predictor="linear", rank=8, selection=selection)
+             for density in (0.5, 0.1, 0.03) for selection in ("top_k", "threshold")]
+
+    def spec_id(self, spec) -> str:
+        return f"{spec.selection}-{spec.density}"
+
+    def make_layer(self, spec, dtype=torch.float64):
+        _, layer = make_pair(spec, dtype=dtype)
+        layer.gate_threshold.fill_(1.5)
+        return layer
+
+    def union(self, layer, x):
+        return selection_mask(layer.micro_gate(x), layer.spec, layer.gate_threshold).any(dim=0)
+
+    def claimed_rows(self, layer, x):
+        union = self.union(layer, x)
+        read = layer.bytes_read(x.shape[0], int(union.sum()))["down"]
+        rows = union if read < layer.intermediate_size * layer.hidden_size * 8 else torch.ones_like(union)
+        return [(layer.gate_proj.weight, rows, 0), (layer.up_proj.weight, rows, 0), (layer.down_proj.weight, rows, 1)]
+
+    def gradient_rows(self, layer, x):
+        union = self.union(layer, x)
+        return [(layer.gate_proj.weight, union, 0), (layer.up_proj.weight, union, 0), (layer.down_proj.weight, union, 1)]

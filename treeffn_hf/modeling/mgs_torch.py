@@ -44,7 +44,10 @@ def torch_path_bytes(layer, tokens: int, union: float) -> dict[str, float]:
     claims not to read with NaN."""
     weight = layer.gate_proj.weight
     element, hidden, width = weight.element_size(), layer.hidden_size, layer.intermediate_size
-    gathered = union <= layer.kernel_policy.mgs_torch_gather_max_fraction * width
+    max_fraction = layer.kernel_policy.mgs_torch_gather_max_fraction
+    # as mgs_torch_path decides: a batch expected to cover too much skips measuring its union
+    gathered = union <= max_fraction * width and (
+        tokens == 1 or not _union_expected_too_large(layer, tokens, max_fraction))
     rows = union if gathered else width
     return {"predictor": layer.micro_gate.bytes_read(tokens, weight.device),
             "gate_up": 2 * rows * hidden * element, "down": rows * hidden * element}
