@@ -36,13 +36,21 @@ def smollm2_with_calibration(windows: int, window: int, tokens_per_layer: int):
 
 
 def _commit() -> Optional[str]:
-    """This checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    """This checkout's commit, "-dirty" when tracked files other than results differ from it (a
+    results file written by an earlier run in the same checkout changes no code); None outside git."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("describe", "--always", "--abbrev=12")
+    if not commit:
         return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return commit + ("-dirty" if changed else "")
 
 
 def machine() -> dict:

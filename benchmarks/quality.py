@@ -42,7 +42,9 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, machine, parse_tree_specs, write_json  # noqa: E402
 from dense_baselines import FRONTIER_GRIDS, INT8_G64, fake_quantized, mlp_bytes  # noqa: E402
-from quality_baselines import (  # noqa: E402
+
+from treeffn_hf.architectures import architecture_for  # noqa: E402
+from treeffn_hf.baselines import (  # noqa: E402
     CatsMLP,
     OracleThresholdMLP,
     OracleTopKMLP,
@@ -50,8 +52,6 @@ from quality_baselines import (  # noqa: E402
     unwrap_mlps,
     wrap_mlps,
 )
-
-from treeffn_hf.architectures import architecture_for  # noqa: E402
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
 from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402

@@ -50,10 +50,12 @@ def test_without_avx512_the_source_refuses_to_compile(tmp_path):
 @pytest.mark.skipif(mgs_kernels_cpu.library_error() is not None,
                     reason=f"CPU kernel unavailable: {mgs_kernels_cpu.library_error()}")
 def test_the_kernel_tests_pass_under_address_sanitizer(tmp_path):
-    runtime = subprocess.run([COMPILER, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(runtime):
+    runtime = [subprocess.run([COMPILER, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+               for name in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(path) for path in runtime):
         pytest.skip("the compiler has no AddressSanitizer runtime")
-    env = {**os.environ, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+    # libstdc++ preloaded too: torch throws C++ exceptions, which ASan must intercept from the start
+    env = {**os.environ, "LD_PRELOAD": " ".join(runtime), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
            "TREEFFN_KERNEL_CFLAGS": "-fsanitize=address -fno-omit-frame-pointer",
            "TREEFFN_KERNEL_CACHE": str(tmp_path / "kernels")}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -61,4 +63,6 @@ def test_the_kernel_tests_pass_under_address_sanitizer(tmp_path):
                             capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "passed" in result.stdout
-    assert any(path.name.endswith(".so") for path in (tmp_path / "kernels").iterdir())  # the sanitized build ran
+    built = [path for path in (tmp_path / "kernels").iterdir() if path.name.endswith(".so")]
+    symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
+    assert "__asan_report" in symbols  # the library the tests ran is the instrumented one

@@ -47,6 +47,30 @@ def test_gathered_swiglu_matches_naive(dtype, tokens, selected):
     close(gather_kernels.gathered_swiglu(x, rows, gate, up, down), want, dtype)
 
 
+@pytest.mark.parametrize("after_sum", [False, True], ids=["per_node", "after_sum"])
+def test_the_gather_kernels_read_only_the_listed_rows(after_sum):
+    """NaN in every row no token lists: the Triton gathers must not touch them (a read would spread
+    the NaN), so the rows a tree or MGS layer on the triton path is charged for are all it reads."""
+    gate, up, down = tables(torch.float32)
+    x = torch.randn(4, HIDDEN).to(DEVICE)
+    if after_sum:
+        rows = torch.randint(0, INTER // 3, (4, 2, 3, 5), device=DEVICE)
+        naive, kernel = gather_kernels.gathered_swiglu_after_sum_naive, gather_kernels.gathered_swiglu_after_sum
+    else:
+        rows = torch.stack([torch.randperm(INTER // 3)[:13] for _ in range(4)]).to(DEVICE)
+        rows[0, -1] = -1  # padding of threshold selection
+        naive, kernel = gather_kernels.gathered_swiglu_naive, gather_kernels.gathered_swiglu
+    want = naive(x, rows, gate, up, down)
+    unlisted = torch.ones(INTER, dtype=torch.bool, device=DEVICE)
+    unlisted[rows[rows >= 0]] = False
+    assert unlisted.sum() > INTER // 2
+    for table in (gate, up, down):
+        table[unlisted] = float("nan")
+    got = kernel(x, rows, gate, up, down)
+    assert torch.isfinite(got).all(), "a gather kernel read a row no token lists"
+    close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_split_k_with_several_atomic_adds_per_output_matches_naive(dtype):
     """A hidden size of several gate/up blocks (several partial g and u per row) and row lists

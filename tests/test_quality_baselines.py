@@ -1,14 +1,16 @@
-"""The quality benchmark's reference points (benchmarks/quality_baselines.py) do what they claim."""
+"""The quality benchmark's reference points (treeffn_hf/baselines.py) do what they claim."""
 
 import pytest
 import torch
 
-from .conftest import load_benchmark, tiny_dense_model
+from treeffn_hf import baselines as baseline_module
+
+from .conftest import tiny_dense_model
 
 
 @pytest.fixture(scope="module")
 def baselines():
-    return load_benchmark("quality_baselines")
+    return baseline_module
 
 
 @pytest.fixture(scope="module")

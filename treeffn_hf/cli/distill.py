@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=DISTILL_LR, help="learning rate of tree distillation")
     parser.add_argument("--router-fit", choices=ROUTER_FITS, default=DEFAULT_ROUTER_FIT,
                         help="trees with hyperplane routing: fit each router by weighted logistic regression or "
-                             "weighted least squares (see benchmarks/router_fit.py)")
+                             "weighted least squares (see benchmarks/studies/router_fit.py)")
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="trees: fit each layer on the inputs the already distilled layers before it produce "
                              "(GPTQ-style; the calibration text walks through the layers once); --no-sequential "

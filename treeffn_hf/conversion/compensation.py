@@ -16,7 +16,7 @@ Inputs and targets (`refit_mgs_layers`):
   tries to absorb the error that reached it);
 - `inputs="dense"`: each layer is fitted on the dense model's MLP inputs, against the dense
   MLP's outputs on them; layers are independent, and the refit takes half the time.
-`benchmarks/refit_study.py` measures the three (README): sequential with the dense-MLP target is
+`benchmarks/studies/refit_study.py` measures the three (docs/performance.md): sequential with the dense-MLP target is
 as good at 25% density and better at 10%; the dense-output target is worse than no refit.
 """
 

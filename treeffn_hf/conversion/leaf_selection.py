@@ -2,8 +2,8 @@
 
 A partition tree fits no better than static pruning until its weights are trained: each leaf must
 serve every token routed to it with a fixed slice of the MLP. Here each leaf picks, from the whole
-MLP, the neurons its own tokens need, so leaves may share neurons (benchmarks/tree_layer_fit.py,
-benchmarks/overlap_tree_study.py). The layer is rebuilt from the dense MLP it replaces, on that
+MLP, the neurons its own tokens need, so leaves may share neurons (benchmarks/studies/tree_layer_fit.py,
+benchmarks/studies/overlap_tree_study.py). The layer is rebuilt from the dense MLP it replaces, on that
 MLP's inputs `x` and outputs `y`, with `mass[t, i] = |act(g_i x_t) u_i x_t| * |d_i|`:
 
 - shared (always-on) block: the `shared_width` neurons of largest mean mass;

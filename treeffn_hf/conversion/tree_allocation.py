@@ -123,7 +123,7 @@ def tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch
 def naive_tree_layer_sensitivities(dense_model, spec: TreeSpec, inputs: Sequence[torch.Tensor], loss_ids: torch.Tensor,
                                    fractions: Sequence[float] = ALLOCATION_FRACTIONS, seed: int = 0,
                                    rows: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """The oracle of `tree_layer_sensitivities` (tests, benchmarks/allocation_cost.py): every trial a
+    """The oracle of `tree_layer_sensitivities` (tests, benchmarks/studies/allocation_cost.py): every trial a
     fresh fit and a full forward of the model with that one MLP swapped."""
     shapes = _trial_shapes(dense_model, spec, fractions)
     config = dense_model.config

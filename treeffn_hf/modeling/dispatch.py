@@ -51,41 +51,25 @@ PATHS = ("reference", "torch", "cpu", "cpu:amx", "cpu:scores", "triton")
 
 @dataclasses.dataclass(frozen=True)
 class KernelPolicy:
-    """Which implementation a sparse layer runs, and where it switches between kernel variants.
+    """Which implementation a sparse layer runs, and where it switches between kernel variants
+    (the measurements behind each default: docs/layers.md, "Where the switch points come from").
 
     - `path`: `auto` (the rules above) or one of `PATHS`, forced;
-    - `cpu_fused_max_tokens`: up to this many tokens the fused C kernel runs, beyond it
-      `cpu:scores` (one SmolLM2- and one 1B-shaped layer, cache-hot, informal: the fused kernel
-      is faster up to 32 tokens on both, within 15% either way at 64, 1.3x slower at 128);
-    - `cpu_amx_min_tokens`: from this many tokens the AMX kernel runs where the CPU has it (stacks
-      of cache-resident layers, informal: against the fused kernel 2.1x at 8 tokens on the SmolLM2
-      shape and 1.6x on a 1B shape, 3.9x and 2.5x at 16; at 1-4 tokens the 1B shape reads its
-      unpacked tiles from memory and the fused kernel wins, 0.4-0.7x). `inf` turns it off, and its
-      operand copies are then never made;
-    - `tree_gather_max_row_multiple`: a tree batch takes per-token gathers while tokens x active
-      units <= this x intermediate, else masked cuBLAS GEMMs over all rows (0 forces those, inf
-      the gathers). Per-token gathers read each token's rows separately, so past about one
-      layer's worth they read more bytes than the GEMMs; on the H100 run of bench_mlp.py the
-      gathers ran at 1.0-1.1x of cuBLAS at 1.0 layer's worth and 0.65-0.73x at 2;
+    - `cpu_fused_max_tokens`: up to this many tokens the fused C kernel runs, beyond it `cpu:scores`;
+    - `cpu_amx_min_tokens`: from this many tokens the AMX kernel runs where the CPU has it; `inf`
+      turns it off, and its operand copies are then never made;
+    - `tree_gather_max_row_multiple`: a tree batch on CUDA takes per-token gathers while tokens x
+      active units <= this x intermediate, else masked cuBLAS GEMMs over all rows (0 forces those,
+      inf the gathers);
     - `mgs_gather_max_row_multiple`: the MGS Triton gathers run while tokens x selected <= this x
-      intermediate, else the PyTorch union path. On the H100 the gathers beat the union path at
-      4x and 6.4x as CUDA graphs and lost at 8x (that run dispatched on "<= 8 tokens": this rule
-      is not yet measured as the main path);
+      intermediate, else the PyTorch union path;
     - `mgs_torch_gather_max_fraction`: the PyTorch path gathers the selected rows (or the batch's
       union) while they are at most this fraction of the neurons, else it runs the dense matmuls
-      with the selection as a mask (benchmarks/results/bench_mlp_cpu.json: at batch 1 the gather
-      wins at 10%, loses at 25%; at 42% it runs at 0.46x (SmolLM2 shape) and 0.62x (1B shape) of
-      the fp32 dense MLP: index_select copies the rows before the GEMV reads them, where the dense
-      sgemv streams the weights once);
+      with the selection as a mask;
     - `tree_cpu_gather_row_cost`, `tree_cpu_leaf_overhead_elems`: a tree batch on the PyTorch
       path takes per-token gathers while `row_cost` x the weights they gather (tokens x routed
-      rows x hidden) is at most what the grouped GEMMs read (each visited leaf once, and the
-      node rows) plus `leaf_overhead_elems` per visited leaf, else it groups tokens by leaf.
-      Fitted to benchmarks/tree_cpu_dispatch.py on an AMD EPYC, 2 threads, fp32 (SmolLM2 and 1B
-      shapes, 2-128 tokens; file tree_cpu_dispatch_before.json), where the rule before (tokens x
-      active units <= the MLP's neurons) took the slower path in 22 of 84 cases and lost up to
-      5.5x; timed again with this rule (tree_cpu_dispatch.json) it takes the faster in 83, and
-      loses 4% in the other;
+      rows x hidden) is at most what the grouped GEMMs read (each visited leaf once, and the node
+      rows) plus `leaf_overhead_elems` per visited leaf, else it groups tokens by leaf;
     - `tree_in_place_leaf_elems`: a one-token tree step reads a leaf block of at least this many
       weights in place; a smaller one is gathered with the nodes (one copy beats the extra ops).
     """

@@ -18,7 +18,7 @@ random relative noise of one float32 ulp (`--seeds` draws, each a stand-in for a
 - the whole recovery: the tree distilled (`distill_layers`, `--distill-steps` a layer) from a
   perturbed dense model, once per seed.
 
-    python benchmarks/rounding_sensitivity.py        # about 20 minutes on 2 CPU cores
+    python benchmarks/studies/rounding_sensitivity.py        # about 20 minutes on 2 CPU cores
 
 Writes benchmarks/results/rounding_sensitivity_smollm2.json.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import DATA, machine, smollm2_with_calibration, write_json  # noqa: E402
 
 from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
@@ -159,7 +159,7 @@ def main() -> None:
                           "from the perturbed dense model", "ratios": distilled, "spread": spread(distilled),
                  "decisions_flipped": []})
     write_json(OUTPUT, {
-        "command": "python benchmarks/rounding_sensitivity.py " + " ".join(sys.argv[1:]), "machine": machine(),
+        "command": "python benchmarks/studies/rounding_sensitivity.py " + " ".join(sys.argv[1:]), "machine": machine(),
         "dtype": "float32", "perturbation": "every weight times (1 + e), e uniform in +-2^-23; seed 0 = unperturbed",
         "evaluation": {"windows": int(eval_ids.shape[0]), "window": int(eval_ids.shape[1])},
         "decision_probe_tokens": int(probe.numel()), "rows": rows,

@@ -1,4 +1,4 @@
-"""Reference points for the quality benchmark, applied to a dense model's MLPs in place.
+"""Reference points for the quality benchmark (benchmarks/quality.py), applied to a dense model's MLPs in place.
 
 - `TealMLP`: training-free activation sparsity in the manner of TEAL (Liu et al., 2024): the
   smallest-magnitude entries of each projection's input are zeroed, with per-layer thresholds

@@ -3,7 +3,7 @@ layer reused for every width; each trial runs only the layers from its own on) a
 oracle (`naive_tree_layer_sensitivities`: a fresh fit and a full forward per trial), both on the
 same SmolLM2 layers, inputs and grid, in one process. The two tables must agree.
 
-    python benchmarks/allocation_cost.py            # 6 layers spread over the model, the full grid
+    python benchmarks/studies/allocation_cost.py            # 6 layers spread over the model, the full grid
 
 Writes benchmarks/results/allocation_cost_smollm2.json.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import machine, parse_tree_specs, smollm2_with_calibration, write_json  # noqa: E402
 
 from treeffn_hf.conversion.tree_allocation import (  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     torch.testing.assert_close(tables["now"], tables["naive"], rtol=1e-4, atol=1e-6)
     trials = len(args.layers) * len(grid)
     payload = {
-        "benchmark": "allocation_cost", "command": "python benchmarks/allocation_cost.py " + " ".join(sys.argv[1:]),
+        "benchmark": "allocation_cost", "command": "python benchmarks/studies/allocation_cost.py " + " ".join(sys.argv[1:]),
         "machine": machine(), "model": "SmolLM2-135M-Instruct", "dtype": "float32", "spec": args.spec,
         "grid": list(grid), "layers": args.layers, "trials": trials, "loss_tokens": int(loss_ids.numel()),
         "seconds": seconds, "seconds_per_trial": {k: v / trials for k, v in seconds.items()},

@@ -10,8 +10,8 @@ computes each token as it does in decode (a token's result does not depend on it
 give the perplexity ratio to dense, the MLP units and weight bytes read, and how often the
 model's next-token argmax agrees with the dense model's.
 
-    python benchmarks/cpu_kernel_quality.py                  # about 3 minutes a density
-    python benchmarks/cpu_kernel_quality.py --densities 0.8 --windows 10
+    python benchmarks/studies/cpu_kernel_quality.py                  # about 3 minutes a density
+    python benchmarks/studies/cpu_kernel_quality.py --densities 0.8 --windows 10
 
 Writes benchmarks/results/cpu_kernel_quality_smollm2.json.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import DATA, machine, write_json  # noqa: E402
 
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     reference = evaluate(dense, windows)
     print(f"dense perplexity {reference['perplexity']:.3f} on {windows.shape[0]} windows", flush=True)
     captured = capture_mlp_inputs(dense, calibration, progress=False)
-    payload = {"benchmark": "cpu_kernel_quality", "command": "python benchmarks/cpu_kernel_quality.py "
+    payload = {"benchmark": "cpu_kernel_quality", "command": "python benchmarks/studies/cpu_kernel_quality.py "
                + " ".join(sys.argv[1:]), "machine": machine(), "dtype": "float32",
                "evaluation": {"windows": int(windows.shape[0]), "window": int(windows.shape[1])},
                "dense_perplexity": reference["perplexity"], "rows": []}

@@ -16,7 +16,7 @@ of the dense MLP output's variance that each layer leaves unexplained (FVU, `|y 
 Distillation and the least-squares refits see only the training windows; the last
 `--test-windows` windows are never fitted on.
 
-    python benchmarks/tree_layer_fit.py          # about 45 minutes on 2 CPU cores
+    python benchmarks/studies/tree_layer_fit.py          # about 45 minutes on 2 CPU cores
 
 Writes benchmarks/results/tree_layer_fit_smollm2.json (+ .png).
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import DATA, RESULTS, machine, parse_tree_specs, write_json  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     if args.plot_only:
         plot(RESULTS / OUTPUT)
         return
-    command = "python benchmarks/tree_layer_fit.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/studies/tree_layer_fit.py " + " ".join(sys.argv[1:])
     torch.manual_seed(0)
     directory, gguf = smollm2_gguf()
     dense, tokenizer = load_dense(directory, gguf_file=gguf)

@@ -14,8 +14,8 @@ Calibration: --calibration-windows windows of 512 tokens of valid.txt (the `tree
 default). Perplexity ratio on the protocol windows of wiki.test.raw, beside the MLP weight
 bytes read (the refit does not change them) and the refit's wall time.
 
-    python benchmarks/refit_study.py          # about 4 minutes a row on 2 CPU cores
-    python benchmarks/refit_study.py --densities 0.8 --modes none,dense_inputs --append
+    python benchmarks/studies/refit_study.py          # about 4 minutes a row on 2 CPU cores
+    python benchmarks/studies/refit_study.py --densities 0.8 --modes none,dense_inputs --append
 
 Writes benchmarks/results/refit_study_smollm2.json.
 """
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import DATA, RESULTS, machine, write_json  # noqa: E402
 
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
     unknown = set(modes) - set(MODES)
     if unknown:
         parser.error(f"unknown mode(s) {sorted(unknown)}")
-    command = "python benchmarks/refit_study.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/studies/refit_study.py " + " ".join(sys.argv[1:])
     directory, gguf = smollm2_gguf()
     dense, tokenizer = load_dense(directory, gguf_file=gguf)
     dense.eval()

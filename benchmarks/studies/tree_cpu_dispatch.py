@@ -6,7 +6,7 @@ interleaved with the dense `LlamaMLP`, and the faster one is recorded beside the
 (`tree_torch.gathers_per_token`, with the `KernelPolicy` constants) picks. Routing is computed once outside the timed
 calls: it is the same work for both paths.
 
-    python benchmarks/tree_cpu_dispatch.py        # writes benchmarks/results/tree_cpu_dispatch.json
+    python benchmarks/studies/tree_cpu_dispatch.py        # writes benchmarks/results/tree_cpu_dispatch.json
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from bench_mlp import SHAPES, build_layers, random_dense_mlp  # noqa: E402
 from common import interleaved_median, machine, write_json  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> None:
     loss = max((r["best_speedup"] / r["dispatch_speedup"] for r in rows), default=1.0)
     print(f"dispatch picks the slower path in {len(wrong)} of {len(rows)} cases; worst loss {loss:.2f}x")
     write_json(args.out, {
-        "benchmark": "tree_cpu_dispatch", "command": " ".join(["python", "benchmarks/tree_cpu_dispatch.py", *sys.argv[1:]]),
+        "benchmark": "tree_cpu_dispatch", "command": " ".join(["python", "benchmarks/studies/tree_cpu_dispatch.py", *sys.argv[1:]]),
         "machine": machine(), "dtype": "float32", "threads": args.threads, "rows": rows,
         "dispatch_wrong": len(wrong), "worst_dispatch_loss": loss,
     })

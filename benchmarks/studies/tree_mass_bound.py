@@ -12,7 +12,7 @@ and, at the same number of neurons per token, what
 If `oracle paths` sits near `static` and far under `top-k`, routing is not what is missing: no
 partition of the neurons into leaves holds most of what each token needs.
 
-    python benchmarks/tree_mass_bound.py            # about 10 minutes on 2 CPU cores
+    python benchmarks/studies/tree_mass_bound.py            # about 10 minutes on 2 CPU cores
 
 Writes benchmarks/results/tree_mass_bound_smollm2.json (+ .png).
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import RESULTS, machine, parse_tree_specs, smollm2_with_calibration, write_json  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
     if args.plot_only:
         plot(RESULTS / OUTPUT)
         return
-    command = "python benchmarks/tree_mass_bound.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/studies/tree_mass_bound.py " + " ".join(sys.argv[1:])
     torch.manual_seed(0)
     dense, _, ids, captured = smollm2_with_calibration(args.calibration_windows, args.window, args.tokens_per_layer)
     arch = architecture_for(dense.config)

@@ -7,7 +7,7 @@ router fit. The figure is the captured mass on the held-out tenth of the tokens:
 the dense MLP's activation mass that lies on the tokens' paths (shared neurons included), the
 quantity the fit maximises and the best predictor of quality after distillation we have.
 
-    python benchmarks/router_fit.py               # a few minutes on 2 CPU cores
+    python benchmarks/studies/router_fit.py               # a few minutes on 2 CPU cores
 
 Writes benchmarks/results/router_fit_smollm2.json.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import machine, parse_tree_specs, smollm2_with_calibration, write_json  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
     args = parser.parse_args()
-    command = "python benchmarks/router_fit.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/studies/router_fit.py " + " ".join(sys.argv[1:])
     torch.manual_seed(0)
     dense, _, ids, captured = smollm2_with_calibration(args.calibration_windows, args.window, args.tokens_per_layer)
     arch = architecture_for(dense.config)

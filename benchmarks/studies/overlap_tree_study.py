@@ -10,7 +10,7 @@ what calibration alone does. The layers are fitted sequentially (each on the inp
 before it, already replaced, produce), against the dense MLP on those inputs.
 Perplexity on the first `--eval-windows` protocol windows of wiki.test.raw, ratio to dense.
 
-    python benchmarks/overlap_tree_study.py        # about 25 minutes on 2 CPU cores
+    python benchmarks/studies/overlap_tree_study.py        # about 25 minutes on 2 CPU cores
 
 Writes benchmarks/results/overlap_tree_study_smollm2.json.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import DATA, machine, write_json  # noqa: E402
 
 from treeffn_hf.architectures import architecture_for  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
               f"(fit {fit_seconds:.0f} s)", flush=True)
         del model
     write_json(OUTPUT, {
-        "command": "python benchmarks/overlap_tree_study.py " + " ".join(sys.argv[1:]), "machine": machine(),
+        "command": "python benchmarks/studies/overlap_tree_study.py " + " ".join(sys.argv[1:]), "machine": machine(),
         "dtype": "float32", "model": f"SmolLM2-135M-Instruct ({gguf}, de-quantized)",
         "calibration": {"source": "../shared/data/wikitext-2/valid.txt", "windows": int(ids.shape[0]),
                         "window": args.window},

@@ -1,7 +1,7 @@
 """What the MGS predictor costs on this CPU: one token through [gate_proj; up_proj] (2H x hidden)
 by each matmul torch offers, against the dense MLP's three projections, in one process.
 
-    python benchmarks/bench_predictor_kernels.py
+    python benchmarks/studies/bench_predictor_kernels.py
 
 The MGS layer must score every neuron before it computes any, so the predictor's matmul is a
 floor under its time. Rows: fp32 and bf16 dense GEMV of [gate; up] (the dense work it replaces),
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import interleaved_median, machine, write_json  # noqa: E402
 
 from treeffn_hf.modeling.mgs_predictors import dequantize_int4, quantize_int4  # noqa: E402
@@ -105,7 +105,7 @@ def main() -> None:
                   flush=True)
     write_json("bench_predictor_kernels_cpu.json", {
         "benchmark": "bench_predictor_kernels", "device": "cpu", "machine": machine(),
-        "command": "python benchmarks/bench_predictor_kernels.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/studies/bench_predictor_kernels.py " + " ".join(sys.argv[1:]),
         "activations": "1 token; bf16 for the bf16/int4/int8 kernels, fp32 otherwise", "rows": rows})
 
 

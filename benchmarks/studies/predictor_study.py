@@ -1,8 +1,8 @@
 """The MGS levers of issue #17 side by side, at the two byte targets (60% and 40% of the MLP's bf16
 weight bytes, predictor included), on SmolLM2-135M: perplexity ratio, active units and bytes.
 
-    python benchmarks/predictor_study.py                       # 40 windows, about an hour on 2 cores
-    python benchmarks/predictor_study.py --eval-windows 10 --only rtn4,gptq4
+    python benchmarks/studies/predictor_study.py                       # 40 windows, about an hour on 2 cores
+    python benchmarks/studies/predictor_study.py --eval-windows 10 --only rtn4,gptq4
 
 Levers (each calibrated on valid.txt, uniform per-layer thresholds, no training of the MLP):
 - rtn4: the default 4-bit predictor, round-to-nearest codes;
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import DATA, RESULTS, machine, write_json  # noqa: E402
 
 from treeffn_hf.checkpoint import load_dense  # noqa: E402
@@ -197,7 +197,7 @@ def main() -> None:
     calib_ids = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, args.calibration_windows)
     inputs = capture_mlp_inputs(dense, calib_ids, progress=False).inputs
     dense_ppl = perplexity(dense, eval_ids, progress=False).perplexity
-    payload = {"command": "python benchmarks/predictor_study.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    payload = {"command": "python benchmarks/studies/predictor_study.py " + " ".join(sys.argv[1:]), "machine": machine(),
                "dtype": str(dense.dtype).replace("torch.", ""), "model": f"SmolLM2-135M-Instruct ({gguf})",
                "evaluation": {"windows": int(eval_ids.shape[0]), "window": int(eval_ids.shape[1]),
                               "dense_perplexity": dense_ppl},
