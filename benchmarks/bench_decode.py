@@ -7,7 +7,8 @@ kernels, and torchao's where it is installed), dense float32 (beside, never alon
 recipe as a user gets it (`treeffn convert --method mgs` + `treeffn distill`, saved, reloaded with
 `trust_remote_code`; loaded in float32 it runs the C kernel, loaded in bf16 the PyTorch path), the
 same checkpoint with every neuron selected (what its number format alone buys), a freshly
-converted tree (untrained: its speed is what it will be after training, its text is not), and
+converted tree (untrained: its speed is what it will be after training, its text is not; or a
+trained one with `--tree-checkpoint DIR`), and
 llama.cpp on the same GGUF (a separate process, after the others; optional).
 
 Every model decodes the same prompt greedily with its KV cache, the models taking turns step by
@@ -114,7 +115,11 @@ def load_models(args: argparse.Namespace, directory: str, gguf_file: str, work: 
     models["mgs default recipe (bf16 load)"] = (reloaded(torch.bfloat16), "the same, dtype=bfloat16", None)
     models["mgs format, every neuron (C kernel)"] = (everything_selected(reloaded(torch.float32)),
                                                    "the same, thresholds below every score", None)
-    if args.tree:
+    if args.tree_checkpoint:  # the best tree there is: a distilled or fine-tuned one
+        tree = AutoModelForCausalLM.from_pretrained(args.tree_checkpoint, trust_remote_code=True,
+                                                    dtype=torch.bfloat16).eval()
+        models[f"tree {Path(args.tree_checkpoint).name} (bf16)"] = (tree, str(args.tree_checkpoint), None)
+    elif args.tree:
         tree = treeffn_hf.convert(dense, TreeSpec(depth=6, node_width=2), progress=False).to(torch.bfloat16).eval()
         models["tree depth 6 (fresh, untrained, bf16)"] = (tree, "treeffn convert --method tree", None)
     no_mlp = copy.deepcopy(bf16)
@@ -274,6 +279,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quality-windows", type=int, default=10, help="protocol windows for each row's ratio")
     parser.add_argument("--no-tree", dest="tree", action="store_false")
+    parser.add_argument("--tree-checkpoint", help="a saved tree of this model (treeffn distill / finetune output) to "
+                        "time instead of a freshly converted, untrained one")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--work", default=None, help="where the MGS checkpoint is kept (default: a temporary folder)")
     parser.add_argument("--output", default="bench_decode_smollm2-135m.json")

@@ -49,7 +49,8 @@ def torch_path_bytes(layer, tokens: int, union: float) -> dict[str, float]:
     gathered = union <= max_fraction * width and (
         tokens == 1 or not _union_expected_too_large(layer, tokens, max_fraction))
     rows = union if gathered else width
-    return {"predictor": layer.micro_gate.bytes_read(tokens, weight.device),
+    device = "cpu" if weight.is_meta else weight.device  # meta: a layer built to describe a checkpoint, as on the CPU
+    return {"predictor": layer.micro_gate.bytes_read(tokens, device),
             "gate_up": 2 * rows * hidden * element, "down": rows * hidden * element}
 
 
