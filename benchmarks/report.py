@@ -63,7 +63,7 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
                 spec = any_row["spec"]
                 label = {"tree": "tree", "tree-shared": f"tree, depth {spec.get('depth')} + {spec.get('shared_width')} "
                          "shared", "tree-selected": f"tree, {2 ** spec.get('depth', 0)} selected leaves of "
-                         f"{spec.get('leaf_width')} (stored {any_row.get('stored_multiple', 0):.1f}x)"
+                         f"{spec.get('leaf_width')} (stored {any_row.get('stored_multiple') or 0:.1f}x)"
                          }.get(method, f"mgs ({spec.get('predictor', 'linear')})")
                 lines.append(
                     f"| {label} | {target:.0%} | {any_row['active_unit_fraction']:.2%} | "
