@@ -59,9 +59,11 @@ INT4_G64 = WeightGrid(4, 64, False)
 FRONTIER_GRIDS = (INT8_ROW, INT8_G64, INT4_G32_ASYM, INT4_G64_ASYM, INT4_G64)
 
 
-def fake_quantize(weight: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
-    """`weight` (rows, columns) rounded onto `grid` and dequantized, in float32 (scales in bf16,
-    as stored)."""
+def quantize_grid(weight: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """`weight` (rows, columns) on `grid`: (codes (rows, groups, group) as floats, bf16 scales
+    (rows, groups, 1), bf16 zeros or None). Asymmetric codes are 0..levels with the weight
+    (code - mid) * scale + zero, the zero of the centred codes PyTorch's int4 kernels store;
+    symmetric ones are signed, the weight code * scale."""
     w = weight.detach().float()
     rows, columns = w.shape
     group = grid.group or columns
@@ -71,17 +73,20 @@ def fake_quantize(weight: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     levels = (1 << grid.bits) - 1
     if grid.asymmetric:
         low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = ((high - low) / levels).clamp_min(1e-12).bfloat16().float()
-        # PyTorch's int4 kernels store the zero of the centred codes: (q - mid) * scale + zero
-        mid = 1 << (grid.bits - 1)
-        zero = (low + mid * scale).bfloat16().float()
-        q = ((g - low) / scale).round().clamp(0, levels)
-        out = (q - mid) * scale + zero
-    else:
-        top = levels // 2  # 127 or 7: a symmetric grid
-        scale = (g.abs().amax(-1, keepdim=True) / top).clamp_min(1e-12).bfloat16().float()
-        out = (g / scale).round().clamp(-top - 1, top) * scale
-    return out.reshape(rows, columns)
+        scale = ((high - low) / levels).clamp_min(1e-12).bfloat16()
+        zero = (low + (1 << (grid.bits - 1)) * scale.float()).bfloat16()
+        return ((g - low) / scale.float()).round().clamp(0, levels), scale, zero
+    top = levels // 2  # 127 or 7: a symmetric grid
+    scale = (g.abs().amax(-1, keepdim=True) / top).clamp_min(1e-12).bfloat16()
+    return (g / scale.float()).round().clamp(-top - 1, top), scale, None
+
+
+def fake_quantize(weight: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """`weight` (rows, columns) rounded onto `grid` and dequantized, in float32."""
+    codes, scale, zero = quantize_grid(weight, grid)
+    if zero is None:
+        return (codes * scale.float()).reshape(weight.shape)
+    return ((codes - (1 << (grid.bits - 1))) * scale.float() + zero.float()).reshape(weight.shape)
 
 
 def fake_quantized(model: nn.Module, grid: WeightGrid) -> nn.Module:
@@ -107,21 +112,15 @@ class WeightOnlyLinear(nn.Module):
         if grid not in (INT8_ROW,) and not (grid.bits == 4 and grid.asymmetric and grid.group):
             raise ValueError(f"no PyTorch CPU kernel runs {grid.name}")
         self.grid, self.out_features, self.in_features = grid, linear.out_features, linear.in_features
-        w = linear.weight.detach().float()
+        codes, scale, zero = quantize_grid(linear.weight, grid)
         if grid.bits == 8:
-            scale = (w.abs().amax(1) / 127).clamp_min(1e-12).bfloat16()
-            self.register_buffer("codes", (w / scale.float()[:, None]).round().clamp(-128, 127).to(torch.int8))
-            self.register_buffer("scales", scale)
+            self.register_buffer("codes", codes.reshape(self.out_features, -1).to(torch.int8))
+            self.register_buffer("scales", scale.reshape(-1))
         else:
-            rows, columns = w.shape
-            g = w.reshape(rows, columns // grid.group, grid.group)
-            low, high = g.amin(-1), g.amax(-1)
-            scale = ((high - low) / 15).clamp_min(1e-12).bfloat16()
-            q = ((g - low[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.int32)
-            # the kernel's weight is (q - 8) * scale + zero: the zero absorbs the grid's offset
-            zero = (low + 8 * scale.float()).bfloat16()
-            self.register_buffer("codes", torch._convert_weight_to_int4pack_for_cpu(q.reshape(rows, columns), 1))
-            self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+            q = codes.reshape(self.out_features, -1).to(torch.int32)
+            self.register_buffer("codes", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales_and_zeros",
+                                 torch.stack([scale[..., 0], zero[..., 0]], -1).transpose(0, 1).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
