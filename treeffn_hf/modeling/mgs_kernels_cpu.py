@@ -209,9 +209,8 @@ def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
             predictor = layer.micro_gate
             codes, scales, zeros = (t.contiguous() for t in (predictor.codes, predictor.scales, predictor.zeros))
             down = layer.down_proj.weight.detach().contiguous()
-            as_bf16 = down.bfloat16()
-            if torch.equal(as_bf16.float(), down):  # bf16 values (a bf16 checkpoint, the nested recipe)
-                down = as_bf16
+            if holds_bf16_values(down):  # a bf16 checkpoint, the nested recipe: half the bytes, the same products
+                down = down.bfloat16()
             blocks, scales_t, zeros_t = scoring_operands(predictor)
             struct = LayerStruct(layer.hidden_size, layer.intermediate_size, predictor.group_size, codes.data_ptr(),
                                  lo.data_ptr(), scales.data_ptr(), zeros.data_ptr(), down.data_ptr(),
@@ -221,6 +220,12 @@ def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
             operands = (ctypes.byref(struct), [struct, codes, lo, scales, zeros, down, blocks, scales_t, zeros_t])
     _CACHE[layer] = (key, operands, reason, tensors)
     return operands, reason
+
+
+def holds_bf16_values(weight: torch.Tensor) -> bool:
+    """Whether every value of `weight` is a bf16 value, so the kernel reads a bf16 copy of it (a
+    layer on the meta device, built to describe a checkpoint: as the nested recipe stores it)."""
+    return weight.is_meta or torch.equal(weight.detach().bfloat16().float(), weight.detach())
 
 
 def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> Optional[str]:

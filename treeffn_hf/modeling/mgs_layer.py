@@ -18,6 +18,7 @@ from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import MGSSpec
 from .mgs_kernels_cpu import (
     fused_bytes_read,
+    holds_bf16_values,
     layer_unsupported_reason,
     mgs_nested_amx,
     mgs_nested_cpu,
@@ -150,10 +151,8 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         on CPUs with AVX-512 VNNI; mgs_kernels_cpu.fused_bytes_read), else the PyTorch path's
         (mgs_torch.torch_path_bytes). Each count lives beside the code that reads the bytes."""
         if layer_unsupported_reason(self) is None:
-            down = self.down_proj.weight
-            # the kernel streams a bf16 copy where the values are bf16 (as the nested recipe stores them)
-            as_bf16 = down.is_meta or torch.equal(down.detach().bfloat16().float(), down.detach())
-            return fused_bytes_read(self, tokens, union, down_element=2 if as_bf16 else 4)
+            down_element = 2 if holds_bf16_values(self.down_proj.weight) else 4  # the copy the kernel streams
+            return fused_bytes_read(self, tokens, union, down_element=down_element)
         return torch_path_bytes(self, tokens, union)
 
     @torch.no_grad()
