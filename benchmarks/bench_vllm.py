@@ -40,7 +40,6 @@ def worker(spec: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from treeffn_hf.serving.vllm_models import PATHS_RUN  # in this process: multiprocessing is off
 
     engines = {name: LLM(model=model["path"], dtype=model["dtype"], max_model_len=spec["max_model_len"],
                          trust_remote_code=True, enforce_eager=spec["enforce_eager"], seed=0,
@@ -53,7 +52,7 @@ def worker(spec: dict) -> dict:
         batch = [{"prompt_token_ids": ids} for ids in prompts[:concurrency]]
         for engine in engines.values():  # warm-up at this batch shape
             engine.generate(batch, params, use_tqdm=False)
-        PATHS_RUN.clear()
+        _tally_paths(engines.values())  # clears the warm-up's tallies
         rounds = {name: [] for name in engines}
         latencies = {name: [] for name in engines}
         for round_index in range(spec["rounds"]):
@@ -66,8 +65,22 @@ def worker(spec: dict) -> dict:
                 rounds[name].append(seconds)
                 latencies[name] += [_latency(o, start) or seconds for o in outputs]
         cells.append({"concurrency": concurrency, "round_seconds": rounds, "latency_seconds": latencies,
-                      "sparse_mlp_calls": dict(PATHS_RUN)})
+                      "sparse_mlp_calls": _tally_paths(engines.values())})
     return {"cells": cells}
+
+
+def _tally_paths(engines) -> dict[str, int]:
+    """Sparse-MLP calls per path over every engine since the last tally, read in the engines' workers."""
+    from functools import partial
+
+    from treeffn_hf.serving.vllm_models import paths_run
+
+    total: dict[str, int] = {}
+    for engine in engines:
+        for worker_paths in engine.apply_model(partial(paths_run, reset=True)):
+            for path, calls in worker_paths.items():
+                total[path] = total.get(path, 0) + calls
+    return total
 
 
 def _latency(output, start: float) -> float | None:

@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForC
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec, UnsupportedArchitectureError
+from treeffn_hf.modeling.base_architectures import BASE_ARCHITECTURES
 
 from .conftest import TINY_MODELS, run_python, tiny_dense_model
 
@@ -212,6 +213,20 @@ class TestQwen3(SparseArchitectureTesterMixin):
 def test_every_supported_architecture_has_a_tester():
     testers = {cls.model_type for cls in SparseArchitectureTesterMixin.__subclasses__()}
     assert testers == set(treeffn_hf.ARCHITECTURES) == set(TINY_MODELS)
+
+
+def test_architectures_are_declared_in_one_file():
+    """Adding an architecture is one line in `modeling/base_architectures.py`: no other library
+    module names a base architecture (tests keep a tiny model and a tester per architecture)."""
+    package = Path(treeffn_hf.__file__).parent
+    names = [name for base in BASE_ARCHITECTURES if base.model_type != "llama"  # `llama` names the GGUF demo model
+             for name in (base.class_prefix, base.model_type)]
+    declaration = package / "modeling" / "base_architectures.py"
+    offenders = sorted(f"{path.relative_to(package)}: {name}" for path in package.rglob("*.py") if path != declaration
+                       for name in names if name in path.read_text())
+    assert not offenders
+    served = {base.sparse_class_name("ForCausalLM") for base in BASE_ARCHITECTURES}
+    assert {arch.sparse_causal_lm_class.__name__ for arch in treeffn_hf.ARCHITECTURES.values()} == served
 
 
 @pytest.mark.parametrize(

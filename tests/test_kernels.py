@@ -311,8 +311,9 @@ def test_saved_checkpoints_carry_the_kernels_and_nothing_else(tmp_path):
 # Every file a checkpoint ships for trust_remote_code: the modeling package but its __init__.
 # Listed so that a new module (or a deleted one) is a visible change to what users download.
 BUNDLE_FILES = {
-    # shared: configs, model classes, specs, costs, dispatch, the gather kernels both methods use
-    "activations.py", "configuration_treeffn.py", "dispatch.py", "gather_kernels.py", "layer_spec.py",
+    # shared: the architecture declarations, configs, model classes, specs, costs, dispatch, the gather
+    # kernels both methods use
+    "base_architectures.py", "activations.py", "configuration_treeffn.py", "dispatch.py", "gather_kernels.py", "layer_spec.py",
     "modeling_treeffn.py", "sparse_cost.py",
     # the tree-structured FFN
     "tree_layer.py", "tree_reference.py", "tree_torch.py", "tree_blocks.py", "tree_kernels.py",

@@ -25,7 +25,7 @@ from treeffn_hf import MGSSpec, TreeSpec
 from treeffn_hf.architectures import ARCHITECTURES
 from treeffn_hf.modeling import mgs_kernels_cpu
 from treeffn_hf.serving.checks import serving_refusal
-from treeffn_hf.serving.vllm_plugin import VLLM_BASES
+from treeffn_hf.serving.vllm_plugin import SERVED_ARCHITECTURES
 
 from .conftest import DATA_DIR, char_tokenizer, tiny_dense_model
 
@@ -189,7 +189,7 @@ def test_treeffn_serve_answers_rejects_a_malformed_request_keeps_serving_and_shu
 
 
 def test_the_plugin_registers_every_treeffn_architecture():
-    assert set(VLLM_BASES) == {arch.sparse_causal_lm_class.__name__ for arch in ARCHITECTURES.values()}
+    assert set(SERVED_ARCHITECTURES) == {arch.sparse_causal_lm_class.__name__ for arch in ARCHITECTURES.values()}
 
 
 def test_checkpoints_vllm_cannot_serve_are_refused_in_one_line(tmp_path, capsys):

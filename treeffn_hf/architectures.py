@@ -1,4 +1,5 @@
-"""One small declaration per supported architecture, and the map from `model_type` to it."""
+"""The map from a config's `model_type` to its declaration (`modeling/base_architectures.py`) and
+sparse classes, with the errors for architectures we cannot convert."""
 
 from __future__ import annotations
 
@@ -7,22 +8,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .modeling.configuration_treeffn import (
-    TreeFFNLlamaConfig,
-    TreeFFNMistralConfig,
-    TreeFFNQwen2Config,
-    TreeFFNQwen3Config,
-)
-from .modeling.modeling_treeffn import (
-    TreeFFNLlamaForCausalLM,
-    TreeFFNLlamaModel,
-    TreeFFNMistralForCausalLM,
-    TreeFFNMistralModel,
-    TreeFFNQwen2ForCausalLM,
-    TreeFFNQwen2Model,
-    TreeFFNQwen3ForCausalLM,
-    TreeFFNQwen3Model,
-)
+from .modeling.base_architectures import BASE_ARCHITECTURES, BaseArchitecture
+from .modeling.configuration_treeffn import SPARSE_CONFIG_CLASSES
+from .modeling.modeling_treeffn import SPARSE_MODEL_CLASSES
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -31,21 +19,23 @@ class UnsupportedArchitectureError(ValueError):
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where the MLP lives in a dense model of this type, and which sparse classes replace it."""
+    """A declared base architecture (`modeling/base_architectures.py`) with its sparse classes."""
 
-    model_type: str
+    base: BaseArchitecture
     sparse_config_class: type
     sparse_causal_lm_class: type
     sparse_base_model_class: type  # the decoder without the LM head, for AutoModel
-    layers_path: str = "model.layers"
-    mlp_attr: str = "mlp"
-    gate_proj: str = "gate_proj"
-    up_proj: str = "up_proj"
-    down_proj: str = "down_proj"
 
-    @property
-    def sparse_model_type(self) -> str:
-        return self.sparse_config_class.model_type
+    @classmethod
+    def of(cls, base: BaseArchitecture) -> "Architecture":
+        classes = SPARSE_MODEL_CLASSES[base.model_type]
+        return cls(base, SPARSE_CONFIG_CLASSES[base.model_type],
+                   classes[base.sparse_class_name("ForCausalLM")], classes[base.sparse_class_name("Model")])
+
+    def __getattr__(self, name: str) -> Any:  # model_type, layers_path, mlp_attr, gate_proj, ...
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
     def layer_list(self, model: Any) -> Any:
         """The model's own `ModuleList` of decoder layers (assigning into it swaps a layer)."""
@@ -61,15 +51,7 @@ class Architecture:
         return f"{self.layers_path}.{layer_index}.{self.mlp_attr}."
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    arch.model_type: arch
-    for arch in (
-        Architecture("llama", TreeFFNLlamaConfig, TreeFFNLlamaForCausalLM, TreeFFNLlamaModel),
-        Architecture("mistral", TreeFFNMistralConfig, TreeFFNMistralForCausalLM, TreeFFNMistralModel),
-        Architecture("qwen2", TreeFFNQwen2Config, TreeFFNQwen2ForCausalLM, TreeFFNQwen2Model),
-        Architecture("qwen3", TreeFFNQwen3Config, TreeFFNQwen3ForCausalLM, TreeFFNQwen3Model),
-    )
-}
+ARCHITECTURES: dict[str, Architecture] = {base.model_type: Architecture.of(base) for base in BASE_ARCHITECTURES}
 SPARSE_ARCHITECTURES: dict[str, Architecture] = {arch.sparse_model_type: arch for arch in ARCHITECTURES.values()}
 
 _WHY_NOT = {

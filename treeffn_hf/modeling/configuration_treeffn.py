@@ -8,11 +8,12 @@ is not trusted.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from .base_architectures import BASE_ARCHITECTURES, BaseArchitecture
 from .layer_spec import LayerSpec, spec_from_dict
 
 # Per-layer values kept beside the shared spec: a forest shape per layer (the shape search picks
@@ -63,33 +64,24 @@ class SparseConfigMixin:
         return spec
 
 
-@strict
-class TreeFFNLlamaConfig(SparseConfigMixin, LlamaConfig):
-    model_type = "treeffn_llama"
-    base_model_tp_plan = _without_mlp(LlamaConfig.base_model_tp_plan)
-    sparse_mlp: dict | None = None
-    base_model_type: str | None = "llama"
+def _sparse_config_class(base: BaseArchitecture) -> type:
+    """`TreeFFN<Base>Config`: the dense config plus the sparse MLP spec, under its own model_type."""
+    module = importlib.import_module(f"transformers.models.{base.model_type}.configuration_{base.model_type}")
+    dense = getattr(module, base.dense_class_name("Config"))
+    name = base.sparse_class_name("Config")
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"{dense.__name__} with a sparse MLP spec (`sparse_mlp`).",
+        "__annotations__": {"sparse_mlp": "dict | None", "base_model_type": "str | None"},
+        "model_type": base.sparse_model_type,
+        "base_model_tp_plan": _without_mlp(dense.base_model_tp_plan),
+        "sparse_mlp": None,
+        "base_model_type": base.model_type,
+    }
+    return strict(type(name, (SparseConfigMixin, dense), namespace))
 
 
-@strict
-class TreeFFNMistralConfig(SparseConfigMixin, MistralConfig):
-    model_type = "treeffn_mistral"
-    base_model_tp_plan = _without_mlp(MistralConfig.base_model_tp_plan)
-    sparse_mlp: dict | None = None
-    base_model_type: str | None = "mistral"
-
-
-@strict
-class TreeFFNQwen2Config(SparseConfigMixin, Qwen2Config):
-    model_type = "treeffn_qwen2"
-    base_model_tp_plan = _without_mlp(Qwen2Config.base_model_tp_plan)
-    sparse_mlp: dict | None = None
-    base_model_type: str | None = "qwen2"
-
-
-@strict
-class TreeFFNQwen3Config(SparseConfigMixin, Qwen3Config):
-    model_type = "treeffn_qwen3"
-    base_model_tp_plan = _without_mlp(Qwen3Config.base_model_tp_plan)
-    sparse_mlp: dict | None = None
-    base_model_type: str | None = "qwen3"
+# Module attributes by name (`TreeFFNLlamaConfig`, ...): saved checkpoints' auto_map refers to them.
+SPARSE_CONFIG_CLASSES: dict[str, type] = {base.model_type: _sparse_config_class(base) for base in BASE_ARCHITECTURES}
+globals().update({cls.__name__: cls for cls in SPARSE_CONFIG_CLASSES.values()})

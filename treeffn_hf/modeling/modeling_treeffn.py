@@ -1,7 +1,8 @@
 """Sparse-MLP variants of the Llama-family causal LMs.
 
-Each architecture gets three classes: a `*PreTrainedModel` base that knows how to initialise the
-sparse layers, the inner `*Model` whose decoder layers carry a sparse MLP, and the `*ForCausalLM`.
+Each architecture of `base_architectures` gets three classes, made from its transformers classes: a
+`*PreTrainedModel` base that knows how to initialise the sparse layers, the inner `*Model` whose
+decoder layers carry a sparse MLP, and the `*ForCausalLM`.
 transformers 5 runs `_init_weights` of the nearest nested `PreTrainedModel`, so the inner model
 must inherit the sparse-aware base too, or raw parameters come back uninitialised.
 
@@ -10,27 +11,16 @@ This file is copied into every saved checkpoint: relative imports are `from .x i
 
 from __future__ import annotations
 
+import importlib
 from typing import Iterator
 
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
-from transformers.models.mistral.modeling_mistral import (
-    MistralForCausalLM,
-    MistralModel,
-    MistralPreTrainedModel,
-)
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM, Qwen2Model, Qwen2PreTrainedModel
-from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM, Qwen3Model, Qwen3PreTrainedModel
 
-from .configuration_treeffn import (
-    TreeFFNLlamaConfig,
-    TreeFFNMistralConfig,
-    TreeFFNQwen2Config,
-    TreeFFNQwen3Config,
-)
+from .base_architectures import BASE_ARCHITECTURES, BaseArchitecture
+from .configuration_treeffn import SPARSE_CONFIG_CLASSES
 from .dispatch import initial_policy
 from .layer_spec import InvalidSpecError
 from .mgs_layer import MicroGatedMLP
@@ -125,82 +115,45 @@ def _init_causal_lm(self: PreTrainedModel, config, inner_model_cls: type) -> Non
     self.post_init()
 
 
-# -- Llama (also SmolLM2) -------------------------------------------------------------------------
-class TreeFFNLlamaPreTrainedModel(SparseMLPPreTrainedMixin, LlamaPreTrainedModel):
-    config_class = TreeFFNLlamaConfig
+class SparseDecoderMixin:
+    """The inner `*Model`: the stock decoder with every MLP swapped for its sparse layer."""
 
-
-class TreeFFNLlamaModel(TreeFFNLlamaPreTrainedModel, LlamaModel):
-    def __init__(self, config: TreeFFNLlamaConfig) -> None:
+    def __init__(self, config) -> None:
         super().__init__(config)
         _install_sparse_mlps(self, config)
         self.post_init()
 
 
-class TreeFFNLlamaForCausalLM(TreeFFNLlamaPreTrainedModel, LlamaForCausalLM):
-    def __init__(self, config: TreeFFNLlamaConfig) -> None:
-        _init_causal_lm(self, config, TreeFFNLlamaModel)
+class SparseCausalLMMixin:
+    decoder_class: type  # the architecture's sparse `*Model`
+
+    def __init__(self, config) -> None:
+        _init_causal_lm(self, config, self.decoder_class)
 
 
-# -- Mistral -------------------------------------------------------------------------------------
-class TreeFFNMistralPreTrainedModel(SparseMLPPreTrainedMixin, MistralPreTrainedModel):
-    config_class = TreeFFNMistralConfig
+def _sparse_model_classes(base: BaseArchitecture) -> dict[str, type]:
+    """`TreeFFN<Base>PreTrainedModel`, `...Model` and `...ForCausalLM` of one architecture, by name."""
+    dense = importlib.import_module(f"transformers.models.{base.model_type}.modeling_{base.model_type}")
+
+    def make(suffix: str, bases: tuple, **attributes) -> type:
+        name = base.sparse_class_name(suffix)
+        dense_class = getattr(dense, base.dense_class_name(suffix))
+        return type(name, (*bases, dense_class), {"__module__": __name__, "__qualname__": name, **attributes})
+
+    pretrained = make("PreTrainedModel", (SparseMLPPreTrainedMixin,),
+                      config_class=SPARSE_CONFIG_CLASSES[base.model_type])
+    decoder = make("Model", (SparseDecoderMixin, pretrained))
+    causal_lm = make("ForCausalLM", (SparseCausalLMMixin, pretrained), decoder_class=decoder)
+    return {cls.__name__: cls for cls in (pretrained, decoder, causal_lm)}
 
 
-class TreeFFNMistralModel(TreeFFNMistralPreTrainedModel, MistralModel):
-    def __init__(self, config: TreeFFNMistralConfig) -> None:
-        super().__init__(config)
-        _install_sparse_mlps(self, config)
-        self.post_init()
+# Module attributes by name (`TreeFFNLlamaForCausalLM`, ...): saved checkpoints' auto_map refers to them.
+SPARSE_MODEL_CLASSES: dict[str, dict[str, type]] = {
+    base.model_type: _sparse_model_classes(base) for base in BASE_ARCHITECTURES
+}
+for _classes in SPARSE_MODEL_CLASSES.values():
+    globals().update(_classes)
+del _classes
 
-
-class TreeFFNMistralForCausalLM(TreeFFNMistralPreTrainedModel, MistralForCausalLM):
-    def __init__(self, config: TreeFFNMistralConfig) -> None:
-        _init_causal_lm(self, config, TreeFFNMistralModel)
-
-
-# -- Qwen2 ---------------------------------------------------------------------------------------
-class TreeFFNQwen2PreTrainedModel(SparseMLPPreTrainedMixin, Qwen2PreTrainedModel):
-    config_class = TreeFFNQwen2Config
-
-
-class TreeFFNQwen2Model(TreeFFNQwen2PreTrainedModel, Qwen2Model):
-    def __init__(self, config: TreeFFNQwen2Config) -> None:
-        super().__init__(config)
-        _install_sparse_mlps(self, config)
-        self.post_init()
-
-
-class TreeFFNQwen2ForCausalLM(TreeFFNQwen2PreTrainedModel, Qwen2ForCausalLM):
-    def __init__(self, config: TreeFFNQwen2Config) -> None:
-        _init_causal_lm(self, config, TreeFFNQwen2Model)
-
-
-# -- Qwen3 ---------------------------------------------------------------------------------------
-class TreeFFNQwen3PreTrainedModel(SparseMLPPreTrainedMixin, Qwen3PreTrainedModel):
-    config_class = TreeFFNQwen3Config
-
-
-class TreeFFNQwen3Model(TreeFFNQwen3PreTrainedModel, Qwen3Model):
-    def __init__(self, config: TreeFFNQwen3Config) -> None:
-        super().__init__(config)
-        _install_sparse_mlps(self, config)
-        self.post_init()
-
-
-class TreeFFNQwen3ForCausalLM(TreeFFNQwen3PreTrainedModel, Qwen3ForCausalLM):
-    def __init__(self, config: TreeFFNQwen3Config) -> None:
-        _init_causal_lm(self, config, TreeFFNQwen3Model)
-
-
-__all__ = [
-    "TreeFFNLlamaForCausalLM",
-    "TreeFFNLlamaModel",
-    "TreeFFNMistralForCausalLM",
-    "TreeFFNMistralModel",
-    "TreeFFNQwen2ForCausalLM",
-    "TreeFFNQwen2Model",
-    "TreeFFNQwen3ForCausalLM",
-    "TreeFFNQwen3Model",
-    "build_sparse_mlp",
-]
+__all__ = [name for classes in SPARSE_MODEL_CLASSES.values() for name in classes if "PreTrained" not in name]
+__all__ += ["build_sparse_mlp"]

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..modeling.layer_spec import InvalidSpecError
-from .vllm_plugin import VLLM_BASES
+from .vllm_plugin import SERVED_ARCHITECTURES
 
 
 def serving_refusal(config) -> Optional[str]:
@@ -18,9 +18,9 @@ def serving_refusal(config) -> Optional[str]:
     if not getattr(config, "sparse_mlp", None):
         return "not a treeffn checkpoint (its config has no sparse_mlp)"
     architectures = getattr(config, "architectures", None) or []
-    unknown = [a for a in architectures if a not in VLLM_BASES]
+    unknown = [a for a in architectures if a not in SERVED_ARCHITECTURES]
     if not architectures or unknown:
-        return f"architectures {architectures} are not served; the plugin serves {sorted(VLLM_BASES)}"
+        return f"architectures {architectures} are not served; the plugin serves {sorted(SERVED_ARCHITECTURES)}"
     if getattr(config, "quantization_config", None):
         return "quantized treeffn checkpoints are not served: the sparse MLPs read their own weight formats"
     try:

@@ -1,4 +1,4 @@
-"""treeffn models for vLLM: vLLM's own Llama, Mistral, Qwen2 and Qwen3 with the MLPs swapped.
+"""treeffn models for vLLM: vLLM's own model of each declared architecture with the MLPs swapped.
 
 Attention, KV cache, rotary, norms, embeddings and the LM head are vLLM's, unchanged. Each decoder
 layer's MLP becomes the sparse layer the checkpoint's config describes (`build_sparse_mlp`, the
@@ -16,6 +16,7 @@ MLP, which is what the decoder layer expects after the dense MLP's all-reduce.
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from collections.abc import Iterable
 
@@ -23,26 +24,20 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.mistral import MistralForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from ..architectures import layout_of
+from ..modeling.base_architectures import BASE_ARCHITECTURES, BaseArchitecture
 from ..modeling.modeling_treeffn import build_sparse_mlp
 from .checks import serving_refusal
 
-# What the sparse MLPs of this process ran, call by call (`last_path`: "cpu", "cpu:amx", "triton:..."),
-# so that a benchmark can show which kernels served its requests.
-PATHS_RUN: Counter = Counter()
 
 
 @torch.library.custom_op("treeffn::sparse_mlp", mutates_args=())
 def sparse_mlp(hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
-    layer = get_forward_context().no_compile_layers[layer_name].sparse
-    out = layer(hidden_states)
-    PATHS_RUN[layer.last_path] += 1
+    mlp = get_forward_context().no_compile_layers[layer_name]
+    out = mlp.sparse(hidden_states)
+    mlp.paths_run[mlp.sparse.last_path] += 1
     return out
 
 
@@ -58,6 +53,9 @@ class VllmSparseMLP(nn.Module):
         super().__init__()
         self.sparse = build_sparse_mlp(vllm_config.model_config.hf_config, layer_index)
         self.layer_name = prefix
+        # What this MLP ran, call by call (`last_path`: "cpu", "cpu:amx", "triton:..."), so that a
+        # benchmark can show which kernels served its requests (`paths_run`).
+        self.paths_run: Counter = Counter()
         context = vllm_config.compilation_config.static_forward_context
         if prefix in context:
             raise ValueError(f"duplicate layer name {prefix}")
@@ -65,6 +63,18 @@ class VllmSparseMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.ops.treeffn.sparse_mlp(hidden_states, self.layer_name)
+
+
+def paths_run(model: nn.Module, reset: bool = False) -> dict[str, int]:
+    """Calls per path over the model's sparse MLPs (`LLM.apply_model(paths_run)` from a benchmark);
+    `reset` clears the tallies after reading them."""
+    total: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, VllmSparseMLP):
+            total.update(module.paths_run)
+            if reset:
+                module.paths_run.clear()
+    return dict(total)
 
 
 class SparseMLPSwap:
@@ -113,17 +123,13 @@ class SparseMLPSwap:
         return loaded
 
 
-class TreeFFNLlamaForCausalLM(SparseMLPSwap, LlamaForCausalLM):
-    pass
+def _vllm_sparse_class(base: BaseArchitecture) -> type:
+    """`TreeFFN<Base>ForCausalLM`: vLLM's `<Base>ForCausalLM` with its MLPs swapped."""
+    dense = getattr(importlib.import_module(f"vllm.model_executor.models.{base.model_type}"),
+                    base.dense_class_name("ForCausalLM"))
+    name = base.sparse_class_name("ForCausalLM")
+    return type(name, (SparseMLPSwap, dense), {"__module__": __name__, "__qualname__": name})
 
 
-class TreeFFNMistralForCausalLM(SparseMLPSwap, MistralForCausalLM):
-    pass
-
-
-class TreeFFNQwen2ForCausalLM(SparseMLPSwap, Qwen2ForCausalLM):
-    pass
-
-
-class TreeFFNQwen3ForCausalLM(SparseMLPSwap, Qwen3ForCausalLM):
-    pass
+# Module attributes by name: the plugin registers them as `treeffn_hf.serving.vllm_models:<name>`.
+globals().update({cls.__name__: cls for cls in map(_vllm_sparse_class, BASE_ARCHITECTURES)})

@@ -8,19 +8,14 @@ so a checkpoint is read without remote code.
 
 from __future__ import annotations
 
-# vLLM's CausalLM class that each treeffn architecture reuses, with its MLPs swapped.
-VLLM_BASES = {
-    "TreeFFNLlamaForCausalLM": "LlamaForCausalLM",
-    "TreeFFNMistralForCausalLM": "MistralForCausalLM",
-    "TreeFFNQwen2ForCausalLM": "Qwen2ForCausalLM",
-    "TreeFFNQwen3ForCausalLM": "Qwen3ForCausalLM",
-}
+from ..modeling.base_architectures import BASE_ARCHITECTURES
 
+SERVED_ARCHITECTURES = frozenset(base.sparse_class_name("ForCausalLM") for base in BASE_ARCHITECTURES)
 
 def register() -> None:
     from vllm import ModelRegistry
 
     import treeffn_hf  # noqa: F401  (registers the sparse configs with AutoConfig)
 
-    for architecture in VLLM_BASES:
+    for architecture in sorted(SERVED_ARCHITECTURES):
         ModelRegistry.register_model(architecture, f"treeffn_hf.serving.vllm_models:{architecture}")
