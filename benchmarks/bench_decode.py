@@ -5,8 +5,9 @@ The headline baseline is dense bf16 (`model.to(torch.bfloat16)`, what a Hugging 
 CPU that computes bf16). Beside it: dense with weight-only int8 / int4 MLPs (PyTorch's own CPU
 kernels, and torchao's where it is installed), dense float32 (beside, never alone), the default MGS
 recipe as a user gets it (`treeffn convert --method mgs` + `treeffn distill`, saved, reloaded with
-`trust_remote_code`; loaded in float32 it runs the C kernel, loaded in bf16 the PyTorch path), the
-same checkpoint with every neuron selected (what its number format alone buys), a freshly
+`trust_remote_code` in bf16, its MLPs on the C kernel; beside it the same in float32), the same
+checkpoint with every neuron selected (what its number format alone buys: the recipe over it is
+sparsity's own gain), with `--levers` the recipe with its down_proj in bf16 (what int8 rows buy), a freshly
 converted tree (untrained: its speed is what it will be after training, its text is not; or a
 trained one with `--tree-checkpoint DIR`), and
 llama.cpp on the same GGUF (a separate process, after the others; optional).
@@ -58,6 +59,8 @@ from treeffn_hf.workflows import convert_checkpoint, distill_checkpoint  # noqa:
 HEADLINE = "dense bf16"
 WITHOUT_MLP = "dense bf16 without MLPs"
 QUALITY_TOLERANCE = 1.01  # "equal quality": a perplexity ratio at most this
+RECIPE = "mgs default recipe (bf16 load: C kernel)"
+EVERY_NEURON = "mgs format, every neuron (bf16 load: C kernel)"
 
 
 class NoMLP(nn.Module):
@@ -65,13 +68,16 @@ class NoMLP(nn.Module):
         return torch.zeros_like(x)
 
 
-def default_mgs_checkpoint(directory: str, gguf_file: str, work: Path) -> Path:
+def default_mgs_checkpoint(directory: str, gguf_file: str, work: Path, spec: MGSSpec = MGSSpec()) -> Path:
     """The default MGS recipe as the CLI makes it: `treeffn convert --method mgs`, then `treeffn
-    distill` on valid.txt, both with their defaults. Kept in `work` for the next run."""
-    distilled = work / "mgs-distilled"
+    distill` on valid.txt, both with their defaults (or convert with `spec`). Kept in `work`, by
+    spec, for the next run."""
+    suffix = "" if spec == MGSSpec() else "-" + "-".join(f"{k}={v}" for k, v in spec.to_dict().items()
+                                                        if getattr(MGSSpec(), k, v) != v)
+    distilled = work / f"mgs-distilled{suffix}"
     if not (distilled / "config.json").is_file():
-        converted = work / "mgs-converted"
-        convert_checkpoint(directory, converted, MGSSpec(), gguf_file=gguf_file, overwrite=True, progress=False)
+        converted = work / f"mgs-converted{suffix}"
+        convert_checkpoint(directory, converted, spec, gguf_file=gguf_file, overwrite=True, progress=False)
         distill_checkpoint(converted, distilled, dense=directory, gguf_file=gguf_file,
                            calibration=DATA / "wikitext-2" / "valid.txt", overwrite=True, progress=False)
     return distilled
@@ -108,13 +114,18 @@ def load_models(args: argparse.Namespace, directory: str, gguf_file: str, work: 
             print(f"{name} skipped: {skipped[name]}")
     checkpoint = default_mgs_checkpoint(directory, gguf_file, work)
 
-    def reloaded(dtype: torch.dtype) -> nn.Module:
-        return AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=dtype).eval()
+    def reloaded(dtype: torch.dtype, path: Path = checkpoint) -> nn.Module:
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
 
-    models["mgs default recipe (fp32 load: C kernel)"] = (reloaded(torch.float32), "treeffn convert + distill", None)
-    models["mgs default recipe (bf16 load)"] = (reloaded(torch.bfloat16), "the same, dtype=bfloat16", None)
-    models["mgs format, every neuron (C kernel)"] = (everything_selected(reloaded(torch.float32)),
-                                                   "the same, thresholds below every score", None)
+    models[RECIPE] = (reloaded(torch.bfloat16), "treeffn convert + distill, dtype=bfloat16", None)
+    models[EVERY_NEURON] = (everything_selected(reloaded(torch.bfloat16)), "the same, thresholds below every score",
+                            None)
+    models["mgs default recipe, fp32 load (C kernel)"] = (reloaded(torch.float32), "the same, dtype=float32", None)
+    if args.levers:  # what int8 down rows bought: the same recipe with down_proj in bf16, streamed whole
+        bf16_down = default_mgs_checkpoint(directory, gguf_file, work, MGSSpec(down_format="bf16"))
+        models["mgs recipe, bf16 down_proj (bf16 load: C kernel)"] = (reloaded(torch.bfloat16, bf16_down),
+                                                                     "treeffn convert --down-format bf16 + distill",
+                                                                     None)
     if args.tree_checkpoint:  # the best tree there is: a distilled or fine-tuned one
         tree = AutoModelForCausalLM.from_pretrained(args.tree_checkpoint, trust_remote_code=True,
                                                     dtype=torch.bfloat16).eval()
@@ -282,6 +293,8 @@ def main() -> None:
     parser.add_argument("--tree-checkpoint", help="a saved tree of this model (treeffn distill / finetune output) to "
                         "time instead of a freshly converted, untrained one")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    parser.add_argument("--levers", action="store_true",
+                        help="also time the recipe with a bf16 down_proj (a second conversion and distillation)")
     parser.add_argument("--work", default=None, help="where the MGS checkpoint is kept (default: a temporary folder)")
     parser.add_argument("--output", default="bench_decode_smollm2-135m.json")
     args = parser.parse_args()
@@ -315,6 +328,10 @@ def main() -> None:
              and r["perplexity_ratio"] <= QUALITY_TOLERANCE]
     fastest = max(equal, key=lambda r: r["tok_s"])["model"] if equal else None
     print_table(rows, fastest, share)
+    own_gain = {"speedup": statistics.median(r / e for r, e in zip(samples[RECIPE], samples[EVERY_NEURON])),
+                "byte_ratio": fractions[RECIPE][0] / fractions[EVERY_NEURON][0]}
+    print(f"sparsity's own gain end to end (the recipe over its format with every neuron): {own_gain['speedup']:.2f}x "
+          f"for {own_gain['byte_ratio']:.2f}x the MLP bytes")
     payload = {
         "benchmark": "bench_decode", "device": "cpu", "model": "smollm2-135m",
         "weights": "pretrained (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32)",
@@ -325,6 +342,7 @@ def main() -> None:
                     "dense_fp32_perplexity": ratios["dense fp32 perplexity"], "ratio_to": "dense fp32"},
         "fastest_dense_at_equal_quality": fastest, "quality_tolerance": QUALITY_TOLERANCE,
         "mlp_share_of_dense_bf16_decode": share, "amdahl_ceiling": 1 / (1 - share),
+        "sparsity_own_gain": {"recipe": RECIPE, "every_neuron": EVERY_NEURON, **own_gain},
         "skipped": {**skipped, **({"llama.cpp": why_not} if why_not else {})}, "results": rows, "seconds": parts,
         "command": " ".join(["python", "benchmarks/bench_decode.py", *sys.argv[1:]]),
     }

@@ -3,8 +3,9 @@
 For each shape, batch (1, 4, 16, 64 tokens, and a prefill) and target density (50/25/10/5/3%), the
 tree FFN and the micro-gated MLP (gate cost included) are timed against the dense block,
 interleaved, median of several rounds, and the ratio dense/sparse is printed. On the CPU the dense
-block is bf16 (what a user runs there) and the MGS layers run their C kernel, on float32
-activations (the kernel's). Before the sparse cases, each (shape, batch) times the dense block's
+block is bf16 (what a user runs there) and the MGS layers run their C kernel on the same bf16
+activations (their weights stay float32, as a bf16 checkpoint load keeps them; the kernels read
+packed copies). Before the sparse cases, each (shape, batch) times the dense block's
 other forms in one interleaved group (`baselines`): float32, bf16, int8 and int4 weight-only
 through PyTorch's ops and torchao, and the nested MGS format with every neuron selected (what its
 number format alone buys), each with its speed-up over bf16 and the weight bytes it reads. The sparse layers
@@ -56,7 +57,7 @@ SHAPES = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192), "llama-8b": (40
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.03)
 TREE_KINDS = ("tree", "tree-shared", "tree-selected")
 SELECTED_DEPTH = 4  # tree-selected: 16 leaves, each `density` of the MLP's neurons (the #20 trees)
-MGS_DENSITIES = (0.8, 0.5, 0.1)  # 0.8: the default recipe (nested predictor, 59% of the MLP weight bytes)
+MGS_DENSITIES = (0.8, 0.5, 0.1)  # nested predictor, int8 down rows; the default recipe's density is its budget's
 MAX_RELATIVE_ERROR = 3e-2  # bf16 operands land near 1e-2 at most
 STACK_MEMORY_BYTES = 16 << 30  # per side, for the GPU's stacks of layer copies
 DEVICE_DEFAULTS = {  # what each device's published run uses
@@ -141,7 +142,7 @@ def baseline_forms(dense: LlamaMLP) -> dict:
     if hidden % 64 == 0:
         every = build_layers(dense, "mgs", 0.8, torch.float32)
         every.gate_threshold.fill_(-1.0)  # below every score: the format and kernel, every neuron
-        forms["nested MGS format, every neuron"] = (every, torch.float32, None)
+        forms["nested MGS format, every neuron"] = (every, torch.bfloat16, None)
     return forms
 
 
@@ -239,8 +240,8 @@ def error_vs_reference(layer: torch.nn.Module, x: torch.Tensor, fast: torch.Tens
     kernel's naive twin (its int8-rounded inputs included). A token whose near-zero routing
     score or gate score falls the other way in the two paths' rounding is off as a whole; the
     median ignores those few, the fraction counts them."""
-    if oracle == "naive_cpu":
-        reference = mgs_reference.mgs_nested_naive(layer, x)[0].float()
+    if oracle == "naive_cpu":  # on the tokens as the kernel takes them, float32
+        reference = mgs_reference.mgs_nested_naive(layer, x.float())[0]
     else:
         forced, layer.force_path = layer.force_path, "reference"
         try:
@@ -351,12 +352,12 @@ def run(args: argparse.Namespace) -> dict:
                 for density in (args.densities if kind in TREE_KINDS else args.mgs_densities):
                     if (shape_name, tokens, kind, density) in done:
                         continue
-                    # On the CPU the MGS layers run their C kernel, on float32 activations.
+                    # On the CPU the MGS layers run their C kernel on the bf16 activations; their weights
+                    # stay float32 (the nested grid's 8-bit values; bf16 would round them off it).
                     mgs_cpu = device == "cpu" and kind == "mgs"
                     layer_dtype = torch.float32 if mgs_cpu else dtype
-                    # the nested grid's 8-bit values need float32 weights to be built from (bf16 rounds them off it)
                     layer = build_layers(dense_fp32 if mgs_cpu else dense, kind, density, layer_dtype).to(device)
-                    x_sparse = x.to(layer_dtype)
+                    x_sparse = x
                     with torch.no_grad():
                         fast = layer(x_sparse)
                         path = layer.last_path

@@ -128,8 +128,10 @@ def _wrapped_row(run, dense, layers, mlp_attr, eval_ids, progress, wrap, variant
 def mgs_frontier(run, args, dense, captured, eval_ids, loss_ids, progress) -> None:
     dense_grid_rows(run, args, dense, eval_ids, progress)
     eight_bit_baselines(run, args, dense, captured, eval_ids, progress)
+    for max_ratio in [float(v) for v in args.nested_ratios.split(",") if v]:
+        nested_checkpoint_row(run, args, eval_ids, progress, max_ratio=max_ratio)
     for density in [float(v) for v in args.nested_densities.split(",") if v]:
-        nested_checkpoint_row(run, args, density, eval_ids, progress)
+        nested_checkpoint_row(run, args, eval_ids, progress, density=density)
     greedy = {float(v) for v in args.greedy_densities.split(",") if v}
     for density in [float(v) for v in args.mgs_densities.split(",") if v]:
         for allocation in ["uniform"] + (["greedy"] if density in greedy else []):
@@ -191,22 +193,28 @@ def eight_bit_baselines(run, args, dense, captured, eval_ids, progress) -> None:
                          lambda w, f=fraction: f(w) * per_weight)
 
 
-def nested_checkpoint_row(run, args, density: float, eval_ids, progress) -> None:
-    """The default recipe at `density`, made by the CLI's functions, saved and reloaded as a user
-    loads it (remote code, float32), evaluated on the path it runs."""
+def nested_checkpoint_row(run, args, eval_ids, progress, density: float | None = None,
+                          max_ratio: float | None = None) -> None:
+    """The nested recipe at `density` (uniform), or within a calibration perplexity budget
+    `max_ratio` (the default recipe: greedy), made by the CLI's functions, saved and reloaded as a
+    user loads it (remote code, bf16), evaluated on the path it runs."""
     directory, gguf = smollm2_gguf()
+    budget = f"--max-ratio {max_ratio}" if density is None else f"--density {density}"
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
-        convert_checkpoint(directory, Path(work) / "converted", MGSSpec(density=density), gguf_file=gguf,
-                           progress=False)
-        distill_checkpoint(Path(work) / "converted", Path(work) / "distilled", dense=directory, gguf_file=gguf,
-                           calibration=DATA / "wikitext-2" / "valid.txt", density=density, progress=False)
+        convert_checkpoint(directory, Path(work) / "converted", MGSSpec(density=density or MGSSpec.density),
+                           gguf_file=gguf, progress=False)
+        summary = distill_checkpoint(Path(work) / "converted", Path(work) / "distilled", dense=directory,
+                                     gguf_file=gguf, calibration=DATA / "wikitext-2" / "valid.txt", density=density,
+                                     max_ratio=max_ratio, progress=False)
         seconds = time.perf_counter() - start
         reloaded = AutoModelForCausalLM.from_pretrained(Path(work) / "distilled", trust_remote_code=True,
-                                                        dtype=torch.float32).eval()
-        _sparse_row(run, reloaded, eval_ids, progress, f"MGS default recipe (nested), {density:.0%}, saved + reloaded",
-                    "mgs-nested-uniform", density, fit_seconds=seconds,
-                    command=f"treeffn convert --method mgs --density {density} && treeffn distill --density {density}")
+                                                        dtype=torch.bfloat16).eval()
+        label = f"{density:.0%}" if density is not None else f"calibration ratio <= {max_ratio}"
+        _sparse_row(run, reloaded, eval_ids, progress, f"MGS nested recipe, {label}, saved + reloaded (bf16)",
+                    "mgs-nested-uniform" if density is not None else "mgs-nested-ratio", density or max_ratio,
+                    fit_seconds=seconds, budget=summary["budget"],
+                    command=f"treeffn convert --method mgs && treeffn distill {budget}")
 
 
 def tree_rows(run, args, dense, captured, calib_ids, eval_ids, loss_ids, progress) -> None:
@@ -278,8 +286,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--tokens-per-layer", type=int, default=8192)
     parser.add_argument("--mgs-densities", default="", help="densities of the 4-bit predictor beside float weights")
+    parser.add_argument("--nested-ratios", default="1.01",
+                        help="calibration perplexity budgets of the nested recipe (treeffn distill --max-ratio; 1.01 is "
+                             "the default recipe)")
     parser.add_argument("--nested-densities", default="0.8,0.5,0.35,0.25,0.15,0.1",
-                        help="densities of the nested predictor (the default)")
+                        help="densities of the nested predictor at uniform allocation (treeffn distill --density)")
     parser.add_argument("--greedy-densities", default="0.25,0.1", help="densities that also run greedy allocation")
     parser.add_argument("--linear-densities", default="", help="densities of the trained linear gate")
     parser.add_argument("--dense-grids", default=",".join(grid.name for grid in FRONTIER_GRIDS),
@@ -370,7 +381,9 @@ def main() -> None:
 STYLES = {
     "mgs-quantized-uniform": ("MGS, 4-bit predictor + thresholds", "C0-", "s"),
     "mgs-quantized-greedy": ("MGS, same, greedy allocation", "C0--", "x"),
-    "mgs-nested-uniform": ("MGS default recipe (saved, reloaded; bytes as its kernel reads)", "C5-", "P"),
+    "mgs-nested-uniform": ("MGS nested recipe at a density (saved, reloaded in bf16; bytes as its kernel reads)",
+                           "C5-", "P"),
+    "mgs-nested-ratio": ("MGS default recipe: calibration ratio <= 1.01 (saved, reloaded in bf16)", "C5", "*"),
     "dense-int8": ("dense, MLP int8 (per row, g64)", "C7", "*"),
     "dense-int4": ("dense, MLP int4 (g32/g64)", "C8", "*"),
     "oracle-threshold-int8": ("threshold oracle, int8 g64 weights", "k--", "o"),

@@ -213,8 +213,10 @@ def headline_section() -> list[str]:
 QUALITY_NOTES = {
     "mgs-quantized-uniform": "training-free: 4-bit predictor beside float weights, the same density in every layer",
     "mgs-quantized-greedy": "training-free: 4-bit predictor, densities allocated greedily on calibration KL",
-    "mgs-nested-uniform": "the default recipe (`treeffn convert` + `treeffn distill`), saved and reloaded with "
-                          "trust_remote_code; bytes as its C kernel reads them",
+    "mgs-nested-uniform": "the nested recipe at a density (`treeffn distill --density D`), saved and reloaded with "
+                          "trust_remote_code in bf16; bytes as its C kernel reads them",
+    "mgs-nested-ratio": "the default recipe (`treeffn convert` + `treeffn distill`: the fewest neurons within a "
+                        "calibration perplexity of 1.01x dense), saved and reloaded in bf16; bytes as its kernel reads",
     "mgs-linear": "rank-64 gate trained on top-k labels (the old default), thresholds",
     "dense-int8": "no sparsity: the MLP weights on the int8 grid, bf16 scales",
     "dense-int4": "no sparsity: the MLP weights on the int4 grid, bf16 scales (and zeros)",

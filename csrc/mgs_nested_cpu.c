@@ -330,13 +330,54 @@ static void down_project(int n, int padded, int H2, int I, const void *down, int
     }
 }
 
+/* Up to four tokens times 64 output columns from the int8 rows of the union's neurons: one row is
+   contiguous (a neuron's down_proj column, transposed), so a neuron the union leaves out is never
+   read. A weight is code * scale, one bf16 scale per G columns of a row. */
+static inline void down_rows_tile(int nt, int K, int I, int G, const int8_t *codes, const uint16_t *scales,
+                                  const int32_t *rows, int U, const float *h, int k0, float *out) {
+    __m512 acc[4][4];
+    for (int t = 0; t < 4; ++t)
+        for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_ps();
+    const int groups = K / G, g = k0 / G;
+    for (int u = 0; u < U; ++u) {
+        const int i = rows[u];
+        const int8_t *r = codes + (size_t)i * K + k0;
+        if (u + 8 < U) _mm_prefetch((const char *)(codes + (size_t)rows[u + 8] * K + k0), _MM_HINT_T0);
+        TOUCH(r, 64);
+        TOUCH(scales + (size_t)i * groups + g, 2);
+        const float scale = bf16_scalar(scales[(size_t)i * groups + g]);
+        __m512 w[4];
+        for (int j = 0; j < 4; ++j)
+            w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + 16 * j))));
+        for (int t = 0; t < nt; ++t) {
+            const __m512 a = _mm512_set1_ps(h[(size_t)t * I + i] * scale);
+            for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_fmadd_ps(w[j], a, acc[t][j]);
+        }
+    }
+    for (int t = 0; t < nt; ++t)
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + (size_t)t * K + k0 + 16 * j, acc[t][j]);
+}
+
+/* out (n, K) = h (n, I) @ down over the U neurons in `rows` only, down held as int8 rows (I, K);
+   K a multiple of 64 (the group size is). The threads share the 64-column chunks. */
+static void down_rows_project(int n, int K, int I, int G, const int8_t *codes, const uint16_t *scales,
+                              const int32_t *rows, int U, const float *h, float *out, int threads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int c = 0; c < K / 64; ++c)
+        for (int t0 = 0; t0 < n; t0 += 4)
+            down_rows_tile(n - t0 < 4 ? n - t0 : 4, K, I, G, codes, scales, rows, U, h + (size_t)t0 * I, 64 * c,
+                           out + (size_t)t0 * K);
+}
+
 static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *scales, const float *zeros, int R,
                         float *coarse, int threads);
 
 /* One nested micro-gated MLP layer, as the Python side prepares it once.
    hi, lo: (2I, K/2) packed codes of [gate; up]; a weight is (hi - 8) * scale + zero + (lo - 8) * scale / 16
    with bf16 scales, zeros (2I, K/G). down: (K, I) in the stock layout, float32, or bf16 when
-   down_bf16 (the weights are bf16 values: half the bytes, the same result). */
+   down_bf16 (the weights are bf16 values: half the bytes, the same result); or, when down_rows is
+   not NULL, int8 rows (I, K), one per neuron, with bf16 scales (I, K/G): only the selected rows are
+   read. */
 typedef struct {
     int64_t K, I, G;
     const uint8_t *hi, *lo;
@@ -357,6 +398,8 @@ typedef struct {
     const float *scales_amx, *zeros_amx;
     const uint16_t *down_tiles;
     int64_t Ip;
+    const int8_t *down_rows;
+    const uint16_t *down_row_scales;
 } Layer;
 
 /* The layer on n fp32 tokens x (n, K), threshold selection: writes out (n, K) and, when not
@@ -418,7 +461,10 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
             _mm512_mask_storeu_ps(h + (size_t)t * I + i, m, _mm512_mul_ps(silu_ps(g), u));
         }
     }
-    down_project(n, T.padded, K, I, L->down, (int)L->down_bf16, h, out, threads);
+    if (L->down_rows)
+        down_rows_project(n, K, I, G, L->down_rows, L->down_row_scales, rows, U, h, out, threads);
+    else
+        down_project(n, T.padded, K, I, L->down, (int)L->down_bf16, h, out, threads);
     if (counts)
         for (int t = 0; t < n; ++t) {
             counts[t] = 0;

@@ -135,7 +135,7 @@ def test_mgs_convert_through_cli(dense_dir, tmp_path, capsys):
     assert code == 0
     config = json.loads((tmp_path / "mgs" / "config.json").read_text())
     assert config["sparse_mlp"] == {"method": "mgs", "density": 0.1, "predictor": "linear", "rank": None,
-                                    "group_size": 64, "selection": "top_k"}
+                                    "group_size": 64, "selection": "top_k", "down_format": "int8_rows"}
     code, stdout, _ = run_cli(capsys, "convert", dense_dir, tmp_path / "default", "--method", "mgs", "--no-progress")
     assert code == 0
     config = json.loads((tmp_path / "default" / "config.json").read_text())

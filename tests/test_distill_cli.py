@@ -65,11 +65,14 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
     if spec.method == "tree" and spec.leaf_neurons == "selected":  # 7 nodes + 8 leaves of 40 + 4 shared = 331 rows for 166 neurons
         assert all(m.stored_multiple > 1.9 for _, m in distilled.sparse_mlps())
         assert main(["info", str(tmp_path / "out")]) == 0 and "stored rows     1.99x" in capsys.readouterr().out
-    if spec.method == "mgs" and selection is None:  # the default: calibrated thresholds
-        thresholds = summary["budget"]["thresholds"]
+    if spec.method == "mgs" and selection is None:  # the default: thresholds within a perplexity budget
+        budget = summary["budget"]
+        thresholds = budget["thresholds"]
         assert distilled.config.sparse_mlp["selection"] == "threshold" and len(thresholds) == 2
         assert [float(m.gate_threshold) for _, m in distilled.sparse_mlps()] == pytest.approx(thresholds)
-        assert distilled.config.sparse_mlp["layer_densities"] == pytest.approx([spec.density] * 2)
+        assert distilled.config.sparse_mlp["layer_densities"] == pytest.approx(budget["layer_densities"])
+        assert budget["max_ratio"] == 1.01 and budget["calibration_ratio"] <= 1.01
+        assert "calibration perplexity x" in stdout
     elif spec.method == "mgs":
         assert distilled.config.sparse_mlp["selection"] == "top_k" and summary["budget"] is None
     refits = summary["down_proj_refit"]
@@ -80,14 +83,14 @@ def test_distill_cli(dense_dir, tmp_path, capsys, spec, selection):
     assert not [p for p in tmp_path.iterdir() if "distill-work" in p.name]
 
 
-def test_distill_without_refit_keeps_the_dense_down_proj(dense_dir, tmp_path, capsys):
+def test_distill_at_a_density_without_refit_keeps_the_dense_down_proj(dense_dir, tmp_path, capsys):
     save_sparse(dense_dir, tmp_path / "sparse", MGSSpec(density=0.3))
     code = main(["distill", str(tmp_path / "sparse"), str(tmp_path / "out"), "--dense", str(dense_dir),
                  "--calibration", str(DATA_DIR / "wikitext-2" / "valid.txt"), "--windows", "4", "--window", "64",
-                 "--no-refit-down", "--no-progress"])
+                 "--density", "0.4", "--no-refit-down", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "treeffn_distill.json").read_text())
-    assert summary["down_proj_refit"] == []
+    assert summary["down_proj_refit"] == [] and summary["budget"]["layer_densities"] == pytest.approx([0.4, 0.4])
     converted, distilled = treeffn_hf.load(tmp_path / "sparse"), treeffn_hf.load(tmp_path / "out")
     for (_, before), (_, after) in zip(converted.sparse_mlps(), distilled.sparse_mlps()):
         assert torch.equal(before.down_proj.weight, after.down_proj.weight)

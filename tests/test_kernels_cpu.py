@@ -24,24 +24,25 @@ pytestmark = pytest.mark.skipif(
     mgs_kernels_cpu.library_error() is not None, reason=f"CPU kernel unavailable: {mgs_kernels_cpu.library_error()}")
 
 
-def nested_layer(hidden=128, intermediate=200, group_size=64, density=0.5, seed=0, bf16_down=True) -> MicroGatedMLP:
+def nested_layer(hidden=128, intermediate=200, group_size=64, density=0.5, seed=0,
+                 down_format="int8_rows") -> MicroGatedMLP:
     generator = torch.Generator().manual_seed(seed)
     dense = [torch.nn.Linear(a, b, bias=False) for a, b in ((hidden, intermediate),) * 2 + ((intermediate, hidden),)]
     with torch.no_grad():
         for linear in dense:
             linear.weight.normal_(0, 0.3, generator=generator)
-    spec = MGSSpec(density=density, predictor="nested", group_size=group_size, selection="threshold")
+    spec = MGSSpec(density=density, predictor="nested", group_size=group_size, selection="threshold",
+                   down_format="int8_rows" if down_format == "int8_rows" else "bf16")
     layer = MicroGatedMLP(hidden, intermediate, spec, torch.nn.SiLU())
     layer.load_state_dict(sparse_mlp_state(layer.spec, *dense), strict=False)
     layer.requires_grad_(False).eval()
-    if not bf16_down:  # off the bf16 grid the conversion puts down_proj on: the kernel reads float32
+    if down_format == "float32":  # off every grid the conversion puts down_proj on: the kernel reads float32
         layer.down_proj.weight.add_(1e-6 * torch.randn(layer.down_proj.weight.shape, generator=generator))
     calibrate_threshold(layer, torch.randn(512, hidden, generator=generator), density)
     return layer
 
 
-def reads_bf16_down(layer: MicroGatedMLP) -> bool:
-    return bool(mgs_kernels_cpu._operands(layer)[0][1][0].down_bf16)
+DOWN_FORMATS = ("int8_rows", "bf16", "float32")
 
 
 def masked_dense(layer: MicroGatedMLP, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,10 +58,10 @@ def relative_to_largest(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("hidden,intermediate,group_size", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5, 16])
-@pytest.mark.parametrize("bf16_down", [True, False], ids=["bf16_down", "f32_down"])
-def test_kernel_equals_its_naive_twin(hidden, intermediate, group_size, tokens, bf16_down):
-    layer = nested_layer(hidden, intermediate, group_size, bf16_down=bf16_down)
-    assert reads_bf16_down(layer) == bf16_down
+@pytest.mark.parametrize("down_format", DOWN_FORMATS)
+def test_kernel_equals_its_naive_twin(hidden, intermediate, group_size, tokens, down_format):
+    layer = nested_layer(hidden, intermediate, group_size, down_format=down_format)
+    assert mgs_kernels_cpu.kernel_down_format(layer) == down_format
     x = torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 4  # tokens of different scales
     scores, counts = torch.empty(tokens, intermediate), torch.empty(tokens, dtype=torch.int32)
     out, selected = mgs_kernels_cpu.mgs_nested_cpu(layer, x, counts, scores)
@@ -119,7 +120,7 @@ needs_amx = pytest.mark.skipif(not AMX, reason=f"no AMX here: {mgs_kernels_cpu.a
 @pytest.mark.parametrize("hidden,intermediate,group_size", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("tokens", [1, 5, 16, 17, 100])
 def test_amx_kernel_equals_the_fused_kernel_and_the_naive_twin(hidden, intermediate, group_size, tokens):
-    layer = nested_layer(hidden, intermediate, group_size)
+    layer = nested_layer(hidden, intermediate, group_size, down_format="bf16")
     x = torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 4
     results = {}
     for name, kernel in (("fused", mgs_kernels_cpu.mgs_nested_cpu), ("amx", mgs_kernels_cpu.mgs_nested_amx)):
@@ -137,13 +138,14 @@ def test_amx_kernel_equals_the_fused_kernel_and_the_naive_twin(hidden, intermedi
 
 
 @needs_amx
-def test_amx_needs_bf16_down_proj_and_forcing_it_elsewhere_is_an_error():
-    layer = nested_layer(bf16_down=False)
+@pytest.mark.parametrize("down_format", ["int8_rows", "float32"])
+def test_amx_needs_bf16_down_proj_and_forcing_it_elsewhere_is_an_error(down_format):
+    layer = nested_layer(down_format=down_format)
     x = torch.randn(32, 128)
     assert "bf16 values" in mgs_kernels_cpu.amx_unavailable_reason(layer, x)
     with torch.no_grad():
         layer(x)
-        assert layer.last_path == "cpu"  # the fused kernel, which reads float32 down_proj
+        assert layer.last_path == "cpu"  # the fused kernel, which reads any down_proj
         layer.force_path = "cpu:amx"
         with pytest.raises(RuntimeError, match="bf16 values"):
             layer(x)
@@ -248,18 +250,20 @@ def test_a_layer_that_ran_the_kernel_deep_copies_and_pickles():
 
 
 @pytest.mark.parametrize("hidden,intermediate,group_size", [(128, 200, 64), (256, 160, 128)], ids=str)
-def test_the_stated_runtime_copies_are_what_the_kernel_holds(hidden, intermediate, group_size):
+@pytest.mark.parametrize("down_format", ["int8_rows", "bf16"])
+def test_the_stated_runtime_copies_are_what_the_kernel_holds(hidden, intermediate, group_size, down_format):
     from treeffn_hf.modeling.dispatch import runtime_copy_bytes
 
-    layer = nested_layer(hidden, intermediate, group_size)
+    layer = nested_layer(hidden, intermediate, group_size, down_format=down_format)
     with torch.no_grad():
         layer(torch.randn(1, hidden)), layer(torch.randn(16, hidden))
-    assert layer.last_path == expected_cpu_path(layer, 16) and reads_bf16_down(layer)
+    amx = AMX and down_format == "bf16"
+    assert layer.last_path == ("cpu:amx" if amx else "cpu") and mgs_kernels_cpu.kernel_down_format(layer) == down_format
     own = {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
-    held = [t for t in mgs_kernels_cpu._operands(layer)[0][1][1:] if t.data_ptr() not in own]
-    # the low nibbles, the scoring blocks and their scales and zeros, down_proj in bf16; with AMX
-    # both nibbles unpacked, its scales and zeros, and down_proj in tiles
-    assert len(held) == (10 if AMX else 5)
+    held = [t for t in mgs_kernels_cpu._operands(layer)[0][1][1:] if t.numel() and t.data_ptr() not in own]
+    # the low nibbles, the scoring blocks and their scales and zeros, down_proj's int8 rows and their
+    # scales or its bf16 copy; with AMX both nibbles unpacked, its scales and zeros, and down_proj in tiles
+    assert len(held) == {"int8_rows": 6, "bf16": 10 if amx else 5}[down_format]
     assert sum(t.numel() * t.element_size() for t in held) == runtime_copy_bytes(layer)["cpu"]
 
 
@@ -311,13 +315,13 @@ print(layer.last_path, '|', mgs_kernels_cpu.cpu_kernel_unavailable_reason(layer)
 @pytest.mark.parametrize("hidden,intermediate,group_size", [(64, 96, 64), (192, 333, 64), (256, 160, 128)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("tokens", [1, 3, 8, 16])
-@pytest.mark.parametrize("bf16_down", [True, False], ids=["bf16_down", "f32_down"])
+@pytest.mark.parametrize("down_format", DOWN_FORMATS)
 def test_the_bytes_the_layer_reports_are_the_bytes_the_kernel_touches(hidden, intermediate, group_size, tokens,
-                                                                      bf16_down):
+                                                                      down_format):
     """The counting build marks every weight byte the kernel's reads touch; the layer's byte
     report (`bytes_read`, its `cost`) must name exactly those, per operand, below and above the
     scoring GEMM's token count, so a read the report leaves out (or one it claims) fails here."""
-    layer = nested_layer(hidden, intermediate, group_size, density=0.05, bf16_down=bf16_down)
+    layer = nested_layer(hidden, intermediate, group_size, density=0.05, down_format=down_format)
     x = torch.randn(tokens, hidden)
     scores = torch.empty(tokens, intermediate)
     want, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
@@ -331,3 +335,36 @@ def test_the_bytes_the_layer_reports_are_the_bytes_the_kernel_touches(hidden, in
     if tokens == 1:
         cost = layer.cost()
         assert cost.active_weight_bytes == sum(layer.bytes_read(1, cost.active_units).values())
+
+
+def test_a_nested_checkpoint_loaded_in_bf16_keeps_its_grid_and_runs_the_kernel_on_bf16_tokens(tmp_path):
+    """dtype=bfloat16 casts attention and embeddings, not the nested layer's float32 weights (bf16
+    cannot hold its 8-bit grid): the kernel runs on the bf16 tokens, rounded back to bf16."""
+    from transformers import AutoModelForCausalLM
+
+    import treeffn_hf
+
+    from .conftest import tiny_dense_model
+
+    dense = tiny_dense_model("llama", hidden_size=128, intermediate_size=200, head_dim=32)
+    model = treeffn_hf.convert(dense, MGSSpec(density=0.5, predictor="nested", group_size=64), progress=False)
+    for _, mlp in model.sparse_mlps():
+        calibrate_threshold(mlp, torch.randn(256, 128), 0.5)
+    model.config.sparse_mlp = {**model.config.sparse_mlp, "selection": "threshold"}
+    model.save_pretrained(tmp_path)
+    loaded = {dtype: AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+              for dtype in (torch.float32, torch.bfloat16)}
+    bf16 = loaded[torch.bfloat16]
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+    for _, mlp in bf16.sparse_mlps():
+        assert {p.dtype for p in mlp.parameters()} == {torch.float32}
+    hidden = torch.randn(1, 3, 128).bfloat16()
+    for (_, mlp16), (_, mlp32) in zip(bf16.sparse_mlps(), loaded[torch.float32].sparse_mlps()):
+        with torch.no_grad():
+            got, want = mlp16(hidden), mlp32(hidden.float())
+        assert mlp16.last_path == "cpu" and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+    ids = torch.tensor([[5, 9, 13, 2, 40]])
+    with torch.no_grad():
+        logits = {dtype: m(ids).logits.float() for dtype, m in loaded.items()}
+    assert (logits[torch.bfloat16] - logits[torch.float32]).abs().max() < 0.05 * logits[torch.float32].abs().max()

@@ -1,5 +1,7 @@
 """The 4-bit quantized predictor, calibrated thresholds and greedy budget allocation, on tiny models."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,10 +10,13 @@ from treeffn_hf import MGSSpec, MicroGatedMLP
 from treeffn_hf.conversion.budgets import (
     allocate_greedy,
     calibrate_mgs,
+    SENSITIVITY_DENSITIES,
+    calibrate_mgs_to_ratio,
     density_for_weight_fraction,
     layer_sensitivities,
     ranked_scores,
 )
+from treeffn_hf.conversion import budgets
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
 from treeffn_hf.conversion.surgery import sparse_mlp_state
 from treeffn_hf.modeling.mgs_predictors import (
@@ -199,7 +204,7 @@ def test_greedy_calibration_on_a_weight_budget(tmp_path, predictor):
     sparse = treeffn_hf.convert(dense, spec, progress=False).eval()
     captured = capture_mlp_inputs(dense, text_windows(0, 8), progress=False)
     layers = [m for _, m in sparse.sparse_mlps()]
-    target = 0.62
+    target = 0.45
     density = density_for_weight_fraction(layers[0], target)
     budget = calibrate_mgs(sparse, captured.inputs, weight_fraction=target, allocation="greedy",
                            loss_ids=text_windows(20, 2), progress=False)
@@ -214,6 +219,46 @@ def test_greedy_calibration_on_a_weight_budget(tmp_path, predictor):
     reloaded = treeffn_hf.load(tmp_path / "m")
     assert [m.spec.density for _, m in reloaded.sparse_mlps()] == budget["layer_densities"]
     assert [float(m.gate_threshold) for _, m in reloaded.sparse_mlps()] == pytest.approx(budget["thresholds"])
+
+
+def test_a_perplexity_budget_takes_the_fewest_neurons_within_it(monkeypatch):
+    """The bisection lands within its budget and within a search step of its edge, and a budget
+    that quantisation alone spends keeps every neuron. A tiny random model's perplexity hardly
+    moves with sparsity, so the loss here is a known function of the mean density: 0.5 (1 - d)
+    nats above the dense model's, plus `floor` for the quantisation."""
+    dense = tiny_dense_model("llama")
+    captured = capture_mlp_inputs(dense, text_windows(0, 8), progress=False)
+    floor = 0.0
+
+    def known_nll(model, ids):
+        if model is dense:
+            return 2.0
+        densities = model.config.sparse_mlp["layer_densities"]
+        return 2.0 + floor + 0.5 * (1 - sum(densities) / len(densities))
+
+    monkeypatch.setattr(budgets, "mean_nll", known_nll)
+    for budget in (1.02, 1.1, 100.0):
+        sparse = treeffn_hf.convert(dense, MGSSpec(density=0.5), progress=False).eval()
+        result = calibrate_mgs_to_ratio(sparse, captured.inputs, dense=dense, max_ratio=budget,
+                                        loss_ids=text_windows(30, 2), ratio_ids=text_windows(20, 2), progress=False)
+        edge = max(SENSITIVITY_DENSITIES[-1], 1 - 2 * math.log(budget))  # where the ratio meets the budget
+        assert result["calibration_ratio"] <= budget and result["density"] >= edge - 1e-9
+        assert result["density"] <= edge + (1 - SENSITIVITY_DENSITIES[-1]) / 2 ** budgets.RATIO_SEARCH_STEPS
+        assert sparse.config.sparse_mlp["layer_densities"] == result["layer_densities"]
+        assert [m.spec.density for _, m in sparse.sparse_mlps()] == result["layer_densities"]
+    floor = math.log(1.05)  # quantisation alone costs more than the budget
+    sparse = treeffn_hf.convert(dense, MGSSpec(density=0.5), progress=False).eval()
+    result = calibrate_mgs_to_ratio(sparse, captured.inputs, dense=dense, max_ratio=1.01,
+                                    loss_ids=text_windows(30, 2), ratio_ids=text_windows(20, 2), progress=False)
+    assert result["layer_densities"] == [1.0, 1.0] and result["calibration_ratio"] == pytest.approx(1.05)
+
+
+def test_the_mean_nll_is_the_models_own_loss():
+    model = tiny_dense_model("llama")
+    ids = text_windows(20, 3)
+    with torch.no_grad():
+        want = float(model(ids, labels=ids).loss)
+    assert budgets.mean_nll(model, ids, batch=2) == pytest.approx(want, rel=1e-5)
 
 
 def test_sensitivity_is_zero_at_full_density_and_grows_as_it_drops():

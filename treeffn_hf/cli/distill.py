@@ -49,13 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", choices=("top_k", "threshold"), default=None,
                         help="MGS: threshold (the default) calibrates per-layer thresholds; top_k keeps a fixed k")
     budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--max-ratio", type=float, default=None,
+                        help="MGS (the default budget, 1.01): the fewest neurons, per layer, that keep the calibration "
+                             "perplexity within this ratio of the dense model's")
     budget.add_argument("--density", type=float, default=None,
-                        help="MGS: mean fraction of neurons computed (default: the checkpoint's)")
+                        help="MGS: mean fraction of neurons computed instead")
     budget.add_argument("--weight-fraction", type=float, default=None,
-                        help="MGS: mean fraction of MLP weight bytes read per token, predictor included")
+                        help="MGS: mean fraction of MLP weight bytes read per token, predictor included, instead")
     parser.add_argument("--allocation", choices=("uniform", "greedy"), default=None,
-                        help="MGS (default uniform): the same density in every layer, or greedy on a calibration "
-                             "loss (TEAL-style; measured no better on SmolLM2, see README). Selected-leaf trees with "
+                        help="MGS with --density or --weight-fraction (default uniform): the same density in every "
+                             "layer, or greedy on a calibration loss (TEAL-style; a --max-ratio budget is greedy). Selected-leaf trees with "
                              "--active (default uniform): the same leaf width in every layer, or widths shared out "
                              "on each layer's calibration KL (on SmolLM2 better at 25%% active, worse at 12.5%%; "
                              "see README)")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         args.sparse, args.out, dense=args.dense, gguf_file=args.gguf_file, calibration=args.calibration,
         windows=args.windows, window=args.window, tokens_per_layer=args.tokens_per_layer,
         gate_steps=args.gate_steps, distill_steps=args.distill_steps, lr=args.lr, selection=args.selection,
-        density=args.density, weight_fraction=args.weight_fraction, allocation=args.allocation,
+        density=args.density, weight_fraction=args.weight_fraction, max_ratio=args.max_ratio, allocation=args.allocation,
         refit_down=args.refit_down, router_fit=args.router_fit, sequential=args.sequential, active=args.active,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -83,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
             before = sum(r["recall_before"] for r in layers) / len(layers)
             after = sum(r["recall_after"] for r in layers) / len(layers)
             print(f"gate recall at the target density (mean over {len(layers)} layers): {before:.3f} -> {after:.3f}")
-        if summary["budget"]:
-            densities = summary["budget"]["layer_densities"]
-            print(f"thresholds calibrated ({summary['budget']['allocation']}): mean density "
-                  f"{sum(densities) / len(densities):.2%}, layers from {min(densities):.2%} to {max(densities):.2%}")
+        budget = summary["budget"]
+        if budget:
+            densities = budget["layer_densities"]
+            within = (f", calibration perplexity x{budget['calibration_ratio']:.4f} of dense (budget "
+                      f"x{budget['max_ratio']})" if "max_ratio" in budget else "")
+            print(f"thresholds calibrated ({budget['allocation']}): mean density {sum(densities) / len(densities):.2%}, "
+                  f"layers from {min(densities):.2%} to {max(densities):.2%}{within}")
         refits = summary["down_proj_refit"]
         if refits:
             kept = sum(r["damping"] is None for r in refits)

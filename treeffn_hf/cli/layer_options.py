@@ -7,6 +7,7 @@ import argparse
 from ..modeling.layer_spec import (
     ACTIVATION_PLACEMENTS,
     LEAF_NEURONS,
+    MGS_DOWN_FORMATS,
     MGS_PREDICTORS,
     MGS_SELECTIONS,
     ROUTING_MODES,
@@ -46,6 +47,8 @@ def add_layer_options(parser: argparse.ArgumentParser) -> None:
                      help="quantized: 4-bit copies of gate/up, no training; linear: a gate for `treeffn distill` to train")
     mgs.add_argument("--group-size", type=int, default=_MGS_DEFAULTS.group_size,
                      help="quantized predictor: weights per bf16 scale and zero")
+    mgs.add_argument("--down-format", choices=MGS_DOWN_FORMATS, default=_MGS_DEFAULTS.down_format,
+                     help="nested predictor: down_proj as int8 rows (a kernel reads only the selected ones) or bf16")
     mgs.add_argument("--rank", type=_rank, default=_MGS_DEFAULTS.rank,
                      help="linear predictor: gate rank, or 'full' for Linear(d, H)")
     mgs.add_argument("--selection", choices=MGS_SELECTIONS, default=_MGS_DEFAULTS.selection,
@@ -62,6 +65,6 @@ def spec_from_args(args: argparse.Namespace) -> LayerSpec:
         )
     else:
         spec = MGSSpec(density=args.density, predictor=args.predictor, rank=args.rank, group_size=args.group_size,
-                       selection=args.selection)
+                       selection=args.selection, down_format=args.down_format)
     spec.validate()
     return spec

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from ..modeling.configuration_treeffn import LAYER_DENSITIES
 SCORE_SAMPLE = 1 << 21  # calibration scores per layer that the thresholds are read from
 SENSITIVITY_DENSITIES = (0.8, 0.6, 0.45, 0.3, 0.2, 0.1)  # where each layer's KL is measured
 GRID_STEP = 1 / 128  # density steps the greedy allocation moves by
+RATIO_SEARCH_STEPS = 6  # bisections of the mean density under a perplexity budget: within 0.7/64 of it
 
 
 @torch.no_grad()
@@ -159,14 +161,69 @@ def calibrate_mgs(
     else:
         sensitivities = layer_sensitivities(model, layers, ranked, loss_ids, progress=progress)
         densities = allocate_greedy(sensitivities.tolist(), SENSITIVITY_DENSITIES, density)
+    thresholds = _use_densities(model, layers, ranked, densities)
+    return {"allocation": allocation, "density": density, "layer_densities": densities, "thresholds": thresholds,
+            "sensitivities": None if sensitivities is None else sensitivities.tolist()}
+
+
+def _use_densities(model, layers: list, ranked: list[torch.Tensor], densities: Sequence[float]) -> list[float]:
+    """Give each layer the threshold of its density; record them in the config. The thresholds."""
     thresholds = []
     for (_, mlp), layer_ranked, layer_density in zip(layers, ranked, densities):
         thresholds.append(threshold_for(layer_ranked, layer_density))
         use_threshold(mlp, thresholds[-1], layer_density)
-    model.config.sparse_mlp = {**model.config.sparse_mlp, "selection": "threshold", "density": density,
-                               LAYER_DENSITIES: densities}
-    return {"allocation": allocation, "density": density, "layer_densities": densities, "thresholds": thresholds,
-            "sensitivities": None if sensitivities is None else sensitivities.tolist()}
+    model.config.sparse_mlp = {**model.config.sparse_mlp, "selection": "threshold",
+                               "density": float(sum(densities) / len(densities)), LAYER_DENSITIES: list(densities)}
+    return thresholds
+
+
+@torch.no_grad()
+def mean_nll(model, ids: torch.Tensor, batch: int = 2) -> float:
+    """Mean next-token negative log-likelihood of `model` on the windows `ids` (equal lengths),
+    `batch` windows a forward (the logits of a window take vocabulary x window floats)."""
+    total = 0.0
+    for chunk in ids.split(batch):
+        logits = model(chunk, use_cache=False).logits.float()
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+    return total / (ids.shape[0] * (ids.shape[1] - 1))
+
+
+def calibrate_mgs_to_ratio(model, calibration_inputs: list[torch.Tensor], *, dense, max_ratio: float,
+                           loss_ids: torch.Tensor, ratio_ids: torch.Tensor, progress: bool = True,
+                           searches: int = RATIO_SEARCH_STEPS) -> dict:
+    """Give every MGS layer a calibrated threshold at the fewest neurons (so the fewest bytes: every
+    layer pays the same per neuron) that keep the model's perplexity on `ratio_ids` within
+    `max_ratio` of `dense`'s: the greedy allocation's path (KL sensitivities on `loss_ids`) is
+    searched by bisection on its mean density, each step measured with every layer sparse at once.
+    Quantisation alone counts against the budget; where it spends all of it, every neuron stays."""
+    layers = [(index, mlp) for index, mlp in model.sparse_mlps() if mlp.sparse_method == "mgs"]
+    if not layers:
+        raise ValueError("the model has no MGS layers to calibrate")
+    ranked = [ranked_scores(mlp, calibration_inputs[index], seed=index) for index, mlp in layers]
+    sensitivities = layer_sensitivities(model, layers, ranked, loss_ids, progress=progress)
+    dense_nll = mean_nll(dense, ratio_ids)
+
+    def ratio_at(target: float) -> tuple[float, list[float]]:
+        densities = allocate_greedy(sensitivities.tolist(), SENSITIVITY_DENSITIES, target)
+        _use_densities(model, layers, ranked, densities)
+        return math.exp(mean_nll(model, ratio_ids) - dense_nll), densities
+
+    low, high = SENSITIVITY_DENSITIES[-1], 1.0  # the sparsest measured; every neuron
+    ratio, densities = ratio_at(low)
+    if ratio > max_ratio:
+        best = (high, *ratio_at(high))
+        for _ in tqdm(range(searches), desc=f"allocation: density within ratio {max_ratio}", disable=not progress):
+            middle = (low + high) / 2
+            ratio, densities = ratio_at(middle)
+            if ratio <= max_ratio:
+                best, high = (middle, ratio, densities), middle
+            else:
+                low = middle
+        target, ratio, densities = best
+    thresholds = _use_densities(model, layers, ranked, densities)
+    return {"allocation": "greedy", "max_ratio": max_ratio, "calibration_ratio": ratio,
+            "density": float(sum(densities) / len(densities)), "layer_densities": densities,
+            "thresholds": thresholds, "sensitivities": sensitivities.tolist()}
 
 
 def density_for_weight_fraction(layer, weight_fraction: float) -> float:
@@ -179,18 +236,18 @@ def density_for_weight_fraction(layer, weight_fraction: float) -> float:
     density = (weight_fraction - fixed) / per_neuron
     if not 0.0 < density <= 1.0:
         raise ValueError(f"weight fraction {weight_fraction} leaves density {density:.3f} once the {fixed:.3f} "
-                         "every token reads (the predictor, and with the C kernel all of down_proj) is read")
+                         "every token reads whatever it selects (the predictor; all of a bf16 down_proj) is read")
     return density
 
 
 def predictor_fraction(layer) -> float:
-    """The bytes a token reads whatever it selects (the predictor; with the C kernel all of
-    down_proj too), as a fraction of the dense MLP's bf16 bytes."""
+    """The bytes a token reads whatever it selects (the predictor; with the C kernel and a bf16
+    down_proj, all of it), as a fraction of the dense MLP's bf16 bytes."""
     return sum(layer.bytes_read(1, 0).values()) / layer.cost().dense_weight_bytes
 
 
 def neuron_fraction(layer) -> float:
     """The bytes of selecting every neuron beyond `predictor_fraction`, as a fraction of the dense
-    MLP's (the C kernel: the low nibbles of gate and up)."""
+    MLP's (the C kernel: the low nibbles of gate and up, and the int8 down rows)."""
     every = sum(layer.bytes_read(1, layer.intermediate_size).values())
     return every / layer.cost().dense_weight_bytes - predictor_fraction(layer)

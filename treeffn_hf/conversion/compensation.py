@@ -109,7 +109,7 @@ def refit_down_proj(mlp, inputs: torch.Tensor, targets: torch.Tensor, *, holdout
                           holdout=holdout, dampings=dampings, seed=seed)
     if fit.rows is not None:
         weight.copy_(fit.rows.T)
-        if mlp.spec.predictor == "nested":  # back onto the layer's stored grids (bf16 down_proj)
+        if mlp.spec.predictor == "nested":  # back onto the layer's stored grids
             mlp.snap_to_predictor_grid()
     return DownRefitReport(layer=layer_index, mse_before=fit.mse_before, mse_after=fit.mse_after, damping=fit.damping)
 

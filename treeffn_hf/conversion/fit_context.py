@@ -11,6 +11,7 @@ import torch
 from .calibration import MLPInputs
 
 LOSS_WINDOWS = 2  # calibration windows whose KL drives greedy allocation
+RATIO_WINDOWS = 8  # calibration windows on which a perplexity budget (`--max-ratio`) is held
 
 
 @dataclass
@@ -24,3 +25,7 @@ class FitContext:
     @property
     def loss_ids(self) -> torch.Tensor:
         return self.ids[-LOSS_WINDOWS:]
+
+    @property
+    def ratio_ids(self) -> torch.Tensor:
+        return self.ids[:RATIO_WINDOWS]

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from ..architectures import Architecture, architecture_for
 from ..modeling.configuration_treeffn import LAYER_SHAPES
 from ..modeling.layer_spec import InvalidSpecError, LayerSpec, MGSSpec, TreeSpec, spec_from_dict
-from ..modeling.mgs_predictors import QuantizedPredictor, snap_gate_up, snap_to_bf16
+from ..modeling.mgs_predictors import QuantizedPredictor, snap_down, snap_gate_up
 from .partition import partition_neurons, selected_leaves_from_partition
 
 
@@ -124,9 +124,9 @@ def _mgs_state(spec: MGSSpec, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -
     if spec.predictor in ("nested", "quantized"):
         predictor = QuantizedPredictor.state_from(gate.weight, up.weight, spec.group_size)
         state.update({f"micro_gate.{k}": v for k, v in predictor.items()})
-        if spec.predictor == "nested":  # the stored grids: 8-bit gate/up around the codes, bf16 down
+        if spec.predictor == "nested":  # the stored grids: 8-bit gate/up around the codes, int8 or bf16 down
             state["gate_proj.weight"], state["up_proj.weight"] = snap_gate_up(gate.weight, up.weight, predictor)
-            state["down_proj.weight"] = snap_to_bf16(down.weight).clone()
+            state["down_proj.weight"] = snap_down(down.weight, spec.down_format, spec.group_size).clone()
     else:
         # Start the linear gate as the best rank-r approximation of gate_proj: its top-k then
         # picks the neurons with the largest gate pre-activation, a far better start than random.

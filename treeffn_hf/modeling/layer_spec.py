@@ -17,6 +17,7 @@ ACTIVATION_PLACEMENTS = ("per_node", "after_sum")
 LEAF_NEURONS = ("partition", "selected")
 MGS_SELECTIONS = ("top_k", "threshold")
 MGS_PREDICTORS = ("nested", "quantized", "linear")
+MGS_DOWN_FORMATS = ("int8_rows", "bf16")
 MAX_DEPTH = 20
 
 
@@ -282,16 +283,22 @@ class MGSSpec:
     `predictor='linear'` is a trained gate: `Linear(hidden, rank) -> Linear(rank, intermediate)`,
     or a full `Linear(hidden, intermediate)` with `rank=None`, as in the MGS paper.
 
+    With the nested predictor, `down_format` is how down_proj is stored: `'int8_rows'` (the default)
+    one int8 row per neuron with a bf16 scale per `group_size` outputs, so a kernel reads only the
+    selected neurons' rows at one byte a weight; `'bf16'` rounds it to bf16 values (checkpoints from
+    before the choice), which the CPU kernel streams whole.
+
     `selection='top_k'` computes `ceil(density * intermediate)` neurons per token;
     `selection='threshold'` computes the neurons whose score exceeds a per-layer threshold
     calibrated to `density` on data (the count then varies per token).
     """
 
-    density: float = 0.8  # nested: 59% of the MLP weight bytes at a perplexity ratio of about 1.00 (README)
+    density: float = 0.8  # as converted (top-k); `treeffn distill` then sets thresholds within a perplexity budget
     predictor: Literal["nested", "quantized", "linear"] = "nested"
     rank: Optional[int] = 64
     group_size: int = 64
     selection: Literal["top_k", "threshold"] = "top_k"
+    down_format: Literal["int8_rows", "bf16"] = "int8_rows"
 
     method = "mgs"
 
@@ -322,6 +329,8 @@ class MGSSpec:
             )
         if self.predictor not in MGS_PREDICTORS:
             raise InvalidSpecError(f"predictor must be one of {MGS_PREDICTORS}, got {self.predictor!r}")
+        if self.down_format not in MGS_DOWN_FORMATS:
+            raise InvalidSpecError(f"down_format must be one of {MGS_DOWN_FORMATS}, got {self.down_format!r}")
         if self.rank is not None and self.rank < 1:
             raise InvalidSpecError(f"rank must be >= 1 or None (full gate), got {self.rank}")
         if self.group_size < 2:
@@ -348,6 +357,7 @@ def spec_from_dict(data: dict[str, Any]) -> LayerSpec:
     cls = _SPEC_TYPES[method]
     if method == "mgs":
         data.setdefault("predictor", "linear")  # checkpoints from before the predictor choice
+        data.setdefault("down_format", "bf16")  # ... and from before int8 down rows
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from .activations import computes_silu
 from .mgs_kernels_cpu_source import SOURCE  # csrc/mgs_nested_cpu.c, embedded for the bundle
-from .mgs_predictors import dequantize_int4, pack_nibbles, unpack_nibbles
+from .mgs_predictors import dequantize_int4, int8_row_grid, int8_row_values, pack_nibbles, unpack_nibbles
 
 # The default of KernelPolicy.cpu_fused_max_tokens: up to this many tokens the fused kernel
 # computes the layer, beyond them `cpu:scores` (dispatch.py says why).
@@ -127,7 +127,8 @@ class LayerStruct(ctypes.Structure):
                 ("threshold", ctypes.c_float), ("hi_blocks", ctypes.c_void_p), ("scales_t", ctypes.c_void_p),
                 ("zeros_t", ctypes.c_void_p), ("R", ctypes.c_int64), ("hi_tiles", ctypes.c_void_p),
                 ("lo_tiles", ctypes.c_void_p), ("scales_amx", ctypes.c_void_p), ("zeros_amx", ctypes.c_void_p),
-                ("down_tiles", ctypes.c_void_p), ("Ip", ctypes.c_int64)]
+                ("down_tiles", ctypes.c_void_p), ("Ip", ctypes.c_int64), ("down_rows", ctypes.c_void_p),
+                ("down_row_scales", ctypes.c_void_p)]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -206,20 +207,45 @@ def _operands(layer) -> tuple[Optional[tuple], Optional[str]]:
         except ValueError as error:
             reason = str(error)
         else:
-            predictor = layer.micro_gate
-            codes, scales, zeros = (t.contiguous() for t in (predictor.codes, predictor.scales, predictor.zeros))
-            down = layer.down_proj.weight.detach().contiguous()
-            if holds_bf16_values(down):  # a bf16 checkpoint, the nested recipe: half the bytes, the same products
-                down = down.bfloat16()
-            blocks, scales_t, zeros_t = scoring_operands(predictor)
-            struct = LayerStruct(layer.hidden_size, layer.intermediate_size, predictor.group_size, codes.data_ptr(),
-                                 lo.data_ptr(), scales.data_ptr(), zeros.data_ptr(), down.data_ptr(),
-                                 down.dtype == torch.bfloat16, float(layer.gate_threshold), blocks.data_ptr(),
-                                 scales_t.data_ptr(), zeros_t.data_ptr(), scales_t.shape[1])
-            # the tensors stay alive as long as the struct that points at them
-            operands = (ctypes.byref(struct), [struct, codes, lo, scales, zeros, down, blocks, scales_t, zeros_t])
+            operands = _kernel_operands(layer, lo)
     _CACHE[layer] = (key, operands, reason, tensors)
     return operands, reason
+
+
+def _kernel_operands(layer, lo: torch.Tensor) -> tuple:
+    """(a pointer to the C `Layer`, [the struct, then the tensors it points at, in OPERAND_NAMES order]):
+    the tensors stay alive as long as the struct that points at them."""
+    predictor = layer.micro_gate
+    codes, scales, zeros = (t.contiguous() for t in (predictor.codes, predictor.scales, predictor.zeros))
+    down_format = kernel_down_format(layer)
+    weight = layer.down_proj.weight.detach()
+    none = torch.empty(0, dtype=torch.uint8)
+    if down_format == "int8_rows":  # only the selected neurons' rows are read
+        down, (rows, row_scales) = none, int8_row_grid(weight, layer.spec.group_size)
+    else:  # the stock layout, streamed whole: bf16 when its values are bf16 (half the bytes, the same products)
+        down, rows, row_scales = weight.to(torch.bfloat16 if down_format == "bf16" else torch.float32).contiguous(), none, none
+    blocks, scales_t, zeros_t = scoring_operands(predictor)
+    pointer = lambda t: t.data_ptr() if t.numel() else None  # noqa: E731
+    struct = LayerStruct(layer.hidden_size, layer.intermediate_size, predictor.group_size, codes.data_ptr(),
+                         lo.data_ptr(), scales.data_ptr(), zeros.data_ptr(), pointer(down), down_format == "bf16",
+                         float(layer.gate_threshold), blocks.data_ptr(), scales_t.data_ptr(), zeros_t.data_ptr(),
+                         scales_t.shape[1])
+    struct.down_rows, struct.down_row_scales = pointer(rows), pointer(row_scales)
+    return ctypes.byref(struct), [struct, codes, lo, scales, zeros, down, blocks, scales_t, zeros_t, rows, row_scales]
+
+
+def kernel_down_format(layer) -> str:
+    """How the fused kernel reads this nested layer's down_proj: 'int8_rows' (the selected neurons'
+    rows, one byte a weight) where its values are on the int8 row grid, 'bf16' (all of it, from a
+    bf16 copy) where they are bf16 values, else 'float32' (all of it). A layer on the meta device
+    (built to describe a checkpoint) reads as its spec stores it."""
+    weight = layer.down_proj.weight
+    if weight.is_meta:
+        return layer.spec.down_format
+    codes, scales = int8_row_grid(weight, layer.spec.group_size)
+    if torch.equal(int8_row_values(codes, scales), weight.detach().float()):
+        return "int8_rows"
+    return "bf16" if holds_bf16_values(weight) else "float32"
 
 
 def holds_bf16_values(weight: torch.Tensor) -> bool:
@@ -242,15 +268,18 @@ def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tens
 def operand_copy_bytes(layer) -> int:
     """Bytes the kernel's operands hold beside the layer's own tensors, once it has run: the low
     nibbles and the scoring blocks (each as many bytes as the predictor's codes), the float32
-    scales and zeros, and down_proj in bf16 (made when its values are bf16, as the nested recipe
-    stores them: counted here, as the most it takes); where this machine runs AMX and the layer's
-    policy lets it, the AMX kernel's `amx_operands` too (both nibbles unpacked: a byte per gate/up
+    scales and zeros, and down_proj as `kernel_down_format` reads it (int8 rows with bf16 scales,
+    or a bf16 copy); where this machine runs AMX, the layer's policy lets it and down_proj holds
+    bf16 values, the AMX kernel's `amx_operands` too (both nibbles unpacked: a byte per gate/up
     weight each, down_proj in bf16 tiles, float32 scales and zeros)."""
     rows, width = 2 * layer.intermediate_size, layer.hidden_size
     padded_rows = -(-rows // 16) * 16
     groups = width // layer.spec.group_size
-    fused = rows * width // 2 + padded_rows * width // 2 + 2 * 4 * padded_rows * groups + 2 * layer.down_proj.weight.numel()
-    if amx_machine_reason() is not None or layer.kernel_policy.cpu_amx_min_tokens == float("inf"):
+    down_format, down_weights = kernel_down_format(layer), layer.down_proj.weight.numel()
+    down = {"int8_rows": down_weights + 2 * layer.intermediate_size * groups, "bf16": 2 * down_weights}.get(down_format, 0)
+    fused = rows * width // 2 + padded_rows * width // 2 + 2 * 4 * padded_rows * groups + down
+    if (amx_machine_reason() is not None or layer.kernel_policy.cpu_amx_min_tokens == float("inf")
+            or down_format != "bf16"):
         return fused
     padded = 2 * -(-layer.intermediate_size // 32) * 32  # gate and up, each padded to 32 rows
     return fused + 2 * padded * width + 2 * 4 * groups * padded + 2 * width * padded // 2
@@ -315,20 +344,21 @@ def _forward(function, operands: tuple, x: torch.Tensor, counts: Optional[torch.
 # From this many tokens the fused kernel scores through the scoring GEMM (GEMM_TOKENS in the C source).
 SCORING_GEMM_MIN_TOKENS = 8
 # The tensors the fused kernel reads, in the order `_operands` holds them (after the struct).
-OPERAND_NAMES = ("codes", "low_nibbles", "scales", "zeros", "down", "codes_blocks", "scales_t", "zeros_t")
+OPERAND_NAMES = ("codes", "low_nibbles", "scales", "zeros", "down", "codes_blocks", "scales_t", "zeros_t", "down_rows",
+                 "down_row_scales")
 
 
-def fused_bytes_read(layer, tokens: int, union: float, down_element: int = 2) -> dict[str, float]:
+def fused_bytes_read(layer, tokens: int, union: float) -> dict[str, float]:
     """Weight bytes the fused kernel reads for a batch of `tokens` whose selections cover `union`
     neurons, per operand: every neuron's high nibbles with their scales and zeros (the predictor;
     from `SCORING_GEMM_MIN_TOKENS` tokens its blocked copy with float32 scales and zeros), the low
     nibbles of the union's gate and up rows (and their bf16 scales, when the scoring GEMM did not
-    read them), and all of down_proj, which it streams against the masked activations
-    (`down_element` bytes a weight: 2 from its bf16 copy, as the nested recipe stores it).
+    read them), and down_proj as `kernel_down_format` says: the union's int8 rows with their bf16
+    scales, or all of it (bf16 or float32), streamed against the masked activations.
     `touched_bytes` measures the same on the kernel; a test holds the two equal."""
     hidden, rows = layer.hidden_size, 2 * layer.intermediate_size
     groups = hidden // layer.spec.group_size
-    read = {"low_nibbles": union * hidden, "down": down_element * hidden * layer.intermediate_size}
+    read = {"low_nibbles": union * hidden, **_down_bytes_read(layer, union)}
     if tokens >= SCORING_GEMM_MIN_TOKENS:
         padded = -(-rows // 16) * 16
         read.update(codes_blocks=padded * hidden / 2, scales_t=4 * groups * padded, zeros_t=4 * groups * padded,
@@ -336,6 +366,13 @@ def fused_bytes_read(layer, tokens: int, union: float, down_element: int = 2) ->
     else:
         read.update(codes=rows * hidden / 2, scales=2 * rows * groups, zeros=2 * rows * groups)
     return read
+
+
+def _down_bytes_read(layer, union: float) -> dict[str, float]:
+    hidden, down_format = layer.hidden_size, kernel_down_format(layer)
+    if down_format == "int8_rows":
+        return {"down_rows": union * hidden, "down_row_scales": 2 * union * hidden / layer.spec.group_size}
+    return {"down": (2 if down_format == "bf16" else 4) * hidden * layer.intermediate_size}
 
 
 _counting_library: Optional[ctypes.CDLL] = None
@@ -383,7 +420,7 @@ def amx_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = N
 def _amx_operand_reason(operands: tuple) -> Optional[str]:
     """What keeps the AMX kernel from layer operands the fused kernel can run, or None."""
     if not operands[1][0].down_bf16:
-        return "the AMX kernel reads down_proj as bf16 values (the nested recipe's), and these are not"
+        return "the AMX kernel reads down_proj as bf16 values (down_format='bf16'), and these are not"
     return amx_machine_reason()
 
 

@@ -18,13 +18,12 @@ from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import MGSSpec
 from .mgs_kernels_cpu import (
     fused_bytes_read,
-    holds_bf16_values,
     layer_unsupported_reason,
     mgs_nested_amx,
     mgs_nested_cpu,
     nested_scores_cpu,
 )
-from .mgs_predictors import LinearGate, QuantizedPredictor, snap_gate_up, snap_to_bf16
+from .mgs_predictors import LinearGate, QuantizedPredictor, snap_down, snap_gate_up
 from .mgs_reference import mgs_masked_dense
 from .mgs_selection import selection_mask
 from .mgs_torch import mgs_torch_path, torch_path_bytes
@@ -72,12 +71,23 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         self.last_path: Optional[str] = None
 
     @property
+    def keeps_float32_weights(self) -> bool:
+        """Whether a bf16 model keeps this layer's weights in float32: the nested 8-bit grid and the
+        int8 down rows hold values bf16 cannot (the kernels read packed copies, not these)."""
+        return self.spec.predictor == "nested"
+
+    @property
     def computes_everything(self) -> bool:
         return self.spec.selection == "top_k" and self.spec.top_k(self.intermediate_size) == self.intermediate_size
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.computes_everything:
             return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        weight_dtype = self.gate_proj.weight.dtype
+        if hidden_states.dtype != weight_dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            # a nested layer in a bf16 model keeps float32 weights (modeling_treeffn); its kernels take
+            # the tokens in float32 (a copy of `hidden` floats per token) and give them back in bf16
+            return self(hidden_states.to(weight_dtype)).to(hidden_states.dtype)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         path = choose_path(self, x)
@@ -151,8 +161,7 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         on CPUs with AVX-512 VNNI; mgs_kernels_cpu.fused_bytes_read), else the PyTorch path's
         (mgs_torch.torch_path_bytes). Each count lives beside the code that reads the bytes."""
         if layer_unsupported_reason(self) is None:
-            down_element = 2 if holds_bf16_values(self.down_proj.weight) else 4  # the copy the kernel streams
-            return fused_bytes_read(self, tokens, union, down_element=down_element)
+            return fused_bytes_read(self, tokens, union)
         return torch_path_bytes(self, tokens, union)
 
     @torch.no_grad()
@@ -170,12 +179,12 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
     @torch.no_grad()
     def snap_to_predictor_grid(self) -> None:
         """Round gate_proj/up_proj onto the nested 8-bit grid of the predictor's codes, and
-        down_proj onto bf16: the values the nested layer stores (and its CPU kernel reads)."""
+        down_proj onto its `down_format`: the values the nested layer stores (and its CPU kernel reads)."""
         buffers = {name: getattr(self.micro_gate, name) for name in ("codes", "scales", "zeros")}
         gate, up = snap_gate_up(self.gate_proj.weight, self.up_proj.weight, buffers)
         self.gate_proj.weight.copy_(gate)
         self.up_proj.weight.copy_(up)
-        self.down_proj.weight.copy_(snap_to_bf16(self.down_proj.weight))
+        self.down_proj.weight.copy_(snap_down(self.down_proj.weight, self.spec.down_format, self.spec.group_size))
 
     def extra_repr(self) -> str:
         s = self.spec

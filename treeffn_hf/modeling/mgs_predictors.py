@@ -4,7 +4,7 @@
   copies of `gate_proj` and `up_proj`. The score is |silu(g~) * u~|, the oracle's own criterion
   on the quantised weights; it needs no training. With `"nested"` the layer's gate/up weights
   are snapped to an 8-bit grid whose high nibbles are these codes (`snap_to_nested_grid`, and
-  down_proj to bf16), so the predictor is half of the weights rather than an extra copy; the CPU
+  down_proj to int8 rows, `snap_down`), so the predictor is half of the weights rather than an extra copy; the CPU
   kernel (mgs_kernels_cpu.py) reads the codes itself. Elsewhere (the PyTorch and reference paths)
   small CPU batches are scored by torch's packed int4 matmul (bf16 inputs) and the rest
   dequantise per call.
@@ -108,8 +108,41 @@ def snap_gate_up(gate: torch.Tensor, up: torch.Tensor, predictor_state: dict[str
 
 
 def snap_to_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` rounded to the nearest bf16 values, in its own dtype (the nested recipe's down_proj)."""
+    """`weight` rounded to the nearest bf16 values, in its own dtype (down_format='bf16')."""
     return weight.detach().to(torch.bfloat16).to(weight.dtype)
+
+
+def snap_down(weight: torch.Tensor, down_format: str, group_size: int) -> torch.Tensor:
+    """down_proj on the grid its nested spec stores (`MGSSpec.down_format`), in its own dtype."""
+    if down_format == "int8_rows":
+        return snap_down_to_int8_rows(weight, group_size)
+    return snap_to_bf16(weight)
+
+
+def int8_row_grid(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """down_proj (K, I) as one int8 row per neuron (its output column): codes (I, K) int8 and bf16
+    scales (I, K / group_size), symmetric, each group's largest magnitude at 127. The scale of
+    values already on this grid comes back exactly (127 * scale is exact in float32), so the grid is
+    read back from the values themselves."""
+    rows = weight.detach().float().t()
+    neurons, width = rows.shape
+    groups = rows.reshape(neurons, width // group_size, group_size)
+    scales = (groups.abs().amax(dim=-1) / 127).to(torch.bfloat16)
+    step = scales.float().unsqueeze(-1)
+    codes = torch.where(step > 0, groups / step.clamp_min(torch.finfo(torch.float32).tiny), 0).round().clamp(-127, 127)
+    return codes.reshape(neurons, width).to(torch.int8).contiguous(), scales.contiguous()
+
+
+def int8_row_values(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 down_proj (K, I) that `int8_row_grid` codes and scales stand for."""
+    neurons, width = codes.shape
+    groups = codes.float().reshape(neurons, scales.shape[1], -1) * scales.float().unsqueeze(-1)
+    return groups.reshape(neurons, width).t()
+
+
+def snap_down_to_int8_rows(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`weight` (down_proj) rounded onto its int8 row grid, in its own dtype (the nested recipe's)."""
+    return int8_row_values(*int8_row_grid(weight, group_size)).to(device=weight.device, dtype=weight.dtype)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,10 @@ def build_sparse_mlp(config, layer_index: int = 0) -> nn.Module:
     return layer
 
 
+# Parameter names (as transformers matches them) that a nested MGS model keeps in float32.
+FLOAT32_WEIGHTS_OF_NESTED_MGS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 def is_sparse_mlp(module: nn.Module) -> bool:
     return getattr(module, "sparse_method", None) in ("tree", "mgs")
 
@@ -121,6 +125,10 @@ class SparseDecoderMixin:
     def __init__(self, config) -> None:
         super().__init__(config)
         _install_sparse_mlps(self, config)
+        # Loaded with dtype=bfloat16, the nested MGS layer keeps its weights in float32: its 8-bit grid
+        # has values bf16 cannot hold. Its kernels read their own packed copies, so no bytes are added.
+        if any(getattr(layer.mlp, "keeps_float32_weights", False) for layer in self.layers):
+            self._keep_in_fp32_modules_strict = list(FLOAT32_WEIGHTS_OF_NESTED_MGS)
         self.post_init()
 
 

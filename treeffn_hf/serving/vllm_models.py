@@ -52,6 +52,8 @@ class VllmSparseMLP(nn.Module):
     def __init__(self, vllm_config: VllmConfig, layer_index: int, prefix: str) -> None:
         super().__init__()
         self.sparse = build_sparse_mlp(vllm_config.model_config.hf_config, layer_index)
+        if getattr(self.sparse, "keeps_float32_weights", False):  # as transformers loads it (modeling_treeffn)
+            self.sparse.float()
         self.layer_name = prefix
         # What this MLP ran, call by call (`last_path`: "cpu", "cpu:amx", "triton:..."), so that a
         # benchmark can show which kernels served its requests (`paths_run`).

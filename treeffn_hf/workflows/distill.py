@@ -34,6 +34,7 @@ def distill_checkpoint(
     selection: Optional[str] = None,
     density: Optional[float] = None,
     weight_fraction: Optional[float] = None,
+    max_ratio: Optional[float] = None,
     allocation: Optional[str] = None,
     refit_down: bool = True,
     router_fit: str = DEFAULT_ROUTER_FIT,
@@ -44,7 +45,8 @@ def distill_checkpoint(
 ) -> dict:
     """Capture the dense MLPs' inputs on `windows` windows of `window` tokens of `calibration`
     text, run the recipe of the checkpoint's method on them (the MGS options: `gate_steps`,
-    `selection`, `density`, `weight_fraction`, `allocation`, `refit_down`; the tree options:
+    `selection`, one budget of `max_ratio` (the default, 1.01), `density` or `weight_fraction`,
+    `allocation`, `refit_down`; the tree options:
     `distill_steps`, `lr`, `router_fit`, `sequential`, `active`, `allocation`), and save the
     result to `out` with `treeffn_distill.json`, the summary this returns.
 
@@ -54,7 +56,7 @@ def distill_checkpoint(
     start = time.perf_counter()
     out = prepare_output(out, overwrite, source=sparse_dir)
     texts = _calibration_texts(calibration)
-    mgs = MGSRecipe(gate_steps, selection, density, weight_fraction, allocation, refit_down)
+    mgs = MGSRecipe(gate_steps, selection, density, weight_fraction, allocation, refit_down, max_ratio)
     tree = TreeRecipe(distill_steps, lr, router_fit, sequential, active, allocation)
     work = out.parent / f".{out.name}.distill-work"
     claim_work_dir(work, {"sparse": str(Path(sparse_dir).resolve()), "dense": str(dense), "gguf_file": gguf_file,
@@ -112,8 +114,9 @@ def _load_pair(sparse_dir, dense: str, gguf_file: Optional[str]):
 
 def _check_options(sparse, method: str, mgs: MGSRecipe, tree: TreeRecipe) -> None:
     """Refuse the options of the other method, and combinations a recipe does not take."""
-    if method != "mgs" and (mgs.selection is not None or mgs.density is not None or mgs.weight_fraction is not None):
-        raise CheckpointError("--selection, --density and --weight-fraction apply to MGS models only")
+    if method != "mgs" and any(value is not None for value in (mgs.selection, mgs.density, mgs.weight_fraction,
+                                                                mgs.max_ratio)):
+        raise CheckpointError("--selection, --density, --weight-fraction and --max-ratio apply to MGS models only")
     if method != "tree" and tree.active is not None:
         raise CheckpointError("--active chooses tree shapes: it applies to tree models only")
     selected = sparse.config.sparse_mlp.get("leaf_neurons") == "selected"
