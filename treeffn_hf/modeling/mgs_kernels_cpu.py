@@ -15,9 +15,10 @@ cached, and called through ctypes. Up to `MAX_TOKENS` tokens one fused call does
 2. the high-nibble pass scores every neuron (|silu(g~) u~|, the predictor) and a per-layer
    threshold selects;
 3. the low-nibble pass adds the residual of the selected neurons only (the union over tokens);
-4. down_proj, in its stock layout, is read once against the masked activations, from a cached
-   bf16 copy when its weights are bf16 values (as the nested recipe stores them, and as any bf16
-   checkpoint loads): half the bytes, the same products.
+4. down_proj: the union's int8 rows only (`down_format='int8_rows'`, the nested recipe's: a
+   neuron's row is contiguous, a bf16 scale per group of outputs); a bf16 or float32 down_proj is
+   read whole in its stock layout against the masked activations (from a cached bf16 copy when
+   its weights are bf16 values: half the bytes, the same products).
 
 Where the CPU has AMX, `mgs_nested_amx` computes the same layer with the same math on tiles
 (int8 tile products of the unpacked nibbles and both token planes, exact int32 sums per group;

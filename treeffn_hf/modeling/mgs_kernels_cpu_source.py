@@ -335,43 +335,55 @@ static void down_project(int n, int padded, int H2, int I, const void *down, int
     }
 }
 
-/* Up to four tokens times 64 output columns from the int8 rows of the union's neurons: one row is
-   contiguous (a neuron's down_proj column, transposed), so a neuron the union leaves out is never
-   read. A weight is code * scale, one bf16 scale per G columns of a row. */
-static inline void down_rows_tile(int nt, int K, int I, int G, const int8_t *codes, const uint16_t *scales,
-                                  const int32_t *rows, int U, const float *h, int k0, float *out) {
-    __m512 acc[4][4];
-    for (int t = 0; t < 4; ++t)
-        for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_ps();
-    const int groups = K / G, g = k0 / G;
-    for (int u = 0; u < U; ++u) {
-        const int i = rows[u];
-        const int8_t *r = codes + (size_t)i * K + k0;
-        if (u + 8 < U) _mm_prefetch((const char *)(codes + (size_t)rows[u + 8] * K + k0), _MM_HINT_T0);
-        TOUCH(r, 64);
-        TOUCH(scales + (size_t)i * groups + g, 2);
-        const float scale = bf16_scalar(scales[(size_t)i * groups + g]);
+/* One int8 row of down (a neuron's K outputs, a bf16 scale per G of them) into the accumulators
+   acc (nt, K) of the tokens, times each token's h: every 64-column piece is converted once and
+   meets every token that selected the neuron. */
+static inline void down_row_accumulate(int nt, int K, int I, int G, const int8_t *row, const uint16_t *scales,
+                                       const float *h, float *acc) {
+    for (int k0 = 0; k0 < K; k0 += 64) {
+        const float scale = bf16_scalar(scales[k0 / G]);
         __m512 w[4];
         for (int j = 0; j < 4; ++j)
-            w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + 16 * j))));
+            w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k0 + 16 * j))));
         for (int t = 0; t < nt; ++t) {
-            const __m512 a = _mm512_set1_ps(h[(size_t)t * I + i] * scale);
-            for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_fmadd_ps(w[j], a, acc[t][j]);
+            const float a = h[(size_t)t * I] * scale;
+            if (a == 0.f) continue; /* token t did not select this neuron */
+            const __m512 coefficient = _mm512_set1_ps(a);
+            float *o = acc + (size_t)t * K + k0;
+            for (int j = 0; j < 4; ++j)
+                _mm512_storeu_ps(o + 16 * j, _mm512_fmadd_ps(w[j], coefficient, _mm512_loadu_ps(o + 16 * j)));
         }
     }
-    for (int t = 0; t < nt; ++t)
-        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + (size_t)t * K + k0 + 16 * j, acc[t][j]);
 }
 
 /* out (n, K) = h (n, I) @ down over the U neurons in `rows` only, down held as int8 rows (I, K);
-   K a multiple of 64 (the group size is). The threads share the 64-column chunks. */
+   K a multiple of 64 (the group size is). Each thread streams whole rows of its share of the union
+   (contiguous bytes; the row after next is prefetched, as the gaps between selected rows defeat
+   the hardware's stream prefetch) into accumulators of its own, summed at the end. */
 static void down_rows_project(int n, int K, int I, int G, const int8_t *codes, const uint16_t *scales,
                               const int32_t *rows, int U, const float *h, float *out, int threads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int c = 0; c < K / 64; ++c)
-        for (int t0 = 0; t0 < n; t0 += 4)
-            down_rows_tile(n - t0 < 4 ? n - t0 : 4, K, I, G, codes, scales, rows, U, h + (size_t)t0 * I, 64 * c,
-                           out + (size_t)t0 * K);
+    const int groups = K / G;
+    float *partial = calloc((size_t)threads * n * K, sizeof(float));
+#pragma omp parallel num_threads(threads)
+    {
+        const int id = omp_get_thread_num(), count = omp_get_num_threads();
+        const int u0 = (int)((int64_t)U * id / count), u1 = (int)((int64_t)U * (id + 1) / count);
+        float *acc = partial + (size_t)id * n * K;
+        for (int u = u0; u < u1; ++u) {
+            const int i = rows[u];
+            if (u + 2 < u1)
+                for (int k = 0; k < K; k += 64) _mm_prefetch((const char *)(codes + (size_t)rows[u + 2] * K + k), _MM_HINT_T0);
+            TOUCH(codes + (size_t)i * K, K);
+            TOUCH(scales + (size_t)i * groups, 2 * groups);
+            down_row_accumulate(n, K, I, G, codes + (size_t)i * K, scales + (size_t)i * groups, h + i, acc);
+        }
+    }
+    for (size_t e = 0; e < (size_t)n * K; e += 16) { /* n * K is a multiple of 64 */
+        __m512 sum = _mm512_loadu_ps(partial + e);
+        for (int id = 1; id < threads; ++id) sum = _mm512_add_ps(sum, _mm512_loadu_ps(partial + (size_t)id * n * K + e));
+        _mm512_storeu_ps(out + e, sum);
+    }
+    free(partial);
 }
 
 static void coarse_gemm(const Tokens *T, const uint8_t *blocks, const float *scales, const float *zeros, int R,
