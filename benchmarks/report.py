@@ -172,7 +172,7 @@ def decode_section(data: dict) -> list[str]:
         f"`benchmarks/results/bench_decode_{data['model']}.json`). The MLP takes "
         f"{data['mlp_share_of_dense_bf16_decode']:.1%} of dense bf16 decode time, so no MLP speed-up can exceed "
         f"{data['amdahl_ceiling']:.2f}x end to end. Fastest dense variant at ratio <= {data['quality_tolerance']}: "
-        f"{data['fastest_dense_at_equal_quality']}."
+        f"{data['fastest_dense_at_equal_quality']}.{own_gain_sentence(data)}"
         + "".join(f" Skipped: {name} ({why})." for name, why in data.get("skipped", {}).items()))
     return table(caption, ["model", "tokens/s", "vs dense bf16", "prefill vs bf16", "perplexity ratio",
                            "active MLP units", "MLP bytes read", "decode path"], [decode_row(r) for r in data["results"]])
@@ -207,7 +207,15 @@ def headline_section() -> list[str]:
     return table(caption, ["model", "tokens/s", "vs dense bf16", "perplexity ratio", "MLP bytes read"], rows) + [
         f"The MLP is {data['mlp_share_of_dense_bf16_decode']:.0%} of dense bf16 decode time (an MLP-only speed-up "
         f"is capped at {data['amdahl_ceiling']:.2f}x end to end). The fastest dense model at ratio <= "
-        f"{data['quality_tolerance']} is {data['fastest_dense_at_equal_quality']}.", ""]
+        f"{data['quality_tolerance']} is {data['fastest_dense_at_equal_quality']}.{own_gain_sentence(data)}", ""]
+
+
+def own_gain_sentence(data: dict) -> str:
+    gain = data.get("sparsity_own_gain")
+    if not gain:
+        return ""
+    return (f" Sparsity's own gain, the recipe over its format with every neuron selected: {gain['speedup']:.2f}x "
+            f"for {gain['byte_ratio']:.2f}x the MLP bytes.")
 
 
 QUALITY_NOTES = {

@@ -221,7 +221,8 @@ def test_greedy_calibration_on_a_weight_budget(tmp_path, predictor):
     assert [float(m.gate_threshold) for _, m in reloaded.sparse_mlps()] == pytest.approx(budget["thresholds"])
 
 
-def test_a_perplexity_budget_takes_the_fewest_neurons_within_it(monkeypatch):
+@pytest.mark.parametrize("allocation", ["greedy", "uniform"])
+def test_a_perplexity_budget_takes_the_fewest_neurons_within_it(monkeypatch, allocation):
     """The bisection lands within its budget and within a search step of its edge, and a budget
     that quantisation alone spends keeps every neuron. A tiny random model's perplexity hardly
     moves with sparsity, so the loss here is a known function of the mean density: 0.5 (1 - d)
@@ -239,8 +240,11 @@ def test_a_perplexity_budget_takes_the_fewest_neurons_within_it(monkeypatch):
     monkeypatch.setattr(budgets, "mean_nll", known_nll)
     for budget in (1.02, 1.1, 100.0):
         sparse = treeffn_hf.convert(dense, MGSSpec(density=0.5), progress=False).eval()
-        result = calibrate_mgs_to_ratio(sparse, captured.inputs, dense=dense, max_ratio=budget,
+        result = calibrate_mgs_to_ratio(sparse, captured.inputs, dense=dense, max_ratio=budget, allocation=allocation,
                                         loss_ids=text_windows(30, 2), ratio_ids=text_windows(20, 2), progress=False)
+        assert (result["sensitivities"] is None) == (allocation == "uniform")
+        if allocation == "uniform":
+            assert len(set(result["layer_densities"])) == 1
         edge = max(SENSITIVITY_DENSITIES[-1], 1 - 2 * math.log(budget))  # where the ratio meets the budget
         assert result["calibration_ratio"] <= budget and result["density"] >= edge - 1e-9
         assert result["density"] <= edge + (1 - SENSITIVITY_DENSITIES[-1]) / 2 ** budgets.RATIO_SEARCH_STEPS
@@ -248,7 +252,7 @@ def test_a_perplexity_budget_takes_the_fewest_neurons_within_it(monkeypatch):
         assert [m.spec.density for _, m in sparse.sparse_mlps()] == result["layer_densities"]
     floor = math.log(1.05)  # quantisation alone costs more than the budget
     sparse = treeffn_hf.convert(dense, MGSSpec(density=0.5), progress=False).eval()
-    result = calibrate_mgs_to_ratio(sparse, captured.inputs, dense=dense, max_ratio=1.01,
+    result = calibrate_mgs_to_ratio(sparse, captured.inputs, dense=dense, max_ratio=1.01, allocation=allocation,
                                     loss_ids=text_windows(30, 2), ratio_ids=text_windows(20, 2), progress=False)
     assert result["layer_densities"] == [1.0, 1.0] and result["calibration_ratio"] == pytest.approx(1.05)
 

@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--weight-fraction", type=float, default=None,
                         help="MGS: mean fraction of MLP weight bytes read per token, predictor included, instead")
     parser.add_argument("--allocation", choices=("uniform", "greedy"), default=None,
-                        help="MGS with --density or --weight-fraction (default uniform): the same density in every "
-                             "layer, or greedy on a calibration loss (TEAL-style; a --max-ratio budget is greedy). Selected-leaf trees with "
+                        help="MGS: the same density in every layer, or greedy on a calibration loss (TEAL-style; the "
+                             "default with --max-ratio, uniform with --density or --weight-fraction). Selected-leaf trees with "
                              "--active (default uniform): the same leaf width in every layer, or widths shared out "
                              "on each layer's calibration KL (on SmolLM2 better at 25%% active, worse at 12.5%%; "
                              "see README)")

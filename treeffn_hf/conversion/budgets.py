@@ -189,22 +189,29 @@ def mean_nll(model, ids: torch.Tensor, batch: int = 2) -> float:
 
 
 def calibrate_mgs_to_ratio(model, calibration_inputs: list[torch.Tensor], *, dense, max_ratio: float,
-                           loss_ids: torch.Tensor, ratio_ids: torch.Tensor, progress: bool = True,
-                           searches: int = RATIO_SEARCH_STEPS) -> dict:
+                           ratio_ids: torch.Tensor, allocation: str = "greedy", loss_ids: Optional[torch.Tensor] = None,
+                           progress: bool = True, searches: int = RATIO_SEARCH_STEPS) -> dict:
     """Give every MGS layer a calibrated threshold at the fewest neurons (so the fewest bytes: every
     layer pays the same per neuron) that keep the model's perplexity on `ratio_ids` within
-    `max_ratio` of `dense`'s: the greedy allocation's path (KL sensitivities on `loss_ids`) is
-    searched by bisection on its mean density, each step measured with every layer sparse at once.
-    Quantisation alone counts against the budget; where it spends all of it, every neuron stays."""
+    `max_ratio` of `dense`'s: the greedy allocation's path (KL sensitivities on `loss_ids`; a
+    forward per layer and density) or one density for every layer (`allocation='uniform'`, no
+    sensitivities) is searched by bisection on its mean density, each step measured with every layer
+    sparse at once. Quantisation alone counts against the budget; where it spends all of it, every
+    neuron stays."""
     layers = [(index, mlp) for index, mlp in model.sparse_mlps() if mlp.sparse_method == "mgs"]
     if not layers:
         raise ValueError("the model has no MGS layers to calibrate")
+    if allocation not in ("greedy", "uniform") or (allocation == "greedy" and loss_ids is None):
+        raise ValueError(f"allocation must be 'uniform' or 'greedy' (with loss_ids), got {allocation!r}")
     ranked = [ranked_scores(mlp, calibration_inputs[index], seed=index) for index, mlp in layers]
-    sensitivities = layer_sensitivities(model, layers, ranked, loss_ids, progress=progress)
+    sensitivities = None
+    if allocation == "greedy":
+        sensitivities = layer_sensitivities(model, layers, ranked, loss_ids, progress=progress)
     dense_nll = mean_nll(dense, ratio_ids)
 
     def ratio_at(target: float) -> tuple[float, list[float]]:
-        densities = allocate_greedy(sensitivities.tolist(), SENSITIVITY_DENSITIES, target)
+        densities = ([target] * len(layers) if sensitivities is None
+                     else allocate_greedy(sensitivities.tolist(), SENSITIVITY_DENSITIES, target))
         _use_densities(model, layers, ranked, densities)
         return math.exp(mean_nll(model, ratio_ids) - dense_nll), densities
 
@@ -221,9 +228,9 @@ def calibrate_mgs_to_ratio(model, calibration_inputs: list[torch.Tensor], *, den
                 low = middle
         target, ratio, densities = best
     thresholds = _use_densities(model, layers, ranked, densities)
-    return {"allocation": "greedy", "max_ratio": max_ratio, "calibration_ratio": ratio,
-            "density": float(sum(densities) / len(densities)), "layer_densities": densities,
-            "thresholds": thresholds, "sensitivities": sensitivities.tolist()}
+    return {"allocation": allocation, "max_ratio": max_ratio, "calibration_ratio": ratio,
+            "density": float(sum(densities) / len(densities)), "layer_densities": densities, "thresholds": thresholds,
+            "sensitivities": None if sensitivities is None else sensitivities.tolist()}
 
 
 def density_for_weight_fraction(layer, weight_fraction: float) -> float:

@@ -49,8 +49,6 @@ class MGSRecipe:
             return f"give one budget, not {' and '.join(budgets)}"
         if self.max_ratio is not None and self.max_ratio < 1.0:
             return f"--max-ratio is a perplexity ratio to the dense model, at least 1, got {self.max_ratio}"
-        if self.ratio_budget is not None and self.allocation == "uniform":
-            return "a perplexity budget (--max-ratio, the default) allocates greedily: give --density for uniform"
         return None
 
 
@@ -61,7 +59,8 @@ def run_mgs_recipe(sparse, fit: FitContext, recipe: MGSRecipe) -> tuple[object, 
     budget, refits = None, []
     if recipe.ratio_budget is not None:  # thresholds are the best selection we know
         budget = calibrate_mgs_to_ratio(sparse, fit.captured.inputs, dense=fit.dense, max_ratio=recipe.ratio_budget,
-                                        loss_ids=fit.loss_ids, ratio_ids=fit.ratio_ids, progress=fit.progress)
+                                        ratio_ids=fit.ratio_ids, allocation=recipe.allocation or "greedy",
+                                        loss_ids=fit.loss_ids, progress=fit.progress)
     elif recipe.selection != "top_k":
         budget = calibrate_mgs(sparse, fit.captured.inputs, density=recipe.density,
                                weight_fraction=recipe.weight_fraction, allocation=recipe.allocation or "uniform",
