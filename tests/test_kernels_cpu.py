@@ -174,11 +174,13 @@ def test_layer_dispatches_cpu_batches_to_the_kernel_and_matches_the_reference(am
             layer.force_path = None
         if path in ("cpu", "cpu:amx"):
             assert relative_to_largest(got, twin.reshape(x.shape)) < 5e-5
-        else:  # the exact GEMMs on the kernel's selection; off the exact one only at the threshold
-            want = masked_dense(layer, x.reshape(tokens, 128), mgs_kernels_cpu.nested_scores_cpu(layer, x[0]) > layer.gate_threshold)
-            torch.testing.assert_close(got, want.reshape(x.shape))
-            error = relative_error(got[0], exact[0])
-            assert error.median() < 1e-3 and (error < 1e-2).float().mean() > 0.9
+        else:  # bf16 GEMMs on the kernel's selection: float32's masked layer to bf16 rounding
+            chosen = mgs_kernels_cpu.nested_scores_cpu(layer, x[0]) > layer.gate_threshold
+            want = masked_dense(layer, x.reshape(tokens, 128), chosen)
+            assert relative_to_largest(got, want.reshape(x.shape)) < 3e-2
+            assert relative_error(got[0], want).median() < 1e-2
+            error = relative_error(got[0], exact[0])  # off the exact selection only at the threshold
+            assert error.median() < 1e-2 and (error < 3e-2).float().mean() > 0.9
     layer.force_path = "cpu"  # forced, the fused kernel takes any batch: each token as in decode
     x = torch.randn(mgs_kernels_cpu.MAX_TOKENS + 9, 128)
     scores = torch.empty(x.shape[0], 200)
@@ -256,14 +258,18 @@ def test_the_stated_runtime_copies_are_what_the_kernel_holds(hidden, intermediat
 
     layer = nested_layer(hidden, intermediate, group_size, down_format=down_format)
     with torch.no_grad():
+        layer(torch.randn(100, hidden))
+        assert layer.last_path == ("cpu:amx" if AMX and down_format == "bf16" else "cpu:scores")
         layer(torch.randn(1, hidden)), layer(torch.randn(16, hidden))
     amx = AMX and down_format == "bf16"
     assert layer.last_path == ("cpu:amx" if amx else "cpu") and mgs_kernels_cpu.kernel_down_format(layer) == down_format
     own = {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
     held = [t for t in mgs_kernels_cpu._operands(layer)[0][1][1:] if t.numel() and t.data_ptr() not in own]
+    held += [] if amx else list(layer.__dict__["_bf16_weights"][1])  # the many-token path's bf16 GEMM operands
     # the low nibbles, the scoring blocks and their scales and zeros, down_proj's int8 rows and their
-    # scales or its bf16 copy; with AMX both nibbles unpacked, its scales and zeros, and down_proj in tiles
-    assert len(held) == {"int8_rows": 6, "bf16": 10 if amx else 5}[down_format]
+    # scales or its bf16 copy, the three bf16 matrices of the many-token path; with AMX (which then takes
+    # the many tokens) both nibbles unpacked, its scales and zeros, and down_proj in tiles
+    assert len(held) == {"int8_rows": 9, "bf16": 10 if amx else 8}[down_format]
     assert sum(t.numel() * t.element_size() for t in held) == runtime_copy_bytes(layer)["cpu"]
 
 

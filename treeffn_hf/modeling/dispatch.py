@@ -8,7 +8,7 @@
   x86 AVX-512 VNNI, a compiler at first use), which computes each token as in decode;
 - `cpu:amx`: the same layer, the same math, on AMX tiles (mgs_kernels_cpu.py; Sapphire Rapids
   and later): many tokens;
-- `cpu:scores`: the fused kernel's scoring GEMM, then the `torch` path's GEMMs (prefill without AMX);
+- `cpu:scores`: the fused kernel's scoring GEMM, then bf16 GEMMs masked by its selection (prefill without AMX);
 - `triton`: the Triton kernels (CUDA tensors; CPU tensors too under `TRITON_INTERPRET=1`).
 
 `auto` picks `reference` when gradients are needed, `triton` for CUDA tensors when the kernels
@@ -40,12 +40,13 @@ from .activations import computes_silu
 from .mgs_kernels_cpu import MAX_TOKENS as CPU_KERNEL_MAX_TOKENS
 from .mgs_kernels_cpu import (
     amx_machine_reason,
+    amx_takes_many_tokens,
     amx_unavailable_reason,
     cpu_kernel_unavailable_reason,
     layer_unsupported_reason,
     operand_copy_bytes,
 )
-from .mgs_torch import down_rows_bytes
+from .mgs_torch import bf16_weights_bytes, down_rows_bytes
 
 PATHS = ("reference", "torch", "cpu", "cpu:amx", "cpu:scores", "triton")
 
@@ -188,8 +189,10 @@ def runtime_copy_bytes(layer: torch.nn.Module) -> dict[str, int]:
     weights in the layout their paths read, and copy nothing."""
     if getattr(layer, "sparse_method", None) != "mgs":
         return {"cuda": 0, "cpu": 0}
-    # where the C kernel implements the layer it runs every CPU batch (the PyTorch gathers after its
-    # scoring pass need a union under mgs_torch_gather_max_fraction: out of reach at 65+ tokens
-    # above 1% density)
-    cpu = operand_copy_bytes(layer) if layer_unsupported_reason(layer) is None else down_rows_bytes(layer)
+    # where the C kernel implements the layer it runs every CPU batch, and past its token limit
+    # (`cpu:scores`, unless the AMX kernel takes those) bf16 GEMMs over a bf16 copy of the three matrices
+    if layer_unsupported_reason(layer) is None:
+        cpu = operand_copy_bytes(layer) + (0 if amx_takes_many_tokens(layer) else bf16_weights_bytes(layer))
+    else:
+        cpu = down_rows_bytes(layer)
     return {"cuda": down_rows_bytes(layer), "cpu": cpu}

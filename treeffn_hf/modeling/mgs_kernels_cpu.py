@@ -279,11 +279,17 @@ def operand_copy_bytes(layer) -> int:
     down_format, down_weights = kernel_down_format(layer), layer.down_proj.weight.numel()
     down = {"int8_rows": down_weights + 2 * layer.intermediate_size * groups, "bf16": 2 * down_weights}.get(down_format, 0)
     fused = rows * width // 2 + padded_rows * width // 2 + 2 * 4 * padded_rows * groups + down
-    if (amx_machine_reason() is not None or layer.kernel_policy.cpu_amx_min_tokens == float("inf")
-            or down_format != "bf16"):
+    if not amx_takes_many_tokens(layer):
         return fused
     padded = 2 * -(-layer.intermediate_size // 32) * 32  # gate and up, each padded to 32 rows
     return fused + 2 * padded * width + 2 * 4 * groups * padded + 2 * width * padded // 2
+
+
+def amx_takes_many_tokens(layer) -> bool:
+    """Whether the AMX kernel runs this layer's batches from `cpu_amx_min_tokens` on this machine (it
+    reads down_proj as bf16 values)."""
+    return (amx_machine_reason() is None and layer.kernel_policy.cpu_amx_min_tokens != float("inf")
+            and kernel_down_format(layer) == "bf16")
 
 
 def scoring_operands(predictor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

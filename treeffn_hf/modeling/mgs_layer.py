@@ -26,7 +26,7 @@ from .mgs_kernels_cpu import (
 from .mgs_predictors import LinearGate, QuantizedPredictor, snap_down, snap_gate_up
 from .mgs_reference import mgs_masked_dense
 from .mgs_selection import selection_mask
-from .mgs_torch import mgs_torch_path, torch_path_bytes
+from .mgs_torch import bf16_weights_bytes, mgs_scored_bf16, mgs_torch_path, torch_path_bytes
 from .sparse_cost import SERVED_BYTES_PER_WEIGHT, SparseCost
 
 
@@ -100,8 +100,8 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
             state["_tokens_seen"] += x.shape[0]
             state["_units_counted"] += selected
             return out.reshape(shape)
-        if path == "cpu:scores":  # the kernel scores, the PyTorch path's GEMMs compute (many tokens)
-            return mgs_torch_path(self, x, nested_scores_cpu(self, x)).reshape(shape)
+        if path == "cpu:scores":  # the kernel scores, bf16 GEMMs compute the selection (many tokens)
+            return mgs_scored_bf16(self, x, nested_scores_cpu(self, x)).reshape(shape)
         scores = self.micro_gate(x)
         if path == "triton":
             from .mgs_kernels import mgs_triton  # imports triton only when the kernels run
@@ -161,6 +161,10 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         on CPUs with AVX-512 VNNI; mgs_kernels_cpu.fused_bytes_read), else the PyTorch path's
         (mgs_torch.torch_path_bytes). Each count lives beside the code that reads the bytes."""
         if layer_unsupported_reason(self) is None:
+            if tokens > self.kernel_policy.cpu_fused_max_tokens:  # `cpu:scores`: the scoring, then bf16 GEMMs
+                scoring = fused_bytes_read(self, tokens, 0)
+                return {name: scoring[name] for name in ("codes_blocks", "scales_t", "zeros_t")} | {
+                    "bf16_weights": float(bf16_weights_bytes(self))}
             return fused_bytes_read(self, tokens, union)
         return torch_path_bytes(self, tokens, union)
 

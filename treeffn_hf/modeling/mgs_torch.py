@@ -54,6 +54,35 @@ def torch_path_bytes(layer, tokens: int, union: float) -> dict[str, float]:
             "gate_up": 2 * rows * hidden * element, "down": rows * hidden * element}
 
 
+def bf16_weights(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate_proj, up_proj and down_proj rounded to bf16 (the nested grids keep 8 of their bits),
+    cached beside the layer until a weight changes: what the many-token CPU path multiplies."""
+    weights = tuple(getattr(layer, name).weight for name in ("gate_proj", "up_proj", "down_proj"))
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    cached = layer.__dict__.get("_bf16_weights")
+    if cached is None or cached[0] != key:
+        cached = (key, tuple(w.detach().to(torch.bfloat16).contiguous() for w in weights))
+        layer.__dict__["_bf16_weights"] = cached
+    return cached[1]
+
+
+def bf16_weights_bytes(layer) -> int:
+    """Bytes of the `bf16_weights` copy (made at the first many-token CPU call, kept beside the layer)."""
+    return 2 * 3 * layer.hidden_size * layer.intermediate_size
+
+
+def mgs_scored_bf16(layer, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Many tokens on the CPU, after the C kernel's scores: the kernel's selection as a mask on bf16
+    GEMMs (oneDNN) over `bf16_weights`, so a prefill costs a dense bf16 MLP's GEMMs plus the scoring
+    whatever the union covers (the same neurons as the fused kernel, the weights rounded to bf16)."""
+    selected = selection_mask(scores, layer.spec, layer.gate_threshold)
+    layer._record_density(selected)
+    gate, up, down = bf16_weights(layer)
+    tokens = x.to(torch.bfloat16)
+    hidden = layer.act_fn(F.linear(tokens, gate)) * F.linear(tokens, up) * selected.to(torch.bfloat16)
+    return F.linear(hidden, down).to(x.dtype)
+
+
 def _gathered(layer, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gate, up = layer.gate_proj, layer.up_proj
     g = F.linear(x, gate.weight.index_select(0, rows), None if gate.bias is None else gate.bias[rows])
