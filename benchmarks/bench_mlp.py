@@ -215,12 +215,13 @@ def build_layers(dense: LlamaMLP, kind: str, density: float, dtype: torch.dtype)
 
 def other_cpu_path(stack: list, x: torch.Tensor, ran: str, dense_seconds: float, rounds: int,
                    calls: int) -> dict:
-    """The stack of MGS layers forced onto the CPU path it did not take (the C kernel or the
-    PyTorch path), timed alone: where the dispatch's token limit (mgs_kernels_cpu.MAX_TOKENS) comes
-    from. `dense_seconds` is the dense stack's time, so the speed-up compares like with like."""
-    other = "torch" if ran == "cpu" else "cpu"
+    """The stack of MGS layers forced onto the other C-kernel path (the fused kernel, or the scores
+    then bf16 GEMMs of `cpu:scores`), timed alone: where the dispatch's token limit
+    (`KernelPolicy.cpu_fused_max_tokens`) comes from. `dense_seconds` is the dense stack's time, so
+    the speed-up compares like with like."""
+    other = "cpu:scores" if ran == "cpu" else "cpu"
     row = {"settings": {"force_path": other}, "path": other}
-    reason = mgs_kernels_cpu.cpu_kernel_unavailable_reason(stack[0], x) if other == "cpu" else None
+    reason = mgs_kernels_cpu.cpu_kernel_unavailable_reason(stack[0], x.float())  # the layer takes bf16 to float32
     if reason is not None:
         return {**row, "error": reason}
     for layer in stack:

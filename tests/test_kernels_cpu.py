@@ -260,7 +260,7 @@ def test_the_stated_runtime_copies_are_what_the_kernel_holds(hidden, intermediat
     with torch.no_grad():
         layer(torch.randn(100, hidden))
         assert layer.last_path == ("cpu:amx" if AMX and down_format == "bf16" else "cpu:scores")
-        layer(torch.randn(1, hidden)), layer(torch.randn(16, hidden))
+        layer(torch.randn(1, hidden)), layer(torch.randn(8, hidden))
     amx = AMX and down_format == "bf16"
     assert layer.last_path == ("cpu:amx" if amx else "cpu") and mgs_kernels_cpu.kernel_down_format(layer) == down_format
     own = {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
@@ -328,6 +328,7 @@ def test_the_bytes_the_layer_reports_are_the_bytes_the_kernel_touches(hidden, in
     report (`bytes_read`, its `cost`) must name exactly those, per operand, below and above the
     scoring GEMM's token count, so a read the report leaves out (or one it claims) fails here."""
     layer = nested_layer(hidden, intermediate, group_size, density=0.05, down_format=down_format)
+    layer.kernel_policy = layer.kernel_policy.replace(cpu_fused_max_tokens=16)  # the fused kernel's report at 16
     x = torch.randn(tokens, hidden)
     scores = torch.empty(tokens, intermediate)
     want, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x, scores=scores)
