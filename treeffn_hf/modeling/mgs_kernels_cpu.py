@@ -58,11 +58,12 @@ from .mgs_kernels_cpu_source import SOURCE  # csrc/mgs_nested_cpu.c, embedded fo
 from .mgs_predictors import dequantize_int4, int8_row_grid, int8_row_values, pack_nibbles, unpack_nibbles
 
 # The default of KernelPolicy.cpu_fused_max_tokens: up to this many tokens the fused kernel
-# computes the layer, beyond them `cpu:scores` (its scores, then bf16 GEMMs). Measured on stacks of
-# recipe layers at 73% (bench_mlp.py's other path, bf16 activations, 2 threads): at 8 tokens the
-# fused kernel 0.89x dense bf16 against 0.67x on the SmolLM2 shape (0.54x against 0.71x on a 1B
-# shape), at 16 tokens 0.62x against 0.77x (0.29x against 0.63x).
-MAX_TOKENS = 8
+# computes the layer, beyond them `cpu:scores` (its scores, then GEMMs). `cpu:scores` is faster from
+# 16 tokens (stacked recipe layers at 73%, bf16 activations, 2 threads: at 16 tokens the fused kernel
+# 0.62x dense bf16 against 0.77x on the SmolLM2 shape, 0.29x against 0.63x on a 1B shape), but its
+# GEMMs round differently from the fused kernel's int8 planes, so a batch's composition (a vLLM
+# prefill of several prompts) would change a float32 model's greedy tokens: the switch stays here.
+MAX_TOKENS = 64
 
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _library: Optional[ctypes.CDLL] = None

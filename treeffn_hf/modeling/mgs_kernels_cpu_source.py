@@ -359,7 +359,9 @@ static inline void down_row_accumulate(int nt, int K, int I, int G, const int8_t
 /* out (n, K) = h (n, I) @ down over the U neurons in `rows` only, down held as int8 rows (I, K);
    K a multiple of 64 (the group size is). Each thread streams whole rows of its share of the union
    (contiguous bytes; the row after next is prefetched, as the gaps between selected rows defeat
-   the hardware's stream prefetch) into accumulators of its own, summed at the end. */
+   the hardware's stream prefetch) into accumulators of its own, summed at the end. A thread's share
+   is a fixed range of neuron indices, not of the union, so a token's sums do not depend on what
+   the other tokens of its batch selected (a served batch decodes as each request alone would). */
 static void down_rows_project(int n, int K, int I, int G, const int8_t *codes, const uint16_t *scales,
                               const int32_t *rows, int U, const float *h, float *out, int threads) {
     const int groups = K / G;
@@ -367,7 +369,11 @@ static void down_rows_project(int n, int K, int I, int G, const int8_t *codes, c
 #pragma omp parallel num_threads(threads)
     {
         const int id = omp_get_thread_num(), count = omp_get_num_threads();
-        const int u0 = (int)((int64_t)U * id / count), u1 = (int)((int64_t)U * (id + 1) / count);
+        const int lo = (int)((int64_t)I * id / count), hi = (int)((int64_t)I * (id + 1) / count);
+        int u0 = 0;
+        while (u0 < U && rows[u0] < lo) ++u0; /* rows ascend */
+        int u1 = u0;
+        while (u1 < U && rows[u1] < hi) ++u1;
         float *acc = partial + (size_t)id * n * K;
         for (int u = u0; u < u1; ++u) {
             const int i = rows[u];

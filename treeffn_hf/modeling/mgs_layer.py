@@ -80,14 +80,17 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
     def computes_everything(self) -> bool:
         return self.spec.selection == "top_k" and self.spec.top_k(self.intermediate_size) == self.intermediate_size
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, bf16_model: bool = False) -> torch.Tensor:
+        """`bf16_model`: the tokens came in bf16 (set by the conversion below), so the many-token CPU
+        path may multiply in bf16; a float32 model's output never depends on the batch's path."""
         if self.computes_everything:
             return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
         weight_dtype = self.gate_proj.weight.dtype
         if hidden_states.dtype != weight_dtype and not torch.is_autocast_enabled(hidden_states.device.type):
             # a nested layer in a bf16 model keeps float32 weights (modeling_treeffn); its kernels take
             # the tokens in float32 (a copy of `hidden` floats per token) and give them back in bf16
-            return self(hidden_states.to(weight_dtype)).to(hidden_states.dtype)
+            bf16 = hidden_states.dtype == torch.bfloat16
+            return self(hidden_states.to(weight_dtype), bf16_model=bf16).to(hidden_states.dtype)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         path = choose_path(self, x)
@@ -100,8 +103,9 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
             state["_tokens_seen"] += x.shape[0]
             state["_units_counted"] += selected
             return out.reshape(shape)
-        if path == "cpu:scores":  # the kernel scores, bf16 GEMMs compute the selection (many tokens)
-            return mgs_scored_bf16(self, x, nested_scores_cpu(self, x)).reshape(shape)
+        if path == "cpu:scores":  # the kernel scores; bf16 GEMMs (a bf16 model) or the PyTorch path's compute
+            compute = mgs_scored_bf16 if bf16_model else mgs_torch_path
+            return compute(self, x, nested_scores_cpu(self, x)).reshape(shape)
         scores = self.micro_gate(x)
         if path == "triton":
             from .mgs_kernels import mgs_triton  # imports triton only when the kernels run
@@ -155,17 +159,22 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
             dense_weight_bytes=SERVED_BYTES_PER_WEIGHT * 3 * self.intermediate_size * self.hidden_size,
         )
 
-    def bytes_read(self, tokens: int, union: float) -> dict[str, float]:
+    def bytes_read(self, tokens: int, union: float, bf16_model: bool = True) -> dict[str, float]:
         """Weight bytes, per operand, that CPU inference reads for a batch of `tokens` whose
         selections cover `union` neurons: the C kernel's where it implements this layer (as it runs
         on CPUs with AVX-512 VNNI; mgs_kernels_cpu.fused_bytes_read), else the PyTorch path's
-        (mgs_torch.torch_path_bytes). Each count lives beside the code that reads the bytes."""
+        (mgs_torch.torch_path_bytes). Past the fused kernel's tokens (`cpu:scores`): its scoring, then
+        the bf16 matrices (`bf16_model`) or the PyTorch path's reads. Each count lives beside the code
+        that reads the bytes."""
         if layer_unsupported_reason(self) is None:
-            if tokens > self.kernel_policy.cpu_fused_max_tokens:  # `cpu:scores`: the scoring, then bf16 GEMMs
-                scoring = fused_bytes_read(self, tokens, 0)
-                return {name: scoring[name] for name in ("codes_blocks", "scales_t", "zeros_t")} | {
-                    "bf16_weights": float(bf16_weights_bytes(self))}
-            return fused_bytes_read(self, tokens, union)
+            if tokens <= self.kernel_policy.cpu_fused_max_tokens:
+                return fused_bytes_read(self, tokens, union)
+            scoring = {name: value for name, value in fused_bytes_read(self, tokens, 0).items()
+                       if name in ("codes_blocks", "scales_t", "zeros_t")}
+            if bf16_model:
+                return scoring | {"bf16_weights": float(bf16_weights_bytes(self))}
+            return scoring | {name: value for name, value in torch_path_bytes(self, tokens, union).items()
+                              if name != "predictor"}
         return torch_path_bytes(self, tokens, union)
 
     @torch.no_grad()
