@@ -218,15 +218,15 @@ def calibrate_mgs_to_ratio(model, calibration_inputs: list[torch.Tensor], *, den
     low, high = SENSITIVITY_DENSITIES[-1], 1.0  # the sparsest measured; every neuron
     ratio, densities = ratio_at(low)
     if ratio > max_ratio:
-        best = (high, *ratio_at(high))
+        best = ratio_at(high)
         for _ in tqdm(range(searches), desc=f"allocation: density within ratio {max_ratio}", disable=not progress):
             middle = (low + high) / 2
             ratio, densities = ratio_at(middle)
             if ratio <= max_ratio:
-                best, high = (middle, ratio, densities), middle
+                best, high = (ratio, densities), middle
             else:
                 low = middle
-        target, ratio, densities = best
+        ratio, densities = best
     thresholds = _use_densities(model, layers, ranked, densities)
     return {"allocation": allocation, "max_ratio": max_ratio, "calibration_ratio": ratio,
             "density": float(sum(densities) / len(densities)), "layer_densities": densities, "thresholds": thresholds,

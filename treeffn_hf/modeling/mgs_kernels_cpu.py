@@ -222,13 +222,13 @@ def _kernel_operands(layer, lo: torch.Tensor) -> tuple:
     the tensors stay alive as long as the struct that points at them."""
     predictor = layer.micro_gate
     codes, scales, zeros = (t.contiguous() for t in (predictor.codes, predictor.scales, predictor.zeros))
-    down_format = kernel_down_format(layer)
-    weight = layer.down_proj.weight.detach()
+    down_format, int8_rows = _down_grid(layer)
     none = torch.empty(0, dtype=torch.uint8)
-    if down_format == "int8_rows":  # only the selected neurons' rows are read
-        down, (rows, row_scales) = none, int8_row_grid(weight, layer.spec.group_size)
+    if int8_rows is not None:  # only the selected neurons' rows are read
+        down, (rows, row_scales) = none, int8_rows
     else:  # the stock layout, streamed whole: bf16 when its values are bf16 (half the bytes, the same products)
-        down, rows, row_scales = weight.to(torch.bfloat16 if down_format == "bf16" else torch.float32).contiguous(), none, none
+        dtype = torch.bfloat16 if down_format == "bf16" else torch.float32
+        down, rows, row_scales = layer.down_proj.weight.detach().to(dtype).contiguous(), none, none
     blocks, scales_t, zeros_t = scoring_operands(predictor)
     pointer = lambda t: t.data_ptr() if t.numel() else None  # noqa: E731
     struct = LayerStruct(layer.hidden_size, layer.intermediate_size, predictor.group_size, codes.data_ptr(),
@@ -244,19 +244,23 @@ def kernel_down_format(layer) -> str:
     rows, one byte a weight) where its values are on the int8 row grid, 'bf16' (all of it, from a
     bf16 copy) where they are bf16 values, else 'float32' (all of it). A layer on the meta device
     (built to describe a checkpoint) reads as its spec stores it."""
+    return _down_grid(layer)[0]
+
+
+def _down_grid(layer) -> tuple[str, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """(`kernel_down_format`, and for 'int8_rows' the codes and scales read back from the values)."""
     weight = layer.down_proj.weight
     if weight.is_meta:
-        return layer.spec.down_format
+        return layer.spec.down_format, None
     codes, scales = int8_row_grid(weight, layer.spec.group_size)
     if torch.equal(int8_row_values(codes, scales), weight.detach().float()):
-        return "int8_rows"
-    return "bf16" if holds_bf16_values(weight) else "float32"
+        return "int8_rows", (codes, scales)
+    return ("bf16" if holds_bf16_values(weight) else "float32"), None
 
 
 def holds_bf16_values(weight: torch.Tensor) -> bool:
-    """Whether every value of `weight` is a bf16 value, so the kernel reads a bf16 copy of it (a
-    layer on the meta device, built to describe a checkpoint: as the nested recipe stores it)."""
-    return weight.is_meta or torch.equal(weight.detach().bfloat16().float(), weight.detach())
+    """Whether every value of `weight` is a bf16 value, so the kernel reads a bf16 copy of it."""
+    return torch.equal(weight.detach().bfloat16().float(), weight.detach())
 
 
 def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> Optional[str]:
