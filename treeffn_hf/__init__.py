@@ -5,12 +5,14 @@
     treeffn_hf.save(sparse, "smollm2-tree", tokenizer=tokenizer)
     reloaded = treeffn_hf.load("smollm2-tree")
 
+    untrained = treeffn_hf.init_model(config, treeffn_hf.TreeSpec(depth=6, node_width=8))  # to pretrain
+
 Importing the package registers the sparse model classes with the transformers Auto* factories.
 """
 
 from .architectures import ARCHITECTURES, UnsupportedArchitectureError, supported_model_types
 from .checkpoint import CheckpointError, OutputExistsError, load, load_dense, save
-from .conversion.surgery import convert
+from .conversion.surgery import convert, init_model
 from .modeling.layer_spec import InvalidSpecError, MGSSpec, TreeSpec, spec_from_dict
 from .modeling.mgs_layer import MicroGatedMLP
 from .modeling.sparse_cost import SparseCost
@@ -33,6 +35,7 @@ __all__ = [
     "TreeSpec",
     "UnsupportedArchitectureError",
     "convert",
+    "init_model",
     "load",
     "load_dense",
     "save",

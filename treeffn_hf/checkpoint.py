@@ -205,17 +205,19 @@ def save(
     base_model: Optional[str] = None,
     extra_files: Optional[dict[str, str]] = None,
     extra_dirs: Optional[dict[str, Path]] = None,
+    origin: Optional[str] = None,
 ) -> Path:
     """Write a sparse model as a self-contained checkpoint (weights, config, code, tokenizer, card,
     `extra_files`: name -> text, e.g. training provenance, and `extra_dirs`: name -> a directory
-    copied in, e.g. a LoRA adapter). Everything lands at once, by a rename."""
+    copied in, e.g. a LoRA adapter; `origin`: the model card's account of a model not converted from
+    `base_model`). Everything lands at once, by a rename."""
     out = prepare_output(out, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=_pid_prefix(out, "partial"), dir=out.parent))
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        write_model_card(staging, model, base_model=base_model)
+        write_model_card(staging, model, base_model=base_model, origin=origin)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
         for name, source in (extra_dirs or {}).items():

@@ -11,7 +11,8 @@ from transformers import PreTrainedModel
 _METHOD_NAMES = {"tree": "tree-structured FFN (hard hierarchical routing)", "mgs": "micro-gated MLP (MGS)"}
 
 
-def render_model_card(model: PreTrainedModel, base_model: Optional[str] = None) -> str:
+def render_model_card(model: PreTrainedModel, base_model: Optional[str] = None, origin: Optional[str] = None) -> str:
+    """`origin`: how the model came to be, where it was not converted from `base_model`."""
     config = model.config
     spec = dict(config.sparse_mlp)
     method = spec.get("method")
@@ -25,9 +26,9 @@ def render_model_card(model: PreTrainedModel, base_model: Optional[str] = None) 
         "",
         f"# {config.model_type} ({_METHOD_NAMES.get(method, method)})",
         "",
-        f"Every MLP block of the dense `{config.base_model_type}` model"
-        + (f" `{base_model}`" if base_model else "")
-        + f" was replaced by a {_METHOD_NAMES.get(method, method)} with treeffn_hf.",
+        origin or (f"Every MLP block of the dense `{config.base_model_type}` model"
+                   + (f" `{base_model}`" if base_model else "")
+                   + f" was replaced by a {_METHOD_NAMES.get(method, method)} with treeffn_hf."),
         "",
         "| property | value |",
         "| --- | --- |",
@@ -77,7 +78,8 @@ def _runtime_copies_note(model: PreTrainedModel) -> list[str]:
             f"{copies['cpu'] / weights:.0%} on the CPU (`treeffn info` gives the sizes).", ""]
 
 
-def write_model_card(directory: Path, model: PreTrainedModel, base_model: Optional[str] = None) -> Path:
+def write_model_card(directory: Path, model: PreTrainedModel, base_model: Optional[str] = None,
+                     origin: Optional[str] = None) -> Path:
     path = Path(directory) / "README.md"
-    path.write_text(render_model_card(model, base_model), encoding="utf-8")
+    path.write_text(render_model_card(model, base_model, origin), encoding="utf-8")
     return path

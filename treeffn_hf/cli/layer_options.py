@@ -24,9 +24,8 @@ def _rank(value: str):
     return None if value == "full" else int(value)
 
 
-def add_layer_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=("tree", "mgs"), required=True, help="which sparse layer replaces each MLP")
-    tree = parser.add_argument_group("tree options (--method tree)")
+def add_tree_options(parser: argparse.ArgumentParser, title: str = "tree options") -> None:
+    tree = parser.add_argument_group(title)
     tree.add_argument("--num-trees", type=int, default=_TREE_DEFAULTS.num_trees)
     tree.add_argument("--depth", type=int, default=_TREE_DEFAULTS.depth, help="levels of internal nodes per tree")
     tree.add_argument("--node-width", type=int, default=_TREE_DEFAULTS.node_width,
@@ -41,6 +40,11 @@ def add_layer_options(parser: argparse.ArgumentParser) -> None:
                       help="partition: every dense neuron in one block; selected: each leaf holds copies of the "
                            "neurons its tokens need (leaves may share them, so more leaves store more rows; "
                            "`treeffn distill` picks them; needs --routing hyperplane)")
+
+
+def add_layer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=("tree", "mgs"), required=True, help="which sparse layer replaces each MLP")
+    add_tree_options(parser, "tree options (--method tree)")
     mgs = parser.add_argument_group("micro-gated options (--method mgs)")
     mgs.add_argument("--density", type=float, default=_MGS_DEFAULTS.density, help="fraction of neurons computed")
     mgs.add_argument("--predictor", choices=MGS_PREDICTORS, default=_MGS_DEFAULTS.predictor,
@@ -58,13 +62,18 @@ def add_layer_options(parser: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> LayerSpec:
     """The spec the options describe, validated as far as it can be without the model."""
     if args.method == "tree":
-        spec: LayerSpec = TreeSpec(
-            num_trees=args.num_trees, depth=args.depth, node_width=args.node_width, leaf_width=args.leaf_width,
-            routing=args.routing, activation=args.activation, shared_width=args.shared_width,
-            leaf_neurons=args.leaf_neurons,
-        )
-    else:
-        spec = MGSSpec(density=args.density, predictor=args.predictor, rank=args.rank, group_size=args.group_size,
-                       selection=args.selection, down_format=args.down_format)
+        return tree_spec_from_args(args)
+    spec = MGSSpec(density=args.density, predictor=args.predictor, rank=args.rank, group_size=args.group_size,
+                   selection=args.selection, down_format=args.down_format)
+    spec.validate()
+    return spec
+
+
+def tree_spec_from_args(args: argparse.Namespace) -> TreeSpec:
+    spec = TreeSpec(
+        num_trees=args.num_trees, depth=args.depth, node_width=args.node_width, leaf_width=args.leaf_width,
+        routing=args.routing, activation=args.activation, shared_width=args.shared_width,
+        leaf_neurons=args.leaf_neurons,
+    )
     spec.validate()
     return spec

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, demo, distill, evaluate, finetune, info, prune, push, serve
+from . import convert, demo, distill, evaluate, finetune, info, init, prune, push, serve
 
-SUBCOMMANDS = (convert, distill, finetune, prune, info, evaluate, push, serve, demo)
+SUBCOMMANDS = (convert, distill, finetune, prune, info, evaluate, push, serve, demo, init)
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:

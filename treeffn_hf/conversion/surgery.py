@@ -4,6 +4,7 @@
 model on the meta device, and fills it with the dense weights: unchanged for everything but the
 MLPs, which are re-laid out for the chosen sparse layer. The input model is never modified and
 shares no storage with the result, so it can serve as the distillation teacher.
+`init_model` builds the same tree model with random weights, for training from scratch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from ..architectures import Architecture, architecture_for
 from ..modeling.configuration_treeffn import LAYER_SHAPES
@@ -60,6 +61,26 @@ def convert(
     sparse.generation_config = copy.deepcopy(model.generation_config)
     sparse.train(model.training)
     return sparse
+
+
+def init_model(dense_config, spec: Union[TreeSpec, dict], *, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tree model with the shape of `dense_config`, for training from scratch.
+
+    Every MLP becomes the tree `spec` describes; the rest of the model is initialised as the dense
+    architecture would be (`initializer_range`). Trees only: a micro-gated layer predicts from a
+    trained dense MLP, so train the dense model and convert it instead.
+    """
+    if isinstance(spec, dict):
+        spec = spec_from_dict(spec)
+    if not isinstance(spec, TreeSpec):
+        raise InvalidSpecError("init builds tree models; a micro-gated MLP predicts from trained dense weights, "
+                               "so train the dense model and `treeffn convert --method mgs` it")
+    arch = architecture_for(dense_config)
+    resolved = check_convertible(dense_config, spec)
+    torch.manual_seed(seed)
+    model = arch.sparse_causal_lm_class(sparse_config_for(arch, dense_config, resolved))
+    model.generation_config = GenerationConfig.from_model_config(dense_config)
+    return model
 
 
 def _per_layer_specs(dense_config, spec) -> list[LayerSpec]:
