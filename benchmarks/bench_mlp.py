@@ -234,6 +234,19 @@ def other_cpu_path(stack: list, x: torch.Tensor, ran: str, dense_seconds: float,
     return {**row, "ms": 1e3 * seconds / len(stack), "speedup": dense_seconds / seconds}
 
 
+def scoring_alone(stack: list, x: torch.Tensor, dense_seconds: float, rounds: int, calls: int) -> dict:
+    """The predictor's scoring GEMM of the stack's MGS layers alone (every neuron's high nibbles
+    against the tokens): what `cpu:scores` adds to the dense bf16 GEMMs, so its best speed-up over
+    them is dense / (dense + scoring) whatever the selection."""
+    x = x.float()
+    if mgs_kernels_cpu.cpu_kernel_unavailable_reason(stack[0], x) is not None:
+        return {"path": "scoring alone", "error": "no CPU kernel"}
+    run = lambda: [mgs_kernels_cpu.nested_scores_cpu(layer, x) for layer in stack]  # noqa: E731
+    seconds = interleaved_median({"scores": run}, rounds=rounds, calls=calls)["scores"]
+    return {"path": "scoring alone", "ms": 1e3 * seconds / len(stack), "speedup": dense_seconds / seconds,
+            "ceiling_with_dense_gemms": dense_seconds / (dense_seconds + seconds)}
+
+
 def error_vs_reference(layer: torch.nn.Module, x: torch.Tensor, fast: torch.Tensor,
                        oracle: str = "reference") -> tuple[float, float]:
     """(median over tokens of ||fast - ref|| / ||ref||, fraction of tokens off by more than 5%),
@@ -383,6 +396,8 @@ def run(args: argparse.Namespace) -> dict:
                         if device == "cpu" and kind == "mgs":  # the other CPU path: the switch point
                             others.append(other_cpu_path(sparse_stack, x_sparse, path, eager["dense"], args.rounds,
                                                          calls))
+                            if tokens >= 16:
+                                others.append(scoring_alone(sparse_stack, x_sparse, eager["dense"], args.rounds, calls))
                         if device == "cuda":  # the other variants: the switch points
                             time_stack = partial(time_side_stack, sparse_stack, x, device, args.rounds, calls, sync)
                             for settings in other_variants(layer, tokens):
@@ -406,7 +421,8 @@ def run(args: argparse.Namespace) -> dict:
                         "median_token_rel_error_vs_reference": reference_error[0],
                         "fraction_tokens_off_vs_reference": reference_error[1],
                         "leaf_entropy": leaf_entropy(layer, x) if kind in TREE_KINDS and tokens > 1 else None,
-                        "dense_dtype": str(dtype).split(".")[-1], "sparse_activations": str(layer_dtype).split(".")[-1],
+                        "dense_dtype": str(dtype).split(".")[-1], "sparse_activations": str(x_sparse.dtype).split(".")[-1],
+                        "sparse_weights_dtype": str(layer_dtype).split(".")[-1],
                         "path": path, "other_variants": others,
                     }
                     if peak is not None and tokens == 1:

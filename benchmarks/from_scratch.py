@@ -20,6 +20,11 @@ so the figure does not depend on the tokenizer.
     python benchmarks/from_scratch.py --work /tmp/scratch                    # stdlib, about 90 minutes on 2 cores
     python benchmarks/from_scratch.py --work /tmp/scratch --corpus wikitext --seeds 1 --arms dense "tree 5.5% per_node" "dense narrow"
     python benchmarks/from_scratch.py --work /tmp/scratch --plot-only
+    # levers, each arm at the main run's learning rate: more tokens, a wider tree
+    python benchmarks/from_scratch.py --work /tmp/scratch --steps 600 --seeds 1 --tag tokens2x \
+        --arms dense "tree 5.5% per_node" --lr-from benchmarks/results/from_scratch_stdlib.json
+    python benchmarks/from_scratch.py --work /tmp/scratch --seeds 1 --tag wider \
+        --arms "tree 5.5% per_node, 2x stored" --lr-from benchmarks/results/from_scratch_stdlib.json
 
 Finished runs are kept under --work (one JSON each), so a killed command resumes where it stopped.
 Writes benchmarks/results/from_scratch_<corpus>.json and .png.
@@ -56,11 +61,13 @@ TREE_ARMS = {
     "tree 9.5% after_sum": (5, 16, "after_sum", "learned"),
     "tree 26.7% per_node": (3, 68, "per_node", "learned"),
     "tree 26.7% after_sum": (3, 68, "after_sum", "learned"),
+    "tree 5.5% per_node, 2x stored": (6, 16, "per_node", "learned"),  # a lever: the same fraction, twice the rows
 }
 NARROW = 7 * 8  # the 5.5% tree's neurons per token: 6 nodes and one leaf of 8
 ARMS = ["dense", "tree 5.5% per_node", "dense narrow", "tree 5.5% after_sum", "tree 5.5% per_node, frozen routing",
         "tree 9.5% per_node", "tree 9.5% after_sum", "tree 26.7% per_node", "tree 26.7% after_sum"]
 SINGLE_SEED = ARMS[5:]  # the 2-hour budget gives the claim's arms three seeds, the wider trees one
+LEVER_ARMS = ["tree 5.5% per_node, 2x stored"]
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -316,7 +323,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="data cache and finished runs (resumable)")
     parser.add_argument("--corpus", choices=("stdlib", "wikitext"), default="stdlib")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
+    parser.add_argument("--arms", nargs="+", choices=ARMS + LEVER_ARMS, default=ARMS)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--single-seed", nargs="*", choices=ARMS, default=SINGLE_SEED,
                         help="arms trained with seed 0 only (the budget's limit)")
@@ -329,9 +336,12 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3], help="the sweep")
     parser.add_argument("--points", type=int, default=10, help="held-out evaluations per run")
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--lr-from", type=Path, default=None,
+                        help="take each arm's learning rate from this results file instead of sweeping (a lever's rerun)")
+    parser.add_argument("--tag", default="", help="results file suffix (a lever's rerun beside the main one)")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
-    out = RESULTS / f"from_scratch_{args.corpus}.json"
+    out = RESULTS / f"from_scratch_{args.corpus}{'_' + args.tag if args.tag else ''}.json"
     if args.plot_only:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return
@@ -342,9 +352,11 @@ def main() -> None:
                                               ("steps", "batch", "window", "hidden", "layers", "vocab", "eval_windows"))
     print(f"{args.corpus}: {data['train'].numel():,} train tokens ({data['bytes']['train']:,} bytes), "
           f"{data['held_out'].numel():,} held out, vocab {data['vocab']}", flush=True)
+    chosen = {a: row["lr"] for a, row in json.loads(args.lr_from.read_text())["arms"].items()} if args.lr_from else {}
     runs, sweeps = [], {}
     for arm in args.arms:  # the results file is rewritten after every arm, so a cut run still reports
-        lr, sweeps[arm] = sweep(arm, data, args, work)
+        base = arm if arm in chosen else arm.split(",")[0]  # a lever arm takes its base arm's rate
+        lr, sweeps[arm] = (chosen[base], []) if base in chosen else sweep(arm, data, args, work)
         seeds = 1 if arm in args.single_seed else args.seeds
         runs += [cached_run(work, f"runs/{_slug(arm)}_seed{seed}_lr{lr:g}",
                             lambda seed=seed, arm=arm, lr=lr: train_run(arm, seed, lr, args.steps, data, args))

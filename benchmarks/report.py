@@ -78,15 +78,23 @@ def speedup_tables(data: dict, cell, extra: tuple[str, object] | None = None) ->
 def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
     m = data["machine"]
     kernel = any(r.get("path") == "cpu" for r in data["results"])
+    mgs = [r for r in data["results"] if r["method"] == "mgs"]
+    down = {r["spec"].get("down_format", "bf16") for r in mgs}
+    down_read = ("the selected neurons' int8 down rows" if down == {"int8_rows"} else "all of down_proj in bf16"
+                 if down == {"bf16"} else "down_proj as each cell's format stores it")
     paths = (" MGS cells ran the C kernel (path `cpu`: it reads the nested format, so the weights-read "
              "column is what it reads; its inputs are rounded to int8), except those marked `s`, past the "
-             "fused kernel's token limit (path `cpu:scores`: the kernel's scoring GEMM, then the PyTorch "
-             "path's fp32 GEMMs of the snapped weights), " + ("`a`, the AMX kernel (path `cpu:amx`, the same math "
-             "on tiles), " if any(r.get("path") == "cpu:amx" for r in data["results"]) else "") + "and `t`, the "
-             "PyTorch path alone; the file also "
-             "times each MGS case on the PyTorch path." if kernel else
+             "fused kernel's token limit (path `cpu:scores`: the kernel's scoring GEMM, then bf16 GEMMs over a "
+             "bf16 copy of the weights, masked by its selection), " + ("`a`, the AMX kernel (path `cpu:amx`, the "
+             "same math on tiles), " if any(r.get("path") == "cpu:amx" for r in data["results"]) else "") + "and `t`, "
+             "the PyTorch path alone; the file also times each MGS case on the other CPU path"
+             + (" and, from 16 tokens, the scoring GEMM alone (`scoring alone`: the ceiling of `cpu:scores` is "
+                "dense / (dense + scoring))" if any(o.get("path") == "scoring alone" for r in mgs
+                                                     for o in r.get("other_variants", [])) else "") + "."
+             if kernel else
              " With the nested predictor a selected neuron counts the low nibbles of its gate/up rows, "
              "modelled: these CPU paths compute from the snapped weights in fp32.")
+    activations = sorted({r.get("sparse_activations", "float32") for r in mgs}) or ["float32"]
     copies = sorted({r.get("layers_per_call", 1) for r in data["results"]})
     stack = (f" Each timed call runs a stack of {'/'.join(map(str, copies))} distinct copies of the layer (both sides), "
              f"whose dense weights add up to 4x the {data['last_level_cache_bytes'] >> 20} MiB last-level cache, as a "
@@ -97,9 +105,10 @@ def mlp_section(data: dict, name: str = "bench_mlp_cpu") -> list[str]:
         f"**MLP block, CPU** (`{data['command']}`; {cpu_name(m)}, {m['torch_threads']} threads, dense block in "
         f"{data['dtype']}, torch {m['torch']}, commit {m.get('commit')}; file `benchmarks/results/{name}.json`, plot "
         f"`{name}.png`). Speed-up = dense `LlamaMLP` time / sparse time, measured interleaved in one process; the "
-        "MGS layers run their C kernel on float32 activations, the trees their PyTorch path in the dense dtype."
+        f"MGS layers run their C kernel on {'/'.join(activations)} activations (weights on their 8-bit grid), the "
+        "trees their PyTorch path in the dense dtype."
         + stack + " Weights read = MLP weight bytes each token reads, over the bf16 block's, as each path reads "
-        "them (the MGS kernel: the predictor, the selected low nibbles, all of down_proj in bf16)." + paths,
+        f"them (the MGS kernel: the predictor, the selected low nibbles, {down_read})." + paths,
         "",
     ] + mlp_baselines_section(data, name) + speedup_tables(data, _cpu_speedup)
 
@@ -347,6 +356,32 @@ def tree_dynamics_section(data: dict) -> list[str]:
             f"{end['mean_routing_entropy']:.3f} | {end['probe_loss']:.4f} |")
     lines.append("")
     return lines
+
+
+def from_scratch_section(data: dict, name: str) -> list[str]:
+    m, settings, arms = data["machine"], data["settings"], data["arms"]
+    dense = arms.get("dense", {}).get("bits_per_byte_mean")
+    tokens = settings["steps"] * settings["batch"] * settings["window"]
+    rows = []
+    for arm, row in arms.items():
+        paths = (f"{row['dead_paths']:.1f} / {row['rare_paths']:.1f} of {row['paths']} | {row['routing_entropy']:.3f}"
+                 if "paths" in row else " | ")
+        rows.append([arm, f"{row['active_fraction']:.1%}", f"{row['mlp_parameters'] / 1e6:.2f}M",
+                     f"{row['bits_per_byte_mean']:.4f} ± {row['bits_per_byte_std']:.4f} ({row['seeds']})",
+                     f"{row['bits_per_byte_mean'] / dense:.3f}" if dense else "", f"{row['lr']:g}",
+                     f"{1000 * row['seconds_per_step']:.0f}", *paths.split(" | ")])
+    data_note = (f"{data['data']['train_tokens'] / 1e6:.1f}M train tokens, {data['data']['held_out_tokens'] / 1e3:.0f}k "
+                 f"held out, byte-level BPE of {data['data']['vocab']}")
+    return table(
+        f"**Trees trained from scratch** (`{data['command']}`; {cpu_name(m)}, {m['torch_threads']} threads, bf16 "
+        f"autocast, commit {m.get('commit')}; file `benchmarks/results/{name}.json`, plot `{name}.png`). {data['title']}; "
+        f"{data_note}. Every arm sees the same {tokens / 1e6:.1f}M tokens in the same order per seed, with its own "
+        "learning rate (the best of a sweep at a quarter of the steps, seed 0). Bits per byte on the held-out "
+        "split (mean ± standard deviation over the seeds in brackets); dead / rare paths (under a tenth of a uniform "
+        "share) and routing entropy at the end, on 8 held-out windows, summed over the layers. Trees train on their "
+        "masked form (every neuron computed, then masked), so a step costs what the dense one does.",
+        ["arm", "active MLP units", "MLP params", "held-out bits/byte", "vs dense", "lr", "ms/step",
+         "dead / rare paths", "routing entropy"], rows)
 
 
 def prune_section(data: dict) -> list[str]:
@@ -759,6 +794,8 @@ def render() -> str:
     dynamics = _load("tree_dynamics.json")
     if dynamics and dynamics["settings"].get("setting") == "layer":
         lines += tree_dynamics_section(dynamics)
+    for path in sorted(RESULTS.glob("from_scratch_*.json")):  # the main run, then its levers and the second corpus
+        lines += from_scratch_section(_load(path.name), path.stem)
     pruning = _load("prune_smollm2.json")
     if pruning and pruning.get("rows"):
         lines += prune_section(pruning)
