@@ -8,8 +8,9 @@ the same data, tokenizer, steps, batch and schedule. Arms:
   (5.5% of the units active), 5 (9.5%) and 3 (26.7%), each with `per_node` and `after_sum`;
 - the 5% tree with its routing frozen at the random initialisation.
 Each arm's learning rate is the best of a short sweep (a quarter of the steps, seed 0, the grid grown
-past its ends where the best lies there); then every arm trains over --seeds seeds. Per run: held-out bits per byte against tokens, wall time per step,
-and for trees dead and rare paths, routing entropy and the input common mode (the auto-pruning curve).
+past its ends where the best lies there); then every arm trains over --seeds seeds. Per run:
+held-out bits per byte against tokens, wall time per step, and for trees dead and rare paths,
+routing entropy and the input common mode (the auto-pruning curve).
 
 Corpora (`--corpus`): `stdlib`, the Python standard library's sources split by file into train and
 held-out (several million tokens: more than these models memorise in the budget); `wikitext`, the
