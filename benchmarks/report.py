@@ -381,7 +381,11 @@ def from_scratch_section(data: dict, name: str) -> list[str]:
         "share) and routing entropy at the end, on 8 held-out windows, summed over the layers. Trees train on their "
         "masked form (every neuron computed, then masked), so a step costs what the dense one does.",
         ["arm", "active MLP units", "MLP params", "held-out bits/byte", "vs dense", "lr", "ms/step",
-         "dead / rare paths", "routing entropy"], rows)
+         "dead / rare paths", "routing entropy"], rows) + [
+        f"The claim per 5% tree: {arm}: x{c['over_dense']:.3f} dense "
+        f"({'within' if c['within_5pct_of_dense'] else 'not within'} 5%), better than the narrow dense in "
+        f"{c['seeds_better_than_narrow_dense']} seeds (x{c['over_narrow_dense']:.3f} on the means)."
+        for arm, c in data.get("claims", {}).items() if "over_dense" in c and "over_narrow_dense" in c] + [""]
 
 
 def prune_section(data: dict) -> list[str]:
