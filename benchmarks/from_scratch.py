@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import json
 import math
+import shlex
 import statistics
 import sys
 import sysconfig
@@ -330,7 +331,7 @@ def report(args, data: dict, sweeps: dict, runs: list[dict]) -> dict:
     tokens = args.steps * args.batch * args.window
     title = (f"from scratch on {args.corpus}: {args.layers} layers, hidden {args.hidden}, MLP width {WIDTH}, "
              f"{tokens / 1e6:.1f}M tokens ({args.steps} steps x {args.batch} x {args.window})")
-    return {"benchmark": "from_scratch", "command": "python benchmarks/from_scratch.py " + " ".join(sys.argv[1:]),
+    return {"benchmark": "from_scratch", "command": "python benchmarks/from_scratch.py " + shlex.join(sys.argv[1:]),
             "machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "data": {"train_tokens": data["train"].numel(), "held_out_tokens": data["held_out"].numel(),
                      "bytes": data["bytes"], "vocab": data["vocab"]},

@@ -376,7 +376,9 @@ def from_scratch_section(data: dict, name: str) -> list[str]:
         f"**Trees trained from scratch** (`{data['command']}`; {cpu_name(m)}, {m['torch_threads']} threads, bf16 "
         f"autocast, commit {m.get('commit')}; file `benchmarks/results/{name}.json`, plot `{name}.png`). {data['title']}; "
         f"{data_note}. Every arm sees the same {tokens / 1e6:.1f}M tokens in the same order per seed, with its own "
-        "learning rate (the best of a sweep at a quarter of the steps, seed 0). Bits per byte on the held-out "
+        + ("learning rate, the main run's (`--lr-from`)" if settings.get("lr_from") else
+           "learning rate (the best of a sweep at a quarter of the steps, seed 0)")
+        + ". Bits per byte on the held-out "
         "split (mean ± standard deviation over the seeds in brackets); dead / rare paths (under a tenth of a uniform "
         "share) and routing entropy at the end, on 8 held-out windows, summed over the layers. Trees train on their "
         "masked form (every neuron computed, then masked), so a step costs what the dense one does.",
@@ -739,7 +741,7 @@ def _path_mix(calls: dict | None) -> str:
 
 def render() -> str:
     lines = [START, ""]
-    for name in ("bench_mlp_cpu",):
+    for name in ("bench_mlp_cpu", "bench_mlp_cpu_scoring"):
         mlp = _load(f"{name}.json")
         if mlp:
             lines += mlp_section(mlp, name)
