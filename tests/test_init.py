@@ -69,7 +69,9 @@ def test_init_draws_every_tree_weight_from_the_configs_initialiser_and_repeats_w
     config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=248, num_hidden_layers=2,
                          num_attention_heads=4, initializer_range=0.05)
     spec = treeffn_hf.TreeSpec(depth=4, node_width=8, leaf_width=8, shared_width=0)
+    state = torch.random.get_rng_state()
     first, again, other = (treeffn_hf.init_model(config, spec, seed=s) for s in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
     mlp = first.model.layers[0].mlp
     assert mlp.sparse_method == "tree" and mlp.gate_rows.shape == (248, 64)
     for rows in (mlp.gate_rows, mlp.up_rows, mlp.down_rows):

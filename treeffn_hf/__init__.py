@@ -5,7 +5,7 @@
     treeffn_hf.save(sparse, "smollm2-tree", tokenizer=tokenizer)
     reloaded = treeffn_hf.load("smollm2-tree")
 
-    untrained = treeffn_hf.init_model(config, treeffn_hf.TreeSpec(depth=6, node_width=8))  # to pretrain
+    untrained = treeffn_hf.init_model(model.config, treeffn_hf.TreeSpec(depth=6, node_width=8))  # to pretrain
 
 Importing the package registers the sparse model classes with the transformers Auto* factories.
 """

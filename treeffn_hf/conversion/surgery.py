@@ -77,8 +77,9 @@ def init_model(dense_config, spec: Union[TreeSpec, dict], *, seed: int = 0) -> P
                                "so train the dense model and `treeffn convert --method mgs` it")
     arch = architecture_for(dense_config)
     resolved = check_convertible(dense_config, spec)
-    torch.manual_seed(seed)
-    model = arch.sparse_causal_lm_class(sparse_config_for(arch, dense_config, resolved))
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        model = arch.sparse_causal_lm_class(sparse_config_for(arch, dense_config, resolved))
     model.generation_config = GenerationConfig.from_model_config(dense_config)
     return model
 
