@@ -381,7 +381,7 @@ def from_scratch_section(data: dict, name: str) -> list[str]:
         + ". Bits per byte on the held-out "
         "split (mean ± standard deviation over the seeds in brackets); dead / rare paths (under a tenth of a uniform "
         "share) and routing entropy at the end, on 8 held-out windows, summed over the layers. Trees train on their "
-        "masked form (every neuron computed, then masked), so a step costs what the dense one does.",
+        "masked form (every neuron computed, then masked), so a step costs about what the dense one does.",
         ["arm", "active MLP units", "MLP params", "held-out bits/byte", "vs dense", "lr", "ms/step",
          "dead / rare paths", "routing entropy"], rows) + [
         f"The claim per 5% tree: {arm}: x{c['over_dense']:.3f} dense "
