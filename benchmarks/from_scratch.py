@@ -18,7 +18,7 @@ smaller second run (train on WikiText-2 valid.txt, held out on wiki.test.raw). A
 --vocab tokens is trained on the train split; bits per byte counts each predicted token's own bytes,
 so the figure does not depend on the tokenizer.
 
-    python benchmarks/from_scratch.py --work /tmp/scratch                    # stdlib, about 90 minutes on 2 cores
+    python benchmarks/from_scratch.py --work /tmp/scratch                    # stdlib, about 115 minutes on 2 cores
     python benchmarks/from_scratch.py --work /tmp/scratch --corpus wikitext --seeds 1 --arms dense "tree 5.5% per_node" "dense narrow"
     python benchmarks/from_scratch.py --work /tmp/scratch --plot-only
     # levers, each arm at the main run's learning rate: more tokens, a wider tree
@@ -52,7 +52,7 @@ from common import DATA, RESULTS, machine, write_json  # noqa: E402
 
 from treeffn_hf import TreeSpec, init_model  # noqa: E402
 from treeffn_hf.training.trainable import configure_training, native_bf16  # noqa: E402
-from treeffn_hf.tree_stats import collect_tree_stats, summary  # noqa: E402
+from treeffn_hf.tree_stats import collect_tree_stats, rare_paths, summary  # noqa: E402
 
 WIDTH = 1024
 # name -> (depth, node width, activation, routing); node width x (2^(depth+1) - 1) blocks ~ WIDTH
@@ -170,8 +170,7 @@ def path_statistics(model, probe: torch.Tensor) -> dict:
     model.eval()
     stats = collect_tree_stats(model, probe, progress=False)
     model.train()
-    rare = sum(count * len(counts) * 10 < sum(counts) for s in stats for counts in s.leaf_counts for count in counts)
-    return {**summary(stats), "rare_paths": rare}
+    return {**summary(stats), "rare_paths": sum(rare_paths(s.leaf_counts) for s in stats)}
 
 
 def train_run(arm: str, seed: int, lr: float, steps: int, data: dict, args) -> dict:

@@ -42,7 +42,7 @@ from treeffn_hf.conversion.surgery import sparse_config_for  # noqa: E402
 from treeffn_hf.modeling.layer_spec import TreeSpec  # noqa: E402
 from treeffn_hf.modeling.tree_layer import TreeFFN, TreeUsage  # noqa: E402
 from treeffn_hf.training.trainable import configure_training, freeze_routing  # noqa: E402
-from treeffn_hf.tree_stats import collect_tree_stats, plot_dynamics, stats_from_usage, summary  # noqa: E402
+from treeffn_hf.tree_stats import collect_tree_stats, plot_dynamics, rare_paths, stats_from_usage, summary  # noqa: E402
 
 VARIANTS = {
     "per_node, learned": ("per_node", "learned"),
@@ -51,11 +51,6 @@ VARIANTS = {
     "after_sum, frozen": ("after_sum", "frozen"),
 }
 OUTPUT = {"layer": RESULTS / "tree_dynamics.json", "charlm": RESULTS / "tree_dynamics_charlm.json"}
-
-
-def rare_paths(leaf_counts: list[list[int]]) -> int:
-    """Leaves with less than a tenth of a uniform share of the tokens (dead ones included)."""
-    return sum(count * len(counts) * 10 < sum(counts) for counts in leaf_counts for count in counts)
 
 
 # -- setting `layer`: one tree layer, a fixed teacher, a fixed input distribution ----------------

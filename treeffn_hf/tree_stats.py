@@ -103,6 +103,11 @@ def collect_tree_stats(model, windows: torch.Tensor, *, progress: bool = True) -
             layer.usage = None
 
 
+def rare_paths(leaf_counts: list[list[int]]) -> int:
+    """Leaves with less than a tenth of a uniform share of the tokens (dead ones included)."""
+    return sum(count * len(counts) * 10 < sum(counts) for counts in leaf_counts for count in counts)
+
+
 def summary(stats: list[LayerTreeStats]) -> dict:
     return {
         "dead_paths": sum(s.dead_paths for s in stats),
