@@ -493,6 +493,41 @@ int mgs_nested_forward(const Layer *L, int n, const float *x, float *out, int32_
     return selected;
 }
 
+/* bf16 <-> float32 for the bf16 entry point. The rounding is to nearest even, NaN to the quiet
+   NaN 0x7FC0, as PyTorch's `.to(torch.bfloat16)`, so a bf16 model's layer gives the bits the
+   float32 entry point's output rounded by PyTorch would. AVX-512F only: no AVX512-BF16 needed. */
+static void bf16_to_float(size_t count, const uint16_t *src, float *dst) {
+    size_t e = 0;
+    for (; e + 16 <= count; e += 16) _mm512_storeu_ps(dst + e, bf16_load(0xFFFF, src + e));
+    for (; e < count; ++e) dst[e] = bf16_scalar(src[e]);
+}
+
+static void float_to_bf16(size_t count, const float *src, uint16_t *dst) {
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
+    for (size_t e = 0; e < count; e += 16) {
+        const __mmask16 m = first_lanes((int)(count - e < 16 ? count - e : 16));
+        const __m512 v = _mm512_maskz_loadu_ps(m, src + e);
+        const __m512i bits = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(half, lsb)), 16);
+        rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+        _mm256_mask_storeu_epi16(dst + e, m, _mm512_cvtepi32_epi16(rounded));
+    }
+}
+
+/* `mgs_nested_forward` on bf16 tokens, writing bf16: a bf16 model's decode step calls the layer
+   without two PyTorch conversions around it (about 5 us a layer, a tenth of its time). */
+int mgs_nested_forward_bf16(const Layer *L, int n, const uint16_t *x, uint16_t *out, int32_t *counts, float *scores,
+                            int threads) {
+    const size_t count = (size_t)n * L->K;
+    float *xf = calloc(count, sizeof(float)), *of = malloc(sizeof(float) * count); /* calloc: GCC cannot see the copy fill it */
+    bf16_to_float(count, x, xf);
+    const int selected = mgs_nested_forward(L, n, xf, of, counts, scores, threads);
+    float_to_bf16(count, of, out);
+    free(xf); free(of);
+    return selected;
+}
+
 /* coarse (n, R) = the high-nibble matrix (R rows, a multiple of 16) times the tokens (the
    tiled layout), without horizontal sums: the lanes are 16 rows and the tokens' four-byte groups are
    broadcast. `blocks` holds 64 bytes per 16 rows and 8 columns: byte 4j + b has column 8c + b of

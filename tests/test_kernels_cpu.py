@@ -390,3 +390,44 @@ def test_a_tokens_output_does_not_depend_on_its_batch(down_format):
     for t in range(5):
         alone, _ = mgs_kernels_cpu.mgs_nested_cpu(layer, x[t:t + 1])
         assert torch.equal(alone[0], together[t])
+
+
+@pytest.mark.parametrize("hidden,intermediate,group_size", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("tokens", [1, 7, 16, 33, 64])
+def test_bf16_tokens_give_the_float32_entry_rounded_to_bf16(hidden, intermediate, group_size, tokens):
+    """The bf16 entry point widens the tokens and rounds the output inside the C call, to nearest
+    even as PyTorch does: bit for bit the float32 entry on the same tokens, rounded by PyTorch."""
+    layer = nested_layer(hidden, intermediate, group_size)
+    x = (torch.randn(tokens, hidden) * 3).bfloat16()
+    got, selected = mgs_kernels_cpu.mgs_nested_cpu(layer, x)
+    want, want_selected = mgs_kernels_cpu.mgs_nested_cpu(layer, x.float())
+    assert got.dtype == torch.bfloat16 and selected == want_selected
+    assert torch.equal(got, want.bfloat16())
+
+
+def test_the_decode_shortcut_takes_the_kernel_only_where_the_dispatch_would():
+    """`decode_step` skips `choose_path` for a decode step; wherever it answers, the dispatch would
+    have taken the fused kernel, and the output is the kernel's."""
+    layer = nested_layer()
+    answered = set()
+    for grad, forced, tokens, dtype in [(False, None, 1, torch.bfloat16), (False, None, 1, torch.float32),
+                                        (False, None, 7, torch.float32), (False, "cpu", 1, torch.float32),
+                                        (True, None, 1, torch.float32), (False, "cpu:scores", 1, torch.float32),
+                                        (False, "reference", 1, torch.float32), (False, None, 8, torch.float32),
+                                        (False, None, mgs_kernels_cpu.MAX_TOKENS + 1, torch.float32),
+                                        (False, None, 1, torch.float16)]:
+        layer.force_path = forced
+        x = torch.randn(tokens, 128).to(dtype)
+        with torch.set_grad_enabled(grad):
+            fast = mgs_kernels_cpu.decode_step(layer, x)
+        if fast is not None:
+            answered.add((forced, tokens, dtype))
+            with torch.no_grad():
+                assert choose_path(layer, x) == "cpu"
+            assert torch.equal(fast[0], mgs_kernels_cpu.mgs_nested_cpu(layer, x)[0])
+    # from the AMX switch point (8 tokens) on, the dispatch decides, AMX or not
+    assert answered == {(None, 1, torch.bfloat16), (None, 1, torch.float32), (None, 7, torch.float32),
+                        ("cpu", 1, torch.float32)}
+    layer.force_path = None
+    layer.kernel_policy = layer.kernel_policy.replace(cpu_amx_min_tokens=1)  # AMX from 1 token: no shortcut
+    assert mgs_kernels_cpu.decode_step(layer, torch.randn(1, 128)) is None

@@ -3,9 +3,9 @@
 - `reference`: masked dense, differentiable, the oracle (and the training path; trees whose leaves
   select their neurons train on their tokens' blocks alone, `tree_layer.tree_ffn_blocks`);
 - `torch`: the sparse PyTorch path (CPU, and any device without the kernels);
-- `cpu`: the fused C kernel of the nested micro-gated MLP (mgs_kernels_cpu.py: float32 CPU tensors, a bf16
-  model's converted at the layer's edge,
-  x86 AVX-512 VNNI, a compiler at first use), which computes each token as in decode;
+- `cpu`: the fused C kernel of the nested micro-gated MLP (mgs_kernels_cpu.py: float32 or bf16 CPU
+  tokens, x86 AVX-512 VNNI, a compiler at first use), which computes each token as in decode (a decode
+  step reaches it through `mgs_kernels_cpu.decode_step`, the same choice on cheaper checks);
 - `cpu:amx`: the same layer, the same math, on AMX tiles (mgs_kernels_cpu.py; Sapphire Rapids
   and later): many tokens;
 - `cpu:scores`: the fused kernel's scoring GEMM, then bf16 GEMMs masked by its selection (prefill without AMX);

@@ -1,4 +1,4 @@
-"""CPU kernel of the nested micro-gated MLP: one fused C function for a few fp32 tokens.
+"""CPU kernel of the nested micro-gated MLP: one fused C function for a few fp32 or bf16 tokens.
 
 On a CPU a decode step is bound by the bytes it reads, and the nested layer reads half of them
 in 4-bit: the predictor's codes (the high nibbles of the 8-bit gate/up grid) for every neuron,
@@ -109,6 +109,8 @@ def _build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     library.mgs_nested_forward.argtypes = [ctypes.POINTER(LayerStruct), integer] + [pointer] * 4 + [integer]
     library.mgs_nested_forward.restype = integer
+    library.mgs_nested_forward_bf16.argtypes = library.mgs_nested_forward.argtypes
+    library.mgs_nested_forward_bf16.restype = integer
     library.mgs_nested_scores.argtypes = [ctypes.POINTER(LayerStruct), integer, pointer, pointer, integer]
     library.mgs_nested_scores.restype = None
     library.mgs_nested_forward_amx.argtypes = library.mgs_nested_forward.argtypes
@@ -265,8 +267,8 @@ def holds_bf16_values(weight: torch.Tensor) -> bool:
 
 def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why the CPU kernel cannot run `layer` (on `x`, when given), or None when it can."""
-    if x is not None and (x.device.type != "cpu" or x.dtype != torch.float32):
-        return f"the CPU kernel takes float32 CPU tensors, not {x.dtype} on {x.device}"
+    if x is not None and (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)):
+        return f"the CPU kernel takes float32 or bf16 CPU tensors, not {x.dtype} on {x.device}"
     if getattr(layer, "sparse_method", None) != "mgs" or layer.spec.predictor != "nested":
         return _static_reason(layer)
     if layer.gate_proj.weight.is_meta:  # a layer built to describe a checkpoint: no values to check yet
@@ -336,13 +338,34 @@ def low_nibbles(layer) -> torch.Tensor:
 
 def mgs_nested_cpu(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None,
                    scores: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
-    """The layer on x (N, hidden) float32 through the C kernel: (output (N, hidden), neurons
-    computed, summed over tokens). When given, `counts` ((N,) int32) receives each token's
-    count and `scores` ((N, intermediate) float32) the predictor's scores."""
+    """The layer on x (N, hidden) float32 or bf16 through the C kernel: (output (N, hidden) in x's
+    dtype, neurons computed, summed over tokens). bf16 tokens are widened, and the output rounded to
+    nearest even, inside the C call. When given, `counts` ((N,) int32) receives each token's count
+    and `scores` ((N, intermediate) float32) the predictor's scores."""
     operands, reason = _operands(layer)
     if operands is None:
         raise RuntimeError(f"the CPU kernel cannot run this layer: {reason}")
-    return _forward(library().mgs_nested_forward, operands, x, counts, scores)
+    return _forward(_fused_entry(x), operands, x, counts, scores)
+
+
+def _fused_entry(x: torch.Tensor):
+    kernels = library()
+    return kernels.mgs_nested_forward_bf16 if x.dtype == torch.bfloat16 else kernels.mgs_nested_forward
+
+
+def decode_step(layer, x: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
+    """`mgs_nested_cpu(layer, x)` when cheap checks show the dispatch would take the fused kernel
+    (no gradients, a CPU batch below the AMX and cpu:scores switch points, a nested layer whose
+    operands are cached), else None: the caller dispatches. A decode step spends ~35 us a layer in
+    `choose_path` and the checked call inside a model's step, a sixth of the layer's time."""
+    policy = layer.kernel_policy
+    tokens = x.shape[0]
+    if (torch.is_grad_enabled() or policy.path not in ("auto", "cpu") or tokens > policy.cpu_fused_max_tokens
+            or tokens >= policy.cpu_amx_min_tokens or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.bfloat16) or layer.spec.predictor != "nested"):
+        return None
+    operands = _operands(layer)[0]
+    return None if operands is None else _forward(_fused_entry(x), operands, x, None, None)
 
 
 def _forward(function, operands: tuple, x: torch.Tensor, counts: Optional[torch.Tensor],
@@ -472,6 +495,8 @@ def mgs_nested_amx(layer, x: torch.Tensor, counts: Optional[torch.Tensor] = None
     reason = reason or _amx_operand_reason(operands)
     if reason is not None:
         raise RuntimeError(f"the AMX kernel cannot run this layer: {reason}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"the AMX kernel takes float32 tokens, not {x.dtype}")
     struct, held = operands[1][0], operands[1]
     if not struct.hi_tiles:
         tiles = amx_operands(layer, held[2])
@@ -489,6 +514,8 @@ def nested_scores_cpu(layer, x: torch.Tensor) -> torch.Tensor:
     operands, reason = _operands(layer)
     if operands is None:
         raise RuntimeError(f"the CPU kernel cannot run this layer: {reason}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"the scoring GEMM takes float32 tokens, not {x.dtype}")
     x = x.contiguous()
     scores = torch.empty(x.shape[0], layer.intermediate_size)
     library().mgs_nested_scores(operands[0], x.shape[0], x.data_ptr(), scores.data_ptr(), torch.get_num_threads())

@@ -17,6 +17,7 @@ from torch import nn
 from .dispatch import KernelPolicyMixin, choose_path, initial_policy
 from .layer_spec import MGSSpec
 from .mgs_kernels_cpu import (
+    decode_step,
     fused_bytes_read,
     layer_unsupported_reason,
     mgs_nested_amx,
@@ -81,39 +82,40 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
         return self.spec.selection == "top_k" and self.spec.top_k(self.intermediate_size) == self.intermediate_size
 
     def forward(self, hidden_states: torch.Tensor, bf16_model: bool = False) -> torch.Tensor:
-        """`bf16_model`: the tokens came in bf16 (set by the conversion below), so the many-token CPU
-        path may multiply in bf16; a float32 model's output never depends on the batch's path."""
-        if self.computes_everything:
-            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-        weight_dtype = self.gate_proj.weight.dtype
-        if hidden_states.dtype != weight_dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            # a nested layer in a bf16 model keeps float32 weights (modeling_treeffn); its kernels take
-            # the tokens in float32 (a copy of `hidden` floats per token) and give them back in bf16
-            bf16 = hidden_states.dtype == torch.bfloat16
-            return self(hidden_states.to(weight_dtype), bf16_model=bf16).to(hidden_states.dtype)
+        """`bf16_model`: the tokens came in bf16, so the many-token CPU path may multiply in bf16; a
+        float32 model's output never depends on the batch's path."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        fused = decode_step(self, x)  # the fused kernel where the dispatch would surely take it
+        if fused is not None:
+            return self._counted("cpu", x, *fused).reshape(shape)
+        if self.computes_everything:
+            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
         path = choose_path(self, x)
-        # Plain attributes set through __dict__: nn.Module.__setattr__ costs ~15 us a call, and a
-        # decode step on the CPU kernel makes three of them per layer (measured in generate()).
-        state = self.__dict__
-        state["last_path"] = path
+        weight_dtype = self.gate_proj.weight.dtype
+        if path == "cpu" or x.dtype == weight_dtype or torch.is_autocast_enabled(x.device.type):
+            return self._run(x, path, bf16_model).reshape(shape)
+        # A nested layer in a bf16 model keeps float32 weights (modeling_treeffn): the fused kernel
+        # (above) takes its bf16 tokens as they are, the other paths a float32 copy, and give bf16 back.
+        bf16 = x.dtype == torch.bfloat16
+        return self._run(x.to(weight_dtype), path, bf16_model=bf16).to(x.dtype).reshape(shape)
+
+    def _run(self, x: torch.Tensor, path: str, bf16_model: bool) -> torch.Tensor:
+        """The layer on x (tokens, hidden) through `path`."""
+        self.__dict__["last_path"] = path  # see _counted
         if path in ("cpu", "cpu:amx"):  # the kernel scores, selects and computes in one call
-            out, selected = (mgs_nested_cpu if path == "cpu" else mgs_nested_amx)(self, x)
-            state["_tokens_seen"] += x.shape[0]
-            state["_units_counted"] += selected
-            return out.reshape(shape)
+            return self._counted(path, x, *(mgs_nested_cpu if path == "cpu" else mgs_nested_amx)(self, x))
         if path == "cpu:scores":  # the kernel scores; bf16 GEMMs (a bf16 model) or the PyTorch path's compute
             compute = mgs_scored_bf16 if bf16_model else mgs_torch_path
-            return compute(self, x, nested_scores_cpu(self, x)).reshape(shape)
+            return compute(self, x, nested_scores_cpu(self, x))
         scores = self.micro_gate(x)
         if path == "triton":
             from .mgs_kernels import mgs_triton  # imports triton only when the kernels run
 
             out, self.last_path = mgs_triton(self, x, scores)
-            return out.reshape(shape)
+            return out
         if path == "torch":
-            return mgs_torch_path(self, x, scores).reshape(shape)
+            return mgs_torch_path(self, x, scores)
         mask = selection_mask(scores, self.spec, self.gate_threshold, self.selection_ramp).to(scores.dtype)
         self._record_density(mask)
         # A quantised predictor has no parameters: its scores carry no gradient, nor would the term.
@@ -122,7 +124,17 @@ class MicroGatedMLP(KernelPolicyMixin, nn.Module):
             mask = mask + soft - soft.detach()
         elif self.gate_gradient not in (None, "straight_through"):
             raise ValueError(f"gate_gradient must be None or 'straight_through', got {self.gate_gradient!r}")
-        return mgs_masked_dense(self, x, mask).reshape(shape)
+        return mgs_masked_dense(self, x, mask)
+
+    def _counted(self, path: str, x: torch.Tensor, out: torch.Tensor, selected: int) -> torch.Tensor:
+        """A CPU kernel's output, its path and the neurons it computed recorded."""
+        # Plain attributes set through __dict__: nn.Module.__setattr__ costs ~15 us a call, and a
+        # decode step on the CPU kernel makes three of them per layer (measured in generate()).
+        state = self.__dict__
+        state["last_path"] = path
+        state["_tokens_seen"] += x.shape[0]
+        state["_units_counted"] += selected
+        return out
 
     @torch.no_grad()
     def _record_density(self, mask: torch.Tensor) -> None:
