@@ -1,19 +1,21 @@
 """Serving speed under vLLM's CPU build: the default MGS recipe against dense SmolLM2-135M in bf16
 (the headline baseline) and, beside it, in float32; one engine each.
 
-The checkpoints are written here (the dense model as safetensors; the sparse one by the demo's
-recipe: nested 4-bit predictor, per-layer thresholds calibrated on valid.txt), then served by vLLM
-in its own environment (`make vllm-env`), every engine in one process with the same settings but
-its dtype: dense in bf16 and float32, the sparse model in float32 (its C kernel takes float32
-activations). Weight-only quantized dense engines are not run: vLLM's CPU build has no
-torchao/int4 path this benchmark could use, so the quantized baselines are bench_decode's. At
-each concurrency `c`, a round submits `c` requests at once (distinct valid.txt prompts of
-`--prompt-tokens` tokens, `--new-tokens` greedy tokens each, EOS ignored) and waits for all of
-them; the engines take turns round by round, so a slow spell of this shared machine hits both.
-Throughput = generated tokens / round time; latency = a request's time to its last token, over
-all requests of all rounds (p50, p90); the speed-up is the median of the per-round ratios.
+The dense model is written here as safetensors; the sparse one is the default recipe as a user
+makes it (`treeffn convert --method mgs` + `treeffn distill`, both with their defaults: the
+checkpoint bench_decode.py keeps in `--work`, made there when absent). Every engine is served
+in one process with the same settings but its model and dtype: dense in bf16 and float32, the
+recipe in bf16 (its nested MLP weights stay float32, as transformers loads them; the C kernel takes
+the bf16 tokens). Weight-only quantized dense engines are not run: vLLM's CPU build has no
+torchao/int4 path this benchmark could use, so bf16 is compared with bf16 and the quantized
+baselines are bench_decode's. At each concurrency `c`, a round submits `c` requests at once
+(distinct valid.txt prompts of `--prompt-tokens` tokens, `--new-tokens` greedy tokens each, EOS
+ignored) and waits for all of them; the engines take turns round by round, so a slow spell of
+this shared machine hits all of them. Throughput = generated tokens / round time; latency = a
+request's time to its last token, over all requests of all rounds (p50, p90); the speed-up is the
+median of the per-round ratios.
 
-    python benchmarks/bench_vllm.py                      # about 10 minutes on 2 CPU cores
+    python benchmarks/bench_vllm.py --work DIR           # about 10 minutes on 2 CPU cores (+ the recipe once)
 
 Writes benchmarks/results/bench_vllm_cpu.json.
 """
@@ -103,30 +105,28 @@ def prepare(directory: Path, args: argparse.Namespace) -> tuple[dict, list[list[
     from common import DATA
 
     import treeffn_hf
-    from treeffn_hf import MGSSpec
-    from treeffn_hf.conversion.budgets import calibrate_mgs
-    from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
+    from bench_decode import default_mgs_checkpoint
+    from treeffn_hf.conversion.calibration import read_texts, token_windows
     from treeffn_hf.offline_models import smollm2_gguf
 
     source, gguf = smollm2_gguf()
     dense, tokenizer = treeffn_hf.load_dense(source, gguf_file=gguf)
     dense.save_pretrained(directory / "dense")
     tokenizer.save_pretrained(directory / "dense")
-    sparse = treeffn_hf.convert(dense, MGSSpec(), progress=False).eval()
+    checkpoint = default_mgs_checkpoint(source, gguf, Path(args.work) if args.work else directory)
+    sparse = treeffn_hf.load(checkpoint).eval()
     if args.amx_min_tokens is not None:  # saved in the config: the served layers take it
         sparse.set_kernel_policy(cpu_amx_min_tokens=args.amx_min_tokens)
-    calibration = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512, 8)
-    calibrate_mgs(sparse, capture_mlp_inputs(dense, calibration, tokens_per_layer=4096, progress=False).inputs,
-                  progress=False)
-    treeffn_hf.save(sparse, directory / "sparse", tokenizer=tokenizer)
+        checkpoint = treeffn_hf.save(sparse, directory / "sparse", tokenizer=tokenizer)
     windows = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, args.prompt_tokens,
                             max(args.concurrency))
     cost = sparse.sparse_cost()
-    recipe = {"spec": dict(sparse.config.sparse_mlp), "calibration_unit_fraction": cost.unit_fraction,
+    recipe = {"checkpoint": "treeffn convert --method mgs + treeffn distill (defaults)",
+              "spec": dict(sparse.config.sparse_mlp), "calibration_unit_fraction": cost.unit_fraction,
               "calibration_weight_fraction": cost.weight_fraction}
     models = {"dense bf16": {"path": str(directory / "dense"), "dtype": "bfloat16"},
               "dense fp32": {"path": str(directory / "dense"), "dtype": "float32"},
-              "sparse": {"path": str(directory / "sparse"), "dtype": "float32"}}
+              "mgs default recipe (bf16)": {"path": str(checkpoint), "dtype": "bfloat16"}}
     return models, [row.tolist() for row in windows], recipe
 
 
@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--threads", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM computes on")
     parser.add_argument("--amx-min-tokens", type=float, help="the sparse model's KernelPolicy.cpu_amx_min_tokens "
                         "(default: the policy's; inf: no AMX kernel)")
+    parser.add_argument("--work", help="where the default recipe's checkpoint is kept (bench_decode.py --work); "
+                        "default: made afresh in a temporary directory")
     parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs with other settings apart")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -719,8 +719,7 @@ def vllm_section(data: dict) -> list[str]:
         f"{'eager' if engine['enforce_eager'] else 'torch.compile'}, cores {engine['VLLM_CPU_OMP_THREADS_BIND']}, "
         f"commit {m.get('commit')}; file `benchmarks/results/bench_vllm_cpu.json`). {data['model']}: "
         + ", ".join(f"{name} ({dtype})" for name, dtype in data["dtypes"].items())
-        + f", the sparse model the demo recipe ({recipe['calibration_unit_fraction']:.1%} of the MLP units on the "
-        f"calibration text), one vLLM engine each in one process, taking turns round by round. A round: `c` "
+        + f", the sparse model {_served_recipe(recipe)}, one vLLM engine each in one process, taking turns round by round. A round: `c` "
         f"requests at once, {st['prompt_tokens']}-token valid.txt prompts, {st['new_tokens']} greedy tokens each; "
         f"{st['rounds']} rounds. Tokens/s = generated tokens / round time (median); speed-up over "
         f"**{data['headline_baseline']}** = median of the per-round ratios (range). No weight-only quantized dense "
@@ -732,6 +731,13 @@ def vllm_section(data: dict) -> list[str]:
                  + ["sparse MLP calls by path"], rows)
 
 
+def _served_recipe(recipe: dict) -> str:
+    units = f"{recipe['calibration_unit_fraction']:.1%} of the MLP units"
+    if "checkpoint" in recipe:  # the default recipe's checkpoint
+        return f"the default MGS recipe ({recipe['checkpoint']}; {units})"
+    return f"the demo recipe ({units} on the calibration text)"
+
+
 def _path_mix(calls: dict | None) -> str:
     if not calls:
         return "not recorded"
@@ -739,73 +745,67 @@ def _path_mix(calls: dict | None) -> str:
     return ", ".join(f"`{path}` {count / total:.0%}" for path, count in sorted(calls.items(), key=lambda kv: -kv[1]))
 
 
+def recorded_commit(data: dict) -> str | None:
+    """The clean commit a results file records, or None (none recorded, or a modified tree)."""
+    commit = (data.get("machine") or {}).get("commit")
+    return commit if commit and not commit.endswith("-dirty") else None
+
+
+HISTORIC_NOTE = (
+    "## Before provenance was recorded\n\n"
+    "The files below record no commit, or a modified tree: they were measured before every results "
+    "file recorded a clean one, and have not been re-run since. Their figures describe the code of "
+    "their day; [status.md](status.md) quotes them only where it says so.\n")
+
+
 def render() -> str:
-    lines = [START, ""]
+    current, historic = [], []
+
+    def add(data: dict | None, section) -> None:
+        if data:
+            (current if recorded_commit(data) else historic).extend(section(data))
+
     for name in ("bench_mlp_cpu", "bench_mlp_cpu_scoring"):
-        mlp = _load(f"{name}.json")
-        if mlp:
-            lines += mlp_section(mlp, name)
-    mlp_cuda = _load("bench_mlp_cuda.json")
-    if mlp_cuda:
-        lines += mlp_cuda_section(mlp_cuda)
+        add(_load(f"{name}.json"), lambda d, name=name: mlp_section(d, name))
+    add(_load("bench_mlp_cuda.json"), mlp_cuda_section)
     decode = _load("bench_decode_smollm2-135m.json")
     if decode and "headline_baseline" in decode:  # older files compared with float32 alone
-        lines += decode_section(decode)
-    served = _load("bench_vllm_cpu.json")
-    if served:
-        lines += vllm_section(served)
+        add(decode, decode_section)
+    add(_load("bench_vllm_cpu.json"), vllm_section)
     quality = _load("quality_smollm2.json")
-    if quality:
-        lines += quality_section(quality)
+    add(quality, quality_section)
     routers = _load("router_fit_smollm2.json")
-    if routers:
-        lines += router_fit_section(routers)
-    if quality:
-        lines += tree_steps_section(quality, routers)
-    short_steps = _load("quality_smollm2_tree_steps.json")  # the same steps at a shorter distillation
-    if short_steps:
-        lines += quality_section(short_steps, "quality_smollm2_tree_steps")
-    bound = _load("tree_mass_bound_smollm2.json")
-    if bound:
-        lines += tree_mass_bound_section(bound)
-    layer_fit = _load("tree_layer_fit_smollm2.json")
-    if layer_fit:
-        lines += tree_layer_fit_section(layer_fit)
-    overlap = _load("overlap_tree_study_smollm2.json")
-    if overlap:
-        lines += overlap_tree_section(overlap)
-    dispatch = _load("tree_cpu_dispatch.json")
-    if dispatch:
-        lines += tree_dispatch_section(dispatch, _load("tree_cpu_dispatch_before.json"))
-    kernel_quality = _load("cpu_kernel_quality_smollm2.json")
-    if kernel_quality:
-        lines += cpu_kernel_quality_section(kernel_quality)
-    study = _load("predictor_study_smollm2.json")
-    if study:
-        lines += predictor_study_section(study)
-    kernels = _load("bench_predictor_kernels_cpu.json")
-    if kernels:
-        lines += predictor_kernels_section(kernels)
-    refit = _load("refit_study_smollm2.json")
-    if refit:
-        lines += refit_study_section(refit)
+    add(routers, router_fit_section)
+    add(quality, lambda d: tree_steps_section(d, routers))
+    add(_load("quality_smollm2_tree_steps.json"), lambda d: quality_section(d, "quality_smollm2_tree_steps"))
+    add(_load("tree_mass_bound_smollm2.json"), tree_mass_bound_section)
+    add(_load("tree_layer_fit_smollm2.json"), tree_layer_fit_section)
+    add(_load("overlap_tree_study_smollm2.json"), overlap_tree_section)
+    add(_load("tree_cpu_dispatch.json"), lambda d: tree_dispatch_section(d, _load("tree_cpu_dispatch_before.json")))
+    add(_load("cpu_kernel_quality_smollm2.json"), cpu_kernel_quality_section)
+    add(_load("predictor_study_smollm2.json"), predictor_study_section)
+    add(_load("bench_predictor_kernels_cpu.json"), predictor_kernels_section)
+    add(_load("refit_study_smollm2.json"), refit_study_section)
     for path in sorted(RESULTS.glob("train_throughput_cpu*.json")):
-        lines += train_throughput_section(_load(path.name), path.name)
+        add(_load(path.name), lambda d, name=path.name: train_throughput_section(d, name))
     for path in sorted(RESULTS.glob("train_throughput_tree*.json")):
-        lines += train_throughput_tree_section(_load(path.name), path.name)
+        add(_load(path.name), lambda d, name=path.name: train_throughput_tree_section(d, name))
     for path in sorted(RESULTS.glob("finetune_smollm2*.json")):
         finetune = _load(path.name)
         if finetune and finetune.get("sparse"):
-            lines += finetune_section(finetune, path.name)
+            add(finetune, lambda d, name=path.name: finetune_section(d, name))
     dynamics = _load("tree_dynamics.json")
     if dynamics and dynamics["settings"].get("setting") == "layer":
-        lines += tree_dynamics_section(dynamics)
+        add(dynamics, tree_dynamics_section)
     for path in sorted(RESULTS.glob("from_scratch_*.json")):  # the main run, then its levers and the second corpus
-        lines += from_scratch_section(_load(path.name), path.stem)
+        add(_load(path.name), lambda d, stem=path.stem: from_scratch_section(d, stem))
     pruning = _load("prune_smollm2.json")
     if pruning and pruning.get("rows"):
-        lines += prune_section(pruning)
-    if len(lines) == 2:
+        add(pruning, prune_section)
+    lines = [START, "", *current]
+    if historic:
+        lines += [HISTORIC_NOTE, *historic]
+    if not current and not historic:
         lines += ["No benchmark has been run yet.", ""]
     lines.append(END)
     return "\n".join(lines)

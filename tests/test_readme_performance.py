@@ -16,3 +16,21 @@ def test_generated_blocks_are_made_from_the_results(page, start, end, renderer):
 
 def test_the_readme_stays_short():
     assert len((REPO_ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_files_without_a_clean_commit_are_set_apart(tmp_path, monkeypatch):
+    """A results file that records no commit, or a modified tree, is rendered under "Before
+    provenance was recorded", never among the current figures."""
+    import json
+
+    dynamics = json.loads((report.RESULTS / "tree_dynamics.json").read_text())
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    for commit, current in ((None, False), ("abc1234-dirty", False), ("abc1234", True)):
+        dynamics["machine"]["commit"] = commit
+        (tmp_path / "tree_dynamics.json").write_text(json.dumps(dynamics))
+        page = report.render()
+        assert "tree_dynamics.json" in page
+        historic_at = page.find("## Before provenance was recorded")
+        assert (historic_at == -1) == current
+        if not current:
+            assert page.index("tree_dynamics.json") > historic_at
