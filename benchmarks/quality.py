@@ -368,8 +368,8 @@ def main() -> None:
                        "window": int(eval_ids.shape[1])},
         "calibration": calibration, "settings": {k: v for k, v in vars(args).items() if k != "plot_only"},
         "bytes": "MLP weight bytes read per token as a fraction of the dense MLP's bf16 bytes. MGS: as the path "
-                 "the reloaded checkpoint runs reads them (its bytes_read: the C kernel reads the predictor, the "
-                 "selected low nibbles and all of down_proj in bf16). Dense grids: codes plus bf16 scales (and "
+                 "the reloaded checkpoint runs reads them at batch 1 (its bytes_read: the C kernel reads the "
+                 "predictor, then the selected neurons' low nibbles and int8 down rows). Dense grids: codes plus bf16 scales (and "
                  "zeros). Oracles, TEAL-style, CATS: the weights they read at int8 g64. Trees: bf16 rows, as served",
         "rows": [],
     })
