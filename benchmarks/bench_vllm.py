@@ -102,10 +102,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 def prepare(directory: Path, args: argparse.Namespace) -> tuple[dict, list[list[int]], dict]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_decode import default_mgs_checkpoint
     from common import DATA
 
     import treeffn_hf
-    from bench_decode import default_mgs_checkpoint
     from treeffn_hf.conversion.calibration import read_texts, token_windows
     from treeffn_hf.offline_models import smollm2_gguf
 

@@ -57,6 +57,7 @@ from treeffn_hf.conversion.budgets import calibrate_mgs  # noqa: E402
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.conversion.distillation import DISTILL_LR, distill_layers  # noqa: E402
 from treeffn_hf.conversion.gate_training import train_gates  # noqa: E402
+from treeffn_hf.conversion.mgs.recipe import DEFAULT_MAX_RATIO  # noqa: E402
 from treeffn_hf.conversion.routing_fit import DEFAULT_ROUTER_FIT, ROUTER_FITS  # noqa: E402
 from treeffn_hf.conversion.shape_search import search_tree_shapes  # noqa: E402
 from treeffn_hf.conversion.surgery import convert  # noqa: E402
@@ -64,7 +65,6 @@ from treeffn_hf.conversion.tree_allocation import allocate_tree_widths  # noqa: 
 from treeffn_hf.evaluation import perplexity, protocol_windows  # noqa: E402
 from treeffn_hf.modeling.layer_spec import MGSSpec, tree_spec_for_fraction  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
-from treeffn_hf.conversion.mgs.recipe import DEFAULT_MAX_RATIO  # noqa: E402
 from treeffn_hf.workflows import LOSS_WINDOWS, convert_checkpoint, distill_checkpoint  # noqa: E402
 
 OUTPUT = "quality_smollm2.json"

@@ -7,16 +7,16 @@ import torch
 
 import treeffn_hf
 from treeffn_hf import MGSSpec, MicroGatedMLP
+from treeffn_hf.conversion import budgets
 from treeffn_hf.conversion.budgets import (
+    SENSITIVITY_DENSITIES,
     allocate_greedy,
     calibrate_mgs,
-    SENSITIVITY_DENSITIES,
     calibrate_mgs_to_ratio,
     density_for_weight_fraction,
     layer_sensitivities,
     ranked_scores,
 )
-from treeffn_hf.conversion import budgets
 from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows
 from treeffn_hf.conversion.surgery import sparse_mlp_state
 from treeffn_hf.modeling.mgs_predictors import (

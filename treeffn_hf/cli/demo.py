@@ -113,8 +113,8 @@ def _calibrated_mgs(dense, tokenizer, calibration: str | None):
     import torch
 
     from ..conversion.budgets import calibrate_mgs_to_ratio
-    from ..conversion.mgs.recipe import DEFAULT_MAX_RATIO
     from ..conversion.calibration import capture_mlp_inputs, read_texts, token_windows
+    from ..conversion.mgs.recipe import DEFAULT_MAX_RATIO
     from ..conversion.surgery import convert
     from ..modeling.layer_spec import MGSSpec
     from ..training.data import teacher_data

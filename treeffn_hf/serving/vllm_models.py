@@ -32,7 +32,6 @@ from ..modeling.modeling_treeffn import build_sparse_mlp
 from .checks import serving_refusal
 
 
-
 @torch.library.custom_op("treeffn::sparse_mlp", mutates_args=())
 def sparse_mlp(hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
     mlp = get_forward_context().no_compile_layers[layer_name]

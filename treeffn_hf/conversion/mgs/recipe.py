@@ -16,7 +16,6 @@ from ..compensation import refit_mgs_layers
 from ..fit_context import FitContext
 from ..gate_training import train_gates
 
-
 DEFAULT_MAX_RATIO = 1.01  # calibration perplexity over the dense model's that the default recipe spends
 
 
