@@ -387,6 +387,7 @@ def main() -> None:
     plot(RESULTS / args.output)
 
 
+ZOOM_MAX_RATIO = 1.06  # the right panel of the plot
 STYLES = {
     "mgs-quantized-uniform": ("MGS, 4-bit predictor + thresholds", "C0-", "s"),
     "mgs-quantized-greedy": ("MGS, same, greedy allocation", "C0--", "x"),
@@ -405,29 +406,33 @@ STYLES = {
 
 
 def plot(path: Path) -> None:
+    """Ratio against bytes read: every row (left), and the region near dense quality (right), where
+    the MGS recipe meets the dense weight-only grids and the 8-bit baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = json.loads(path.read_text())
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for method, (label, line, marker) in STYLES.items():
-        rows = sorted((r for r in data["rows"] if r["method"] == method and "ppl_ratio" in r),
-                      key=lambda r: r["weight_fraction"])
-        if rows:
-            ax.plot([r["weight_fraction"] for r in rows], [r["ppl_ratio"] for r in rows], line, marker=marker,
-                    label=label)
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.axhline(1.03, color="grey", lw=0.6, ls=":")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("MLP weight bytes read per token, over the bf16 MLP's (as each path reads them)")
-    ax.set_ylabel("perplexity / dense perplexity")
-    ax.set_title(f"SmolLM2-135M, WikiText-2 test ({data['evaluation']['windows']} x 1024 tokens)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    for ax, zoomed in zip(axes, (False, True)):
+        for method, (label, line, marker) in STYLES.items():
+            rows = sorted((r for r in data["rows"] if r["method"] == method and "ppl_ratio" in r
+                           and (not zoomed or r["ppl_ratio"] <= ZOOM_MAX_RATIO)), key=lambda r: r["weight_fraction"])
+            if rows:
+                ax.plot([r["weight_fraction"] for r in rows], [r["ppl_ratio"] for r in rows], line, marker=marker,
+                        label=label)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.axhline(1.01, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("linear" if zoomed else "log")
+        ax.set_xlabel("MLP weight bytes read per token, over the bf16 MLP's (as each path reads them)")
+        ax.set_ylabel("perplexity / dense perplexity")
+        ax.set_title(f"ratio <= {ZOOM_MAX_RATIO}: the frontier near dense quality" if zoomed else
+                     f"SmolLM2-135M, WikiText-2 test ({data['evaluation']['windows']} x 1024 tokens)", fontsize=10)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
+    fig.savefig(path.with_suffix(".png"), dpi=110)
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 

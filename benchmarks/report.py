@@ -390,6 +390,38 @@ def from_scratch_section(data: dict, name: str) -> list[str]:
         for arm, c in data.get("claims", {}).items() if "over_dense" in c and "over_narrow_dense" in c] + [""]
 
 
+def gather_stream_section(data: dict) -> list[str]:
+    m = data["machine"]
+    caption = (
+        f"**Reading a random selection of neuron rows** (`{data['command']}`; {cpu_name(m)}, {data['threads']} "
+        f"threads, commit {m.get('commit')}; file `benchmarks/results/gather_stream_cpu.json`). The bytes the "
+        "nested kernel reads per selected neuron at batch 1 (its gate and up low nibbles, its int8 down row, "
+        "their bf16 scales), summed without the kernel's math, for a random selection: in the kernel's layout "
+        "(three arrays) and with one chunk per neuron; beside, every neuron's chunk in order. Each thread a fixed "
+        "range, the row two ahead prefetched, every read from DRAM; best of 9 rounds.")
+    rows = [[r["shape"], f"{r['density']:.0%}", f"{r['gb_per_s']['three arrays']:.1f}",
+             f"{r['gb_per_s']['one chunk per neuron']:.1f}", f"{r['gb_per_s']['every neuron in order']:.1f}",
+             f"{r['time_vs_every_neuron']:.2f}x"] for r in data["rows"]]
+    return table(caption, ["shape", "selected", "GB/s, kernel layout", "GB/s, one chunk per neuron",
+                           "GB/s, every neuron in order", "time of the selection / every neuron"], rows)
+
+
+def selection_locality_section(data: dict) -> list[str]:
+    m, summary, times = data["machine"], data["summary"], data["us_per_layer_at_batch_1"]
+    caption = (
+        f"**Ordering neurons by how often they are selected** (`{data['command']}`; {cpu_name(m)}, commit "
+        f"{m.get('commit')}; file `benchmarks/results/selection_locality_smollm2.json`). {data['checkpoint'].capitalize()}; "
+        f"selection frequencies on {data['frequency_tokens']} valid.txt tokens, runs of consecutive selected "
+        f"neurons on {data['test_tokens']} others; the 30 layers' decode step at batch 1 (module, bf16 tokens, "
+        "fused kernel) in both orders, interleaved. Frequencies: 10th / 50th / 90th percentile, mean over layers.")
+    quantiles = [sum(r["frequency_p10_p50_p90"][q] for r in data["layers"]) / len(data["layers"]) for q in range(3)]
+    return table(caption, ["mean density", "selection frequency p10 / p50 / p90", "runs per token",
+                           "runs per token, by frequency", "us per layer", "us per layer, by frequency"],
+                 [[f"{summary['density']:.1%}", " / ".join(f"{q:.2f}" for q in quantiles),
+                   f"{summary['runs_per_token']:.0f}", f"{summary['runs_per_token_ordered']:.0f}",
+                   f"{times['original order']:.1f}", f"{times['by frequency']:.1f}"]])
+
+
 def prune_section(data: dict) -> list[str]:
     m, tree = data["machine"], data["tree"]
     spec = tree["spec"]
@@ -786,6 +818,8 @@ def render() -> str:
     add(_load("predictor_study_smollm2.json"), predictor_study_section)
     add(_load("bench_predictor_kernels_cpu.json"), predictor_kernels_section)
     add(_load("refit_study_smollm2.json"), refit_study_section)
+    add(_load("gather_stream_cpu.json"), gather_stream_section)
+    add(_load("selection_locality_smollm2.json"), selection_locality_section)
     for path in sorted(RESULTS.glob("train_throughput_cpu*.json")):
         add(_load(path.name), lambda d, name=path.name: train_throughput_section(d, name))
     for path in sorted(RESULTS.glob("train_throughput_tree*.json")):
