@@ -356,8 +356,8 @@ def _fused_entry(x: torch.Tensor):
 def decode_step(layer, x: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
     """`mgs_nested_cpu(layer, x)` when cheap checks show the dispatch would take the fused kernel
     (no gradients, a CPU batch below the AMX and cpu:scores switch points, a nested layer whose
-    operands are cached), else None: the caller dispatches. A decode step spends ~35 us a layer in
-    `choose_path` and the checked call inside a model's step, a sixth of the layer's time."""
+    operands are cached), else None: the caller dispatches. A decode step runs this for every layer
+    and token, where `choose_path`'s full checks and a second operand lookup cost measurable time."""
     policy = layer.kernel_policy
     tokens = x.shape[0]
     if (torch.is_grad_enabled() or policy.path not in ("auto", "cpu") or tokens > policy.cpu_fused_max_tokens
