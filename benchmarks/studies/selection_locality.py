@@ -24,33 +24,16 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from common import DATA, interleaved_median, machine, write_json  # noqa: E402
 
-from treeffn_hf.conversion.calibration import read_texts, token_windows  # noqa: E402
+from treeffn_hf.conversion.calibration import capture_mlp_inputs, read_texts, token_windows  # noqa: E402
 from treeffn_hf.modeling import mgs_kernels_cpu  # noqa: E402
 from treeffn_hf.offline_models import smollm2_gguf  # noqa: E402
 
 FREQUENCY_TOKENS, TEST_TOKENS = 1024, 512
-
-
-@torch.no_grad()
-def mlp_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each decoder layer's MLP input (tokens, hidden) for `ids`, in the model's dtype."""
-    layers = model.model.layers
-    captured: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_pre_hook(
-        lambda module, args, i=i: captured[i].append(args[0].reshape(-1, args[0].shape[-1]).clone()))
-        for i, layer in enumerate(layers)]
-    try:
-        for window in ids:
-            model(window[None])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [torch.cat(parts) for parts in captured]
 
 
 def selections(layer, x: torch.Tensor) -> torch.Tensor:
@@ -96,12 +79,12 @@ def main() -> None:
     source, gguf = smollm2_gguf()
     checkpoint = default_mgs_checkpoint(source, gguf, Path(args.work))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.bfloat16).eval()
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     ids = token_windows(read_texts(DATA / "wikitext-2" / "valid.txt"), tokenizer, 512,
                         (FREQUENCY_TOKENS + TEST_TOKENS) // 512)
-    inputs = mlp_inputs(model, ids)
+    # every token kept, in order (the sample holds them all), back in the model's bf16 (exact)
+    captured = capture_mlp_inputs(model, ids, tokens_per_layer=FREQUENCY_TOKENS + TEST_TOKENS, progress=False)
+    inputs = [x.bfloat16() for x in captured.inputs]
     original = [layer.mlp for layer in model.model.layers]
     ordered, rows = [], []
     for layer, x in zip(original, inputs):

@@ -65,6 +65,7 @@ from .mgs_predictors import dequantize_int4, int8_row_grid, int8_row_values, pac
 # prefill of several prompts) would change a float32 model's greedy tokens: the switch stays here.
 MAX_TOKENS = 64
 
+TOKEN_DTYPES = (torch.float32, torch.bfloat16)  # the fused kernel's entry points (bf16: mgs_nested_forward_bf16)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _library: Optional[ctypes.CDLL] = None
 _library_error: Optional[str] = None
@@ -267,7 +268,7 @@ def holds_bf16_values(weight: torch.Tensor) -> bool:
 
 def cpu_kernel_unavailable_reason(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why the CPU kernel cannot run `layer` (on `x`, when given), or None when it can."""
-    if x is not None and (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)):
+    if x is not None and (x.device.type != "cpu" or x.dtype not in TOKEN_DTYPES):
         return f"the CPU kernel takes float32 or bf16 CPU tensors, not {x.dtype} on {x.device}"
     if getattr(layer, "sparse_method", None) != "mgs" or layer.spec.predictor != "nested":
         return _static_reason(layer)
@@ -362,7 +363,7 @@ def decode_step(layer, x: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
     tokens = x.shape[0]
     if (torch.is_grad_enabled() or policy.path not in ("auto", "cpu") or tokens > policy.cpu_fused_max_tokens
             or tokens >= policy.cpu_amx_min_tokens or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.bfloat16) or layer.spec.predictor != "nested"):
+            or x.dtype not in TOKEN_DTYPES or layer.spec.predictor != "nested"):
         return None
     operands = _operands(layer)[0]
     return None if operands is None else _forward(_fused_entry(x), operands, x, None, None)
